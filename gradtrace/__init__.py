@@ -1,0 +1,19 @@
+"""gradtrace: why is this gradient zero (or missing), and where did it stop flowing?
+
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            loss.backward()
+    print(trace.report())
+"""
+from .errors import GradtraceError
+from .records import Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord, ValueStats, Verdict
+from .trace import Trace, watch
+from .analysis import Diff
+from .storage import load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts", "ValueStats",
+    "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
+]

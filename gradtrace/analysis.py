@@ -1,0 +1,477 @@
+"""Analysis: diffs between passes and ranked verdicts.
+
+Pure Python over the plain records, so a trace loaded from JSON is analysed
+exactly like a live one. Each ``_check_*`` function looks for one kind of
+evidence; ``verdicts`` ranks what they find so the most likely root cause
+comes first (a cut before the coverage gap it explains, a zero-variance
+advantage tensor before the zero upstream gradient it explains).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+from .records import Cut, PassTrace, TensorRecord, Verdict
+
+# Root causes first; effects after. Sorting is by severity, then this order.
+PRIORITY = (
+    "NONFINITE", "TENSOR_NO_GRAD", "GRAPH_CUT", "STALE_GRADS", "CONSTANT_ROWS", "ALL_ZERO_VALUES",
+    "TENSOR_NOT_REACHED", "NO_COVERAGE", "COVERAGE_GAP", "ZERO_UPSTREAM", "ZERO_GRADS",
+    "RANK_DIVERGENCE", "ROUNDS_TO_ZERO", "TINY_GRADS", "UNUSED_PARAMS",
+)
+SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+
+# The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
+PRINTS_AS_ZERO = 5e-7
+
+
+# ---- names and modules -------------------------------------------------------
+def module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def in_module(param: str, module: str) -> bool:
+    return module == "" or param.startswith(module + ".")
+
+
+def rollup(name: str) -> str:
+    """Collapse repeated layers: ``blocks.3.attn.lora_A`` -> ``blocks.*.attn.lora_A``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def group_by_module(params: Iterable[str]) -> Dict[str, List[str]]:
+    """``{rolled-up module: [params]}``, in first-seen order."""
+    groups: Dict[str, List[str]] = {}
+    for p in params:
+        groups.setdefault(rollup(module_of(p)) or "(root)", []).append(p)
+    return groups
+
+
+def describe_params(params: Iterable[str], limit: int = 4) -> str:
+    groups = group_by_module(sorted(params))
+    parts = [f"{module} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
+    more = f", +{len(parts) - limit} more modules" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+# ---- diff ----------------------------------------------------------------------
+@dataclass
+class Diff:
+    """What pass ``a`` reached that ``b`` did not, and how their magnitudes compare."""
+
+    a: str
+    b: str
+    only_a: Set[str]
+    only_b: Set[str]
+    both: Set[str]
+    ratios: Dict[str, float]  # norm in b / norm in a, for parameters both reached
+    norm_a: float = 0.0
+    norm_b: float = 0.0
+    inner: Optional[Dict[str, Any]] = None  # dot products, when both passes kept their gradients
+
+    @property
+    def dot(self) -> Optional[float]:
+        return self.inner["dot"] if self.inner else None
+
+    @property
+    def cosine(self) -> Optional[float]:
+        return self.inner["cosine"] if self.inner else None
+
+    @property
+    def top(self) -> List[Dict[str, Any]]:
+        return self.inner["top"] if self.inner else []
+
+    def by_module(self) -> List[Dict[str, Any]]:
+        rows: Dict[str, Dict[str, Any]] = {}
+        for label, names in (("only_a", self.only_a), ("only_b", self.only_b), ("both", self.both)):
+            for module, params in group_by_module(names).items():
+                row = rows.setdefault(module, {"module": module, "only_a": 0, "only_b": 0, "both": 0})
+                row[label] += len(params)
+        return sorted(rows.values(), key=lambda r: (-(r["only_a"] + r["only_b"]), r["module"]))
+
+    def __str__(self) -> str:
+        from .render import render_diff
+        return render_diff(self)
+
+
+def diff(a: PassTrace, b: PassTrace) -> Diff:
+    ca, cb = a.covered, b.covered
+    ratios = {}
+    for name in ca & cb:
+        na, nb = a.records[name].norm, b.records[name].norm
+        ratios[name] = nb / na if na else (float("inf") if nb else float("nan"))
+    return Diff(a=a.name, b=b.name, only_a=ca - cb, only_b=cb - ca, both=ca & cb, ratios=ratios,
+                norm_a=a.total_norm, norm_b=b.total_norm)
+
+
+# ---- cuts ------------------------------------------------------------------------
+def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
+    """One cut per region: drop module-level cuts inside another cut of the same kind and pass."""
+    kept: List[Cut] = []
+    ordered = sorted(cuts, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
+    for cut in ordered:
+        if cut.op is None and any(
+                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name
+                and (k.module == "" or cut.module.startswith(k.module + ".")) for k in kept):
+            continue
+        kept.append(cut)
+    return sorted(kept, key=lambda c: c.seq)
+
+
+def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
+    """Parameters a cut can explain losing: those inside the module (and, for a detach, anything)."""
+    if cut.kind in ("detach", "non_differentiable"):
+        return set(params)
+    return {p for p in params if in_module(p, cut.module)}
+
+
+def describe_cut(cut: Cut) -> str:
+    where = f"module {cut.module!r}" if cut.module else f"the root module ({cut.module_type})"
+    op = f" (op {cut.op})" if cut.op else ""
+    return f"{cut.kind}{op} in {where} at {cut.location}"
+
+
+# ---- verdicts ------------------------------------------------------------------
+def verdicts(trace) -> List[Verdict]:
+    passes = trace.passes
+    tensors = trace.tensors
+    cuts = outermost_cuts(list(trace.cuts))
+    found: List[Verdict] = []
+    for check in (_check_nonfinite, _check_tensor_no_grad, _check_graph_cuts, _check_stale,
+                  _check_constant_rows, _check_all_zero_values, _check_tensor_not_reached,
+                  _check_no_coverage, _check_coverage_gaps, _check_zero_upstream, _check_zero_grads,
+                  _check_rank_divergence, _check_rounds_to_zero, _check_tiny_grads, _check_unused):
+        found.extend(check(trace, passes, tensors, cuts))
+    found.sort(key=lambda v: (SEVERITY_RANK[v.severity], PRIORITY.index(v.code)))
+    return found
+
+
+def _check_nonfinite(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        bad = [r for r in p.in_backward_order() if r.nonfinite]
+        if bad:
+            first = bad[0]
+            out.append(Verdict("NONFINITE", "error",
+                               f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s); the first in "
+                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)",
+                               {"pass": p.name, "parameter": first.name,
+                                "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}))
+    for t in tensors.values():
+        if t.values.nonfinite:
+            out.append(Verdict("NONFINITE", "error",
+                               f"tensor {t.name!r} holds {t.values.nonfinite} NaN/Inf values",
+                               {"tensor": t.name, "count": t.values.nonfinite}))
+        for pass_name, facts in t.grads.items():
+            if facts.nonfinite:
+                out.append(Verdict("NONFINITE", "error",
+                                   f"pass {pass_name!r}: the gradient reaching tensor {t.name!r} holds "
+                                   f"{facts.nonfinite} NaN/Inf values",
+                                   {"tensor": t.name, "pass": pass_name, "count": facts.nonfinite}))
+    return out
+
+
+def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
+    """The cut of trainable parameters seen while the tensor was being built (the latest one)."""
+    all_cuts = trace.cuts
+    candidates = [all_cuts[i] for i in record.cuts if i < len(all_cuts)]
+    candidates = [c for c in candidates if c.params > 0 or c.kind in ("detach", "non_differentiable")]
+    if not candidates:
+        return None
+    # The outermost of the latest region: the shortest module path among cuts of the last kind seen.
+    last = candidates[-1]
+    same = [c for c in candidates if c.kind == last.kind and c.pass_name == last.pass_name]
+    return min(same, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
+
+
+def _check_tensor_no_grad(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        if t.requires_grad_calls == t.calls or t.expect_grad is False:
+            continue
+        cut = _linked_cut(trace, t)
+        if cut is None and not t.expect_grad:
+            continue  # data (a mask, rewards, advantages): only its values are checked
+        how = "was created in inference mode" if t.inference else "does not require grad"
+        because = f": {describe_cut(cut)}" if cut else " (it was expected to)"
+        evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls}
+        if cut is not None:
+            evidence.update({"kind": cut.kind, "module": cut.module, "location": cut.location})
+        out.append(Verdict("TENSOR_NO_GRAD", "error",
+                           f"tensor {t.name!r} {how}, so no gradient can flow through it{because}",
+                           evidence))
+    return out
+
+
+def _lost_coverage(passes: Dict[str, PassTrace], p: PassTrace) -> Set[str]:
+    """Parameters this pass should have reached: reached by another pass, or reachable from its tensors."""
+    expected: Set[str] = set(p.expected or ())
+    for other in passes.values():
+        if other is not p:
+            expected |= other.covered
+    if not p.covered and not expected:
+        expected = set(p.params)
+    return expected - p.covered
+
+
+def _check_graph_cuts(trace, passes, tensors, cuts):
+    explained: Dict[int, Dict[str, Any]] = {}
+    for p in passes.values():
+        lost = _lost_coverage(passes, p)
+        if not lost:
+            continue
+        for cut in cuts:
+            if cut.pass_name not in (p.name, None):
+                continue
+            hit = cut_params(cut, lost) & lost
+            if not hit or (cut.kind not in ("detach", "non_differentiable") and cut.params == 0):
+                continue
+            entry = explained.setdefault(cut.seq, {"cut": cut, "passes": [], "lost": set()})
+            entry["passes"].append(p.name)
+            entry["lost"] |= hit
+    for t in tensors.values():  # a registered tensor built across a cut: the cut is the cause even without a gap
+        if t.requires_grad_calls < t.calls and t.expect_grad is not False:
+            cut = _linked_cut(trace, t)
+            if cut is not None and cut.seq not in explained and cut.params > 0:
+                explained[cut.seq] = {"cut": cut, "passes": list(t.passes), "lost": set(), "tensor": t.name}
+    out = []
+    for entry in explained.values():
+        cut: Cut = entry["cut"]
+        lost = entry["lost"]
+        passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
+        lost_txt = (f"; pass {passes_txt} lost {len(lost)} parameter(s): {describe_params(lost)}"
+                    if lost else f"; tensor {entry.get('tensor')!r} was built across it")
+        out.append(Verdict("GRAPH_CUT", "error",
+                           f"graph cut: {describe_cut(cut)}{lost_txt}. {_cut_fix(cut)}",
+                           {"kind": cut.kind, "module": cut.module, "module_type": cut.module_type,
+                            "op": cut.op, "location": cut.location, "pass": cut.pass_name,
+                            "passes": entry["passes"], "lost": sorted(lost)}))
+    return out
+
+
+def _cut_fix(cut: Cut) -> str:
+    return {
+        "no_grad": "Compute it outside torch.no_grad() if it must carry a gradient.",
+        "inference_mode": "Tensors made under torch.inference_mode() never carry gradients; "
+                          "compute it with grad enabled.",
+        "detach": "Remove the .detach() / .data on the path from the parameters to the loss.",
+        "non_differentiable": "An integer/boolean op (argmax, comparison, cast) has no gradient; "
+                              "use a differentiable surrogate.",
+        "checkpoint": "Reentrant checkpointing hides the segment's parameters from torch.autograd.grad; "
+                      "use torch.utils.checkpoint(..., use_reentrant=False) or .backward().",
+    }.get(cut.kind, "")
+
+
+def _check_stale(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        stale = sorted(p.stale)
+        if stale:
+            out.append(Verdict("STALE_GRADS", "error",
+                               f"pass {p.name!r}: .grad already held values when the pass began for "
+                               f"{len(stale)} parameter(s) ({describe_params(stale)}): gradients were not "
+                               "zeroed; call optimizer.zero_grad() before the pass",
+                               {"pass": p.name, "parameters": stale}))
+    return out
+
+
+def _is_data(t: TensorRecord) -> bool:
+    return t.requires_grad_calls == 0
+
+
+def _check_constant_rows(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        v = t.values
+        if not _is_data(t) or not t.dtype.startswith(("float", "bfloat", "half", "double")) or not v.rows:
+            continue
+        if not v.constant_rows or (v.min == v.max == 1.0):  # all ones: a full mask, not a degenerate group
+            continue
+        fraction = v.constant_fraction
+        severity = "error" if fraction == 1.0 else "warning" if fraction >= 0.5 else "info"
+        zero = " (all zero)" if v.zeros == v.numel else ""
+        out.append(Verdict("CONSTANT_ROWS", severity,
+                           f"tensor {t.name!r}: {v.constant_rows} of {v.rows} rows ({fraction:.0%}) have zero "
+                           f"variance along the last dim{zero}; group-normalised advantages built from them "
+                           "are zero and give the loss no gradient",
+                           {"tensor": t.name, "fraction": fraction, "rows": v.rows,
+                            "constant_rows": v.constant_rows}))
+    return out
+
+
+def _check_all_zero_values(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        v = t.values
+        if v.numel == 0:
+            out.append(Verdict("ALL_ZERO_VALUES", "error", f"tensor {t.name!r} is empty (shape {t.shape})",
+                               {"tensor": t.name, "numel": 0}))
+        elif v.zeros == v.numel:
+            what = "selects nothing" if t.dtype in ("bool",) or t.dtype.startswith(("int", "uint")) else "is all zeros"
+            out.append(Verdict("ALL_ZERO_VALUES", "error",
+                               f"tensor {t.name!r} {what} ({v.numel} elements, every one 0)",
+                               {"tensor": t.name, "numel": v.numel}))
+    return out
+
+
+def _check_tensor_not_reached(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        if t.requires_grad_calls == 0:
+            continue
+        targets = [n for n in t.passes if n in passes] or list(passes)
+        missed = [n for n in targets if not (t.grads.get(n) and t.grads[n].reached)]
+        if t.passes:
+            report = missed
+        else:
+            report = targets if missed == targets else []
+        if report:
+            out.append(Verdict("TENSOR_NOT_REACHED", "error",
+                               f"tensor {t.name!r} requires grad but backward never reached it in pass(es) "
+                               f"{', '.join(repr(n) for n in report)}: the loss does not depend on it",
+                               {"tensor": t.name, "passes": report}))
+    return out
+
+
+def _check_no_coverage(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        if p.covered:
+            continue
+        likely = next((c for c in cuts if c.pass_name in (p.name, None) and c.params > 0), None)
+        because = f"; likely cut: {describe_cut(likely)}" if likely else ""
+        runs = f"{p.runs} engine run(s)" if p.runs else "no engine run that reached a watched tensor"
+        evidence = {"pass": p.name, "runs": p.runs}
+        if likely is not None:
+            evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})
+        out.append(Verdict("NO_COVERAGE", "error",
+                           f"pass {p.name!r}: no trainable parameter received a gradient ({runs}){because}",
+                           evidence))
+    return out
+
+
+def _comparable_pairs(passes: Dict[str, PassTrace]):
+    named = [p for p in passes.values() if not p.auto and p.covered]
+    if len(named) > 6:  # a long run of passes: compare neighbours only
+        return list(zip(named, named[1:]))
+    return [(a, b) for i, a in enumerate(named) for b in named[i + 1:]]
+
+
+def _check_coverage_gaps(trace, passes, tensors, cuts):
+    out = []
+    for a, b in _comparable_pairs(passes):
+        d = diff(a, b)
+        if not d.only_a and not d.only_b:
+            continue
+        parts = []
+        if d.only_a:
+            parts.append(f"{len(d.only_a)} reached in {a.name!r} but not {b.name!r}: {describe_params(d.only_a)}")
+        if d.only_b:
+            parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b)}")
+        out.append(Verdict("COVERAGE_GAP", "error",
+                           "coverage gap: " + "; ".join(parts) +
+                           " (not requested in autograd.grad's inputs, bypassed, or cut)",
+                           {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),
+                            "modules_only_a": list(group_by_module(sorted(d.only_a))),
+                            "modules_only_b": list(group_by_module(sorted(d.only_b)))}))
+    return out
+
+
+def _check_zero_upstream(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        for pass_name, facts in t.grads.items():
+            if facts.zero:
+                out.append(Verdict("ZERO_UPSTREAM", "error",
+                                   f"pass {pass_name!r}: backward reached tensor {t.name!r} with an all-zero "
+                                   "gradient: the loss gives it nothing (zero advantages or weights, an empty "
+                                   "mask?)",
+                                   {"tensor": t.name, "pass": pass_name, "hits": facts.hits}))
+    return out
+
+
+def _check_zero_grads(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        zero = sorted(p.zero)
+        if not zero:
+            continue
+        every = len(zero) == len(p.covered)
+        msg = (f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly zero gradient"
+               if every else
+               f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly zero gradient "
+               f"({describe_params(zero)}); expected for LoRA A matrices while B is still zero")
+        out.append(Verdict("ZERO_GRADS", "error" if every else "warning", msg,
+                           {"pass": p.name, "parameters": zero, "all": every}))
+    return out
+
+
+def _check_rank_divergence(trace, passes, tensors, cuts):
+    out = []
+    for pass_name, per_rank in (getattr(trace, "rank_coverage", None) or {}).items():
+        union = set().union(*per_rank.values()) if per_rank else set()
+        differing = {}
+        for rank, covered in per_rank.items():
+            missing = union - set(covered)
+            if missing:
+                differing[rank] = sorted(missing)
+        if differing:
+            params = sorted(set().union(*map(set, differing.values())))
+            out.append(Verdict("RANK_DIVERGENCE", "error",
+                               f"pass {pass_name!r}: coverage differs across ranks; rank(s) "
+                               f"{', '.join(map(str, sorted(differing)))} missed {len(params)} parameter(s) others "
+                               f"reached ({describe_params(params)})",
+                               {"pass": pass_name, "ranks": sorted(differing), "parameters": params,
+                                "missing_by_rank": {str(k): v for k, v in differing.items()}}))
+    return out
+
+
+def _check_rounds_to_zero(trace, passes, tensors, cuts):
+    out = []
+    for s in trace.scalars.values():
+        if not s.prints_as_zero:
+            continue
+        why = _why_small(trace)
+        out.append(Verdict("ROUNDS_TO_ZERO", "warning",
+                           f"scalar {s.name!r} = {s.value:.6e} prints as {s.value:.6f} but is not zero{why}",
+                           {"scalar": s.name, "value": s.value}))
+    return out
+
+
+def _why_small(trace) -> str:
+    """Point at the factor that made it small, when an inner product was computed."""
+    summaries = [s for s in trace.inner_products if s.get("preconditioned")]
+    if summaries:
+        s = summaries[-1]
+        before, after = s.get("norm_b", 0.0), s.get("norm_b_pre", 0.0)
+        if before and after < before * 1e-3:
+            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient from "
+                    f"{before:.3e} to {after:.3e} (extreme second moments)")
+        return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is {s['dot']:.3e}, not tiny: "
+                "the factor that makes it print as zero is the scale applied to it (learning rate?)")
+    return "; print with scientific notation (e.g. f'{x:.3e}')"
+
+
+def _check_tiny_grads(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        if p.covered and 0.0 < p.max_abs < PRINTS_AS_ZERO and not p.nonfinite:
+            out.append(Verdict("TINY_GRADS", "warning",
+                               f"pass {p.name!r}: the largest gradient magnitude is {p.max_abs:.3e}; "
+                               "fixed 6-decimal printing shows every gradient as 0.000000",
+                               {"pass": p.name, "max_abs": p.max_abs}))
+    return out
+
+
+def _check_unused(trace, passes, tensors, cuts):
+    if not passes or not any(p.covered for p in passes.values()):
+        return []
+    reached = set().union(*(p.covered for p in passes.values()))
+    unused = [n for n in trace.params if n not in reached]
+    if not unused:
+        return []
+    return [Verdict("UNUSED_PARAMS", "warning",
+                    f"{len(unused)} trainable parameter(s) received no gradient in any pass: "
+                    f"{describe_params(unused)}",
+                    {"parameters": unused, "modules": list(group_by_module(unused))})]

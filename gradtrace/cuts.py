@@ -1,0 +1,174 @@
+"""Capture: where the autograd graph was cut, seen from module forward hooks.
+
+A module call is a cut when
+  * it ran with grad disabled while it holds trainable parameters or received
+    inputs that require grad (``no_grad``, ``inference_mode``, or ``checkpoint``
+    when reentrant checkpointing ran it), or
+  * it ran with grad enabled, its inputs or parameters require grad, and none
+    of its outputs do (``detach`` for floating outputs, ``non_differentiable``
+    for integer/bool ones).
+
+Cuts are judged on inputs passed by keyword too (transformers passes
+``hidden_states`` that way). An adapter that is simply not called (peft's
+``disable_adapter``) is not a cut: its hook never fires.
+
+The common case (grad on, output requires grad) returns after two attribute
+reads; the stack is only walked the first time a given cut is seen.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .records import Cut
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_MODULE_PY = nn.Module.__call__.__code__.co_filename
+_GRADTRACE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+is_grad_enabled = torch.is_grad_enabled
+is_inference_mode_enabled = torch.is_inference_mode_enabled
+
+
+def user_location(frame=None) -> str:
+    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
+    frame = frame or sys._getframe(1)
+    fallback = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (filename.startswith(_TORCH_DIR) or filename.startswith(_GRADTRACE_DIR)
+                or filename.startswith("<")):
+            here = f"{filename}:{frame.f_lineno}"
+            if not any(marker in filename for marker in _LIBRARY_MARKERS):
+                return here
+            fallback = fallback or here
+        frame = frame.f_back
+    return fallback or "<unknown>"
+
+
+def checkpoint_on_stack(frame=None) -> bool:
+    frame = frame or sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_PY:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _caller_frame():
+    """The frame that called the module (skipping torch's Module.__call__ machinery)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == _MODULE_PY:
+        frame = frame.f_back
+    return frame
+
+
+def any_requires_grad(value: Any) -> Optional[bool]:
+    """Whether any tensor in ``value`` requires grad; None when it holds no tensor (shallow)."""
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        items: Iterable = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        return None
+    found = None
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                return True
+            found = False
+    return found
+
+
+def _floating_output(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() or value.is_complex()
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in items)
+
+
+class CutLog:
+    """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site)."""
+
+    def __init__(self, pass_name: Callable[[], Optional[str]]):
+        self.cuts: list = []
+        self.index: Dict[Tuple, int] = {}
+        self.pass_name = pass_name
+        self.events = 0  # every sighting, deduplicated or not: orders cuts against tensor registration
+        self.last_event: Dict[int, int] = {}
+
+    def record(self, kind: str, module: str, module_type: str, params: int,
+               site: Tuple, op: Optional[str] = None, frame=None) -> None:
+        pass_name = self.pass_name()
+        key = (module, kind, op, pass_name, site)
+        self.events += 1
+        position = self.index.get(key)
+        if position is not None:
+            self.cuts[position].count += 1
+            self.last_event[position] = self.events
+            return
+        cut = Cut(kind=kind, module=module, op=op, location=user_location(frame),
+                  pass_name=pass_name, module_type=module_type, params=params, seq=len(self.cuts))
+        self.index[key] = len(self.cuts)
+        self.last_event[len(self.cuts)] = self.events
+        self.cuts.append(cut)
+
+    def since(self, event: int) -> list:
+        """Indices of cuts seen after event number ``event``."""
+        return [i for i, last in self.last_event.items() if last > event]
+
+
+class ModuleCutDetector:
+    """Forward hooks on every module of the watched model."""
+
+    def __init__(self, root: nn.Module, log: CutLog):
+        self.log = log
+        self.modules = []
+        for name, module in root.named_modules():
+            trainable = sum(1 for p in module.parameters() if p.requires_grad)
+            self.modules.append((name, module, trainable))
+
+    def attach(self, register: Callable) -> None:
+        for name, module, trainable in self.modules:
+            register(module.register_forward_hook(self._hook(name, module, trainable), with_kwargs=True))
+
+    def _hook(self, name: str, module: nn.Module, trainable: int):
+        log = self.log
+        module_type = type(module).__name__
+
+        def on_forward(mod, args, kwargs, output):
+            if is_grad_enabled():
+                out = any_requires_grad(output)
+                if out is not False:  # differentiable output, or no tensor output at all
+                    return
+                if not trainable and not _inputs_require_grad(args, kwargs):
+                    return
+                kind = "detach" if _floating_output(output) else "non_differentiable"
+            else:
+                if not trainable and not _inputs_require_grad(args, kwargs):
+                    return
+                if is_inference_mode_enabled():
+                    kind = "inference_mode"
+                elif checkpoint_on_stack(sys._getframe(1)):
+                    kind = "checkpoint"
+                else:
+                    kind = "no_grad"
+            caller = _caller_frame()
+            site = (caller.f_code, caller.f_lineno) if caller is not None else None
+            log.record(kind, name, module_type, trainable, site, frame=caller)
+
+        return on_forward
+
+
+def _inputs_require_grad(args, kwargs) -> bool:
+    if any_requires_grad(args):
+        return True
+    return bool(kwargs) and bool(any_requires_grad(kwargs))

@@ -1,0 +1,181 @@
+"""Plain records: what a trace knows, with no torch objects in it.
+
+Everything here is a dataclass of Python numbers and strings, so the analysis
+and the renderer work the same on a live trace and on one loaded from JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class GradRecord:
+    """One parameter's gradient in one pass (only parameters that were reached).
+
+    ``norm`` and ``max_abs`` describe the gradient the pass produced: for
+    ``.backward()`` what ``.grad`` gained during the pass, for
+    ``torch.autograd.grad`` the sum of the gradients handed back.
+    """
+
+    name: str
+    hits: int = 0  # engine deliveries: hook fires, one per run that reached it
+    norm: float = 0.0
+    max_abs: float = 0.0
+    zero: bool = False  # reached, and every element exactly zero
+    nonfinite: int = 0  # NaN/Inf elements
+    via: str = "backward"  # "backward" (.grad written), "grad" (handed back), "both"
+    order: int = 0  # position in backward order within the pass (0 = first reached)
+    stale: bool = False  # .grad held nonzero values when the pass first reached it
+
+
+@dataclass
+class PassTrace:
+    """Everything recorded for one labelled pass (or one unlabelled engine run)."""
+
+    name: str
+    params: Tuple[str, ...]  # every trainable parameter watched, in model order
+    runs: int = 0  # top-level engine runs (nested reentrant runs are not counted)
+    kinds: List[str] = field(default_factory=list)  # "backward" and/or "grad"
+    records: Dict[str, GradRecord] = field(default_factory=dict)
+    expected: Optional[List[str]] = None  # parameters reachable from registered tensors
+    expected_partial: bool = False  # a checkpoint node hid part of the graph
+    auto: bool = False  # named automatically (run outside any pass_)
+    kept_grads: bool = False  # the live trace kept this pass's gradients
+
+    @property
+    def covered(self) -> set:
+        return set(self.records)
+
+    @property
+    def missing(self) -> set:
+        return set(self.params) - set(self.records)
+
+    @property
+    def zero(self) -> set:
+        return {n for n, r in self.records.items() if r.zero}
+
+    @property
+    def stale(self) -> set:
+        return {n for n, r in self.records.items() if r.stale}
+
+    @property
+    def total_norm(self) -> float:
+        return sum(r.norm * r.norm for r in self.records.values()) ** 0.5
+
+    @property
+    def max_abs(self) -> float:
+        return max((r.max_abs for r in self.records.values()), default=0.0)
+
+    @property
+    def nonfinite(self) -> int:
+        return sum(r.nonfinite for r in self.records.values())
+
+    def in_backward_order(self) -> List[GradRecord]:
+        return sorted(self.records.values(), key=lambda r: r.order)
+
+
+@dataclass
+class TensorGradFacts:
+    """What backward did at a registered tensor during one pass."""
+
+    hits: int = 0  # how many times backward reached it (one per microbatch and run)
+    norm: float = 0.0  # sqrt of the summed squares of every incoming gradient
+    max_abs: float = 0.0
+    nonfinite: int = 0
+
+    @property
+    def reached(self) -> bool:
+        return self.hits > 0
+
+    @property
+    def zero(self) -> bool:
+        return self.hits > 0 and self.max_abs == 0.0 and self.nonfinite == 0
+
+
+@dataclass
+class ValueStats:
+    """Value facts of a registered tensor, aggregated over every call with its name."""
+
+    numel: int = 0
+    min: float = 0.0
+    max: float = 0.0
+    mean: float = 0.0
+    std: float = 0.0
+    zeros: int = 0  # elements exactly zero
+    nonfinite: int = 0
+    rows: int = 0  # rows along the last dim (only when that dim has >= 2 elements)
+    constant_rows: int = 0  # rows whose elements are all equal (zero variance)
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 1.0
+
+    @property
+    def constant_fraction(self) -> float:
+        return self.constant_rows / self.rows if self.rows else 0.0
+
+
+@dataclass
+class TensorRecord:
+    """A tensor the user named with ``trace.tensor(name, t)``."""
+
+    name: str
+    calls: int = 0
+    requires_grad: bool = False  # on every call
+    requires_grad_calls: int = 0  # calls on which it required grad
+    grad_fn: Optional[str] = None  # name of the first grad_fn seen
+    is_leaf: bool = True
+    inference: bool = False  # an inference-mode tensor
+    shape: List[int] = field(default_factory=list)  # shape of the first call
+    dtype: str = ""
+    device: str = ""
+    expect_grad: Optional[bool] = None
+    values: ValueStats = field(default_factory=ValueStats)
+    grads: Dict[str, TensorGradFacts] = field(default_factory=dict)  # per pass
+    passes: List[str] = field(default_factory=list)  # passes open when it was registered
+    cuts: List[int] = field(default_factory=list)  # indices into Trace.cuts seen while it was built
+    reachable: Optional[List[str]] = None  # trainable parameters its graph reaches
+    reach_partial: bool = False  # a checkpoint node hid part of its graph
+    trainable_upstream: bool = False  # its graph reaches at least one watched parameter
+
+
+@dataclass
+class Cut:
+    """A place where the autograd graph was cut upstream of something trainable."""
+
+    kind: str  # no_grad, inference_mode, detach, non_differentiable, checkpoint
+    module: str  # module path as named_modules() gives it ("" is the root)
+    op: Optional[str] = None  # the op, when op-level detection saw it
+    location: str = ""  # file:line of the user's code
+    pass_name: Optional[str] = None  # pass open when it happened (None: outside any pass)
+    module_type: str = ""
+    count: int = 1  # how many times the same cut was seen
+    params: int = 0  # trainable parameters inside the module
+    seq: int = 0  # order of recording
+
+
+@dataclass
+class ScalarRecord:
+    name: str
+    value: float
+    pass_name: Optional[str] = None
+    history: List[float] = field(default_factory=list)  # every value recorded under this name
+
+    @property
+    def prints_as_zero(self) -> bool:
+        """True when ``f"{value:.6f}"`` shows zero but the value is not zero."""
+        return self.value != 0.0 and float(f"{self.value:.6f}") == 0.0
+
+
+@dataclass
+class Verdict:
+    code: str
+    severity: str  # "error", "warning" or "info"
+    message: str
+    evidence: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.code}: {self.message}"

@@ -36,8 +36,12 @@ def in_module(param: str, module: str) -> bool:
 
 
 def rollup(name: str) -> str:
-    """Collapse repeated layers: ``blocks.3.attn.lora_A`` -> ``blocks.*.attn.lora_A``."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+    """Collapse repeated layers: ``blocks.3.attn.lora_A`` -> ``blocks.*.attn.lora_A``.
+
+    Only indices followed by more path are collapsed: a final index (``body.0``,
+    the first layer of a Sequential) names a role, not a repeat.
+    """
+    return re.sub(r"(?:(?<=\.)|^)\d+(?=\.)", "*", name)
 
 
 def group_by_module(params: Iterable[str]) -> Dict[str, List[str]]:
@@ -126,10 +130,19 @@ def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
     return {p for p in params if in_module(p, cut.module)}
 
 
+CUT_PHRASES = {
+    "no_grad": "ran under torch.no_grad()",
+    "inference_mode": "ran under torch.inference_mode()",
+    "detach": "detached its output from the graph",
+    "non_differentiable": "produced a non-differentiable (integer/bool) output",
+    "checkpoint": "ran inside reentrant checkpointing (torch.utils.checkpoint, use_reentrant=True)",
+}
+
+
 def describe_cut(cut: Cut) -> str:
     where = f"module {cut.module!r}" if cut.module else f"the root module ({cut.module_type})"
-    op = f" (op {cut.op})" if cut.op else ""
-    return f"{cut.kind}{op} in {where} at {cut.location}"
+    op = f" at op {cut.op}" if cut.op else ""
+    return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location})"
 
 
 # ---- verdicts ------------------------------------------------------------------

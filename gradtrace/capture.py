@@ -312,8 +312,14 @@ class PendingPass:
         totals: List[torch.Tensor] = []
         via: Dict[int, str] = {}
         kept: Dict[str, torch.Tensor] = {}
+        params = recorder.params
+        simple = not state.bases and not state.capture_sums
         for index in order:
-            total, how = _pass_gradient(recorder.params[index], state, index)
+            grad = params[index].grad if simple else None
+            if grad is not None:  # the common case: .backward() into zeroed grads
+                total, how = grad, "backward"
+            else:
+                total, how = _pass_gradient(params[index], state, index)
             via[index] = how
             totals.append(total)
             if state.keep_grads:
@@ -339,13 +345,13 @@ class PendingPass:
         state = self.state
         trace = PassTrace(name=state.name, params=params, runs=state.runs, kinds=list(state.kinds),
                           auto=state.auto, kept_grads=state.keep_grads)
-        for position, (index, row) in enumerate(zip(self.order, grad_rows)):
-            norm, max_abs, nonfinite = row
-            name = self.names[index]
-            trace.records[name] = GradRecord(
-                name=name, hits=self.hits[index], norm=norm, max_abs=max_abs,
-                zero=(max_abs == 0.0 and nonfinite == 0), nonfinite=int(nonfinite),
-                via=self.via[index], order=position, stale=index in stale)
+        names, hits, via = self.names, self.hits, self.via
+        records = trace.records
+        for position, (index, (norm, max_abs, nonfinite)) in enumerate(zip(self.order, grad_rows)):
+            name = names[index]
+            # positional: this loop runs once per parameter per pass
+            records[name] = GradRecord(name, hits[index], norm, max_abs, max_abs == 0.0 and nonfinite == 0,
+                                       int(nonfinite), via[index], position, index in stale)
         if state.expected is not None:
             trace.expected = sorted(state.expected)
             trace.expected_partial = state.expected_partial

@@ -40,10 +40,9 @@ def grad_stats(grads: Sequence[torch.Tensor]) -> Dict[torch.device, Tuple[List[i
     float32 norm of ``[1e-30, 1e-30]`` is 0.
     """
     groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
-    dense = [_dense(g) for g in grads]
+    dense = [g if type(g) is torch.Tensor and g.layout is torch.strided else _dense(g) for g in grads]
     for i, g in enumerate(dense):
-        small = g.numel() <= SMALL_NUMEL
-        groups.setdefault((g.device, g.dtype, small), []).append(i)
+        groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)
 
     per_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
     for (device, dtype, small), idx in groups.items():

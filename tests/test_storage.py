@@ -1,0 +1,55 @@
+"""JSON round trip: a loaded trace answers diff, verdicts and report like the live one."""
+import json
+import math
+
+import torch
+from torch import nn
+
+import gradtrace
+
+
+def make_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with gradtrace.watch(model, keep_grads=True) as trace:
+        with trace.pass_("X"):
+            model(torch.randn(2, 3)).sum().backward()
+        with trace.pass_("Y"):
+            with torch.no_grad():
+                h = model[0](torch.randn(2, 3))
+            S = trace.tensor("S", model[2](model[1](h)).sum(-1))
+            trace.tensor("A", torch.tensor([[1.0, 1.0], [2.0, float("nan")]]))
+            torch.autograd.grad(S.sum(), list(model.parameters()), allow_unused=True)
+        trace.scalar("deltaH1", -2e-9)
+        trace.diff("X", "Y")
+    return trace
+
+
+def test_round_trip(tmp_path):
+    trace = make_trace()
+    path = tmp_path / "trace.json"
+    trace.save(path)
+    loaded = gradtrace.load(path)
+    assert list(loaded.passes) == list(trace.passes)
+    for name, p in trace.passes.items():
+        q = loaded.passes[name]
+        assert q.covered == p.covered and q.missing == p.missing and q.runs == p.runs
+        for param, r in p.records.items():
+            assert q.records[param] == r
+    assert loaded.verdicts() == trace.verdicts()
+    assert loaded.report() == trace.report()
+    assert str(loaded.diff("X", "Y")) == str(trace.diff("X", "Y"))
+    assert loaded.cuts == trace.cuts
+    assert math.isnan(loaded.tensors["A"].values.max) is False
+    assert loaded.tensors["A"].values.nonfinite == 1
+
+
+def test_file_is_plain_json_without_nan_literals(tmp_path):
+    trace = make_trace()
+    path = tmp_path / "trace.json"
+    trace.save(path)
+    text = path.read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["format"] == "gradtrace-trace" and data["version"] == 1
+    assert not list(tmp_path.glob("*.tmp"))

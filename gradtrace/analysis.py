@@ -383,12 +383,24 @@ def _check_coverage_gaps(trace, passes, tensors, cuts):
         if d.only_b:
             parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b)}")
         out.append(Verdict("COVERAGE_GAP", "error",
-                           "coverage gap: " + "; ".join(parts) +
-                           " (not requested in autograd.grad's inputs, bypassed, or cut)",
+                           "coverage gap: " + "; ".join(parts) + _gap_hint(d),
                            {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),
                             "modules_only_a": list(group_by_module(sorted(d.only_a))),
                             "modules_only_b": list(group_by_module(sorted(d.only_b)))}))
     return out
+
+
+def _gap_hint(d: Diff) -> str:
+    gap = d.only_a | d.only_b
+    if gap and all(_is_adapter(p) for p in gap):
+        side = d.b if d.only_a else d.a
+        return (f". Every one is a LoRA adapter parameter: the adapters were bypassed in {side!r} "
+                "(peft's disable_adapter(), merged weights, or a forward that skips them)")
+    return " (not requested in autograd.grad's inputs, bypassed, or cut)"
+
+
+def _is_adapter(param: str) -> bool:
+    return any(part.startswith(("lora_", "adapter")) for part in param.split("."))
 
 
 def _check_zero_upstream(trace, passes, tensors, cuts):

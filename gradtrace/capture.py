@@ -67,16 +67,21 @@ def started_inside_another_run() -> bool:
 class Run:
     """One engine run as the hooks see it."""
 
-    __slots__ = ("task", "accumulates", "nested", "pass_state", "hits", "captured", "written", "tensor_grads")
+    __slots__ = ("task", "accumulates", "nested", "pass_state", "hits", "start", "written", "written_start",
+                 "captured", "tensor_grads")
 
-    def __init__(self, task: int, accumulates: bool, nested: bool, pass_state: "PassState"):
+    def __init__(self, task: int, accumulates: Optional[bool], nested: bool, pass_state: "PassState"):
         self.task = task
         self.accumulates = accumulates
         self.nested = nested
         self.pass_state = pass_state
-        self.hits: List[int] = []  # parameter indices, in backward order
+        # The pass's own logs, appended to in hook order: a nested run's hits
+        # interleave with its outer run's exactly as the engine delivered them.
+        self.hits: List[int] = pass_state.hits
+        self.written: List[int] = pass_state.written
+        self.start = len(pass_state.hits)
+        self.written_start = len(pass_state.written)
         self.captured: List[Tuple[int, torch.Tensor]] = []  # autograd.grad: the gradients handed back
-        self.written: List[int] = []  # post-accumulate hooks (.grad written)
         self.tensor_grads: List[Tuple[str, torch.Tensor]] = []
 
 
@@ -89,9 +94,9 @@ class PassState:
         self.keep_grads = keep_grads
         self.runs = 0
         self.kinds: List[str] = []
-        self.hit_lists: List[List[int]] = []
+        self.hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)
+        self.written: List[int] = []  # post-accumulate hooks: .grad written
         self.backward_params: set = set()
-        self.written_lists: List[List[int]] = []
         self.capture_sums: Dict[int, torch.Tensor] = {}
         self.capture_hits: set = set()
         # .grad as it was when the pass first reached a parameter, where it was
@@ -232,12 +237,10 @@ class Recorder:
         with self.lock:
             self.open_runs.pop(run.task, None)
         state = run.pass_state
-        state.hit_lists.append(run.hits)
         if run.accumulates:
-            state.backward_params.update(run.hits)
-            if run.written:
-                state.written_lists.append(run.written)
-                state.backward_params.update(run.written)
+            # Nested runs only ever accumulate, so the slice may include theirs: harmless.
+            state.backward_params.update(state.hits[run.start:])
+            state.backward_params.update(state.written[run.written_start:])
         for index, grad in run.captured:
             state.capture_hits.add(index)
             previous = state.capture_sums.get(index)
@@ -302,11 +305,9 @@ class PendingPass:
 
     @classmethod
     def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
-        all_hits = list(itertools.chain.from_iterable(state.hit_lists))
-        all_hits.extend(itertools.chain.from_iterable(state.written_lists))
-        order = list(dict.fromkeys(all_hits))
-        hits = Counter(itertools.chain.from_iterable(state.hit_lists))
-        for index in set(itertools.chain.from_iterable(state.written_lists)) - set(hits):
+        order = list(dict.fromkeys(itertools.chain(state.hits, state.written)))
+        hits = Counter(state.hits)
+        for index in set(state.written) - set(hits):
             hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
 
         totals: List[torch.Tensor] = []

@@ -36,14 +36,20 @@ is_grad_enabled = torch.is_grad_enabled
 is_inference_mode_enabled = torch.is_inference_mode_enabled
 
 
+def _is_internal(filename: str) -> bool:
+    """torch's and gradtrace's own frames (the demo probe counts as user code)."""
+    if filename.startswith(_TORCH_DIR) or filename.startswith("<"):
+        return True
+    return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
+
+
 def user_location(frame=None) -> str:
     """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
     frame = frame or sys._getframe(1)
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (filename.startswith(_TORCH_DIR) or filename.startswith(_GRADTRACE_DIR)
-                or filename.startswith("<")):
+        if not _is_internal(filename):
             here = f"{filename}:{frame.f_lineno}"
             if not any(marker in filename for marker in _LIBRARY_MARKERS):
                 return here
@@ -149,7 +155,10 @@ class ModuleCutDetector:
                 out = any_requires_grad(output)
                 if out is not False:  # differentiable output, or no tensor output at all
                     return
-                if not trainable and not _inputs_require_grad(args, kwargs):
+                # Judged on inputs, not parameters: an adapter that is simply not
+                # used (peft's disable_adapter) leaves trainable parameters idle
+                # without cutting anything.
+                if not _inputs_require_grad(args, kwargs):
                     return
                 kind = "detach" if _floating_output(output) else "non_differentiable"
             else:

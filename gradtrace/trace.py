@@ -45,7 +45,7 @@ class Trace:
         self.scalars: Dict[str, ScalarRecord] = {}
         self._cut_list: List[Cut] = []
         self.inner_products: List[Dict[str, Any]] = []
-        self.ranks: Optional[List[Dict[str, Any]]] = None  # filled by gather()
+        self.rank_coverage: Optional[Dict[str, Dict[int, List[str]]]] = None  # filled by gather()
         self._recorder: Optional[Recorder] = None
         self._cut_log: Optional[CutLog] = None
         self._names_by_id: Dict[int, str] = {}

@@ -67,8 +67,7 @@ def started_inside_another_run() -> bool:
 class Run:
     """One engine run as the hooks see it."""
 
-    __slots__ = ("task", "accumulates", "nested", "pass_state", "hits", "start", "written", "written_start",
-                 "captured", "tensor_grads")
+    __slots__ = ("task", "accumulates", "nested", "pass_state", "hits", "start", "captured", "tensor_grads")
 
     def __init__(self, task: int, accumulates: Optional[bool], nested: bool, pass_state: "PassState"):
         self.task = task
@@ -78,9 +77,7 @@ class Run:
         # The pass's own logs, appended to in hook order: a nested run's hits
         # interleave with its outer run's exactly as the engine delivered them.
         self.hits: List[int] = pass_state.hits
-        self.written: List[int] = pass_state.written
         self.start = len(pass_state.hits)
-        self.written_start = len(pass_state.written)
         self.captured: List[Tuple[int, torch.Tensor]] = []  # autograd.grad: the gradients handed back
         self.tensor_grads: List[Tuple[str, torch.Tensor]] = []
 
@@ -129,6 +126,8 @@ class Recorder:
         self.lock = threading.Lock()
         self.kept: Dict[str, Dict[str, torch.Tensor]] = {}
         self.enabled = True
+        self.written_log: List[torch.Tensor] = []
+        self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(params)}
 
     # ---- hooks ---------------------------------------------------------
     def param_hook(self, index: int) -> Callable[[torch.Tensor], None]:
@@ -152,23 +151,25 @@ class Recorder:
 
         return on_grad
 
-    def post_accumulate_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        open_runs = self.open_runs
-        task_id = _current_task if _current_task is not None else (lambda: -1)
+    def post_accumulate_hook(self) -> Callable[[torch.Tensor], None]:
+        """The hook for every parameter: ``list.append``, a builtin, so no Python frame per call.
 
-        def on_written(_param: torch.Tensor) -> None:
-            # FSDP2 calls these hooks on sharded grads without the tensor hook
-            # having fired; the union of both lists is what the run reached.
-            run = open_runs.get(task_id())
-            if run is None:
-                run = self.open_run(task_id(), accumulates=True)
-                if run is None:
-                    return
-            elif run.accumulates is None:
-                self.settle_kind(run, True)
-            run.written.append(index)
+        It logs which parameters had ``.grad`` written; the log is drained when
+        the run (or the pass) ends. FSDP2 calls these hooks on sharded grads
+        without the tensor hook having fired: the union of both is what was reached.
+        """
+        return self.written_log.append
 
-        return on_written
+    def drain_written(self, state: "PassState") -> None:
+        log = self.written_log
+        if not log:
+            return
+        index_of = self.index_of
+        indices = [index_of[id(p)] for p in log if id(p) in index_of]
+        log.clear()
+        state.written.extend(indices)
+        state.backward_params.update(indices)
+        state.note_kind("backward")
 
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         task_id = _current_task if _current_task is not None else (lambda: -1)
@@ -240,7 +241,7 @@ class Recorder:
         if run.accumulates:
             # Nested runs only ever accumulate, so the slice may include theirs: harmless.
             state.backward_params.update(state.hits[run.start:])
-            state.backward_params.update(state.written[run.written_start:])
+        self.drain_written(state)
         for index, grad in run.captured:
             state.capture_hits.add(index)
             previous = state.capture_sums.get(index)
@@ -272,6 +273,7 @@ class Recorder:
 
     def end_pass(self, state: PassState) -> None:
         self.active = None
+        self.drain_written(state)  # writes no tensor hook announced (FSDP2) land in the labelled pass
         self.finish_pass(state)
 
     def finish_pass(self, state: PassState) -> None:
@@ -346,13 +348,15 @@ class PendingPass:
         state = self.state
         trace = PassTrace(name=state.name, params=params, runs=state.runs, kinds=list(state.kinds),
                           auto=state.auto, kept_grads=state.keep_grads)
-        names, hits, via = self.names, self.hits, self.via
-        records = trace.records
-        for position, (index, (norm, max_abs, nonfinite)) in enumerate(zip(self.order, grad_rows)):
-            name = names[index]
-            # positional: this loop runs once per parameter per pass
-            records[name] = GradRecord(name, hits[index], norm, max_abs, max_abs == 0.0 and nonfinite == 0,
-                                       int(nonfinite), via[index], position, index in stale)
+        names, hits, via, order = self.names, self.hits, self.via, self.order
+        norms = [row[0] for row in grad_rows]
+        max_abs = [row[1] for row in grad_rows]
+        nonfinite = [int(row[2]) for row in grad_rows]
+        # Columns in GradRecord's field order; records are built when first read.
+        trace._columns = (
+            [names[i] for i in order], [hits[i] for i in order], norms, max_abs,
+            [m == 0.0 and n == 0 for m, n in zip(max_abs, nonfinite)], nonfinite,
+            [via[i] for i in order], list(range(len(order))), [i in stale for i in order])
         if state.expected is not None:
             trace.expected = sorted(state.expected)
             trace.expected_partial = state.expected_partial

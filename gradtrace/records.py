@@ -39,19 +39,37 @@ class PassTrace:
     params: Tuple[str, ...]  # every trainable parameter watched, in model order
     runs: int = 0  # top-level engine runs (nested reentrant runs are not counted)
     kinds: List[str] = field(default_factory=list)  # "backward" and/or "grad"
-    records: Dict[str, GradRecord] = field(default_factory=dict)
     expected: Optional[List[str]] = None  # parameters reachable from registered tensors
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
+    # Records are built from plain columns on first access: a pass over many
+    # thousands of parameters costs one list per statistic until someone looks.
+    _columns: Optional[Tuple[list, ...]] = field(default=None, repr=False, compare=False)
+    _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def records(self) -> Dict[str, GradRecord]:
+        """``{parameter: GradRecord}`` for every parameter the pass reached, in backward order."""
+        if self._records is None:
+            self._records = {}
+            if self._columns is not None:
+                self._records = {name: GradRecord(name, *rest) for name, *rest in zip(*self._columns)}
+        return self._records
+
+    @records.setter
+    def records(self, value: Dict[str, GradRecord]) -> None:
+        self._records, self._columns = value, None
 
     @property
     def covered(self) -> set:
+        if self._records is None and self._columns is not None:
+            return set(self._columns[0])
         return set(self.records)
 
     @property
     def missing(self) -> set:
-        return set(self.params) - set(self.records)
+        return set(self.params) - self.covered
 
     @property
     def zero(self) -> set:
@@ -61,17 +79,22 @@ class PassTrace:
     def stale(self) -> set:
         return {n for n, r in self.records.items() if r.stale}
 
+    def _column(self, position: int, attribute: str) -> list:
+        if self._records is None and self._columns is not None:
+            return self._columns[position]
+        return [getattr(r, attribute) for r in self.records.values()]
+
     @property
     def total_norm(self) -> float:
-        return sum(r.norm * r.norm for r in self.records.values()) ** 0.5
+        return sum(n * n for n in self._column(2, "norm")) ** 0.5
 
     @property
     def max_abs(self) -> float:
-        return max((r.max_abs for r in self.records.values()), default=0.0)
+        return max(self._column(3, "max_abs"), default=0.0)
 
     @property
     def nonfinite(self) -> int:
-        return sum(r.nonfinite for r in self.records.values())
+        return sum(self._column(5, "nonfinite"))
 
     def in_backward_order(self) -> List[GradRecord]:
         return sorted(self.records.values(), key=lambda r: r.order)

@@ -35,6 +35,13 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _encode_pass(p: PassTrace) -> Dict[str, Any]:
+    out = {f.name: _encode(getattr(p, f.name)) for f in dataclasses.fields(p)
+           if not f.name.startswith("_") and f.name != "params"}  # params are stored once, at the top
+    out["records"] = {name: _encode(r) for name, r in p.records.items()}
+    return out
+
+
 def to_dict(trace) -> Dict[str, Any]:
     return {
         "format": FORMAT,
@@ -42,7 +49,7 @@ def to_dict(trace) -> Dict[str, Any]:
         "meta": _encode(trace.meta),
         "params": list(trace.params),
         "param_shapes": _encode(trace.param_shapes),
-        "passes": [_encode(dataclasses.replace(p, params=())) for p in trace.passes.values()],
+        "passes": [_encode_pass(p) for p in trace.passes.values()],
         "tensors": [_encode(t) for t in trace.tensors.values()],
         "scalars": [_encode(s) for s in trace.scalars.values()],
         "cuts": [_encode(c) for c in trace.cuts],
@@ -116,7 +123,7 @@ def _from_dict(Trace, data: Any, where: str):
 def _make(cls, raw: Dict[str, Any], **override):
     if not isinstance(raw, dict):
         raise TypeError(f"{cls.__name__} must be an object, got {type(raw).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    names = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     unknown = set(raw) - set(names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")

@@ -343,7 +343,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False) -> Iterato
         stack.callback(_close_recording, trace)
         for index, p in enumerate(params):
             stack.enter_context(p.register_hook(recorder.param_hook(index)))
-            stack.enter_context(p.register_post_accumulate_grad_hook(recorder.post_accumulate_hook(index)))
+            stack.enter_context(p.register_post_accumulate_grad_hook(recorder.post_accumulate_hook()))
         if cuts in ("modules", "ops"):
             ModuleCutDetector(root, trace._cut_log).attach(stack.enter_context)
         if cuts == "ops":

@@ -299,7 +299,8 @@ def _check_constant_rows(trace, passes, tensors, cuts):
         v = t.values
         if not _is_data(t) or not t.dtype.startswith(("float", "bfloat", "half", "double")) or not v.rows:
             continue
-        if not v.constant_rows or (v.min == v.max == 1.0):  # all ones: a full mask, not a degenerate group
+        # All ones is a full mask, not a degenerate group; all zeros is ALL_ZERO_VALUES's to report.
+        if not v.constant_rows or v.min == v.max == 1.0 or v.zeros == v.numel:
             continue
         fraction = v.constant_fraction
         severity = "error" if fraction == 1.0 else "warning" if fraction >= 0.5 else "info"
@@ -321,10 +322,13 @@ def _check_all_zero_values(trace, passes, tensors, cuts):
             out.append(Verdict("ALL_ZERO_VALUES", "error", f"tensor {t.name!r} is empty (shape {t.shape})",
                                {"tensor": t.name, "numel": 0}))
         elif v.zeros == v.numel:
-            what = "selects nothing" if t.dtype in ("bool",) or t.dtype.startswith(("int", "uint")) else "is all zeros"
+            mask_like = t.dtype == "bool" or t.dtype.startswith(("int", "uint"))
+            what = "selects nothing" if mask_like else "is all zeros"
+            rows = (f"; every one of its {v.rows} rows has zero variance (advantages from groups whose "
+                    "rewards were all equal?)" if v.rows and not mask_like and _is_data(t) else "")
             out.append(Verdict("ALL_ZERO_VALUES", "error",
-                               f"tensor {t.name!r} {what} ({v.numel} elements, every one 0)",
-                               {"tensor": t.name, "numel": v.numel}))
+                               f"tensor {t.name!r} {what} ({v.numel} elements, every one 0){rows}",
+                               {"tensor": t.name, "numel": v.numel, "rows": v.rows}))
     return out
 
 

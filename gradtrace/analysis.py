@@ -473,12 +473,16 @@ def _why_small(trace) -> str:
     summaries = [s for s in trace.inner_products if s.get("preconditioned")]
     if summaries:
         s = summaries[-1]
-        before, after = s.get("norm_b", 0.0), s.get("norm_b_pre", 0.0)
-        if before and after < before * 1e-3:
-            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient from "
-                    f"{before:.3e} to {after:.3e} (extreme second moments)")
-        return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is {s['dot']:.3e}, not tiny: "
-                "the factor that makes it print as zero is the scale applied to it (learning rate?)")
+        numel = s.get("numel_b") or 0
+        rms = s.get("norm_b_pre", 0.0) / numel ** 0.5 if numel else None
+        # Adam-normalised gradients g / (sqrt(v_hat) + eps) are O(1) per element when healthy.
+        if rms is not None and rms < 1e-3:
+            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient to an RMS of "
+                    f"{rms:.3e} per element (norm {s['norm_b']:.3e} -> {s['norm_b_pre']:.3e}; healthy Adam-normalised "
+                    "gradients are ~1): the second moments are extreme")
+        return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is {s['dot']:.3e} and the "
+                f"preconditioned gradients are healthy (RMS {rms:.3e}): the factor that makes it print as zero "
+                "is the scale applied to it (learning rate?)")
     return "; print with scientific notation (e.g. f'{x:.3e}')"
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import GradtraceError
+from .trace import watch
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -244,16 +245,16 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def generation_mask(seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """1.0 on generated tokens up to and including the first EOS, else 0.0."""
+    """True on generated tokens up to and including the first EOS."""
     after_prompt = torch.arange(seq.size(1), device=seq.device) >= prompt_len
     eos = (seq == EOS) & after_prompt
     eos_before = (eos.long().cumsum(-1) - eos.long()) > 0
-    return (after_prompt & ~eos_before).float()
+    return after_prompt & ~eos_before
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # where, not multiply: a -inf or NaN outside the mask must not leak in
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum(-1)
+    return torch.where(mask, x, torch.zeros_like(x)).sum(-1)
 
 
 @dataclass
@@ -261,7 +262,7 @@ class Rollout:
     seq: torch.Tensor  # [B, T] left-padded prompt + completion
     attn: torch.Tensor  # [B, T]
     prompt_width: int
-    gen_mask: torch.Tensor  # [B, T] the trainer's mask
+    gen_mask: torch.Tensor  # [B, T] bool, the trainer's mask
     ref_logprobs: torch.Tensor  # [B, T-1] reference model (adapters off)
     rewards: torch.Tensor  # [n_prompts, group_size]
     advantages: torch.Tensor  # [B]
@@ -292,7 +293,11 @@ def generate(policy: TinyPolicy, ids, attn, s: Settings, gen: torch.Generator):
 
 
 def reward_fn(tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, vocab: int) -> torch.Tensor:
-    """1 - |mean token id / vocab - target|: a smooth stand-in for a reward model."""
+    """1 - |mean token id / vocab - target|: a smooth stand-in for a reward model.
+
+    The toy task: the completion's mean token id should be the prompt's token
+    sum modulo the vocabulary size.
+    """
     m = mask.float()
     mean_id = (tokens.float() * m).sum(-1) / m.sum(-1).clamp(min=1)
     return 1.0 - (mean_id / vocab - target).abs()
@@ -308,7 +313,7 @@ def rollout(policy: TinyPolicy, s: Settings, gen: torch.Generator) -> Rollout:
     gen_mask = generation_mask(seq, width)
     with policy.disable_adapter():
         ref = token_logprobs(policy_logits(policy, seq, attn, s), seq)
-    target = ((prompts * prompt_attn).sum(-1).float() / prompt_attn.sum(-1) / s.vocab)
+    target = ((prompts * prompt_attn).sum(-1) % s.vocab).float() / s.vocab
     target = target.repeat_interleave(s.group_size)
     if s.reward_span == "prompt":
         span, span_mask = seq[:, :width], attn[:, :width]
@@ -334,7 +339,7 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def kl_to_reference(tok_logp, ref_logp, mask) -> torch.Tensor:
     """k3 estimator per sequence, summed over the mask."""
-    d = torch.where(mask.bool(), ref_logp - tok_logp, torch.zeros_like(tok_logp))
+    d = torch.where(mask, ref_logp - tok_logp, torch.zeros_like(tok_logp))
     return masked_sum(d.exp() - d - 1.0, mask)
 
 
@@ -409,7 +414,7 @@ def adam_cross(opt: torch.optim.Adam, params, g_x, g_y) -> torch.Tensor:
 
 def probe(policy, opt, r: Rollout, s: Settings, trace) -> Tuple[float, float, float]:
     """The entropy probe itself; returns (deltaH1, U_cross, entropy)."""
-    names, params = zip(*[(n, p) for n, p in policy.named_parameters() if p.requires_grad])
+    params = [p for p in policy.parameters() if p.requires_grad]
     prompt_len = r.seq.size(1) if s.prompt_len_from == "sequences" else r.prompt_width
     mask = trace.tensor("gen_mask", generation_mask(r.seq, prompt_len))
     trace.tensor("rewards", r.rewards)
@@ -449,8 +454,6 @@ def run_probe(bug: Optional[str] = None, seed: int = 0, cuts: str = "modules"):
     Returns ``(trace, ProbeResult)``. ``bug`` is a key of :data:`BUGS` or None
     for the healthy run. The global RNG state is left as it was.
     """
-    from . import watch  # the package imports this module lazily (cli only)
-
     s = settings_for(bug)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -459,7 +462,9 @@ def run_probe(bug: Optional[str] = None, seed: int = 0, cuts: str = "modules"):
         r = rollout(policy, s, gen)
         opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=s.lr, eps=s.adam_eps)
         warm_up(policy, opt, r, s)
-        with watch(policy, cuts=cuts) as trace:
+        with watch(policy, cuts=cuts, keep_grads=True) as trace:
             delta_h1, u_cross, entropy = probe(policy, opt, r, s, trace)
+            # gradtrace's own U_cross: the same sum, from the gradients it kept
+            trace.diff("X", "Y", precondition=opt)
     result = ProbeResult(bug, delta_h1, u_cross, s.lr, entropy, r.rewards.mean().item())
     return trace, result

@@ -78,6 +78,7 @@ def inner_products(a: str, b: str, grads_a: Dict[str, torch.Tensor], grads_b: Di
         "top": [{"param": n, "contribution": c, "share": c / dot if dot else 0.0}
                 for n, c in sorted(zip(common, contrib), key=lambda x: -abs(x[1]))[:TOP]],
     }
+    summary["numel_b"] = sum(grads_b[n].numel() for n in common)
     if precondition is not None:
         summary["norm_a_pre"], summary["norm_b_pre"] = sum(sq_a_pre) ** 0.5, sum(sq_b_pre) ** 0.5
         summary["optimizer"] = type(precondition).__name__

@@ -8,6 +8,7 @@ the caller moves the result in one transfer when the pass ends.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -26,10 +27,6 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
     if to_local is not None and callable(to_local):
         return to_local()
     return g
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def grad_stats(grads: Sequence[torch.Tensor]) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
@@ -55,7 +52,9 @@ def grad_stats(grads: Sequence[torch.Tensor]) -> Dict[torch.device, Tuple[List[i
 
 
 def _small_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    flat = _flatten_dense_tensors(tensors).to(_stat_dtype(dtype))
+    # float64 squares cannot under- or overflow for any float32 value
+    # (1e-30 or 1e25 gradients keep their norm); cheap at these sizes.
+    flat = _flatten_dense_tensors(tensors).to(torch.float64)
     lengths = torch.tensor([t.numel() for t in tensors], device=flat.device)
     if flat.numel() == 0:
         return torch.zeros(len(tensors), 3, device=flat.device, dtype=flat.dtype)
@@ -67,12 +66,32 @@ def _small_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
 
 
 def _large_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    work = [t.to(_stat_dtype(dtype)) for t in tensors] if dtype not in (torch.float32, torch.float64) else tensors
-    norms = torch._foreach_norm(work)
-    amax = torch._foreach_norm(work, float("inf"))
-    # Large gradients are few; one extra pass each for the NaN/Inf count is cheap next to their size.
-    bad = [(~torch.isfinite(t)).sum().to(norms[0].dtype) for t in work]
-    return torch.stack([torch.stack(norms), torch.stack(amax), torch.stack(bad)], dim=1)
+    """(norm, max |g|, NaN/Inf count) of big gradients, exact, with no host sync on an accelerator.
+
+    ``aminmax`` gives an exact max |g| (NaN propagates through it), cheaper than
+    the inf-norm. The norm must not under- or overflow (a float32 sum of squares
+    does when every |g| < 1e-19 or some |g| > 1e19). On an accelerator these
+    reductions are memory-bound, so they all run, in float64 where it matters.
+    On a CPU, where a float64 norm or a NaN count costs 10x a float32 norm,
+    reading values back is free (there is no device to synchronise with), so
+    the exact extra work runs only for the rare tensors that need it.
+    """
+    work = [t.float() for t in tensors] if dtype not in (torch.float32, torch.float64) else tensors
+    extremes = [torch.aminmax(t) for t in work]
+    amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(torch.float64)
+    if work[0].device.type != "cpu":
+        norms = torch.stack(torch._foreach_norm(work, 2, dtype=torch.float64))
+        bad = torch.stack([torch.count_nonzero(t * 0) for t in work]).to(torch.float64)
+        return torch.stack([norms, amax, bad], dim=1)
+    norms = torch.stack(torch._foreach_norm(work)).to(torch.float64)
+    host_norms, host_amax = norms.tolist(), amax.tolist()
+    bad = [0.0] * len(work)
+    for i, (norm, top) in enumerate(zip(host_norms, host_amax)):
+        if not math.isfinite(top):
+            bad[i] = float(torch.count_nonzero(work[i] * 0))
+        elif (norm == 0.0 and top > 0.0) or not math.isfinite(norm):
+            norms[i] = torch.linalg.vector_norm(work[i], dtype=torch.float64)
+    return torch.stack([norms, amax, torch.tensor(bad, dtype=torch.float64)], dim=1)
 
 
 def stats_to_host(per_device: Dict[torch.device, Tuple[List[int], torch.Tensor]], n: int) -> List[List[float]]:

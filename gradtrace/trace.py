@@ -211,8 +211,9 @@ class Trace:
         elif precondition is not None:
             raise GradtraceError(f"diff({a!r}, {b!r}, precondition=...) needs both passes' gradients: "
                                  "open the trace with gradtrace.watch(model, keep_grads=True)")
-        else:
-            result.inner = next((s for s in self.inner_products if s["a"] == a and s["b"] == b), None)
+        else:  # a loaded trace: the plain inner product, if the live one computed it
+            result.inner = next((s for s in self.inner_products
+                                 if s["a"] == a and s["b"] == b and not s["preconditioned"]), None)
         return result
 
     def verdicts(self) -> List[Verdict]:

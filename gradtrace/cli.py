@@ -1,0 +1,147 @@
+"""Command line: ``python -m gradtrace demo | show | diff``.
+
+Every failure gradtrace can explain (a missing or damaged trace file, an
+unknown pass name) prints one line to stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from typing import List, Optional, Sequence
+
+from .errors import GradtraceError
+
+_DIFF_USAGE = """\
+  gradtrace diff TRACE.json PASS_A PASS_B
+      pass PASS_A against pass PASS_B of the same trace
+  gradtrace diff FIRST.json SECOND.json PASS_A PASS_B
+      pass PASS_A of FIRST.json against pass PASS_B of SECOND.json
+      (e.g. a healthy run's 'Y' against a broken run's 'Y')"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .demo import BUGS
+
+    parser = argparse.ArgumentParser(
+        prog="gradtrace",
+        description="Trace gradients through PyTorch autograd: which parameters got one, "
+                    "how big, and where the graph was cut.",
+        epilog="exit status: 0 ok, 2 bad input (unreadable trace file, unknown pass, bad arguments)")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,show,diff}")
+    sub.required = True
+
+    bug_lines = "\n".join(f"  {name:<21} {text}" for name, text in BUGS.items())
+    demo = sub.add_parser(
+        "demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run the built-in entropy probe on a tiny LoRA policy and print its report",
+        description="Run the built-in entropy probe on a tiny LoRA policy and print gradtrace's report.\n"
+                    "  X pass: token entropy H, .backward() over microbatches\n"
+                    "  Y pass: torch.autograd.grad of a GRPO loss on sequence log-probs S\n"
+                    "  deltaH1 = -lr * sum(g_X * g_Y / (sqrt(v_hat) + eps)), v_hat from Adam",
+        epilog=f"bugs (--bug NAME):\n{bug_lines}\n\n--bug all runs every scenario and prints, "
+               "per bug, the verdict gradtrace ranks first.")
+    demo.add_argument("--bug", metavar="NAME", choices=[*BUGS, "all"],
+                      help="inject one bug (see below), or 'all' for a one-line summary of each")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--save", metavar="PATH", help="also write the trace as JSON (single run only)")
+    demo.add_argument("--cuts", choices=("modules", "ops", "off"), default="modules",
+                      help="how cuts are detected (gradtrace.watch's cuts=; default modules)")
+
+    show = sub.add_parser("show", help="print the report of a saved trace",
+                          description="Print the full report of a trace saved with Trace.save().")
+    show.add_argument("trace", metavar="TRACE.json")
+
+    diff = sub.add_parser(
+        "diff", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="gradtrace diff [-h] TRACE.json [SECOND.json] PASS_A PASS_B",
+        help="compare two passes: what one reached that the other did not",
+        description=f"Compare coverage and gradient norms of two passes.\n\n{_DIFF_USAGE}")
+    diff.add_argument("args", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m gradtrace`` and the ``gradtrace`` script; returns the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "show":
+            return _show(args.trace)
+        return _diff(args.args)
+    except BrokenPipeError:  # `gradtrace show t.json | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (GradtraceError, OSError) as e:
+        print(f"gradtrace: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if isinstance(e, GradtraceError) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
+
+
+def _demo(args) -> int:
+    from .demo import BUGS, run_probe
+
+    if args.bug == "all":
+        if args.save:
+            raise GradtraceError("--save writes one trace; use it with a single --bug NAME, not --bug all")
+        for name in [None, *BUGS]:
+            trace, _ = run_probe(name, seed=args.seed, cuts=args.cuts)
+            verdicts = trace.verdicts()
+            code, message = (verdicts[0].code, verdicts[0].message) if verdicts else ("-", "no problems found")
+            print(f"{name or 'healthy':<21} {code:<16} {message}")
+        return 0
+    trace, result = run_probe(args.bug, seed=args.seed, cuts=args.cuts)
+    if args.save:  # before printing: a closed pipe must not lose the file
+        trace.save(args.save)
+    heading = f"bug {args.bug}: {BUGS[args.bug]}" if args.bug else "healthy run (no bug)"
+    print(f"gradtrace demo, {heading}\n{result}\n")
+    print(trace.report())
+    if args.save:
+        print(f"\ntrace saved to {args.save}")
+    return 0
+
+
+def _show(path: str) -> int:
+    from .storage import load
+
+    print(load(path).report())
+    return 0
+
+
+def _diff(args: List[str]) -> int:
+    from . import analysis
+    from .storage import load
+
+    if len(args) == 3:
+        path, a, b = args
+        print(load(path).diff(a, b))
+        return 0
+    if len(args) != 4:
+        raise GradtraceError(f"diff takes 3 or 4 arguments (TRACE.json PASS_A PASS_B, or FIRST.json "
+                             f"SECOND.json PASS_A PASS_B), got {len(args)}; see gradtrace diff --help")
+    first_path, second_path, a, b = args
+    first, second = load(first_path), load(second_path)
+    for trace, path, name in ((first, first_path, a), (second, second_path, b)):
+        if name not in trace.passes:
+            have = ", ".join(repr(n) for n in trace.passes) or "no passes"
+            raise GradtraceError(f"{path!r} has no pass named {name!r}; it has {have}")
+    label_a, label_b = _labels(first_path, second_path)
+    result = analysis.diff(first.passes[a], second.passes[b])
+    print(replace(result, a=f"{label_a}:{a}", b=f"{label_b}:{b}"))
+    return 0
+
+
+def _labels(first: str, second: str):
+    a, b = os.path.basename(first), os.path.basename(second)
+    return (first, second) if a == b else (a, b)

@@ -1,0 +1,20 @@
+"""Shared fixtures: the model zoo, parametrized with readable ids."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo import ZOO
+
+
+@pytest.fixture(params=ZOO, ids=[case.name for case in ZOO])
+def zoo_case(request):
+    """``(name, model, make_inputs, loss_fn)`` for every model in the zoo, freshly built."""
+    model, make_inputs, loss_fn = request.param.build()
+    return request.param.name, model, make_inputs, loss_fn
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield

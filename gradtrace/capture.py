@@ -110,6 +110,18 @@ class PassState:
             self.kinds.append(kind)
 
 
+class StandIn:
+    """Nested runs (consecutive graph-task ids) seen before any hook of their outer run."""
+
+    __slots__ = ("state", "first", "last", "claimed")
+
+    def __init__(self, state: "PassState", task: int):
+        self.state = state
+        self.first = task
+        self.last = task
+        self.claimed = False  # the outer run fired a hook later and joined
+
+
 class Recorder:
     """Owns every hook callback and the run/pass bookkeeping of one Trace."""
 
@@ -122,6 +134,7 @@ class Recorder:
         self.active: Optional[PassState] = None  # the labelled pass, if any
         self.open_runs: Dict[int, Run] = {}
         self.orphan: Optional[PassState] = None  # a pass opened by a nested run whose outer run is unseen
+        self.standin: Optional[StandIn] = None  # nested runs whose outer run had fired no hook
         self.auto_counter = itertools.count(1)
         self.lock = threading.Lock()
         self.kept: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -214,19 +227,36 @@ class Recorder:
             outer = [r for r in self.open_runs.values() if not r.nested and r.task < task]
             if outer:
                 return outer[-1].pass_state
-        if self.active is not None:
-            state = self.active
-            # A nested run whose outer run fired no hook stands in for it.
-            if not nested or not any(r.pass_state is state and not r.nested for r in self.open_runs.values()):
+            # No hook of the outer run has fired (yet). The engine numbers graph
+            # tasks in order, so nested runs with consecutive ids belong to one
+            # outer run: the first of them stands in for it, the others join it.
+            group = self.standin
+            if group is not None and task == group.last + 1 and not group.state.closed:
+                group.last = task
+                return group.state
+            if self.active is not None:
+                state = self.active
                 state.runs += 1
+            else:
+                self.flush_orphan()
+                state = PassState(self._auto_name(accumulates), auto=True, keep_grads=self.keep_grads)
+                state.runs = 1
+                self.orphan = state
+            self.standin = StandIn(state, task)
             return state
-        if not nested and self.orphan is not None:
-            state, self.orphan = self.orphan, None
-            return state  # the outer run of a nested run seen first: already counted
+        group = self.standin
+        if group is not None and not group.claimed and task < group.first and not group.state.closed:
+            # The outer run of nested runs seen first (it started before them): already counted.
+            group.claimed = True
+            if self.orphan is group.state:
+                self.orphan = None
+            return group.state
+        if self.active is not None:
+            self.active.runs += 1
+            return self.active
+        self.flush_orphan()
         state = PassState(self._auto_name(accumulates), auto=True, keep_grads=self.keep_grads)
         state.runs = 1
-        if nested:
-            self.orphan = state
         return state
 
     def _auto_name(self, accumulates: Optional[bool]) -> str:

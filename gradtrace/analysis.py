@@ -344,9 +344,12 @@ def _check_tensor_not_reached(trace, passes, tensors, cuts):
         else:
             report = targets if missed == targets else []
         if report:
+            why = ("none of the requested inputs is reachable through it (reentrant checkpointing hides "
+                   "the segment's parameters from autograd.grad)" if t.reach_partial
+                   else "the loss does not depend on it, or no requested input is upstream of it")
             out.append(Verdict("TENSOR_NOT_REACHED", "error",
                                f"tensor {t.name!r} requires grad but backward never reached it in pass(es) "
-                               f"{', '.join(repr(n) for n in report)}: the loss does not depend on it",
+                               f"{', '.join(repr(n) for n in report)}: {why}",
                                {"tensor": t.name, "passes": report}))
     return out
 

@@ -58,13 +58,21 @@ def user_location(frame=None) -> str:
     return fallback or "<unknown>"
 
 
-def checkpoint_on_stack(frame=None) -> bool:
+def checkpoint_on_stack(frame=None):
+    """The checkpointed callable's frame when reentrant checkpointing is running this code, else None.
+
+    That frame is the one ``torch/utils/checkpoint.py`` called: its ``self``
+    names the checkpointed module even when a library checkpoints a layer's
+    ``forward`` rather than the module call (transformers 5 does).
+    """
     frame = frame or sys._getframe(1)
+    called = None
     while frame is not None:
         if frame.f_code.co_filename == _CHECKPOINT_PY:
-            return True
+            return called if called is not None else frame
+        called = frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def _caller_frame():
@@ -138,9 +146,13 @@ class ModuleCutDetector:
     def __init__(self, root: nn.Module, log: CutLog):
         self.log = log
         self.modules = []
+        self.names = {}  # id(module) -> (path, module)
+        self.trainable = {}  # id(module) -> trainable parameters inside it
         for name, module in root.named_modules():
             trainable = sum(1 for p in module.parameters() if p.requires_grad)
             self.modules.append((name, module, trainable))
+            self.names[id(module)] = (name, module)
+            self.trainable[id(module)] = trainable
 
     def attach(self, register: Callable) -> None:
         for name, module, trainable in self.modules:
@@ -148,6 +160,7 @@ class ModuleCutDetector:
 
     def _hook(self, name: str, module: nn.Module, trainable: int):
         log = self.log
+        names = self.names
         module_type = type(module).__name__
 
         def on_forward(mod, args, kwargs, output):
@@ -164,12 +177,17 @@ class ModuleCutDetector:
             else:
                 if not trainable and not _inputs_require_grad(args, kwargs):
                     return
-                if is_inference_mode_enabled():
-                    kind = "inference_mode"
-                elif checkpoint_on_stack(sys._getframe(1)):
-                    kind = "checkpoint"
-                else:
-                    kind = "no_grad"
+                segment = None if is_inference_mode_enabled() else checkpoint_on_stack(sys._getframe(1))
+                if segment is not None:
+                    checkpointed = names.get(id(segment.f_locals.get("self")))
+                    if checkpointed is not None:  # one cut for the checkpointed module, not one per child
+                        path, module = checkpointed
+                        caller = _caller_frame()
+                        log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
+                                   ("checkpoint", path), frame=caller)
+                        return
+                kind = ("inference_mode" if is_inference_mode_enabled()
+                        else "checkpoint" if segment is not None else "no_grad")
             caller = _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             log.record(kind, name, module_type, trainable, site, frame=caller)

@@ -117,12 +117,26 @@ def _arguments(args, kwargs):
 
 def _input_grad(args, kwargs) -> int:
     """0: no input requires grad; 1: only leaves (parameters) do; 2: an input with autograd history does."""
+    found = _scan(args)
+    if found < 2 and kwargs:
+        found = max(found, _scan(kwargs.values()))
+    return found
+
+
+def _scan(values) -> int:
     found = 0
-    for t in _arguments(args, kwargs):
-        if t.requires_grad:
-            if t.grad_fn is not None:
-                return 2
-            found = 1
+    for a in values:  # a plain loop: this runs for every op whose output carries no gradient
+        if isinstance(a, _Tensor):
+            if a.requires_grad:
+                if a.grad_fn is not None:
+                    return 2
+                found = 1
+        elif isinstance(a, (list, tuple)) and a and isinstance(a[0], _Tensor):
+            for t in a:
+                if isinstance(t, _Tensor) and t.requires_grad:
+                    if t.grad_fn is not None:
+                        return 2
+                    found = 1
     return found
 
 

@@ -22,6 +22,14 @@ from torch import nn
 
 import gradtrace
 
+try:
+    import peft
+    import transformers
+except ImportError:  # optional test extras: the small-model tests still run
+    peft = transformers = None
+
+needs_hf = pytest.mark.skipif(transformers is None or peft is None, reason="needs transformers and peft")
+
 HERE = os.path.basename(__file__)
 
 
@@ -422,10 +430,6 @@ def test_op_level_candidate_reaching_the_engine_is_a_cut():
 
 # ---------------------------------------------------------------- transformers GPT-2 + peft LoRA
 
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
 VOCAB = 64
 BLOCK = "base_model.model.transformer.h"
 
@@ -481,6 +485,7 @@ def x_pass(model, trace, seeds=(0, 1)):
                   labels=input_ids).loss.backward()
 
 
+@needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_healthy_gpt2_has_no_cut_and_no_error(lora, cuts):
@@ -499,6 +504,7 @@ def test_healthy_gpt2_has_no_cut_and_no_error(lora, cuts):
     assert trace.passes["X"].covered == {n for n, p in named if p.grad is not None}
 
 
+@needs_hf
 @pytest.mark.parametrize("context,kind", [(torch.no_grad, "no_grad"), (torch.inference_mode, "inference_mode")])
 def test_gpt2_lora_s_without_grad(context, kind):
     model = gpt2()
@@ -518,6 +524,7 @@ def test_gpt2_lora_s_without_grad(context, kind):
     assert trace.verdicts()[0].code == "TENSOR_NO_GRAD"
 
 
+@needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 def test_gpt2_lora_block_output_detached_by_a_hook(cuts):
     """A forward hook returns block h.1's output detached: GRAPH_CUT detach at h.1."""
@@ -552,6 +559,7 @@ def test_gpt2_lora_block_output_detached_by_a_hook(cuts):
         assert "out.detach()" in source_at(c.location)
 
 
+@needs_hf
 def test_gpt2_lora_detach_inside_a_block_found_at_op_level(monkeypatch):
     """Block h.1's forward detaches its input: h.0's adapters lose their gradient."""
     model = gpt2()
@@ -583,6 +591,7 @@ def test_gpt2_lora_detach_inside_a_block_found_at_op_level(monkeypatch):
     assert "hidden_states.detach()" in source_at(cut.evidence["location"])
 
 
+@needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 def test_gpt2_disabled_adapters_are_a_coverage_gap_not_a_cut(cuts):
     model = gpt2(trainable_ln_f=True)

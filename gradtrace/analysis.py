@@ -140,7 +140,8 @@ CUT_PHRASES = {
 
 
 def describe_cut(cut: Cut) -> str:
-    where = f"module {cut.module!r}" if cut.module else f"the root module ({cut.module_type})"
+    where = (f"module {cut.module!r}" if cut.module else
+             f"the root module ({cut.module_type})" if cut.module_type else "code outside any module")
     op = f" at op {cut.op}" if cut.op else ""
     return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location})"
 
@@ -218,25 +219,28 @@ def _check_tensor_no_grad(trace, passes, tensors, cuts):
 
 
 def _lost_coverage(passes: Dict[str, PassTrace], p: PassTrace) -> Set[str]:
-    """Parameters this pass should have reached: reached by another pass, or reachable from its tensors."""
+    """Parameters this pass should have reached: reached by another pass, or reachable from its tensors.
+
+    With nothing to compare against, a cut recorded inside the pass itself may
+    still explain every parameter the pass missed (see ``_check_graph_cuts``).
+    """
     expected: Set[str] = set(p.expected or ())
     for other in passes.values():
         if other is not p:
             expected |= other.covered
-    if not p.covered and not expected:
-        expected = set(p.params)
     return expected - p.covered
 
 
 def _check_graph_cuts(trace, passes, tensors, cuts):
     explained: Dict[int, Dict[str, Any]] = {}
     for p in passes.values():
-        lost = _lost_coverage(passes, p)
-        if not lost:
-            continue
+        compared = _lost_coverage(passes, p)
         for cut in cuts:
             if cut.pass_name not in (p.name, None):
                 continue
+            # Unlabelled cuts (generation, logging) must explain a real loss; a cut
+            # inside the pass may explain whatever the pass missed.
+            lost = compared if compared or cut.pass_name is None else p.missing
             hit = cut_params(cut, lost) & lost
             if not hit or (cut.kind not in ("detach", "non_differentiable") and cut.params == 0):
                 continue

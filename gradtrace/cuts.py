@@ -38,8 +38,8 @@ is_inference_mode_enabled = torch.is_inference_mode_enabled
 
 def _is_internal(filename: str) -> bool:
     """torch's and gradtrace's own frames (the demo probe counts as user code)."""
-    if filename.startswith(_TORCH_DIR) or filename.startswith("<"):
-        return True
+    if filename.startswith(_TORCH_DIR) or filename.startswith("<frozen"):
+        return True  # <stdin>, <string> and notebook cells are the user's
     return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
 
 

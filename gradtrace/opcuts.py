@@ -392,9 +392,9 @@ def _site_frame(frame, inside_function_ok: bool = True):
         code = frame.f_code
         if site is None:
             filename = code.co_filename
-            if not (filename.startswith(_TORCH_DIR) or filename.startswith("<")):
-                if filename.startswith(_GRADTRACE_DIR):
-                    return None
+            if not (filename.startswith(_TORCH_DIR) or filename.startswith("<frozen")):
+                if filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py"):
+                    return None  # gradtrace's own work (its demo plays the user's code)
                 site = frame
                 if inside_function_ok:
                     return site

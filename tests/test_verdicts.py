@@ -224,3 +224,26 @@ def test_coverage_gap_groups_by_module():
     assert v.evidence["a"] == "X" and v.evidence["b"] == "Y"
     assert len(v.evidence["only_a"]) == 9
     assert v.evidence["modules_only_a"] == ["*.0", "*.1"]
+
+
+def test_single_pass_detach_seen_at_op_level_explains_what_the_pass_missed(policy):
+    with gradtrace.watch(policy, cuts="ops") as trace:
+        with trace.pass_("Y"):
+            h = policy.body(torch.randn(5, 4)).detach()
+            S = trace.tensor("S", policy.head(h).sum(-1))
+            torch.autograd.grad(S.sum(), list(policy.parameters()), allow_unused=True)
+    v = trace.verdicts()[0]
+    assert v.code == "GRAPH_CUT" and v.evidence["kind"] == "detach" and v.evidence["op"] == "detach"
+    assert set(v.evidence["lost"]) == {"body.0.weight", "body.0.bias"}
+    assert HERE in v.evidence["location"]
+
+
+def test_generation_under_no_grad_outside_passes_does_not_blame_an_unused_head():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "unused_head": nn.Linear(4, 2)})
+    with gradtrace.watch(model) as trace:
+        with torch.no_grad():  # rollout / generation, outside any pass
+            model["body"](torch.randn(3, 4))
+        with trace.pass_("X"):
+            model["body"](torch.randn(3, 4)).sum().backward()
+    assert [v.code for v in trace.verdicts()] == ["UNUSED_PARAMS"]

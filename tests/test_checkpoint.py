@@ -16,7 +16,6 @@ GPT-2 from ``transformers`` with a ``peft`` LoRA and
 """
 from __future__ import annotations
 
-import linecache
 import os
 import warnings
 
@@ -27,25 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 import gradtrace
 
-try:
-    import peft
-    import transformers
-except ImportError:  # optional test extras: the small-model tests still run
-    peft = transformers = None
-
-needs_hf = pytest.mark.skipif(transformers is None or peft is None, reason="needs transformers and peft")
+from cut_helpers import needs_hf, peft, source_line, transformers, verdicts_of
 
 HERE = os.path.basename(__file__)
 
 
-def source_at(location: str) -> str:
-    path, line = location.rsplit(":", 1)
-    assert os.path.basename(path) == HERE, f"cut location {location!r} is not in {HERE}"
-    return linecache.getline(path, int(line))
 
 
-def verdicts_of(trace, code):
-    return [v for v in trace.verdicts() if v.code == code]
 
 
 def trainable(model):
@@ -264,3 +251,7 @@ def test_gpt2_lora_non_reentrant_checkpointing_is_transparent():
     assert trace.passes["X"].runs == 2 and trace.passes["Y"].runs == 1
     assert trace.cuts == []
     assert not [v for v in trace.verdicts() if v.severity == "error"]
+
+
+def source_at(location: str) -> str:
+    return source_line(location, __file__)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import linecache
 import os
 import warnings
 
@@ -22,13 +21,7 @@ from torch import nn
 
 import gradtrace
 
-try:
-    import peft
-    import transformers
-except ImportError:  # optional test extras: the small-model tests still run
-    peft = transformers = None
-
-needs_hf = pytest.mark.skipif(transformers is None or peft is None, reason="needs transformers and peft")
+from cut_helpers import needs_hf, peft, source_line, transformers, verdicts_of
 
 HERE = os.path.basename(__file__)
 
@@ -36,19 +29,16 @@ HERE = os.path.basename(__file__)
 # ---------------------------------------------------------------- helpers
 
 
-def source_at(location: str) -> str:
-    """The source line a cut points at; it must be in this test file."""
-    path, line = location.rsplit(":", 1)
-    assert os.path.basename(path) == HERE, f"cut location {location!r} is not in {HERE}"
-    return linecache.getline(path, int(line))
 
 
-def verdicts_of(trace, code):
-    return [v for v in trace.verdicts() if v.code == code]
 
 
 def errors(trace):
     return [v for v in trace.verdicts() if v.severity == "error"]
+
+
+def source_at(location: str) -> str:
+    return source_line(location, __file__)
 
 
 def only(items):

@@ -290,8 +290,11 @@ class Recorder:
         The first time in a pass, keep a copy: the pass's gradient is what
         ``.grad`` gains, and a nonzero copy means the grads were not zeroed.
         """
-        # Earlier runs of this pass put the gradient there themselves.
-        if index in state.bases or index in state.backward_params:
+        # Earlier runs of this pass put the gradient there themselves. An
+        # unlabelled run is its own pass: accumulating microbatches without a
+        # label is legitimate, and a copy per parameter per run would be the
+        # price, so it reports .grad as the run left it.
+        if state.auto or index in state.bases or index in state.backward_params:
             return
         state.bases[index] = grad.detach().clone()
 

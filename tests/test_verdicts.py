@@ -247,3 +247,14 @@ def test_generation_under_no_grad_outside_passes_does_not_blame_an_unused_head()
         with trace.pass_("X"):
             model["body"](torch.randn(3, 4)).sum().backward()
     assert [v.code for v in trace.verdicts()] == ["UNUSED_PARAMS"]
+
+
+def test_unlabelled_accumulation_is_not_stale_and_reports_grad_as_left(policy):
+    with gradtrace.watch(policy) as trace:
+        for _ in range(3):  # gradient accumulation without pass labels
+            policy(torch.randn(5, 4)).sum().backward()
+    assert list(trace.passes) == ["backward-1", "backward-2", "backward-3"]
+    assert "STALE_GRADS" not in codes(trace)
+    last = trace.passes["backward-3"]
+    for name, p in policy.named_parameters():
+        assert last.records[name].norm == pytest.approx(p.grad.norm().item(), rel=1e-6)

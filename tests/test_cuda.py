@@ -1,0 +1,54 @@
+"""On CUDA, gradtrace must not synchronise the host inside backward (skipped without a GPU).
+
+torch.cuda.set_sync_debug_mode("error") turns every synchronising call
+(.item(), .cpu(), .tolist(), nonzero, ...) into an error, so backward under
+watch raises if any hook or end-of-run callback syncs.
+"""
+import pytest
+import torch
+from torch import nn
+
+import gradtrace
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def model_on_gpu():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 8)).cuda()
+
+
+@cuda
+@pytest.mark.parametrize("options", [{}, {"keep_grads": True}, {"cuts": "off"}], ids=["default", "keep_grads", "no_cuts"])
+def test_no_host_sync_inside_backward(options):
+    model = model_on_gpu()
+    params = list(model.parameters())
+    x = torch.randn(32, 64, device="cuda")
+    with gradtrace.watch(model, **options) as trace:
+        S = trace.tensor("S", model(x).logsumexp(-1))
+        y_loss = model(x).pow(2).mean()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with trace.pass_("X"):
+                S.sum().backward()
+            torch.autograd.grad(y_loss, params)  # an unlabelled run: its pass is built inside backward
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    passes = trace.passes  # one host transfer per pass, here, outside backward
+    assert passes["X"].covered == {n for n, _ in model.named_parameters()}
+    assert passes["grad-1"].covered == passes["X"].covered
+    assert trace.tensors["S"].grads["X"].reached
+    for name, p in model.named_parameters():
+        assert passes["X"].records[name].norm == pytest.approx(p.grad.norm().item(), rel=1e-5)
+
+
+@cuda
+def test_gradients_bitwise_identical_on_cuda():
+    x = torch.randn(32, 64, device="cuda")
+    plain, watched = model_on_gpu(), model_on_gpu()
+    plain(x).sum().backward()
+    with gradtrace.watch(watched):
+        watched(x).sum().backward()
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a.grad, b.grad)

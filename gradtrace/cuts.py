@@ -33,6 +33,7 @@ _CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 is_grad_enabled = torch.is_grad_enabled
+Tensor = torch.Tensor
 is_inference_mode_enabled = torch.is_inference_mode_enabled
 
 
@@ -165,8 +166,11 @@ class ModuleCutDetector:
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
-                out = any_requires_grad(output)
-                if out is not False:  # differentiable output, or no tensor output at all
+                # The common case, inlined: one tensor out, and it requires grad.
+                if output.__class__ is Tensor:
+                    if output.requires_grad:
+                        return
+                elif any_requires_grad(output) is not False:  # differentiable, or no tensor output at all
                     return
                 # Judged on inputs, not parameters: an adapter that is simply not
                 # used (peft's disable_adapter) leaves trainable parameters idle

@@ -141,6 +141,24 @@ class CutLog:
         return [i for i, last in self.last_event.items() if last > event]
 
 
+def trainable_counts(root: nn.Module) -> Dict[str, int]:
+    """Trainable parameters inside each module path, in one pass over the parameters.
+
+    (Asking every module for its ``parameters()`` walks each subtree again:
+    quadratic in the depth of a 500-module transformer.)
+    """
+    counts: Dict[str, int] = {}
+    for name, p in root.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")[:-1]
+        counts[""] = counts.get("", 0) + 1
+        for depth in range(1, len(parts) + 1):
+            path = ".".join(parts[:depth])
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
 class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
@@ -149,11 +167,11 @@ class ModuleCutDetector:
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
+        counts = trainable_counts(root)
         for name, module in root.named_modules():
-            trainable = sum(1 for p in module.parameters() if p.requires_grad)
-            self.modules.append((name, module, trainable))
+            self.modules.append((name, module, counts.get(name, 0)))
             self.names[id(module)] = (name, module)
-            self.trainable[id(module)] = trainable
+            self.trainable[id(module)] = counts.get(name, 0)
 
     def attach(self, register: Callable) -> None:
         for name, module, trainable in self.modules:

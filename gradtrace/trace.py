@@ -337,21 +337,31 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False) -> Iterato
     trace._recorder = recorder
     trace._cut_log = CutLog(lambda: recorder.active.name if recorder.active is not None else None)
 
+    handles: List[Any] = []  # every RemovableHandle; one callback removes them all
     with contextlib.ExitStack() as stack:
         for p in params:
             _WATCHED[id(p)] = "watch"
         stack.callback(_unwatch, params)
         stack.callback(_close_recording, trace)
+        stack.callback(_remove_all, handles)
+        written = recorder.post_accumulate_hook()
         for index, p in enumerate(params):
-            stack.enter_context(p.register_hook(recorder.param_hook(index)))
-            stack.enter_context(p.register_post_accumulate_grad_hook(recorder.post_accumulate_hook()))
+            handles.append(p.register_hook(recorder.param_hook(index)))
+            handles.append(p.register_post_accumulate_grad_hook(written))
         if cuts in ("modules", "ops"):
-            ModuleCutDetector(root, trace._cut_log).attach(stack.enter_context)
+            ModuleCutDetector(root, trace._cut_log).attach(handles.append)
         if cuts == "ops":
             from .opcuts import OpCutMode
-            stack.enter_context(OpCutMode(root, trace._cut_log, trace._names_by_id).attach(stack.enter_context))
+            stack.enter_context(OpCutMode(root, trace._cut_log, trace._names_by_id).attach(handles.append))
         trace._open = True
         yield trace
+
+
+def _remove_all(handles: List[Any]) -> None:
+    # Removal is idempotent (RemovableHandle), so a handle removed twice is harmless.
+    for handle in reversed(handles):
+        handle.remove()
+    handles.clear()
 
 
 def _pass_ready(trace: Trace, state: PassState, pending: PendingPass) -> None:

@@ -140,6 +140,7 @@ class Recorder:
         self.kept: Dict[str, Dict[str, torch.Tensor]] = {}
         self.enabled = True
         self.written_log: List[torch.Tensor] = []
+        self.layouts: Dict[tuple, list] = {}  # stats.grad_stats's grouping, per order of parameters
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(params)}
 
     # ---- hooks ---------------------------------------------------------
@@ -345,25 +346,23 @@ class PendingPass:
         for index in set(state.written) - set(hits):
             hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
 
-        totals: List[torch.Tensor] = []
-        via: Dict[int, str] = {}
-        kept: Dict[str, torch.Tensor] = {}
         params = recorder.params
-        simple = not state.bases and not state.capture_sums
-        for index in order:
-            grad = params[index].grad if simple else None
-            if grad is not None:  # the common case: .backward() into zeroed grads
-                total, how = grad, "backward"
-            else:
-                total, how = _pass_gradient(params[index], state, index)
-            via[index] = how
-            totals.append(total)
-            if state.keep_grads:
-                kept[recorder.names[index]] = total.detach().clone()
+        totals: List[torch.Tensor] = []
+        if not state.bases and not state.capture_sums:  # the common case: .backward() into zeroed grads
+            totals = [params[i].grad for i in order]
+            via: Dict[int, str] = dict.fromkeys(order, "backward")
+        if not totals or any(g is None for g in totals):
+            totals, via = [], {}
+            for index in order:
+                total, via[index] = _pass_gradient(params[index], state, index)
+                totals.append(total)
+        kept: Dict[str, torch.Tensor] = {}
+        if state.keep_grads:
+            kept = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
         if state.keep_grads:
             recorder.kept[state.name] = kept
         stale_candidates = list(state.bases)
-        device_stats = stats.grad_stats(totals) if totals else {}
+        device_stats = stats.grad_stats(totals, recorder.layouts, tuple(order)) if totals else {}
         base_stats = stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates else {}
         tensor_stats = {name: torch.stack(parts).to(torch.float64) for name, parts in state.tensor_grads.items()}
         # Release the device accumulators now: only the (n, 3) statistics stay.

@@ -9,7 +9,7 @@ the caller moves the result in one transfer when the pass ends.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -29,33 +29,66 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def grad_stats(grads: Sequence[torch.Tensor]) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
+# (device, dtype, small?, positions, segment lengths of a small group and their sum)
+Layout = List[Tuple[torch.device, torch.dtype, bool, List[int], Optional[Tuple[torch.Tensor, int]]]]
+
+
+def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple, Layout]] = None,
+               key: Optional[Tuple] = None) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
     """Per gradient: (L2 norm, max |g|, NaN/Inf count), one (n, 3) tensor per device.
 
     Returns ``{device: (positions, stats)}`` where ``positions[i]`` is the index
     into ``grads`` of row ``i``. "Exactly zero" must be judged on max |g|: the
     float32 norm of ``[1e-30, 1e-30]`` is 0.
+
+    Passes of a training loop reach the same parameters in the same order, so
+    the grouping by (device, dtype, size) is cached under ``key``; a gradient
+    that no longer fits its cached group sends the call down the full path.
     """
-    groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
+    layout = layout_cache.get(key) if layout_cache is not None and key is not None else None
+    if layout is not None:
+        try:
+            return _reduce(list(grads), layout)
+        except (RuntimeError, TypeError, ValueError):
+            layout = None  # a gradient changed dtype, device or layout since: group again
     dense = [g if type(g) is torch.Tensor and g.layout is torch.strided else _dense(g) for g in grads]
+    groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
     for i, g in enumerate(dense):
         groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)
+    layout = [(device, dtype, small, idx, _lengths([dense[i] for i in idx]) if small else None)
+              for (device, dtype, small), idx in groups.items()]
+    if layout_cache is not None and key is not None and dense == list(grads):
+        if len(layout_cache) >= 8:
+            layout_cache.pop(next(iter(layout_cache)))
+        layout_cache[key] = layout
+    return _reduce(dense, layout)
 
+
+def _reduce(dense: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
     per_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
-    for (device, dtype, small), idx in groups.items():
+    for device, dtype, small, idx, lengths in layout:
         tensors = [dense[i] for i in idx]
-        stats = _small_stats(tensors, dtype) if small else _large_stats(tensors, dtype)
+        if tensors[0].dtype != dtype or tensors[0].device != device:
+            raise TypeError("cached layout no longer matches")
+        stats = _small_stats(tensors, lengths) if small else _large_stats(tensors, dtype)
         positions, parts = per_device.setdefault(device, ([], []))
         positions.extend(idx)
-        parts.append(stats.to(torch.float64))
+        parts.append(stats)
     return {dev: (pos, torch.cat(parts)) for dev, (pos, parts) in per_device.items()}
 
 
-def _small_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _lengths(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    sizes = [t.numel() for t in tensors]
+    return torch.tensor(sizes, device=tensors[0].device), sum(sizes)
+
+
+def _small_stats(tensors: List[torch.Tensor], lengths: Tuple[torch.Tensor, int]) -> torch.Tensor:
     # float64 squares cannot under- or overflow for any float32 value
     # (1e-30 or 1e25 gradients keep their norm); cheap at these sizes.
     flat = _flatten_dense_tensors(tensors).to(torch.float64)
-    lengths = torch.tensor([t.numel() for t in tensors], device=flat.device)
+    lengths, total = lengths
+    if flat.numel() != total:  # segment_reduce(unsafe=True) trusts the lengths: never let them be stale
+        raise ValueError("cached segment lengths no longer match the gradients")
     if flat.numel() == 0:
         return torch.zeros(len(tensors), 3, device=flat.device, dtype=flat.dtype)
     # initial=0 keeps an empty gradient at zero instead of the identity (-inf).

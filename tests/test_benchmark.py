@@ -34,7 +34,7 @@ def check_rows(result, workloads):
     for key, r in rows.items():
         assert "error" not in r, (key, r.get("error"))
         assert r["samples"] >= 2, key
-        for col in ("median_ms", "min_ms", "max_ms", "fwd_median_ms", "ratio", "fwd_ratio"):
+        for col in ("median_ms", "min_ms", "max_ms", "fwd_median_ms", "ratio", "paired_ratio", "fwd_ratio"):
             assert math.isfinite(r[col]) and r[col] > 0, (key, col, r[col])
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"], key
         assert math.isfinite(r["us_per_param"]), key
@@ -45,6 +45,7 @@ def check_rows(result, workloads):
     for w in workloads:
         base = rows[(w, "baseline")]
         assert base["ratio"] == pytest.approx(1.0) and base["us_per_param"] == pytest.approx(0.0)
+        assert base["paired_ratio"] == pytest.approx(1.0)
     ee = {e["workload"]: e for e in result["enter_exit"]}
     assert set(ee) == set(workloads)
     for e in ee.values():
@@ -117,3 +118,18 @@ def test_foreach_floor_reads_every_gradient():
     v.after(0, None)
     expected = [p.grad.norm().item() for p in model.parameters()]
     assert v.norms == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", sorted(bench.GRADTRACE_OPTIONS))
+def test_gradtrace_variants_read_the_true_total_norm(name):
+    # the timed step must be doing the real work: its pass figure matches plain autograd
+    wl = bench.build_workload("transformer", "tiny", torch.device("cpu"))
+    v = bench.GradtraceVariant(wl.model, name)
+    try:
+        with v.pass_(0):
+            wl.loss(wl.model, wl.batch).backward()
+        v.after(0, None)
+    finally:
+        v.close()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in v.params])).item()
+    assert v.last_norm == pytest.approx(expected, rel=1e-5)

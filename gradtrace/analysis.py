@@ -365,6 +365,10 @@ def _check_no_coverage(trace, passes, tensors, cuts):
             continue
         likely = next((c for c in cuts if c.pass_name in (p.name, None) and c.params > 0), None)
         because = f"; likely cut: {describe_cut(likely)}" if likely else ""
+        no_grad = [t.name for t in tensors.values() if p.name in t.passes and t.requires_grad_calls < t.calls]
+        if no_grad:  # e.g. every trainable parameter was bypassed (adapters disabled): nothing carries grad
+            because += (f"; tensor(s) {', '.join(repr(n) for n in no_grad)} registered in this pass do not "
+                        "require grad: nothing trainable took part in computing them")
         runs = f"{p.runs} engine run(s)" if p.runs else "no engine run that reached a watched tensor"
         evidence = {"pass": p.name, "runs": p.runs}
         if likely is not None:

@@ -258,3 +258,17 @@ def test_unlabelled_accumulation_is_not_stale_and_reports_grad_as_left(policy):
     last = trace.passes["backward-3"]
     for name, p in policy.named_parameters():
         assert last.records[name].norm == pytest.approx(p.grad.norm().item(), rel=1e-6)
+
+
+def test_no_coverage_names_the_registered_tensor_that_carries_no_grad(policy):
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    policy.head.weight.requires_grad_(True)
+    with gradtrace.watch(policy) as trace:
+        with trace.pass_("Y"):  # the trainable head is bypassed: S carries no gradient, backward cannot run
+            S = trace.tensor("S", policy.body(torch.randn(5, 4)).sum(-1))
+            with pytest.raises(RuntimeError):
+                torch.autograd.grad(S.sum(), [policy.head.weight])
+    v = first(trace, "NO_COVERAGE")
+    assert v.evidence["pass"] == "Y" and v.evidence["runs"] == 0
+    assert "'S'" in v.message and "do not require grad" in v.message

@@ -304,7 +304,8 @@ def _resolve_target(target) -> Tuple[List[Tuple[str, torch.Tensor]], Optional[nn
 
 
 @contextlib.contextmanager
-def watch(target, *, cuts: str = "modules", keep_grads: bool = False) -> Iterator[Trace]:
+def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
+          max_passes: Optional[int] = None) -> Iterator[Trace]:
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -312,10 +313,16 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False) -> Iterato
     (a TorchFunctionMode that also sees individual ops), or "off".
     ``keep_grads``: keep each pass's gradient so ``diff`` reports dot
     products and cosines (one copy of the gradients per pass).
+    ``max_passes``: keep only the newest N passes (and their kept gradients),
+    for a watch left open over a long training loop; the number dropped is
+    in ``trace.meta["dropped_passes"]``. None keeps every pass.
     Every hook is removed on exit, whether or not the block raised.
     """
     if cuts not in CUT_MODES:
         raise GradtraceError(f"cuts={cuts!r} is not one of {', '.join(CUT_MODES)}")
+    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool)
+                                   or max_passes < 1):
+        raise GradtraceError(f"max_passes is a positive int or None, got {max_passes!r}")
     named, root = _resolve_target(target)
     if cuts != "off" and root is None:
         cuts = "off"  # module hooks need the module; parameters alone give coverage only
@@ -329,7 +336,8 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False) -> Iterato
     params = [p for _, p in named]
     trace = Trace(names, {n: list(p.shape) for n, p in named},
                   meta={"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
-                        "model": type(root).__name__ if root is not None else None})
+                        "model": type(root).__name__ if root is not None else None,
+                        "max_passes": max_passes, "dropped_passes": 0})
     trace._live = True
     trace._names_by_id = {id(p): n for n, p in named}
     trace._tensor_handles = []
@@ -368,6 +376,22 @@ def _pass_ready(trace: Trace, state: PassState, pending: PendingPass) -> None:
     if state.auto:
         trace._passes[state.name] = None
     trace._pending.append((state.name, pending))
+    limit = trace.meta.get("max_passes")
+    if limit is not None:
+        _drop_oldest(trace, limit)
+
+
+def _drop_oldest(trace: Trace, limit: int) -> None:
+    """Forget the oldest finished passes beyond ``limit`` (an open pass is never dropped)."""
+    finished = [name for name, p in trace._passes.items()
+                if p is not None or any(n == name for n, _ in trace._pending)]
+    for name in finished[:max(0, len(finished) - limit)]:
+        trace._passes.pop(name, None)
+        trace._pending = [(n, item) for n, item in trace._pending if n != name]
+        trace._recorder.kept.pop(name, None)
+        for record in trace._tensors.values():
+            record.grads.pop(name, None)
+        trace.meta["dropped_passes"] += 1
 
 
 def _close_recording(trace: Trace) -> None:

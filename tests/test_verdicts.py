@@ -272,3 +272,17 @@ def test_no_coverage_names_the_registered_tensor_that_carries_no_grad(policy):
     v = first(trace, "NO_COVERAGE")
     assert v.evidence["pass"] == "Y" and v.evidence["runs"] == 0
     assert "'S'" in v.message and "do not require grad" in v.message
+
+
+def test_max_passes_keeps_the_newest_for_long_loops(policy):
+    with gradtrace.watch(policy, max_passes=3, keep_grads=True) as trace:
+        for step in range(10):
+            policy.zero_grad()
+            with trace.pass_(f"step{step}"):
+                policy(torch.randn(5, 4)).sum().backward()
+        assert list(trace.passes) == ["step7", "step8", "step9"]
+        assert set(trace._recorder.kept) == {"step7", "step8", "step9"}
+    assert trace.meta["dropped_passes"] == 7
+    with pytest.raises(gradtrace.GradtraceError, match="max_passes"):
+        with gradtrace.watch(policy, max_passes=0):
+            pass

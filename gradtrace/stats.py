@@ -57,7 +57,9 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
         groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)
     layout = [(device, dtype, small, idx, _lengths([dense[i] for i in idx]) if small else None)
               for (device, dtype, small), idx in groups.items()]
-    if layout_cache is not None and key is not None and dense == list(grads):
+    # Cache only when every gradient was used as it is (a sparse or DTensor one was
+    # replaced by its values); compare by identity: == on tensors is elementwise.
+    if layout_cache is not None and key is not None and all(d is g for d, g in zip(dense, grads)):
         if len(layout_cache) >= 8:
             layout_cache.pop(next(iter(layout_cache)))
         layout_cache[key] = layout

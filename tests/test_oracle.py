@@ -387,3 +387,19 @@ def test_checkpointed_segment_backward_matches_oracle(use_reentrant, frozen_stem
     pt = trace.passes["X"]
     assert pt.runs == len(batches), "nested (reentrant) engine runs must not count as runs"
     assert_pass_matches(pt, want, via="backward")
+
+
+def test_sparse_embedding_gradients_over_repeated_passes():
+    # A sparse .grad is reduced over its values; the grouping cache must not compare tensors with ==.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Linear(4, 1))
+    ids = torch.tensor([[1, 2, 3], [3, 4, 5]])
+    with gradtrace.watch(model) as trace:
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            with trace.pass_(f"step{step}"):
+                model(ids).sum().backward()
+            record = trace.passes[f"step{step}"].records["0.weight"]
+            values = model[0].weight.grad.coalesce().values()
+            assert math.isclose(record.norm, values.norm().item(), rel_tol=1e-5)
+            assert math.isclose(record.max_abs, values.abs().max().item(), rel_tol=1e-6)

@@ -95,12 +95,10 @@ class PassState:
         self.written: List[int] = []  # post-accumulate hooks: .grad written
         self.backward_params: set = set()
         self.capture_sums: Dict[int, torch.Tensor] = {}
-        self.capture_hits: set = set()
         # .grad as it was when the pass first reached a parameter, where it was
         # not None: the pass's own gradient is .grad minus this.
         self.bases: Dict[int, torch.Tensor] = {}
         self.tensor_grads: Dict[str, List[torch.Tensor]] = {}
-        self.tensor_hits: Counter = Counter()
         self.expected: Optional[set] = None
         self.expected_partial = False
         self.closed = False
@@ -274,13 +272,11 @@ class Recorder:
             state.backward_params.update(state.hits[run.start:])
         self.drain_written(state)
         for index, grad in run.captured:
-            state.capture_hits.add(index)
             previous = state.capture_sums.get(index)
             # Never add in place: the first gradient is the caller's own tensor.
             state.capture_sums[index] = grad if previous is None else previous + grad
         for name, facts in run.tensor_grads:
             state.tensor_grads.setdefault(name, []).append(facts)
-            state.tensor_hits[name] += 1
         if state.auto and not run.nested and state is not self.orphan:
             self.finish_pass(state)
 
@@ -356,11 +352,8 @@ class PendingPass:
             for index in order:
                 total, via[index] = _pass_gradient(params[index], state, index)
                 totals.append(total)
-        kept: Dict[str, torch.Tensor] = {}
         if state.keep_grads:
-            kept = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
-        if state.keep_grads:
-            recorder.kept[state.name] = kept
+            recorder.kept[state.name] = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
         stale_candidates = list(state.bases)
         device_stats = stats.grad_stats(totals, recorder.layouts, tuple(order)) if totals else {}
         base_stats = stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates else {}

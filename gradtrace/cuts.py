@@ -199,7 +199,8 @@ class ModuleCutDetector:
             else:
                 if not trainable and not _inputs_require_grad(args, kwargs):
                     return
-                segment = None if is_inference_mode_enabled() else checkpoint_on_stack(sys._getframe(1))
+                inference = is_inference_mode_enabled()
+                segment = None if inference else checkpoint_on_stack(sys._getframe(1))
                 if segment is not None:
                     checkpointed = names.get(id(segment.f_locals.get("self")))
                     if checkpointed is not None:  # one cut for the checkpointed module, not one per child
@@ -208,8 +209,7 @@ class ModuleCutDetector:
                         log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
                                    ("checkpoint", path), frame=caller)
                         return
-                kind = ("inference_mode" if is_inference_mode_enabled()
-                        else "checkpoint" if segment is not None else "no_grad")
+                kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
             caller = _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             log.record(kind, name, module_type, trainable, site, frame=caller)

@@ -73,6 +73,17 @@ def inputs(seed):
     return torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
 
 
+def x_backward_then_y_grad(model, named, cuts):
+    """Pass X: .backward() over two microbatches; pass Y: autograd.grad over every trainable parameter."""
+    with gradtrace.watch(model, cuts=cuts) as trace:
+        with trace.pass_("X"):
+            for s in range(2):
+                model(inputs(s)).backward()
+        with trace.pass_("Y"):
+            grads = torch.autograd.grad(model(inputs(0)), [p for _, p in named], allow_unused=True)
+    return trace, grads
+
+
 SHAPES = [
     pytest.param(dict(head=True, blocks=1), id="segment_then_head"),
     pytest.param(dict(head=False, blocks=1), id="only_a_segment"),
@@ -116,12 +127,7 @@ def test_reentrant_autograd_grad_misses_the_segment_with_a_checkpoint_cut(cuts):
     torch.manual_seed(0)
     model = Segmented(use_reentrant=True)
     named = trainable(model)
-    with gradtrace.watch(model, cuts=cuts) as trace:
-        with trace.pass_("X"):
-            for s in range(2):
-                model(inputs(s)).backward()
-        with trace.pass_("Y"):
-            grads = torch.autograd.grad(model(inputs(0)), [p for _, p in named], allow_unused=True)
+    trace, grads = x_backward_then_y_grad(model, named, cuts)
     unreached = {n for (n, _), g in zip(named, grads) if g is None}
     assert unreached == {n for n, _ in named if n.startswith("blocks.0.")}
 
@@ -149,12 +155,7 @@ def test_non_reentrant_checkpointing_is_transparent(shape, cuts):
     torch.manual_seed(0)
     model = Segmented(use_reentrant=False, **shape)
     named = trainable(model)
-    with gradtrace.watch(model, cuts=cuts) as trace:
-        with trace.pass_("X"):
-            for s in range(2):
-                model(inputs(s)).backward()
-        with trace.pass_("Y"):
-            grads = torch.autograd.grad(model(inputs(0)), [p for _, p in named], allow_unused=True)
+    trace, grads = x_backward_then_y_grad(model, named, cuts)
     everything = {n for n, _ in named}
     assert all(g is not None for g in grads)
     assert trace.passes["X"].covered == trace.passes["Y"].covered == dot_grad_oracle(model) == everything

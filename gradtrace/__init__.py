@@ -5,15 +5,15 @@
             loss.backward()
     print(trace.report())
 """
-from .errors import GradtraceError
-from .records import Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord, ValueStats, Verdict
-from .trace import Trace, watch
 from .analysis import Diff
-from .storage import load
+from .errors import GradtraceError
+from .live import watch
+from .records import Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord, ValueStats, Verdict
+from .trace import Trace, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts", "ValueStats",
-    "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
+    "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts",
+    "ValueStats", "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
 ]

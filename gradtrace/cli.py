@@ -113,15 +113,15 @@ def _demo(args) -> int:
 
 
 def _show(path: str) -> int:
-    from .storage import load
+    from .trace import load
 
     print(load(path).report())
     return 0
 
 
 def _diff(args: List[str]) -> int:
-    from . import analysis
-    from .storage import load
+    from . import analysis, render
+    from .trace import load
 
     if len(args) == 3:
         path, a, b = args
@@ -137,7 +137,7 @@ def _diff(args: List[str]) -> int:
             have = ", ".join(repr(n) for n in trace.passes) or "no passes"
             raise GradtraceError(f"{path!r} has no pass named {name!r}; it has {have}")
     label_a, label_b = _labels(first_path, second_path)
-    result = analysis.diff(first.passes[a], second.passes[b])
+    result = render.rendered(analysis.diff(first.passes[a], second.passes[b]))
     print(replace(result, a=f"{label_a}:{a}", b=f"{label_b}:{b}"))
     return 0
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import GradtraceError
-from .trace import watch
+from .live import watch
 
 PAD, BOS, EOS = 0, 1, 2
 

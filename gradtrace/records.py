@@ -5,10 +5,16 @@ and the renderer work the same on a live trace and on one loaded from JSON.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 SEVERITIES = ("error", "warning", "info")
+
+# What ``capture.stats.value_stats`` computes for a registered tensor, in order;
+# ``ValueStats.merge`` reads them by name.
+VALUE_FIELDS = ("numel", "sum", "sumsq", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
 
 
 @dataclass
@@ -32,6 +38,29 @@ class GradRecord:
 
 
 @dataclass
+class PassColumns:
+    """A pass's per-parameter figures as parallel lists, in backward order.
+
+    One list per ``GradRecord`` field: a pass over many thousands of
+    parameters costs a few lists until someone asks for ``records``.
+    """
+
+    name: List[str]
+    hits: List[int]
+    norm: List[float]
+    max_abs: List[float]
+    zero: List[bool]
+    nonfinite: List[int]
+    via: List[str]
+    order: List[int]
+    stale: List[bool]
+
+    def records(self) -> Dict[str, GradRecord]:
+        fields = [getattr(self, f.name) for f in dataclasses.fields(GradRecord)]
+        return {values[0]: GradRecord(*values) for values in zip(*fields)}
+
+
+@dataclass
 class PassTrace:
     """Everything recorded for one labelled pass (or one unlabelled engine run)."""
 
@@ -43,29 +72,32 @@ class PassTrace:
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
-    # Records are built from plain columns on first access: a pass over many
-    # thousands of parameters costs one list per statistic until someone looks.
-    _columns: Optional[Tuple[list, ...]] = field(default=None, repr=False, compare=False)
+    _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
+    _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_columns(cls, columns: PassColumns, **fields) -> "PassTrace":
+        return cls(_columns=columns, **fields)
 
     @property
     def records(self) -> Dict[str, GradRecord]:
         """``{parameter: GradRecord}`` for every parameter the pass reached, in backward order."""
         if self._records is None:
-            self._records = {}
-            if self._columns is not None:
-                self._records = {name: GradRecord(name, *rest) for name, *rest in zip(*self._columns)}
+            self._records = self._columns.records() if self._columns is not None else {}
         return self._records
 
     @records.setter
     def records(self, value: Dict[str, GradRecord]) -> None:
-        self._records, self._columns = value, None
+        self._records, self._columns, self._covered = value, None, None
 
     @property
-    def covered(self) -> set:
-        if self._records is None and self._columns is not None:
-            return set(self._columns[0])
-        return set(self.records)
+    def covered(self) -> FrozenSet[str]:
+        # Asked once per module group and pass by the report: build the set once.
+        if self._covered is None:
+            names = self._columns.name if self._records is None and self._columns is not None else self.records
+            self._covered = frozenset(names)
+        return self._covered
 
     @property
     def missing(self) -> set:
@@ -79,22 +111,23 @@ class PassTrace:
     def stale(self) -> set:
         return {n for n, r in self.records.items() if r.stale}
 
-    def _column(self, position: int, attribute: str) -> list:
+    def column(self, attribute: str) -> list:
+        """One ``GradRecord`` field over every reached parameter, without building the records."""
         if self._records is None and self._columns is not None:
-            return self._columns[position]
+            return getattr(self._columns, attribute)
         return [getattr(r, attribute) for r in self.records.values()]
 
     @property
     def total_norm(self) -> float:
-        return sum(n * n for n in self._column(2, "norm")) ** 0.5
+        return sum(n * n for n in self.column("norm")) ** 0.5
 
     @property
     def max_abs(self) -> float:
-        return max(self._column(3, "max_abs"), default=0.0)
+        return max(self.column("max_abs"), default=0.0)
 
     @property
     def nonfinite(self) -> int:
-        return sum(self._column(5, "nonfinite"))
+        return sum(self.column("nonfinite"))
 
     def in_backward_order(self) -> List[GradRecord]:
         return sorted(self.records.values(), key=lambda r: r.order)
@@ -131,6 +164,26 @@ class ValueStats:
     nonfinite: int = 0
     rows: int = 0  # rows along the last dim (only when that dim has >= 2 elements)
     constant_rows: int = 0  # rows whose elements are all equal (zero variance)
+
+    def merge(self, row: Mapping[str, float]) -> None:
+        """Fold in one call's figures (``VALUE_FIELDS``: counts and sums, as ``value_stats`` computes them)."""
+        finite_n = row["numel"] - row["nonfinite"]
+        old_n = self.numel - self.nonfinite
+        old_sum = self.mean * old_n
+        old_sumsq = (self.std ** 2 + self.mean ** 2) * old_n
+        new_n = old_n + finite_n
+        if finite_n > 0:
+            self.min = row["min"] if old_n == 0 else min(self.min, row["min"])
+            self.max = row["max"] if old_n == 0 else max(self.max, row["max"])
+        if new_n > 0:
+            mean = (old_sum + row["sum"]) / new_n
+            var = max((old_sumsq + row["sumsq"]) / new_n - mean * mean, 0.0)
+            self.mean, self.std = mean, math.sqrt(var)
+        self.numel += int(row["numel"])
+        self.zeros += int(row["zeros"])
+        self.nonfinite += int(row["nonfinite"])
+        self.rows += int(row["rows"])
+        self.constant_rows += int(row["constant_rows"])
 
     @property
     def zero_fraction(self) -> float:

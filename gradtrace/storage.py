@@ -69,10 +69,11 @@ def save(trace, path) -> None:
         raise GradtraceError(f"cannot write trace to {os.fspath(path)!r}: {e.strerror or e}") from e
 
 
-def load(path):
-    """Read a trace written by ``Trace.save``. Raises GradtraceError for anything else."""
-    from .trace import Trace
+def read(path, factory):
+    """Read a trace written by ``Trace.save`` and build it with ``factory`` (the plain ``Trace``).
 
+    Raises GradtraceError for anything else.
+    """
     where = os.fspath(path)
     try:
         with open(where, encoding="utf-8") as f:
@@ -84,14 +85,15 @@ def load(path):
     except json.JSONDecodeError as e:
         raise GradtraceError(f"{where!r} is not a gradtrace trace: not valid JSON ({e.msg} at line {e.lineno})") from None
     try:
-        return _from_dict(Trace, data, where)
+        return from_dict(data, factory, where)
     except GradtraceError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise GradtraceError(f"{where!r} is a damaged gradtrace trace: {type(e).__name__}: {e}") from None
 
 
-def _from_dict(Trace, data: Any, where: str):
+def from_dict(data: Any, factory, where: str):
+    """Check ``data`` (as ``to_dict`` wrote it) field by field and build a trace with ``factory``."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GradtraceError(f"{where!r} is not a gradtrace trace (no \"format\": \"{FORMAT}\" field); "
                              "write one with trace.save(path)")
@@ -99,25 +101,28 @@ def _from_dict(Trace, data: Any, where: str):
     if version != VERSION:
         raise GradtraceError(f"{where!r} is trace format version {version!r}; this gradtrace reads version "
                              f"{VERSION}. Upgrade gradtrace or re-save the trace.")
-    trace = Trace(_str_list(data["params"], "params"), data.get("param_shapes") or {}, data.get("meta") or {})
+    params = _str_list(data["params"], "params")
+    passes = {}
     for raw in data["passes"]:
         records = {name: _make(GradRecord, r) for name, r in raw.pop("records").items()}
-        p = _make(PassTrace, raw, params=trace.params)
+        p = _make(PassTrace, raw, params=tuple(params))
         p.records = records
-        trace._passes[p.name] = p
+        passes[p.name] = p
+    tensors = {}
     for raw in data["tensors"]:
         values = _make(ValueStats, raw.pop("values"))
         grads = {k: _make(TensorGradFacts, v) for k, v in raw.pop("grads").items()}
         t = _make(TensorRecord, raw)
         t.values, t.grads = values, grads
-        trace._tensors[t.name] = t
+        tensors[t.name] = t
+    scalars = {}
     for raw in data["scalars"]:
         s = _make(ScalarRecord, raw)
-        trace.scalars[s.name] = s
-    trace._cut_list = [_make(Cut, c) for c in data["cuts"]]
-    trace.inner_products = _decode_numbers(data.get("inner_products") or [])
-    trace.rank_coverage = data.get("rank_coverage")
-    return trace
+        scalars[s.name] = s
+    return factory(params, data.get("param_shapes") or {}, data.get("meta") or {}, passes=passes,
+                   tensors=tensors, scalars=scalars, cuts=[_make(Cut, c) for c in data["cuts"]],
+                   inner_products=_decode_numbers(data.get("inner_products") or []),
+                   rank_coverage=data.get("rank_coverage"))
 
 
 def _make(cls, raw: Dict[str, Any], **override):

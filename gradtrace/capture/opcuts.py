@@ -51,14 +51,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._torch_compat import MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode
 from .cuts import CutLog, user_location
 
 _Tensor = torch.Tensor
 _Size = torch.Size
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_GRADTRACE_DIR = os.path.dirname(os.path.abspath(__file__))
+_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _THIS_FILE = __file__
-_CALL_IMPL = nn.Module._call_impl.__code__
+_CALL_IMPL = MODULE_CALL_CODE
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 is_grad_enabled = torch.is_grad_enabled
 is_inference_mode_enabled = torch.is_inference_mode_enabled
@@ -427,7 +428,7 @@ class _Pushed:
 
     def __exit__(self, *exc):
         self.owner.pending.clear()
-        stack = torch.overrides._get_current_function_mode_stack()
+        stack = function_mode_stack()
         if stack and stack[-1] is self.mode:
             self.mode.__exit__(*exc)
             return False
@@ -435,10 +436,10 @@ class _Pushed:
             return False  # already gone
         above = []
         while True:
-            top = torch._C._pop_torch_function_stack()
+            top = pop_function_mode()
             if top is self.mode:
                 break
             above.append(top)
         for m in reversed(above):
-            torch._C._push_on_torch_function_stack(m)
+            push_function_mode(m)
         return False

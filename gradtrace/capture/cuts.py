@@ -24,11 +24,11 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .records import Cut
+from ..records import Cut
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MODULE_PY = nn.Module.__call__.__code__.co_filename
-_GRADTRACE_DIR = os.path.dirname(os.path.abspath(__file__))
+_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 

@@ -5,11 +5,12 @@ project was a value that printed as 0.000000.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional
 
 from tabulate import tabulate
 
-from .analysis import Diff, group_by_module, outermost_cuts
+from ..analysis import Diff, group_by_module, outermost_cuts
 
 TABLE_FORMAT = "simple"
 TOP_PARAMS = 10
@@ -150,6 +151,17 @@ def render_inner(s: Dict[str, Any]) -> str:
             _table(top, ["dominant parameters", "contribution", "share"]))
 
 
+class RenderedDiff(Diff):
+    """A ``Diff`` whose ``str()`` is the rendered table (what ``Trace.diff`` returns)."""
+
+    def __str__(self) -> str:
+        return render_diff(self)
+
+
+def rendered(d: Diff) -> RenderedDiff:
+    return d if isinstance(d, RenderedDiff) else RenderedDiff(**{f: getattr(d, f) for f in d.__dataclass_fields__})
+
+
 def render_diff(d: Diff) -> str:
     lines = [f"diff {d.a!r} vs {d.b!r}: {len(d.both)} reached in both, {len(d.only_a)} only in {d.a!r}, "
              f"{len(d.only_b)} only in {d.b!r}; total norm {sci(d.norm_a)} vs {sci(d.norm_b)}"]
@@ -167,7 +179,6 @@ def render_diff(d: Diff) -> str:
 
 
 def _log10(x: float) -> float:
-    import math
     if x == 0:
         return -300.0
     if x == float("inf"):

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .errors import GradtraceError
+from ..errors import GradtraceError
 
 TOP = 10
 

@@ -1,167 +1,41 @@
-"""Analysis: diffs between passes and ranked verdicts.
+"""Verdict checks: each looks for one kind of evidence in the plain records.
 
-Pure Python over the plain records, so a trace loaded from JSON is analysed
-exactly like a live one. Each ``_check_*`` function looks for one kind of
-evidence; ``verdicts`` ranks what they find so the most likely root cause
-comes first (a cut before the coverage gap it explains, a zero-variance
-advantage tensor before the zero upstream gradient it explains).
+Pure Python over the records, so a trace loaded from JSON is judged exactly
+like a live one. Each check is registered with its code, rank and severities
+(``registry.verdict``); ``verdicts`` runs them all and ranks what they find so
+the most likely root cause comes first (a cut before the coverage gap it
+explains, a zero-variance advantage tensor before the zero upstream gradient
+it explains).
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
-from .records import Cut, PassTrace, TensorRecord, Verdict
-
-# Root causes first; effects after. Sorting is by severity, then this order.
-PRIORITY = (
-    "NONFINITE", "TENSOR_NO_GRAD", "GRAPH_CUT", "STALE_GRADS", "CONSTANT_ROWS", "ALL_ZERO_VALUES",
-    "TENSOR_NOT_REACHED", "NO_COVERAGE", "COVERAGE_GAP", "ZERO_UPSTREAM", "ZERO_GRADS",
-    "RANK_DIVERGENCE", "ROUNDS_TO_ZERO", "TINY_GRADS", "UNUSED_PARAMS",
-)
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+from ..records import Cut, PassTrace, TensorRecord, Verdict
+from .cuts import cut_params, describe_cut, outermost_cuts
+from .diff import Diff, diff
+from .names import describe_params, group_by_module
+from .registry import ordered, sort_key, verdict
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
 PRINTS_AS_ZERO = 5e-7
 
 
-# ---- names and modules -------------------------------------------------------
-def module_of(param: str) -> str:
-    return param.rsplit(".", 1)[0] if "." in param else ""
-
-
-def in_module(param: str, module: str) -> bool:
-    return module == "" or param.startswith(module + ".")
-
-
-def rollup(name: str) -> str:
-    """Collapse repeated layers: ``blocks.3.attn.lora_A`` -> ``blocks.*.attn.lora_A``.
-
-    Only indices followed by more path are collapsed: a final index (``body.0``,
-    the first layer of a Sequential) names a role, not a repeat.
-    """
-    return re.sub(r"(?:(?<=\.)|^)\d+(?=\.)", "*", name)
-
-
-def group_by_module(params: Iterable[str]) -> Dict[str, List[str]]:
-    """``{rolled-up module: [params]}``, in first-seen order."""
-    groups: Dict[str, List[str]] = {}
-    for p in params:
-        groups.setdefault(rollup(module_of(p)) or "(root)", []).append(p)
-    return groups
-
-
-def describe_params(params: Iterable[str], limit: int = 4) -> str:
-    groups = group_by_module(sorted(params))
-    parts = [f"{module} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
-    more = f", +{len(parts) - limit} more modules" if len(parts) > limit else ""
-    return ", ".join(parts[:limit]) + more
-
-
-# ---- diff ----------------------------------------------------------------------
-@dataclass
-class Diff:
-    """What pass ``a`` reached that ``b`` did not, and how their magnitudes compare."""
-
-    a: str
-    b: str
-    only_a: Set[str]
-    only_b: Set[str]
-    both: Set[str]
-    ratios: Dict[str, float]  # norm in b / norm in a, for parameters both reached
-    norm_a: float = 0.0
-    norm_b: float = 0.0
-    inner: Optional[Dict[str, Any]] = None  # dot products, when both passes kept their gradients
-
-    @property
-    def dot(self) -> Optional[float]:
-        return self.inner["dot"] if self.inner else None
-
-    @property
-    def cosine(self) -> Optional[float]:
-        return self.inner["cosine"] if self.inner else None
-
-    @property
-    def top(self) -> List[Dict[str, Any]]:
-        return self.inner["top"] if self.inner else []
-
-    def by_module(self) -> List[Dict[str, Any]]:
-        rows: Dict[str, Dict[str, Any]] = {}
-        for label, names in (("only_a", self.only_a), ("only_b", self.only_b), ("both", self.both)):
-            for module, params in group_by_module(names).items():
-                row = rows.setdefault(module, {"module": module, "only_a": 0, "only_b": 0, "both": 0})
-                row[label] += len(params)
-        return sorted(rows.values(), key=lambda r: (-(r["only_a"] + r["only_b"]), r["module"]))
-
-    def __str__(self) -> str:
-        from .render import render_diff
-        return render_diff(self)
-
-
-def diff(a: PassTrace, b: PassTrace) -> Diff:
-    ca, cb = a.covered, b.covered
-    ratios = {}
-    for name in ca & cb:
-        na, nb = a.records[name].norm, b.records[name].norm
-        ratios[name] = nb / na if na else (float("inf") if nb else float("nan"))
-    return Diff(a=a.name, b=b.name, only_a=ca - cb, only_b=cb - ca, both=ca & cb, ratios=ratios,
-                norm_a=a.total_norm, norm_b=b.total_norm)
-
-
-# ---- cuts ------------------------------------------------------------------------
-def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
-    """One cut per region: drop module-level cuts inside another cut of the same kind and pass."""
-    kept: List[Cut] = []
-    ordered = sorted(cuts, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
-    for cut in ordered:
-        if cut.op is None and any(
-                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name
-                and (k.module == "" or cut.module.startswith(k.module + ".")) for k in kept):
-            continue
-        kept.append(cut)
-    return sorted(kept, key=lambda c: c.seq)
-
-
-def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
-    """Parameters a cut can explain losing: those inside the module (and, for a detach, anything)."""
-    if cut.kind in ("detach", "non_differentiable"):
-        return set(params)
-    return {p for p in params if in_module(p, cut.module)}
-
-
-CUT_PHRASES = {
-    "no_grad": "ran under torch.no_grad()",
-    "inference_mode": "ran under torch.inference_mode()",
-    "detach": "detached its output from the graph",
-    "non_differentiable": "produced a non-differentiable (integer/bool) output",
-    "checkpoint": "ran inside reentrant checkpointing (torch.utils.checkpoint, use_reentrant=True)",
-}
-
-
-def describe_cut(cut: Cut) -> str:
-    where = (f"module {cut.module!r}" if cut.module else
-             f"the root module ({cut.module_type})" if cut.module_type else "code outside any module")
-    op = f" at op {cut.op}" if cut.op else ""
-    return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location})"
-
-
-# ---- verdicts ------------------------------------------------------------------
 def verdicts(trace) -> List[Verdict]:
+    """Every registered check over ``trace``, most likely root cause first."""
     passes = trace.passes
     tensors = trace.tensors
     cuts = outermost_cuts(list(trace.cuts))
     found: List[Verdict] = []
-    for check in (_check_nonfinite, _check_tensor_no_grad, _check_graph_cuts, _check_stale,
-                  _check_constant_rows, _check_all_zero_values, _check_tensor_not_reached,
-                  _check_no_coverage, _check_coverage_gaps, _check_zero_upstream, _check_zero_grads,
-                  _check_rank_divergence, _check_rounds_to_zero, _check_tiny_grads, _check_unused):
-        found.extend(check(trace, passes, tensors, cuts))
-    found.sort(key=lambda v: (SEVERITY_RANK[v.severity], PRIORITY.index(v.code)))
+    for kind in ordered():
+        found.extend(kind.check(trace, passes, tensors, cuts))
+    found.sort(key=sort_key)
     return found
 
 
-def _check_nonfinite(trace, passes, tensors, cuts):
+@verdict("NONFINITE", rank=10, severities=("error",),
+         meaning="NaN/Inf gradients; names the first parameter in backward order")
+def check_nonfinite(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         bad = [r for r in p.in_backward_order() if r.nonfinite]
@@ -199,7 +73,9 @@ def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
     return min(same, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
 
 
-def _check_tensor_no_grad(trace, passes, tensors, cuts):
+@verdict("TENSOR_NO_GRAD", rank=20, severities=("error",),
+         meaning="a registered tensor does not require grad although trainable parameters were cut while it was built (or `expect_grad=True`); names the cut")
+def check_tensor_no_grad(trace, passes, tensors, cuts):
     out = []
     for t in tensors.values():
         if t.requires_grad_calls == t.calls or t.expect_grad is False:
@@ -231,7 +107,9 @@ def _lost_coverage(passes: Dict[str, PassTrace], p: PassTrace) -> Set[str]:
     return expected - p.covered
 
 
-def _check_graph_cuts(trace, passes, tensors, cuts):
+@verdict("GRAPH_CUT", rank=30, severities=("error",),
+         meaning="a cut (`no_grad`, `inference_mode`, `detach`, `non_differentiable`, `checkpoint`) upstream of parameters that lost coverage: module, location, fix")
+def check_graph_cuts(trace, passes, tensors, cuts):
     explained: Dict[int, Dict[str, Any]] = {}
     for p in passes.values():
         compared = _lost_coverage(passes, p)
@@ -280,7 +158,9 @@ def _cut_fix(cut: Cut) -> str:
     }.get(cut.kind, "")
 
 
-def _check_stale(trace, passes, tensors, cuts):
+@verdict("STALE_GRADS", rank=40, severities=("error",),
+         meaning="`.grad` already held values when a backward pass began (not zeroed)")
+def check_stale(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         stale = sorted(p.stale)
@@ -297,7 +177,9 @@ def _is_data(t: TensorRecord) -> bool:
     return t.requires_grad_calls == 0
 
 
-def _check_constant_rows(trace, passes, tensors, cuts):
+@verdict("CONSTANT_ROWS", rank=50, severities=("error", "warning", "info"),
+         meaning="rows of a registered data tensor with zero variance (advantage groups), with the fraction: an error when every row, else a warning (half or more) or info")
+def check_constant_rows(trace, passes, tensors, cuts):
     out = []
     for t in tensors.values():
         v = t.values
@@ -318,7 +200,9 @@ def _check_constant_rows(trace, passes, tensors, cuts):
     return out
 
 
-def _check_all_zero_values(trace, passes, tensors, cuts):
+@verdict("ALL_ZERO_VALUES", rank=60, severities=("error",),
+         meaning="a registered tensor is all zeros or empty (a mask that selects nothing)")
+def check_all_zero_values(trace, passes, tensors, cuts):
     out = []
     for t in tensors.values():
         v = t.values
@@ -336,7 +220,9 @@ def _check_all_zero_values(trace, passes, tensors, cuts):
     return out
 
 
-def _check_tensor_not_reached(trace, passes, tensors, cuts):
+@verdict("TENSOR_NOT_REACHED", rank=70, severities=("error",),
+         meaning="a registered tensor requires grad but backward never reached it in a pass")
+def check_tensor_not_reached(trace, passes, tensors, cuts):
     out = []
     for t in tensors.values():
         if t.requires_grad_calls == 0:
@@ -358,7 +244,9 @@ def _check_tensor_not_reached(trace, passes, tensors, cuts):
     return out
 
 
-def _check_no_coverage(trace, passes, tensors, cuts):
+@verdict("NO_COVERAGE", rank=80, severities=("error",),
+         meaning="no trainable parameter received a gradient in a pass; names the likely cut")
+def check_no_coverage(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         if p.covered:
@@ -386,7 +274,9 @@ def _comparable_pairs(passes: Dict[str, PassTrace]):
     return [(a, b) for i, a in enumerate(named) for b in named[i + 1:]]
 
 
-def _check_coverage_gaps(trace, passes, tensors, cuts):
+@verdict("COVERAGE_GAP", rank=90, severities=("error",),
+         meaning="parameters reached in one pass but not another, grouped by module")
+def check_coverage_gaps(trace, passes, tensors, cuts):
     out = []
     for a, b in _comparable_pairs(passes):
         d = diff(a, b)
@@ -418,7 +308,9 @@ def _is_adapter(param: str) -> bool:
     return any(part.startswith(("lora_", "adapter")) for part in param.split("."))
 
 
-def _check_zero_upstream(trace, passes, tensors, cuts):
+@verdict("ZERO_UPSTREAM", rank=100, severities=("error",),
+         meaning="backward reached a registered tensor with an all-zero gradient")
+def check_zero_upstream(trace, passes, tensors, cuts):
     out = []
     for t in tensors.values():
         for pass_name, facts in t.grads.items():
@@ -431,7 +323,9 @@ def _check_zero_upstream(trace, passes, tensors, cuts):
     return out
 
 
-def _check_zero_grads(trace, passes, tensors, cuts):
+@verdict("ZERO_GRADS", rank=110, severities=("error", "warning"),
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning (expected for LoRA A while B is still zero)")
+def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         zero = sorted(p.zero)
@@ -447,7 +341,9 @@ def _check_zero_grads(trace, passes, tensors, cuts):
     return out
 
 
-def _check_rank_divergence(trace, passes, tensors, cuts):
+@verdict("RANK_DIVERGENCE", rank=120, severities=("error",),
+         meaning="coverage differs across distributed ranks")
+def check_rank_divergence(trace, passes, tensors, cuts):
     out = []
     for pass_name, per_rank in (getattr(trace, "rank_coverage", None) or {}).items():
         union = set().union(*per_rank.values()) if per_rank else set()
@@ -467,7 +363,9 @@ def _check_rank_divergence(trace, passes, tensors, cuts):
     return out
 
 
-def _check_rounds_to_zero(trace, passes, tensors, cuts):
+@verdict("ROUNDS_TO_ZERO", rank=130, severities=("warning",),
+         meaning="a recorded scalar prints as zero at 6 decimals but is not zero; says which factor made it small when an inner product was computed")
+def check_rounds_to_zero(trace, passes, tensors, cuts):
     out = []
     for s in trace.scalars.values():
         if not s.prints_as_zero:
@@ -497,7 +395,9 @@ def _why_small(trace) -> str:
     return "; print with scientific notation (e.g. f'{x:.3e}')"
 
 
-def _check_tiny_grads(trace, passes, tensors, cuts):
+@verdict("TINY_GRADS", rank=140, severities=("warning",),
+         meaning="every gradient of a pass would print as `0.000000`")
+def check_tiny_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         if p.covered and 0.0 < p.max_abs < PRINTS_AS_ZERO and not p.nonfinite:
@@ -508,7 +408,9 @@ def _check_tiny_grads(trace, passes, tensors, cuts):
     return out
 
 
-def _check_unused(trace, passes, tensors, cuts):
+@verdict("UNUSED_PARAMS", rank=150, severities=("warning",),
+         meaning="trainable parameters that received no gradient in any pass")
+def check_unused(trace, passes, tensors, cuts):
     if not passes or not any(p.covered for p in passes.values()):
         return []
     reached = set().union(*(p.covered for p in passes.values()))

@@ -3,7 +3,7 @@
 A pass can reach thousands of parameters. Computing a norm per parameter costs
 an op dispatch each (about 1.5 us on a CPU), so small gradients are flattened
 into one buffer (a single C++ call) and reduced by segment; large ones go
-through ``torch._foreach_norm``. Nothing here reads a value back to the host:
+through torch's fused foreach norm. Nothing here reads a value back to the host:
 the caller moves the result in one transfer when the pass ends.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch._utils import _flatten_dense_tensors
+from .._torch_compat import flatten_dense_tensors, foreach_norm
+from ..records import VALUE_FIELDS
 
 # Gradients up to this many elements are flattened and reduced together; the
 # copy is cheap at this size and saves one dispatch per parameter.
@@ -87,7 +88,7 @@ def _lengths(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
 def _small_stats(tensors: List[torch.Tensor], lengths: Tuple[torch.Tensor, int]) -> torch.Tensor:
     # float64 squares cannot under- or overflow for any float32 value
     # (1e-30 or 1e25 gradients keep their norm); cheap at these sizes.
-    flat = _flatten_dense_tensors(tensors).to(torch.float64)
+    flat = flatten_dense_tensors(tensors).to(torch.float64)
     lengths, total = lengths
     if flat.numel() != total:  # segment_reduce(unsafe=True) trusts the lengths: never let them be stale
         raise ValueError("cached segment lengths no longer match the gradients")
@@ -115,10 +116,10 @@ def _large_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
     extremes = [torch.aminmax(t) for t in work]
     amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(torch.float64)
     if work[0].device.type != "cpu":
-        norms = torch.stack(torch._foreach_norm(work, 2, dtype=torch.float64))
+        norms = torch.stack(foreach_norm(work, 2, dtype=torch.float64))
         bad = torch.stack([torch.count_nonzero(t * 0) for t in work]).to(torch.float64)
         return torch.stack([norms, amax, bad], dim=1)
-    norms = torch.stack(torch._foreach_norm(work)).to(torch.float64)
+    norms = torch.stack(foreach_norm(work)).to(torch.float64)
     host_norms, host_amax = norms.tolist(), amax.tolist()
     bad = [0.0] * len(work)
     for i, (norm, top) in enumerate(zip(host_norms, host_amax)):
@@ -165,8 +166,6 @@ def value_stats(t: torch.Tensor) -> torch.Tensor:
         rows, const_rows,
     ])
 
-
-VALUE_FIELDS = ("numel", "sum", "sumsq", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
 
 
 def _constant_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

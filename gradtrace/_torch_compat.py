@@ -1,0 +1,127 @@
+"""Every private torch API gradtrace uses, probed once, in one place.
+
+Private APIs change between torch releases without notice. Each one is looked
+up here when gradtrace is imported; the rest of the package imports the
+result from this module and never reaches into ``torch._C`` itself. A missing
+API never degrades into a silent wrong number: ``require`` (called by
+``watch`` before it registers anything) raises ``GradtraceError`` naming the
+torch version and what would not work, and the stand-in left in place of a
+missing callable raises the same error if it is ever reached.
+
+Loading and analysing a saved trace uses none of these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .errors import GradtraceError
+
+# The torch releases the test suite runs on (setup.cfg declares the same range).
+TESTED_TORCH = "2.13"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One private torch API: where it lives and what gradtrace needs it for."""
+
+    name: str  # the dotted path, for messages
+    needed_for: str  # what will not work without it
+    feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics)
+    find: Callable[[], Any]
+
+
+PROBES = (
+    Probe("torch.autograd.Variable._execution_engine.queue_callback",
+          "closing an engine run when backward finishes", "capture",
+          lambda: torch.autograd.Variable._execution_engine.queue_callback),
+    Probe("torch._C._current_graph_task_id",
+          "telling concurrent and nested engine runs apart", "capture",
+          lambda: torch._C._current_graph_task_id),
+    Probe("torch._C._current_autograd_node",
+          "telling a .backward() run from a torch.autograd.grad run", "capture",
+          lambda: torch._C._current_autograd_node),
+    Probe("torch._C._will_engine_execute_node",
+          "telling a .backward() run from a torch.autograd.grad run", "capture",
+          lambda: torch._C._will_engine_execute_node),
+    Probe("torch._utils._flatten_dense_tensors",
+          "pass-end statistics of small gradients (one fused buffer)", "stats",
+          lambda: __import__("torch._utils", fromlist=["_flatten_dense_tensors"])._flatten_dense_tensors),
+    Probe("torch._foreach_norm",
+          "pass-end statistics of large gradients", "stats",
+          lambda: torch._foreach_norm),
+    Probe("torch.nn.Module._call_impl",
+          "cuts='ops': finding the module an op ran in", "ops",
+          lambda: nn.Module._call_impl.__code__),
+    Probe("torch.overrides._get_current_function_mode_stack",
+          "cuts='ops': taking the mode off the stack on exit", "ops",
+          lambda: torch.overrides._get_current_function_mode_stack),
+    Probe("torch._C._pop_torch_function_stack",
+          "cuts='ops': taking the mode off the stack on exit", "ops",
+          lambda: torch._C._pop_torch_function_stack),
+    Probe("torch._C._push_on_torch_function_stack",
+          "cuts='ops': taking the mode off the stack on exit", "ops",
+          lambda: torch._C._push_on_torch_function_stack),
+)
+
+
+def _find(probe: Probe) -> Optional[Any]:
+    try:
+        return probe.find()
+    except (AttributeError, ImportError):
+        return None
+
+
+FOUND: Dict[str, Optional[Any]] = {probe.name: _find(probe) for probe in PROBES}
+
+
+def missing(features: Iterable[str]) -> list:
+    """The probes of ``features`` that this torch does not have."""
+    wanted = set(features)
+    return [p for p in PROBES if p.feature in wanted and FOUND[p.name] is None]
+
+
+def _message(probes) -> str:
+    lines = "; ".join(f"{p.name} ({p.needed_for})" for p in probes)
+    return (f"gradtrace cannot watch gradients on torch {torch.__version__}: it lacks {lines}. "
+            f"gradtrace is tested on torch {TESTED_TORCH}; install a tested torch "
+            f"(pip install 'torch=={TESTED_TORCH}.*') or a gradtrace release made for this one.")
+
+
+def require(*features: str) -> None:
+    """Raise GradtraceError before anything is registered when a needed private API is missing."""
+    absent = missing(features)
+    if absent:
+        raise GradtraceError(_message(absent))
+
+
+class _Absent:
+    """Stands in for a missing callable: reaching it is an error, never a silent default."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+
+    def __call__(self, *args, **kwargs):
+        raise GradtraceError(_message([self.probe]))
+
+
+def _get(name: str) -> Any:
+    value = FOUND[name]
+    if value is None:
+        return _Absent(next(p for p in PROBES if p.name == name))
+    return value
+
+
+queue_callback = _get("torch.autograd.Variable._execution_engine.queue_callback")
+current_graph_task_id = _get("torch._C._current_graph_task_id")
+current_autograd_node = _get("torch._C._current_autograd_node")
+will_engine_execute_node = _get("torch._C._will_engine_execute_node")
+flatten_dense_tensors = _get("torch._utils._flatten_dense_tensors")
+foreach_norm = _get("torch._foreach_norm")
+MODULE_CALL_CODE = _get("torch.nn.Module._call_impl")  # a code object: compared with `is` against frames
+function_mode_stack = _get("torch.overrides._get_current_function_mode_stack")
+pop_function_mode = _get("torch._C._pop_torch_function_stack")
+push_function_mode = _get("torch._C._push_on_torch_function_stack")

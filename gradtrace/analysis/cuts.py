@@ -1,0 +1,45 @@
+"""Cuts as the analysis sees them: one per region, what each can explain, how to say it and fix it."""
+from __future__ import annotations
+
+from typing import Iterable, List, Set
+
+from ..records import Cut
+from .names import in_module
+
+
+def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
+    """One cut per region: drop module-level cuts inside another cut of the same kind and pass."""
+    kept: List[Cut] = []
+    ordered = sorted(cuts, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
+    for cut in ordered:
+        if cut.op is None and any(
+                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name
+                and (k.module == "" or cut.module.startswith(k.module + ".")) for k in kept):
+            continue
+        kept.append(cut)
+    return sorted(kept, key=lambda c: c.seq)
+
+
+def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
+    """Parameters a cut can explain losing: those inside the module (and, for a detach, anything)."""
+    if cut.kind in ("detach", "non_differentiable"):
+        return set(params)
+    return {p for p in params if in_module(p, cut.module)}
+
+
+CUT_PHRASES = {
+    "no_grad": "ran under torch.no_grad()",
+    "inference_mode": "ran under torch.inference_mode()",
+    "detach": "detached its output from the graph",
+    "non_differentiable": "produced a non-differentiable (integer/bool) output",
+    "checkpoint": "ran inside reentrant checkpointing (torch.utils.checkpoint, use_reentrant=True)",
+}
+
+
+def describe_cut(cut: Cut) -> str:
+    where = (f"module {cut.module!r}" if cut.module else
+             f"the root module ({cut.module_type})" if cut.module_type else "code outside any module")
+    op = f" at op {cut.op}" if cut.op else ""
+    return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location})"
+
+

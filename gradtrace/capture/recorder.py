@@ -1,0 +1,301 @@
+"""Capture: parameter and tensor hooks, and what they hand to the trace when a pass ends.
+
+Hooks only record. A hook never changes a gradient, never copies to the host,
+and in a ``.backward()`` run never keeps a reference to the incoming gradient
+(that would make AccumulateGrad copy it instead of stealing it): the pass's
+gradient is read from ``.grad`` when the pass ends.
+
+The pieces: ``runs`` says which engine run a hook fired in and closes it;
+``passes`` decides which pass a run belongs to; the ``Recorder`` here owns
+the hook callbacks and turns a finished pass into a ``PendingPass`` whose
+statistics stay on the device until the trace is read (one host transfer).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..records import PassColumns, PassTrace, TensorGradFacts
+from . import stats
+from .passes import PassAssigner, PassState
+from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
+
+
+class Recorder:
+    """Owns every hook callback and the run bookkeeping of one live trace."""
+
+    def __init__(self, names: List[str], params: List[torch.Tensor], keep_grads: bool,
+                 on_pass_ready: Callable[[PassState, "PendingPass"], None]):
+        self.names = names
+        self.params = params
+        self.keep_grads = keep_grads
+        self.on_pass_ready = on_pass_ready
+        self.passes = PassAssigner(keep_grads, self.finish_pass)
+        self.open_runs: Dict[int, Run] = {}
+        self.lock = threading.Lock()
+        self.kept: Dict[str, Dict[str, torch.Tensor]] = {}  # keep_grads: each pass's gradients, by name
+        self.enabled = True
+        self.written_log: List[torch.Tensor] = []
+        self.layouts: Dict[tuple, list] = {}  # stats.grad_stats's grouping, per order of parameters
+        self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(params)}
+
+    @property
+    def active(self) -> Optional[PassState]:
+        return self.passes.active
+
+    # ---- hooks ---------------------------------------------------------
+    def param_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        param = self.params[index]
+        open_runs = self.open_runs
+
+        def on_grad(grad: torch.Tensor) -> None:
+            run = open_runs.get(current_task())
+            if run is None:
+                run = self.open_run(current_task())
+                if run is None:
+                    return
+            if run.accumulates is None:  # opened by a registered tensor's hook
+                self.settle_kind(run, run_accumulates_grad())
+            run.pass_state.hits.append(index)
+            if not run.accumulates:
+                run.captured.append((index, grad))
+            elif param.grad is not None:
+                self.note_existing_grad(run.pass_state, index, param.grad)
+
+        return on_grad
+
+    def post_accumulate_hook(self) -> Callable[[torch.Tensor], None]:
+        """The hook for every parameter: ``list.append``, a builtin, so no Python frame per call.
+
+        It logs which parameters had ``.grad`` written; the log is drained when
+        the run (or the pass) ends. FSDP2 calls these hooks on sharded grads
+        without the tensor hook having fired: the union of both is what was reached.
+        """
+        return self.written_log.append
+
+    def drain_written(self, state: PassState) -> None:
+        log = self.written_log
+        if not log:
+            return
+        index_of = self.index_of
+        indices = [index_of[id(p)] for p in log if id(p) in index_of]
+        log.clear()
+        state.written.extend(indices)
+        state.backward_params.update(indices)
+        state.note_kind("backward")
+
+    def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def on_tensor_grad(grad: torch.Tensor) -> None:
+            run = self.open_runs.get(current_task())
+            if run is None:
+                # Whether this run writes .grad is only known at a parameter (a leaf).
+                run = self.open_run(current_task(), from_tensor=True)
+                if run is None:
+                    return
+            run.tensor_grads.append((name, _tensor_grad_stats(grad)))
+
+        return on_tensor_grad
+
+    # ---- runs ------------------------------------------------------------
+    def open_run(self, task: int, from_tensor: bool = False) -> Optional[Run]:
+        if not self.enabled:
+            return None
+        with self.lock:
+            run = self.open_runs.get(task)
+            if run is not None:
+                return run
+            accumulates = None if from_tensor else run_accumulates_grad()
+            nested = started_inside_another_run()
+            run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values()))
+            if accumulates is not None:
+                self.settle_kind(run, accumulates)
+            self.open_runs[task] = run
+        at_run_end(lambda: self.close_run(run))
+        return run
+
+    @staticmethod
+    def settle_kind(run: Run, accumulates: bool) -> None:
+        run.accumulates = accumulates
+        run.pass_state.note_kind("backward" if accumulates else "grad")
+
+    def close_run(self, run: Run) -> None:
+        with self.lock:
+            self.open_runs.pop(run.task, None)
+        state = run.pass_state
+        if run.accumulates:
+            # Nested runs only ever accumulate, so the slice may include theirs: harmless.
+            state.backward_params.update(state.hits[run.start:])
+        self.drain_written(state)
+        for index, grad in run.captured:
+            previous = state.capture_sums.get(index)
+            # Never add in place: the first gradient is the caller's own tensor.
+            state.capture_sums[index] = grad if previous is None else previous + grad
+        for name, facts in run.tensor_grads:
+            state.tensor_grads.setdefault(name, []).append(facts)
+        if state.auto and not run.nested and state is not self.passes.orphan:
+            self.finish_pass(state)
+
+    def close_open_runs(self) -> None:
+        """At exit: runs cut short by an exception still land in their pass."""
+        for run in list(self.open_runs.values()):
+            self.close_run(run)
+
+    # ---- .grad that was there before the pass ----------------------------
+    def note_existing_grad(self, state: PassState, index: int, grad: torch.Tensor) -> None:
+        """Called before AccumulateGrad adds to a non-None ``.grad``.
+
+        The first time in a pass, keep a copy: the pass's gradient is what
+        ``.grad`` gains, and a nonzero copy means the grads were not zeroed.
+        """
+        # Earlier runs of this pass put the gradient there themselves. An
+        # unlabelled run is its own pass: accumulating microbatches without a
+        # label is legitimate, and a copy per parameter per run would be the
+        # price, so it reports .grad as the run left it.
+        if state.auto or index in state.bases or index in state.backward_params:
+            return
+        state.bases[index] = grad.detach().clone()
+
+    # ---- passes ----------------------------------------------------------
+    def begin_pass(self, name: str) -> PassState:
+        state = PassState(name, auto=False, keep_grads=self.keep_grads)
+        self.passes.active = state
+        return state
+
+    def end_pass(self, state: PassState) -> None:
+        self.passes.active = None
+        self.drain_written(state)  # writes no tensor hook announced (FSDP2) land in the labelled pass
+        self.finish_pass(state)
+
+    def finish_pass(self, state: PassState) -> None:
+        """Compute the pass's statistics on the device; hand them over for one host transfer."""
+        if state.closed:
+            return
+        state.closed = True
+        self.on_pass_ready(state, PendingPass.build(self, state))
+
+    def flush_orphan(self) -> None:
+        self.passes.flush_orphan()
+
+
+@dataclass
+class DeviceStats:
+    """``stats.grad_stats``'s result for ``count`` gradients, still on the device."""
+
+    per_device: dict
+    count: int
+
+    def to_host(self) -> List[List[float]]:
+        return stats.stats_to_host(self.per_device, self.count) if self.count else []
+
+
+@dataclass
+class PendingPass:
+    """A finished pass whose statistics still live on the device."""
+
+    state: PassState
+    names: List[str]  # every watched parameter, by index
+    order: List[int]  # indices of the parameters reached, in backward order
+    hits: Counter
+    via: Dict[int, str]
+    grads: DeviceStats
+    bases: DeviceStats  # .grad as the pass found it, for staleness
+    stale_candidates: List[int]
+    tensor_stats: Dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
+        order = list(dict.fromkeys(itertools.chain(state.hits, state.written)))
+        hits = Counter(state.hits)
+        for index in set(state.written) - set(hits):
+            hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
+        totals, via = _pass_gradients(recorder.params, state, order)
+        if state.keep_grads:
+            recorder.kept[state.name] = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
+        stale_candidates = list(state.bases)
+        grads = DeviceStats(stats.grad_stats(totals, recorder.layouts, tuple(order)) if totals else {}, len(totals))
+        bases = DeviceStats(stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates
+                            else {}, len(stale_candidates))
+        tensor_stats = {name: torch.stack(parts).to(torch.float64) for name, parts in state.tensor_grads.items()}
+        # Release the device accumulators now: only the (n, 3) statistics stay.
+        state.capture_sums.clear()
+        state.bases.clear()
+        state.tensor_grads.clear()
+        return cls(state, recorder.names, order, hits, via, grads, bases, stale_candidates, tensor_stats)
+
+    def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
+        """The one host transfer of a pass."""
+        grad_rows = self.grads.to_host()
+        base_rows = self.bases.to_host()
+        stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
+        state = self.state
+        names, hits, via, order = self.names, self.hits, self.via, self.order
+        max_abs = [row[1] for row in grad_rows]
+        nonfinite = [int(row[2]) for row in grad_rows]
+        columns = PassColumns(
+            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grad_rows],
+            max_abs=max_abs, zero=[m == 0.0 and n == 0 for m, n in zip(max_abs, nonfinite)],
+            nonfinite=nonfinite, via=[via[i] for i in order], order=list(range(len(order))),
+            stale=[i in stale for i in order])
+        trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
+                                       kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads)
+        if state.expected is not None:
+            trace.expected = sorted(state.expected)
+            trace.expected_partial = state.expected_partial
+        return trace, self._tensor_facts()
+
+    def _tensor_facts(self) -> Dict[str, TensorGradFacts]:
+        tensors: Dict[str, TensorGradFacts] = {}
+        for name, rows in self.tensor_stats.items():
+            rows = rows.tolist()
+            tensors[name] = TensorGradFacts(
+                hits=len(rows), norm=sum(r[0] for r in rows) ** 0.5,
+                max_abs=max(r[1] for r in rows), nonfinite=int(sum(r[2] for r in rows)))
+        return tensors
+
+
+def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[int]):
+    """Every reached parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
+    if not state.bases and not state.capture_sums:  # the common case: .backward() into zeroed grads
+        totals = [params[i].grad for i in order]
+        if all(g is not None for g in totals):
+            return totals, dict.fromkeys(order, "backward")
+    totals, via = [], {}
+    for index in order:
+        total, via[index] = _pass_gradient(params[index], state, index)
+        totals.append(total)
+    return totals, via
+
+
+def _pass_gradient(param: torch.Tensor, state: PassState, index: int) -> Tuple[torch.Tensor, str]:
+    """What the pass gave this parameter: .grad's gain plus the gradients handed back."""
+    parts = []
+    how = []
+    if index in state.backward_params:
+        grad = param.grad
+        if grad is None:  # cleared during the pass: nothing left to measure
+            grad = torch.zeros_like(param)
+        base = state.bases.get(index)
+        parts.append(grad if base is None else grad - base)
+        how.append("backward")
+    captured = state.capture_sums.get(index)
+    if captured is not None:
+        parts.append(captured)
+        how.append("grad")
+    if not parts:
+        return torch.zeros_like(param), "backward"
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return total, "both" if len(how) == 2 else how[0]
+
+
+def _tensor_grad_stats(grad: torch.Tensor) -> torch.Tensor:
+    """(sum of squares, max |g|, nonfinite count) of a registered tensor's incoming gradient."""
+    g = grad.detach()
+    if g.numel() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=g.device)
+    g = g.to(torch.float64)
+    return torch.stack([(g * g).sum(), g.abs().max(), (~torch.isfinite(g)).sum().to(torch.float64)])

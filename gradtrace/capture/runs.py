@@ -1,0 +1,78 @@
+"""Engine runs as the hooks see them: which run a hook fired in, whether it is nested, when it ends.
+
+An engine run is one ``backward`` or ``autograd.grad`` call. Hooks learn the
+run they fire in from its graph-task id, whether it writes ``.grad`` from the
+AccumulateGrad node they fire under, and close it with a callback the engine
+runs when it drains (``queue_callback``): no torch function is patched.
+
+A *nested* run is one started from inside another run's backward (reentrant
+checkpointing recomputes its segment and calls ``torch.autograd.backward``
+from the ``CheckpointFunction``'s backward). Which pass a run belongs to is
+decided elsewhere (``passes.PassAssigner``); this module only describes runs.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from .._torch_compat import current_autograd_node, current_graph_task_id, queue_callback, will_engine_execute_node
+
+# The frame every custom autograd Function's backward runs under; an engine run
+# that starts while it is on the stack was started from inside another run.
+_FUNCTION_PY = torch.autograd.function.__file__
+
+current_task: Callable[[], int] = current_graph_task_id
+
+
+def at_run_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the current engine run finishes (nested runs fire their own)."""
+    queue_callback(callback)
+
+
+def run_accumulates_grad() -> bool:
+    """Inside a parameter hook: does this engine run write ``.grad``?
+
+    Asking the engine whether it will execute the AccumulateGrad node answers True in
+    ``.backward()`` and raises for a leaf in ``autograd.grad`` (verified on
+    torch 2.13), which is the one fact we need. Asked once per run.
+    """
+    node = current_autograd_node()
+    if node is None:  # a hook fired outside any node: only .backward() on a leaf tensor itself does that
+        return True
+    try:
+        return bool(will_engine_execute_node(node))
+    except RuntimeError:
+        return False
+
+
+def started_inside_another_run(depth: int = 2) -> bool:
+    """Is a custom autograd Function's backward (the only way to start a run from a run) on the stack?
+
+    ``depth`` skips this function's callers inside gradtrace: the walk starts at the hook.
+    """
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "apply" and code.co_filename == _FUNCTION_PY:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Run:
+    """One engine run: its task id, whether it writes ``.grad``, whether it is nested, and what it saw."""
+
+    __slots__ = ("task", "accumulates", "nested", "pass_state", "start", "captured", "tensor_grads")
+
+    def __init__(self, task: int, nested: bool, pass_state):  # pass_state: a passes.PassState
+        self.task = task
+        self.accumulates: Optional[bool] = None  # unknown until a parameter hook fires (a leaf knows)
+        self.nested = nested
+        self.pass_state = pass_state
+        # Where this run's hits start in the pass's log: a nested run's hits
+        # interleave with its outer run's exactly as the engine delivered them.
+        self.start = len(pass_state.hits)
+        self.captured: List[Tuple[int, torch.Tensor]] = []  # autograd.grad: the gradients handed back
+        self.tensor_grads: List[Tuple[str, torch.Tensor]] = []

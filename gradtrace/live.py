@@ -1,0 +1,403 @@
+"""The live trace: ``gradtrace.watch`` registers the hooks and yields a ``LiveTrace``.
+
+A ``LiveTrace`` is a ``Trace`` (it answers every read a loaded one does) that
+also records: ``pass_``, ``tensor``, ``scalar``. Its recording state — the
+recorder and its hooks, the cut log, kept gradients, the ``max_passes`` bound
+— lives in one ``Recording`` on it. Statistics stay on the device until the
+trace is read; reading moves them to the host, which changes nothing a user
+can see.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _torch_compat, analysis, render
+from .capture import inner, stats
+from .capture.cuts import CutLog, ModuleCutDetector
+from .capture.passes import PassState
+from .capture.reach import reachable_params
+from .capture.recorder import PendingPass, Recorder
+from .errors import GradtraceError
+from .records import VALUE_FIELDS, ScalarRecord, TensorRecord
+from .trace import Trace
+
+CUT_MODES = ("modules", "ops", "off")
+
+# Parameters watched by an open watch, by id: a second watch on the same
+# parameters would double-count every gradient. This is the one piece of
+# state shared between traces; entries live exactly as long as their watch.
+_WATCHED: Dict[int, str] = {}
+
+
+@dataclass
+class PendingValues:
+    """A registered tensor's value statistics, still on the device (``VALUE_FIELDS``, in order)."""
+
+    tensor: str
+    vector: torch.Tensor
+
+    def to_host(self) -> Dict[str, float]:
+        return dict(zip(VALUE_FIELDS, self.vector.tolist()))
+
+
+@dataclass
+class Recording:
+    """Everything a live trace needs while it records; dropped by nothing, closed at exit."""
+
+    recorder: Recorder
+    cut_log: CutLog
+    names_by_id: Dict[int, str]
+    max_passes: Optional[int]
+    pending: List[Tuple[str, PendingPass]] = field(default_factory=list)
+    pending_values: List[PendingValues] = field(default_factory=list)
+    tensor_handles: List[Any] = field(default_factory=list)
+    reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
+    cut_mark: int = 0  # cut-log events seen when the last tensor was registered
+    open: bool = True
+
+    @property
+    def kept(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return self.recorder.kept
+
+
+class LiveTrace(Trace):
+    """What ``watch`` yields: a trace that records while the ``with`` block runs."""
+
+    def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
+                 max_passes: Optional[int]):
+        super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
+        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready)
+        recorder.passes.taken_names = self._passes.__contains__
+        self._recording = Recording(
+            recorder=recorder,
+            cut_log=CutLog(lambda: recorder.active.name if recorder.active is not None else None),
+            names_by_id={id(p): n for n, p in named}, max_passes=max_passes)
+
+    # ---- reading: move pending statistics to the host first ----------------------
+    @property
+    def passes(self):
+        self._sync()
+        return super().passes
+
+    @property
+    def tensors(self):
+        self._sync()
+        return self._tensors
+
+    @property
+    def cuts(self):
+        return self._recording.cut_log.cuts
+
+    def _sync(self) -> None:
+        recording = self._recording
+        if not recording.open:
+            recording.recorder.flush_orphan()
+        pending, recording.pending = recording.pending, []
+        for name, item in pending:
+            record, tensor_facts = item.materialize(self.params)
+            self._passes[name] = record
+            for tensor_name, facts in tensor_facts.items():
+                self._tensor_record(tensor_name).grads[name] = facts
+        values, recording.pending_values = recording.pending_values, []
+        for item in values:
+            self._tensors[item.tensor].values.merge(item.to_host())
+
+    def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
+        """As ``Trace.diff``; with ``keep_grads=True`` also the inner product of the two passes.
+
+        The inner product is kept in ``trace.inner_products`` (one per pair and
+        preconditioning, the latest replacing an earlier one), so the report and
+        a saved trace include what you diffed.
+        """
+        passes = self._named_passes(a, b)
+        kept = self._recording.kept
+        if not (a in kept and b in kept):
+            if precondition is not None:
+                raise GradtraceError(f"diff({a!r}, {b!r}, precondition=...) needs both passes' gradients: "
+                                     "open the trace with gradtrace.watch(model, keep_grads=True)")
+            return super().diff(a, b)
+        result = render.rendered(analysis.diff(passes[a], passes[b]))
+        params = dict(zip(self._recording.recorder.names, self._recording.recorder.params))
+        summary = inner.inner_products(a, b, kept[a], kept[b], precondition, params)
+        result.inner = summary
+        self.inner_products = [s for s in self.inner_products
+                               if (s["a"], s["b"], s["preconditioned"]) != (a, b, summary["preconditioned"])]
+        self.inner_products.append(summary)
+        return result
+
+    # ---- recording -----------------------------------------------------------
+    @contextlib.contextmanager
+    def pass_(self, name: str) -> Iterator[None]:
+        """Label every engine run inside as pass ``name`` (any number of microbatches)."""
+        self._require_open("pass_")
+        recorder = self._recording.recorder
+        if not isinstance(name, str) or not name:
+            raise GradtraceError(f"pass names are non-empty strings, got {name!r}")
+        active = recorder.active
+        if active is not None:
+            if active.name == name:
+                raise GradtraceError(f"pass {name!r} is already open: a pass label cannot be nested in itself. "
+                                     "Open it once around every microbatch instead.")
+            raise GradtraceError(f"pass {name!r} opened inside pass {active.name!r}: passes do not nest. "
+                                 f"Close {active.name!r} first.")
+        if name in self._passes:
+            raise GradtraceError(f"pass {name!r} already ended. A pass holds any number of runs: open it once "
+                                 f"around the whole microbatch loop, or give this segment another name "
+                                 f"(e.g. f'{name}-{{step}}').")
+        self._passes[name] = None  # reserve the name and its place in the order
+        state = recorder.begin_pass(name)
+        self._recording.cut_mark = self._recording.cut_log.events
+        try:
+            yield  # the PassTrace is ready once the block exits: read trace.passes[name]
+        finally:
+            recorder.end_pass(state)
+
+    def tensor(self, name: str, t: torch.Tensor, expect_grad: Optional[bool] = None) -> torch.Tensor:
+        """Record forward facts of ``t`` now and, if it requires grad, what backward brings it."""
+        self._require_open("tensor")
+        if not isinstance(name, str) or not name:
+            raise GradtraceError(f"tensor names are non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise GradtraceError(f"trace.tensor({name!r}, ...) takes a torch.Tensor, got {type(t).__name__}")
+        if expect_grad not in (None, True, False):
+            raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
+        record = self._tensor_record(name)
+        _note_forward_facts(record, t, expect_grad)
+        recording = self._recording
+        active = recording.recorder.active
+        if active is not None and active.name not in record.passes:
+            record.passes.append(active.name)
+        for index in recording.cut_log.since(recording.cut_mark):
+            if index not in record.cuts:
+                record.cuts.append(index)
+        recording.cut_mark = recording.cut_log.events
+        recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
+        if t.requires_grad:
+            self._hook_tensor(name, t, active)
+        return t
+
+    def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[PassState]) -> None:
+        recording = self._recording
+        recording.tensor_handles.append(t.register_hook(recording.recorder.tensor_hook(name)))
+        key = (name, active.name if active is not None else None)
+        if key in recording.reached_for:
+            return  # microbatches share the graph's shape: walk it once per pass
+        recording.reached_for.add(key)
+        found, partial = reachable_params(t, recording.names_by_id)
+        record = self._tensors[name]
+        record.reachable = sorted(set(record.reachable or ()) | found)
+        record.reach_partial = record.reach_partial or partial
+        record.trainable_upstream = bool(record.reachable)
+        if active is not None:
+            active.expected = (active.expected or set()) | found
+            active.expected_partial = active.expected_partial or partial
+
+    def scalar(self, name: str, value: Any) -> float:
+        """Record a float at full precision (``deltaH1``); flags values that print as 0.000000."""
+        self._require_open("scalar")
+        if not isinstance(name, str) or not name:
+            raise GradtraceError(f"scalar names are non-empty strings, got {name!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise GradtraceError(f"trace.scalar({name!r}, ...) takes one number, got a tensor of shape "
+                                     f"{tuple(value.shape)}")
+            value = value.detach().reshape(()).to(torch.float64).item()
+        if not isinstance(value, numbers.Real):
+            raise GradtraceError(f"trace.scalar({name!r}, ...) takes a real number, got {type(value).__name__}")
+        value = float(value)
+        active = self._recording.recorder.active
+        record = self.scalars.get(name)
+        if record is None:
+            record = self.scalars[name] = ScalarRecord(name=name, value=value)
+        record.value = value
+        record.pass_name = active.name if active is not None else None
+        record.history.append(value)
+        return value
+
+    def _tensor_record(self, name: str) -> TensorRecord:
+        record = self._tensors.get(name)
+        if record is None:
+            record = self._tensors[name] = TensorRecord(name=name)
+        return record
+
+    def _require_open(self, what: str) -> None:
+        if not self._recording.open:
+            raise GradtraceError(f"trace.{what}() was called after `watch` exited; call it inside the "
+                                 "`with gradtrace.watch(...)` block")
+
+    # ---- the recorder's callbacks and exit -----------------------------------------
+    def _pass_ready(self, state: PassState, pending: PendingPass) -> None:
+        if state.auto:
+            self._passes[state.name] = None
+        recording = self._recording
+        recording.pending.append((state.name, pending))
+        if recording.max_passes is not None:
+            self._drop_oldest(recording.max_passes)
+
+    def _drop_oldest(self, limit: int) -> None:
+        """Forget the oldest finished passes beyond ``limit`` (an open pass is never dropped)."""
+        recording = self._recording
+        pending_names = {n for n, _ in recording.pending}
+        finished = [name for name, p in self._passes.items() if p is not None or name in pending_names]
+        for name in finished[:max(0, len(finished) - limit)]:
+            self._passes.pop(name, None)
+            recording.pending = [(n, item) for n, item in recording.pending if n != name]
+            recording.kept.pop(name, None)
+            for record in self._tensors.values():
+                record.grads.pop(name, None)
+            self.meta["dropped_passes"] += 1
+
+    def _close(self) -> None:
+        """On exit: no hook records any more; runs cut short by an exception still land in their pass."""
+        recording = self._recording
+        recording.open = False
+        recorder = recording.recorder
+        recorder.enabled = False
+        recorder.close_open_runs()
+        if recorder.active is not None:
+            recorder.end_pass(recorder.active)
+        recorder.flush_orphan()
+        for handle in recording.tensor_handles:
+            handle.remove()
+        recording.tensor_handles.clear()
+
+
+def _note_forward_facts(record: TensorRecord, t: torch.Tensor, expect_grad: Optional[bool]) -> None:
+    first = record.calls == 0
+    record.calls += 1
+    if first:
+        record.shape = list(t.shape)
+        record.dtype = str(t.dtype).replace("torch.", "")
+        record.device = str(t.device)
+        record.is_leaf = t.is_leaf
+        record.grad_fn = type(t.grad_fn).__name__ if t.grad_fn is not None else None
+        record.requires_grad = t.requires_grad
+    else:
+        record.requires_grad = record.requires_grad and t.requires_grad
+        if record.grad_fn is None and t.grad_fn is not None:
+            record.grad_fn = type(t.grad_fn).__name__
+    record.requires_grad_calls += int(t.requires_grad)
+    record.inference = record.inference or t.is_inference()
+    if expect_grad is not None:
+        record.expect_grad = expect_grad
+
+
+# ---- watch -------------------------------------------------------------------
+def _resolve_target(target) -> Tuple[List[Tuple[str, torch.Tensor]], Optional[nn.Module]]:
+    if isinstance(target, nn.Module):
+        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
+        root = target
+        what = f"the {type(target).__name__} passed to watch()"
+    elif isinstance(target, torch.Tensor) or isinstance(target, (str, bytes)) or not isinstance(target, Iterable):
+        raise GradtraceError(
+            f"watch() takes an nn.Module or an iterable of (name, parameter) pairs such as "
+            f"model.named_parameters(); got {type(target).__name__}")
+    else:
+        named = _named_pairs(target)
+        root = None
+        what = "the parameters passed to watch()"
+    if not named:
+        raise GradtraceError(f"{what} has no trainable parameter (none with requires_grad=True): "
+                             "nothing can receive a gradient. Unfreeze what you want traced.")
+    return named, root
+
+
+def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
+    named = []
+    for item in target:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise GradtraceError(
+                f"watch() takes (name, parameter) pairs like model.named_parameters() gives; got {item!r:.80}")
+        named.append(item)
+    seen, duplicates = set(), set()
+    for name, _ in named:
+        (duplicates if name in seen else seen).add(name)
+    if duplicates:
+        raise GradtraceError(f"parameter names must be unique; repeated: {', '.join(sorted(duplicates))}")
+    return [(n, p) for n, p in named if p.requires_grad]
+
+
+def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int]) -> None:
+    if cuts not in CUT_MODES:
+        raise GradtraceError(f"cuts={cuts!r} is not one of {', '.join(CUT_MODES)}")
+    if not isinstance(keep_grads, bool):
+        raise GradtraceError(f"keep_grads is True or False, got {keep_grads!r}")
+    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool)
+                                   or max_passes < 1):
+        raise GradtraceError(f"max_passes is a positive int or None, got {max_passes!r}")
+
+
+@contextlib.contextmanager
+def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
+          max_passes: Optional[int] = None) -> Iterator[LiveTrace]:
+    """Hook every trainable parameter of ``target`` for the duration of the block.
+
+    ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
+    ``cuts``: "modules" (forward hooks on every module, cheap), "ops"
+    (a TorchFunctionMode that also sees individual ops), or "off".
+    ``keep_grads``: keep each pass's gradient so ``diff`` reports dot
+    products and cosines (one copy of the gradients per pass).
+    ``max_passes``: keep only the newest N passes (and their kept gradients),
+    for a watch left open over a long training loop; the number dropped is
+    in ``trace.meta["dropped_passes"]``. None keeps every pass.
+    Every hook is removed on exit, whether or not the block raised.
+    """
+    _check_options(cuts, keep_grads, max_passes)
+    _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
+    named, root = _resolve_target(target)
+    if cuts != "off" and root is None:
+        cuts = "off"  # module hooks need the module; parameters alone give coverage only
+    clashes = [n for n, p in named if id(p) in _WATCHED]
+    if clashes:
+        raise GradtraceError(
+            f"{len(clashes)} of these parameters ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''}) "
+            "are already watched by another gradtrace.watch that is still open. Close it first, "
+            "or watch a different set of parameters.")
+    meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
+            "model": type(root).__name__ if root is not None else None,
+            "max_passes": max_passes, "dropped_passes": 0}
+    trace = LiveTrace(named, meta, keep_grads, max_passes)
+    with contextlib.ExitStack() as stack:
+        _register(stack, trace, [p for _, p in named], root, cuts)
+        yield trace
+
+
+def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
+              root: Optional[nn.Module], cuts: str) -> None:
+    """Every hook, each undone by ``stack`` in reverse order on exit."""
+    recording = trace._recording
+    recorder = recording.recorder
+    handles: List[Any] = []  # every RemovableHandle; one callback removes them all
+    for p in params:
+        _WATCHED[id(p)] = "watch"
+    stack.callback(_unwatch, params)
+    stack.callback(trace._close)
+    stack.callback(_remove_all, handles)
+    written = recorder.post_accumulate_hook()
+    for index, p in enumerate(params):
+        handles.append(p.register_hook(recorder.param_hook(index)))
+        handles.append(p.register_post_accumulate_grad_hook(written))
+    if cuts in ("modules", "ops"):
+        ModuleCutDetector(root, recording.cut_log).attach(handles.append)
+    if cuts == "ops":
+        from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
+        stack.enter_context(OpCutMode(root, recording.cut_log, recording.names_by_id).attach(handles.append))
+
+
+def _remove_all(handles: List[Any]) -> None:
+    # Removal is idempotent (RemovableHandle), so a handle removed twice is harmless.
+    for handle in reversed(handles):
+        handle.remove()
+    handles.clear()
+
+
+def _unwatch(params: List[torch.Tensor]) -> None:
+    for p in params:
+        _WATCHED.pop(id(p), None)

@@ -4,16 +4,31 @@
         with trace.pass_("X"):
             loss.backward()
     print(trace.report())
+
+Reading a saved trace (``gradtrace.load``) needs neither torch nor the capture
+code, so ``watch`` is imported on first use.
 """
+from typing import TYPE_CHECKING
+
 from .analysis import Diff
 from .errors import GradtraceError
-from .live import watch
 from .records import Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord, ValueStats, Verdict
 from .trace import Trace, load
+
+if TYPE_CHECKING:
+    from .live import watch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts",
-    "ValueStats", "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
+    "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts", "ValueStats",
+    "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name == "watch":  # imports torch and the capture code: only when someone watches
+        from .live import watch
+        globals()["watch"] = watch  # later lookups skip this function
+        return watch
+    raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")

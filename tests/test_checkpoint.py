@@ -209,6 +209,7 @@ def run_probe(model, microbatches=2):
     return trace, named, grads
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 def test_gpt2_lora_reentrant_checkpointing():
     model = lora_gpt2(use_reentrant=True)
@@ -242,6 +243,7 @@ def test_gpt2_lora_reentrant_checkpointing():
     assert verdicts_of(trace, "NO_COVERAGE")
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 def test_gpt2_lora_non_reentrant_checkpointing_is_transparent():
     model = lora_gpt2(use_reentrant=False)

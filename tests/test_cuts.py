@@ -475,6 +475,7 @@ def x_pass(model, trace, seeds=(0, 1)):
                   labels=input_ids).loss.backward()
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -494,6 +495,7 @@ def test_healthy_gpt2_has_no_cut_and_no_error(lora, cuts):
     assert trace.passes["X"].covered == {n for n, p in named if p.grad is not None}
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 @pytest.mark.parametrize("context,kind", [(torch.no_grad, "no_grad"), (torch.inference_mode, "inference_mode")])
 def test_gpt2_lora_s_without_grad(context, kind):
@@ -514,6 +516,7 @@ def test_gpt2_lora_s_without_grad(context, kind):
     assert trace.verdicts()[0].code == "TENSOR_NO_GRAD"
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 def test_gpt2_lora_block_output_detached_by_a_hook(cuts):
@@ -549,6 +552,7 @@ def test_gpt2_lora_block_output_detached_by_a_hook(cuts):
         assert "out.detach()" in source_at(c.location)
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 def test_gpt2_lora_detach_inside_a_block_found_at_op_level(monkeypatch):
     """Block h.1's forward detaches its input: h.0's adapters lose their gradient."""
@@ -581,6 +585,7 @@ def test_gpt2_lora_detach_inside_a_block_found_at_op_level(monkeypatch):
     assert "hidden_states.detach()" in source_at(cut.evidence["location"])
 
 
+@pytest.mark.slow  # builds a real GPT-2
 @needs_hf
 @pytest.mark.parametrize("cuts", ["modules", "ops"])
 def test_gpt2_disabled_adapters_are_a_coverage_gap_not_a_cut(cuts):

@@ -10,6 +10,8 @@ from torch import nn
 
 import gradtrace
 
+pytestmark = pytest.mark.slow  # real subprocesses / the whole demo: run by the full suite, not the dev loop
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -13,6 +13,8 @@ import torch
 import gradtrace
 from zoo import assert_pass_matches, oracle_backward, oracle_grad, trainable
 
+pytestmark = pytest.mark.slow  # real transformers models: run by the full suite, not the dev loop
+
 transformers = pytest.importorskip("transformers")
 
 # peft asks transformers a deprecated question; not ours to fix

@@ -44,6 +44,12 @@ def _is_internal(filename: str) -> bool:
     return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
 
 
+def short_path(filename: str) -> str:
+    """A file under the working directory as a relative path (``example.py``), any other as it is."""
+    cwd = os.getcwd() + os.sep
+    return filename[len(cwd):] if filename.startswith(cwd) else filename
+
+
 def user_location(frame=None) -> str:
     """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
     frame = frame or sys._getframe(1)
@@ -51,7 +57,7 @@ def user_location(frame=None) -> str:
     while frame is not None:
         filename = frame.f_code.co_filename
         if not _is_internal(filename):
-            here = f"{filename}:{frame.f_lineno}"
+            here = f"{short_path(filename)}:{frame.f_lineno}"
             if not any(marker in filename for marker in _LIBRARY_MARKERS):
                 return here
             fallback = fallback or here

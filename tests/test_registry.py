@@ -1,0 +1,108 @@
+"""The verdict registry: every code declared once, produced by a scenario, documented in the README.
+
+Scenarios are built from plain records (what a loaded trace holds), so each
+check is exercised on exactly the data it judges, in milliseconds.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+import gradtrace
+from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
+from gradtrace.records import (Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord,
+                               ValueStats)
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ("body.weight", "body.bias", "head.weight")
+
+
+def passes(*items):
+    return {p.name: p for p in items}
+
+
+def a_pass(name, reached=PARAMS, auto=False, **changes):
+    """A pass whose reached parameters each got a healthy gradient, unless ``changes`` says otherwise."""
+    p = PassTrace(name=name, params=PARAMS, runs=1, kinds=["backward"], auto=auto)
+    records = {}
+    for order, param in enumerate(reached):
+        fields = dict(name=param, hits=1, norm=1.0, max_abs=0.5, order=order)
+        fields.update(changes.get(param, {}))
+        records[param] = GradRecord(**fields)
+    p.records = records
+    return p
+
+
+def trace(passes_=None, **parts):
+    return gradtrace.Trace(PARAMS, meta={}, passes=passes_ or passes(a_pass("X")), **parts)
+
+
+def data_tensor(name, dtype="float32", **values):
+    return TensorRecord(name=name, calls=1, dtype=dtype, values=ValueStats(**values))
+
+
+SCENARIOS = {
+    "NONFINITE": lambda: trace(passes(a_pass("X", **{"head.weight": {"nonfinite": 3}}))),
+    "TENSOR_NO_GRAD": lambda: trace(tensors={"S": TensorRecord(name="S", calls=1, expect_grad=True)}),
+    "GRAPH_CUT": lambda: trace(passes(a_pass("X"), a_pass("Y", reached=("head.weight",))),
+                               cuts=[Cut(kind="no_grad", module="body", location="probe.py:3", pass_name="Y",
+                                         params=2)]),
+    "STALE_GRADS": lambda: trace(passes(a_pass("X", **{"body.bias": {"stale": True}}))),
+    "CONSTANT_ROWS": lambda: trace(tensors={"A": data_tensor("A", numel=8, min=0.5, max=0.5, rows=4,
+                                                             constant_rows=4)}),
+    "ALL_ZERO_VALUES": lambda: trace(tensors={"mask": data_tensor("mask", "bool", numel=8, zeros=8)}),
+    "TENSOR_NOT_REACHED": lambda: trace(tensors={"S": TensorRecord(name="S", calls=1, requires_grad=True,
+                                                                   requires_grad_calls=1, passes=["X"])}),
+    "NO_COVERAGE": lambda: trace(passes(a_pass("X", reached=()))),
+    "COVERAGE_GAP": lambda: trace(passes(a_pass("X"), a_pass("Y", reached=("head.weight",)))),
+    "ZERO_UPSTREAM": lambda: trace(tensors={"S": TensorRecord(
+        name="S", calls=1, requires_grad=True, requires_grad_calls=1, passes=["X"],
+        grads={"X": TensorGradFacts(hits=1)})}),
+    "ZERO_GRADS": lambda: trace(passes(a_pass("X", **{p: {"norm": 0.0, "max_abs": 0.0, "zero": True}
+                                                     for p in PARAMS}))),
+    "RANK_DIVERGENCE": lambda: trace(rank_coverage={"X": {0: list(PARAMS), 1: ["head.weight"]}}),
+    "ROUNDS_TO_ZERO": lambda: trace(scalars={"deltaH1": ScalarRecord(name="deltaH1", value=-2e-8)}),
+    "TINY_GRADS": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e-8, "max_abs": 1e-8} for p in PARAMS}))),
+    "UNUSED_PARAMS": lambda: trace(passes(a_pass("X", reached=("body.weight", "body.bias")))),
+}
+
+
+def test_every_registered_code_has_a_scenario():
+    assert set(SCENARIOS) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("code", list(SCENARIOS), ids=list(SCENARIOS))
+def test_each_check_fires_on_its_scenario_with_a_declared_severity(code):
+    found = SCENARIOS[code]().verdicts()
+    assert code in [v.code for v in found]
+    for v in found:
+        assert v.severity in REGISTRY[v.code].severities, (v.code, v.severity)
+
+
+def test_a_healthy_trace_gives_nothing():
+    assert trace().verdicts() == []
+
+
+def test_ranks_order_root_causes_first():
+    ranks = [kind.rank for kind in ordered()]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    found = SCENARIOS["GRAPH_CUT"]().verdicts()
+    assert [v.code for v in found][:2] == ["GRAPH_CUT", "COVERAGE_GAP"]  # the cut explains the gap
+
+
+def test_a_code_or_rank_cannot_be_registered_twice():
+    with pytest.raises(ValueError, match="twice"):
+        verdict("NONFINITE", rank=999, severities=("error",), meaning="again")(lambda *a: [])
+    with pytest.raises(ValueError, match="rank"):
+        verdict("NEW_CODE", rank=REGISTRY["NONFINITE"].rank, severities=("error",), meaning="m")(lambda *a: [])
+    with pytest.raises(ValueError, match="severities"):
+        verdict("NEW_CODE", rank=998, severities=("fatal",), meaning="m")
+
+
+def test_readme_verdict_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- verdicts:start -->\n(.*?)\n<!-- verdicts:end -->", readme, flags=re.S)
+    assert match, "README.md has no generated verdict table (between <!-- verdicts:start/end --> markers)"
+    assert match.group(1).strip() == markdown_table(), (
+        "README's verdict table is stale; regenerate it with:\n"
+        "python -c 'from gradtrace.analysis.registry import markdown_table; print(markdown_table())'")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -79,7 +78,3 @@ def check_all(rows: List[dict], enter_exit: List[dict], goals: Optional[List[dic
     ran = {r["workload"] for r in rows}
     return [check(g, rows, enter_exit) for g in (goals if goals is not None else load_goals())
             if g["workload"] in ran]
-
-
-def is_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

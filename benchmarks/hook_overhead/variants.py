@@ -144,6 +144,7 @@ class AfterWatch(Variant):
         with gradtrace.watch(model) as trace:
             with trace.pass_("before_exit"):
                 take_grads(workload.loss(model), workload.mode, self.params)
+        self.covered_while_watched = len(trace.passes["before_exit"].covered)
         model.zero_grad(set_to_none=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -252,6 +253,7 @@ class WandbRun:
 
     run = None
     users = 0
+    folder: Optional[str] = None
 
     @classmethod
     def acquire(cls):
@@ -259,8 +261,8 @@ class WandbRun:
 
         if cls.run is None:
             os.environ.setdefault("WANDB_SILENT", "true")
-            cls.run = wandb.init(mode="offline", dir=tempfile.mkdtemp(prefix="gradtrace-bench-wandb-"),
-                                 project="gradtrace-hook-overhead",
+            cls.folder = tempfile.mkdtemp(prefix="gradtrace-bench-wandb-")
+            cls.run = wandb.init(mode="offline", dir=cls.folder, project="gradtrace-hook-overhead",
                                  settings=wandb.Settings(console="off", x_disable_stats=True))
         cls.users += 1
         return cls.run
@@ -270,7 +272,8 @@ class WandbRun:
         cls.users -= 1
         if cls.users == 0 and cls.run is not None:
             cls.run.finish()
-            cls.run = None
+            shutil.rmtree(cls.folder, ignore_errors=True)  # the offline run's files are not wanted
+            cls.run = cls.folder = None
 
 
 class WandbWatch(Variant):

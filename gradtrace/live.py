@@ -9,10 +9,11 @@ can see.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 from . import _torch_compat, analysis, render
 from .capture import inner, stats
 from .capture.cuts import CutLog, ModuleCutDetector
-from .capture.passes import PassState
+from .capture.passes import READ_AT, PassState
 from .capture.reach import reachable_params
 from .capture.recorder import PendingPass, Recorder
 from .errors import GradtraceError
@@ -54,7 +55,8 @@ class Recording:
     cut_log: CutLog
     names_by_id: Dict[int, str]
     max_passes: Optional[int]
-    pending: List[Tuple[str, PendingPass]] = field(default_factory=list)
+    pending: Dict[str, PendingPass] = field(default_factory=dict)  # finished, not yet read (insertion order)
+    finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
     tensor_handles: List[Any] = field(default_factory=list)
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
@@ -98,8 +100,8 @@ class LiveTrace(Trace):
         recording = self._recording
         if not recording.open:
             recording.recorder.flush_orphan()
-        pending, recording.pending = recording.pending, []
-        for name, item in pending:
+        pending, recording.pending = recording.pending, {}
+        for name, item in pending.items():
             record, tensor_facts = item.materialize(self.params)
             self._passes[name] = record
             for tensor_name, facts in tensor_facts.items():
@@ -133,12 +135,19 @@ class LiveTrace(Trace):
 
     # ---- recording -----------------------------------------------------------
     @contextlib.contextmanager
-    def pass_(self, name: str) -> Iterator[None]:
-        """Label every engine run inside as pass ``name`` (any number of microbatches)."""
+    def pass_(self, name: str, *, step_start: bool = False, read_at: str = "pass_end") -> Iterator[None]:
+        """Label every engine run inside as pass ``name`` (any number of microbatches).
+
+        ``step_start=True``: the pass begins an optimizer step, so ``.grad`` should be
+        zero when it begins; stale gradients are judged there only (accumulating
+        across passes is legitimate). ``read_at="run_end"``: read each parameter's
+        figures at the end of every run that reached it (the latest wins) instead of
+        when the pass ends, so a ``zero_grad()`` or clipping done before the pass
+        closes does not change them (one read of the gradients per run).
+        """
         self._require_open("pass_")
         recorder = self._recording.recorder
-        if not isinstance(name, str) or not name:
-            raise GradtraceError(f"pass names are non-empty strings, got {name!r}")
+        _check_pass_options(name, step_start, read_at)
         active = recorder.active
         if active is not None:
             if active.name == name:
@@ -151,10 +160,13 @@ class LiveTrace(Trace):
                                  f"around the whole microbatch loop, or give this segment another name "
                                  f"(e.g. f'{name}-{{step}}').")
         self._passes[name] = None  # reserve the name and its place in the order
-        state = recorder.begin_pass(name)
+        state = recorder.begin_pass(name, step_start=step_start, read_at=read_at)
         self._recording.cut_mark = self._recording.cut_log.events
         try:
             yield  # the PassTrace is ready once the block exits: read trace.passes[name]
+        except Exception as e:  # a backward that raised is a finding, and the error still propagates
+            state.failed = _describe_error(e)
+            raise
         finally:
             recorder.end_pass(state)
 
@@ -173,9 +185,9 @@ class LiveTrace(Trace):
         active = recording.recorder.active
         if active is not None and active.name not in record.passes:
             record.passes.append(active.name)
-        for index in recording.cut_log.since(recording.cut_mark):
-            if index not in record.cuts:
-                record.cuts.append(index)
+        for seq in recording.cut_log.since(recording.cut_mark):
+            if seq not in record.cuts:
+                record.cuts.append(seq)
         recording.cut_mark = recording.cut_log.events
         recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
         if t.requires_grad:
@@ -236,24 +248,24 @@ class LiveTrace(Trace):
         if state.auto:
             self._passes[state.name] = None
         recording = self._recording
-        recording.pending.append((state.name, pending))
+        recording.pending[state.name] = pending
+        recording.finished.append(state.name)
         if recording.max_passes is not None:
-            self._drop_oldest(recording.max_passes)
+            while len(recording.finished) > recording.max_passes:
+                self._drop(recording.finished.popleft())
 
-    def _drop_oldest(self, limit: int) -> None:
-        """Forget the oldest finished passes beyond ``limit`` (an open pass is never dropped)."""
+    def _drop(self, name: str) -> None:
+        """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""
         recording = self._recording
-        pending_names = {n for n, _ in recording.pending}
-        finished = [name for name, p in self._passes.items() if p is not None or name in pending_names]
-        for name in finished[:max(0, len(finished) - limit)]:
-            self._passes.pop(name, None)
-            recording.pending = [(n, item) for n, item in recording.pending if n != name]
-            recording.kept.pop(name, None)
-            for record in self._tensors.values():
-                record.grads.pop(name, None)
-            self.meta["dropped_passes"] += 1
+        self._passes.pop(name, None)
+        recording.pending.pop(name, None)
+        recording.kept.pop(name, None)
+        for record in self._tensors.values():
+            record.grads.pop(name, None)
+        recording.cut_log.drop_pass(name)
+        self.meta["dropped_passes"] += 1
 
-    def _close(self) -> None:
+    def _close(self, error: Optional[BaseException] = None) -> None:
         """On exit: no hook records any more; runs cut short by an exception still land in their pass."""
         recording = self._recording
         recording.open = False
@@ -266,6 +278,25 @@ class LiveTrace(Trace):
         for handle in recording.tensor_handles:
             handle.remove()
         recording.tensor_handles.clear()
+        self.meta["forward_calls"] = recording.cut_log.root_calls
+        self.meta["frozen_while_watched"] = [n for n, p in zip(recorder.names, recorder.params)
+                                             if not p.requires_grad]
+        if error is not None:
+            self.meta["error"] = _describe_error(error)
+
+
+def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise GradtraceError(f"pass names are non-empty strings, got {name!r}")
+    if not isinstance(step_start, bool):
+        raise GradtraceError(f"step_start is True or False, got {step_start!r}")
+    if read_at not in READ_AT:
+        raise GradtraceError(f"read_at={read_at!r} is not one of {', '.join(READ_AT)}")
+
+
+def _describe_error(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def _note_forward_facts(record: TensorRecord, t: torch.Tensor, expect_grad: Optional[bool]) -> None:
@@ -324,7 +355,7 @@ def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in named if p.requires_grad]
 
 
-def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int]) -> None:
+def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any) -> None:
     if cuts not in CUT_MODES:
         raise GradtraceError(f"cuts={cuts!r} is not one of {', '.join(CUT_MODES)}")
     if not isinstance(keep_grads, bool):
@@ -332,11 +363,18 @@ def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int]) -> No
     if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool)
                                    or max_passes < 1):
         raise GradtraceError(f"max_passes is a positive int or None, got {max_passes!r}")
+    if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
+        raise GradtraceError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
+# A watch left open over a training loop keeps this many of the newest passes by default:
+# memory stays bounded (about 100 bytes per parameter per pass) however long it runs.
+DEFAULT_MAX_PASSES = 256
 
 
 @contextlib.contextmanager
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
-          max_passes: Optional[int] = None) -> Iterator[LiveTrace]:
+          max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None) -> Iterator[LiveTrace]:
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -344,12 +382,14 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     (a TorchFunctionMode that also sees individual ops), or "off".
     ``keep_grads``: keep each pass's gradient so ``diff`` reports dot
     products and cosines (one copy of the gradients per pass).
-    ``max_passes``: keep only the newest N passes (and their kept gradients),
-    for a watch left open over a long training loop; the number dropped is
-    in ``trace.meta["dropped_passes"]``. None keeps every pass.
+    ``max_passes``: keep only the newest N passes (and their kept gradients,
+    tensor facts and cuts); the number dropped is in
+    ``trace.meta["dropped_passes"]``. None keeps every pass.
+    ``optimizer``: a torch optimizer; the first pass after each of its steps
+    begins an optimizer step, where stale ``.grad`` is judged.
     Every hook is removed on exit, whether or not the block raised.
     """
-    _check_options(cuts, keep_grads, max_passes)
+    _check_options(cuts, keep_grads, max_passes, optimizer)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root = _resolve_target(target)
     if cuts != "off" and root is None:
@@ -365,12 +405,16 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
             "max_passes": max_passes, "dropped_passes": 0}
     trace = LiveTrace(named, meta, keep_grads, max_passes)
     with contextlib.ExitStack() as stack:
-        _register(stack, trace, [p for _, p in named], root, cuts)
-        yield trace
+        _register(stack, trace, [p for _, p in named], root, cuts, optimizer)
+        try:
+            yield trace
+        except Exception as e:  # the trace keeps what was recorded, and says how the block ended
+            trace._close(e)
+            raise
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
-              root: Optional[nn.Module], cuts: str) -> None:
+              root: Optional[nn.Module], cuts: str, optimizer: Any) -> None:
     """Every hook, each undone by ``stack`` in reverse order on exit."""
     recording = trace._recording
     recorder = recording.recorder
@@ -378,17 +422,24 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     for p in params:
         _WATCHED[id(p)] = "watch"
     stack.callback(_unwatch, params)
-    stack.callback(trace._close)
+    stack.callback(_close_once, trace)
     stack.callback(_remove_all, handles)
     written = recorder.post_accumulate_hook()
     for index, p in enumerate(params):
         handles.append(p.register_hook(recorder.param_hook(index)))
         handles.append(p.register_post_accumulate_grad_hook(written))
+    if optimizer is not None:
+        handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         stack.enter_context(OpCutMode(root, recording.cut_log, recording.names_by_id).attach(handles.append))
+
+
+def _close_once(trace: LiveTrace) -> None:
+    if trace._recording.open:
+        trace._close()
 
 
 def _remove_all(handles: List[Any]) -> None:

@@ -35,6 +35,9 @@ class GradRecord:
     via: str = "backward"  # "backward" (.grad written), "grad" (handed back), "both"
     order: int = 0  # position in backward order within the pass (0 = first reached)
     stale: bool = False  # .grad held nonzero values when the pass first reached it
+    # The gradient was cleared (set to None, or zeroed in place) before gradtrace could read it:
+    # norm and max_abs are unknown (stored as 0), and it is not an exact zero.
+    cleared: bool = False
 
 
 @dataclass
@@ -54,6 +57,7 @@ class PassColumns:
     via: List[str]
     order: List[int]
     stale: List[bool]
+    cleared: List[bool]
 
     def records(self) -> Dict[str, GradRecord]:
         fields = [getattr(self, f.name) for f in dataclasses.fields(GradRecord)]
@@ -72,6 +76,8 @@ class PassTrace:
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
+    step_start: bool = False  # the pass began an optimizer step: stale .grad is judged here only
+    failed: Optional[str] = None  # the exception the pass's block ended with, if any
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -110,6 +116,11 @@ class PassTrace:
     @property
     def stale(self) -> set:
         return {n for n, r in self.records.items() if r.stale}
+
+    @property
+    def cleared(self) -> set:
+        """Reached parameters whose gradient was cleared before it could be read (figures unknown)."""
+        return {n for n, r in self.records.items() if r.cleared}
 
     def column(self, attribute: str) -> list:
         """One ``GradRecord`` field over every reached parameter, without building the records."""
@@ -212,7 +223,7 @@ class TensorRecord:
     values: ValueStats = field(default_factory=ValueStats)
     grads: Dict[str, TensorGradFacts] = field(default_factory=dict)  # per pass
     passes: List[str] = field(default_factory=list)  # passes open when it was registered
-    cuts: List[int] = field(default_factory=list)  # indices into Trace.cuts seen while it was built
+    cuts: List[int] = field(default_factory=list)  # Cut.seq of the cuts seen while it was built
     reachable: Optional[List[str]] = None  # trainable parameters its graph reaches
     reach_partial: bool = False  # a checkpoint node hid part of its graph
     trainable_upstream: bool = False  # its graph reaches at least one watched parameter
@@ -226,6 +237,8 @@ class Cut:
     module: str  # module path as named_modules() gives it ("" is the root)
     op: Optional[str] = None  # the op, when op-level detection saw it
     location: str = ""  # file:line of the user's code
+    library_location: str = ""  # file:line of the innermost library frame (transformers, trl...), if any
+    inputs_require_grad: Optional[bool] = None  # checkpoint cuts: did any input of the segment require grad?
     pass_name: Optional[str] = None  # pass open when it happened (None: outside any pass)
     module_type: str = ""
     count: int = 1  # how many times the same cut was seen

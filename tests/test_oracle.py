@@ -238,7 +238,7 @@ def test_stale_grad_records_what_the_pass_added(zoo_case, where):
         if where == "earlier_pass":
             with trace.pass_("fresh"):
                 loss_fn(model, first).backward()
-        with trace.pass_("again"):
+        with trace.pass_("again", step_start=True):  # starts an optimizer step: stale .grad is judged
             loss_fn(model, second).backward()  # no zero_grad in between
 
     pt = trace.passes["again"]

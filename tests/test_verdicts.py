@@ -182,14 +182,43 @@ def test_nonfinite_names_the_first_parameter_in_backward_order(policy):
     assert v.evidence["parameter"] in ("head.bias", "head.weight")  # the last layer is reached first
 
 
-def test_stale_grads(policy):
+def test_stale_grads_at_a_pass_that_starts_an_optimizer_step(policy):
     with gradtrace.watch(policy) as trace:
         x_pass(trace, policy, n=1)
-        with trace.pass_("X2"):  # no zero_grad in between
+        with trace.pass_("X2", step_start=True):  # no zero_grad in between
             policy(torch.randn(5, 4)).sum().backward()
     v = trace.verdicts()[0]
     assert v.code == "STALE_GRADS" and v.evidence["pass"] == "X2"
     assert set(v.evidence["parameters"]) == {n for n, _ in policy.named_parameters()}
+
+
+def test_accumulation_across_unmarked_passes_is_not_stale(policy):
+    """Regression: gradient accumulation, one pass per microbatch, gave STALE_GRADS and 'call zero_grad()'."""
+    with gradtrace.watch(policy) as trace:
+        for micro in range(3):
+            with trace.pass_(f"micro{micro}"):
+                policy(torch.randn(5, 4)).sum().backward()
+    assert codes(trace) == []
+    assert trace.report().startswith("gradtrace: no problems found")
+
+
+def test_the_first_pass_after_an_optimizer_step_is_judged_for_stale_grads(policy):
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    with gradtrace.watch(policy, optimizer=opt) as trace:
+        for micro in range(2):  # accumulation: legitimate
+            with trace.pass_(f"a{micro}"):
+                policy(torch.randn(5, 4)).sum().backward()
+        opt.step()  # ... and no zero_grad before the next step's first pass
+        with trace.pass_("b0"):
+            policy(torch.randn(5, 4)).sum().backward()
+        opt.zero_grad()
+        opt.step()
+        with trace.pass_("c0"):
+            policy(torch.randn(5, 4)).sum().backward()
+    stale = [v for v in trace.verdicts() if v.code == "STALE_GRADS"]
+    assert [v.evidence["pass"] for v in stale] == ["b0"]
+    assert trace.passes["b0"].step_start and trace.passes["c0"].step_start
+    assert not trace.passes["a1"].step_start
 
 
 def test_zeroed_but_not_none_grads_are_not_stale(policy):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,19 +50,30 @@ def short_path(filename: str) -> str:
     return filename[len(cwd):] if filename.startswith(cwd) else filename
 
 
-def user_location(frame=None) -> str:
-    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
+def locations(frame=None) -> Tuple[str, str]:
+    """(the user's file:line, the innermost library frame's file:line or "") for a cut.
+
+    Walking out from the cut: torch's and gradtrace's own frames are skipped; the
+    first frame in site-packages (transformers, trl, peft...) is where a library
+    did it; the first frame outside every library is the user's line.
+    """
     frame = frame or sys._getframe(1)
-    fallback = None
+    library = ""
     while frame is not None:
         filename = frame.f_code.co_filename
         if not _is_internal(filename):
             here = f"{short_path(filename)}:{frame.f_lineno}"
-            if not any(marker in filename for marker in _LIBRARY_MARKERS):
-                return here
-            fallback = fallback or here
+            marker = next((m for m in _LIBRARY_MARKERS if m in filename), None)
+            if marker is None:
+                return here, library
+            library = library or f"{filename.split(marker, 1)[1]}:{frame.f_lineno}"
         frame = frame.f_back
-    return fallback or "<unknown>"
+    return library or "<unknown>", library
+
+
+def user_location(frame=None) -> str:
+    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
+    return locations(frame or sys._getframe(1))[0]
 
 
 def checkpoint_on_stack(frame=None):
@@ -120,31 +131,51 @@ class CutLog:
     """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site)."""
 
     def __init__(self, pass_name: Callable[[], Optional[str]]):
-        self.cuts: list = []
-        self.index: Dict[Tuple, int] = {}
+        self.by_seq: Dict[int, Cut] = {}  # in order of recording
+        self.index: Dict[Tuple, int] = {}  # dedup key -> seq
         self.pass_name = pass_name
         self.events = 0  # every sighting, deduplicated or not: orders cuts against tensor registration
-        self.last_event: Dict[int, int] = {}
+        self.last_event: Dict[int, int] = {}  # seq -> event number of its latest sighting
+        self.next_seq = 0
+        self.key_of: Dict[int, Tuple] = {}
+        self.by_pass: Dict[Optional[str], List[int]] = {}  # seqs recorded inside each pass
+        self.root_calls = 0  # forward calls of the watched model itself
+
+    @property
+    def cuts(self) -> list:
+        return list(self.by_seq.values())
 
     def record(self, kind: str, module: str, module_type: str, params: int,
-               site: Tuple, op: Optional[str] = None, frame=None) -> None:
+               site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None) -> None:
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
         self.events += 1
-        position = self.index.get(key)
-        if position is not None:
-            self.cuts[position].count += 1
-            self.last_event[position] = self.events
+        seq = self.index.get(key)
+        if seq is not None:
+            self.by_seq[seq].count += 1
+            self.last_event[seq] = self.events
             return
-        cut = Cut(kind=kind, module=module, op=op, location=user_location(frame),
-                  pass_name=pass_name, module_type=module_type, params=params, seq=len(self.cuts))
-        self.index[key] = len(self.cuts)
-        self.last_event[len(self.cuts)] = self.events
-        self.cuts.append(cut)
+        seq = self.next_seq
+        self.next_seq += 1
+        user, library = locations(frame)
+        self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
+                               inputs_require_grad=inputs_require_grad, pass_name=pass_name,
+                               module_type=module_type, params=params, seq=seq)
+        self.index[key] = seq
+        self.key_of[seq] = key
+        self.by_pass.setdefault(pass_name, []).append(seq)
+        self.last_event[seq] = self.events
 
     def since(self, event: int) -> list:
-        """Indices of cuts seen after event number ``event``."""
-        return [i for i, last in self.last_event.items() if last > event]
+        """Seqs of cuts seen after event number ``event``."""
+        return [seq for seq, last in self.last_event.items() if last > event]
+
+    def drop_pass(self, name: str) -> None:
+        """Forget the cuts recorded inside pass ``name`` (max_passes dropped it)."""
+        for seq in self.by_pass.pop(name, ()):
+            del self.by_seq[seq]
+            self.last_event.pop(seq, None)
+            self.index.pop(self.key_of.pop(seq), None)
 
 
 def trainable_counts(root: nn.Module) -> Dict[str, int]:
@@ -213,14 +244,31 @@ class ModuleCutDetector:
                         path, module = checkpointed
                         caller = _caller_frame()
                         log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
-                                   ("checkpoint", path), frame=caller)
+                                   ("checkpoint", path), frame=caller,
+                                   inputs_require_grad=_segment_inputs_require_grad(segment))
                         return
                 kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
             caller = _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             log.record(kind, name, module_type, trainable, site, frame=caller)
 
-        return on_forward
+        if name:
+            return on_forward
+
+        def on_root_forward(mod, args, kwargs, output):
+            log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+            return on_forward(mod, args, kwargs, output)
+
+        return on_root_forward
+
+
+def _segment_inputs_require_grad(segment) -> bool:
+    """Did any tensor the checkpointed callable was given require grad? (Without one, reentrant
+    checkpointing gives the segment's parameters no gradient at all.)"""
+    owner = segment.f_locals.get("self")
+    values = [v for k, v in segment.f_locals.items() if v is not owner]
+    return bool(any_requires_grad(values)) or any(bool(any_requires_grad(v)) for v in values
+                                                  if isinstance(v, (tuple, list, dict)))
 
 
 def _inputs_require_grad(args, kwargs) -> bool:

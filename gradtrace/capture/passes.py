@@ -9,18 +9,26 @@ small state machine, written out in ``PassAssigner``.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+# When a pass's figures are read: when the pass ends (default), or at the end of every engine
+# run that reached a parameter (the latest wins), which survives a zero_grad() or a clipping
+# done before the pass closes, at the price of reading the gradients once per run.
+READ_AT = ("pass_end", "run_end")
 
 
 class PassState:
     """Device-side accumulators of one pass, until it ends."""
 
-    def __init__(self, name: str, auto: bool, keep_grads: bool):
+    def __init__(self, name: str, auto: bool, keep_grads: bool, step_start: bool = False,
+                 read_at: str = "pass_end"):
         self.name = name
         self.auto = auto
         self.keep_grads = keep_grads
+        self.step_start = step_start
+        self.read_at = read_at
         self.runs = 0
         self.kinds: List[str] = []
         self.hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)
@@ -31,8 +39,14 @@ class PassState:
         # not None: the pass's own gradient is .grad minus this.
         self.bases: Dict[int, torch.Tensor] = {}
         self.tensor_grads: Dict[str, List[torch.Tensor]] = {}
+        # read_at="pass_end": the .grad each run left (and its version), so a .grad cleared
+        # later is still read as the run left it, and one zeroed in place is known to be.
+        self.run_end_grads: Dict[int, Tuple[torch.Tensor, int]] = {}
+        # read_at="run_end": statistics taken at each run's end, (indices, device stats).
+        self.run_stats: List[Tuple[List[int], Any]] = []
         self.expected: Optional[set] = None
         self.expected_partial = False
+        self.failed: Optional[str] = None
         self.closed = False
 
     def note_kind(self, kind: str) -> None:
@@ -104,8 +118,9 @@ class PassAssigner:
             return group.state
         if self.active is not None:  # row 3
             state = self._count(self.active)
-        else:  # row 4
+        else:  # row 4: finished only later (after zero_grad, typically), so read at each run's end
             state = self.orphan = self._new_auto(accumulates)
+            state.read_at = "run_end"
         self.standin = StandIn(state, task)
         return state
 

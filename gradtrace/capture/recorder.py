@@ -43,6 +43,7 @@ class Recorder:
         self.written_log: List[torch.Tensor] = []
         self.layouts: Dict[tuple, list] = {}  # stats.grad_stats's grouping, per order of parameters
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(params)}
+        self.optimizer_stepped = False
 
     @property
     def active(self) -> Optional[PassState]:
@@ -78,16 +79,18 @@ class Recorder:
         """
         return self.written_log.append
 
-    def drain_written(self, state: PassState) -> None:
+    def drain_written(self, state: PassState) -> List[int]:
+        """Move the post-accumulate log into ``state``; the indices written since the last drain."""
         log = self.written_log
         if not log:
-            return
+            return []
         index_of = self.index_of
         indices = [index_of[id(p)] for p in log if id(p) in index_of]
         log.clear()
         state.written.extend(indices)
         state.backward_params.update(indices)
         state.note_kind("backward")
+        return indices
 
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_tensor_grad(grad: torch.Tensor) -> None:
@@ -127,18 +130,43 @@ class Recorder:
         with self.lock:
             self.open_runs.pop(run.task, None)
         state = run.pass_state
+        reached = state.hits[run.start:]  # an outer run's slice includes its nested runs': harmless
         if run.accumulates:
-            # Nested runs only ever accumulate, so the slice may include theirs: harmless.
-            state.backward_params.update(state.hits[run.start:])
-        self.drain_written(state)
+            state.backward_params.update(reached)
+        written = self.drain_written(state)
+        finished_now = state.auto and not run.nested and state is not self.passes.orphan
+        if (run.accumulates or written) and not finished_now:
+            self.note_run_end(state, list(dict.fromkeys(itertools.chain(reached, written))))
         for index, grad in run.captured:
             previous = state.capture_sums.get(index)
             # Never add in place: the first gradient is the caller's own tensor.
             state.capture_sums[index] = grad if previous is None else previous + grad
         for name, facts in run.tensor_grads:
             state.tensor_grads.setdefault(name, []).append(facts)
-        if state.auto and not run.nested and state is not self.passes.orphan:
+        if finished_now:
             self.finish_pass(state)
+
+    def note_run_end(self, state: PassState, indices: List[int]) -> None:
+        """What ``.grad`` holds as this run leaves it, for parameters the run reached.
+
+        Read now for ``read_at="run_end"``; otherwise keep the tensor and its version, so
+        a ``.grad`` set to None before the pass ends is still read as the run left it, and
+        one zeroed or changed in place afterwards is known to have been.
+        """
+        params = self.params
+        indices = [i for i in indices if i in state.backward_params]
+        if state.read_at == "run_end":
+            grads = [params[i].grad for i in indices]
+            kept = [(i, g) for i, g in zip(indices, grads) if g is not None]
+            if kept:
+                totals = [_gain(g, state.bases.get(i)) for i, g in kept]
+                state.run_stats.append(([i for i, _ in kept], DeviceStats(stats.grad_stats(totals), len(totals))))
+            return
+        refs = state.run_end_grads
+        for i in indices:
+            grad = params[i].grad
+            if grad is not None:
+                refs[i] = (grad, grad._version)
 
     def close_open_runs(self) -> None:
         """At exit: runs cut short by an exception still land in their pass."""
@@ -161,10 +189,16 @@ class Recorder:
         state.bases[index] = grad.detach().clone()
 
     # ---- passes ----------------------------------------------------------
-    def begin_pass(self, name: str) -> PassState:
-        state = PassState(name, auto=False, keep_grads=self.keep_grads)
+    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end") -> PassState:
+        # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
+        state = PassState(name, auto=False, keep_grads=self.keep_grads,
+                          step_start=step_start or self.optimizer_stepped, read_at=read_at)
+        self.optimizer_stepped = False
         self.passes.active = state
         return state
+
+    def on_optimizer_step(self, *args, **kwargs) -> None:
+        self.optimizer_stepped = True
 
     def end_pass(self, state: PassState) -> None:
         self.passes.active = None
@@ -202,9 +236,12 @@ class PendingPass:
     order: List[int]  # indices of the parameters reached, in backward order
     hits: Counter
     via: Dict[int, str]
-    grads: DeviceStats
+    # (indices, statistics) pieces; a later piece overrides an earlier one for the same index
+    pieces: List[Tuple[List[int], DeviceStats]]
     bases: DeviceStats  # .grad as the pass found it, for staleness
     stale_candidates: List[int]
+    cleared: set  # indices whose figure is unknown: .grad cleared before it could be read
+    changed: set  # indices whose .grad was changed in place after their last run: zero means cleared
     tensor_stats: Dict[str, torch.Tensor]
 
     @classmethod
@@ -213,11 +250,18 @@ class PendingPass:
         hits = Counter(state.hits)
         for index in set(state.written) - set(hits):
             hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
-        totals, via = _pass_gradients(recorder.params, state, order)
+        pieces = list(state.run_stats)
+        read_before = {i for indices, _ in pieces for i in indices}
+        now = [i for i in order if i not in read_before or i in state.capture_sums]
+        reading = _pass_gradients(recorder.params, state, now)
+        via = dict.fromkeys(order, "backward")
+        via.update(reading.via)
         if state.keep_grads:
-            recorder.kept[state.name] = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
+            recorder.kept[state.name] = _kept(recorder, state, order, dict(zip(now, reading.totals)))
+        if reading.totals:
+            pieces.append((now, DeviceStats(stats.grad_stats(reading.totals, recorder.layouts, tuple(now)),
+                                            len(reading.totals))))
         stale_candidates = list(state.bases)
-        grads = DeviceStats(stats.grad_stats(totals, recorder.layouts, tuple(order)) if totals else {}, len(totals))
         bases = DeviceStats(stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates
                             else {}, len(stale_candidates))
         tensor_stats = {name: torch.stack(parts).to(torch.float64) for name, parts in state.tensor_grads.items()}
@@ -225,24 +269,35 @@ class PendingPass:
         state.capture_sums.clear()
         state.bases.clear()
         state.tensor_grads.clear()
-        return cls(state, recorder.names, order, hits, via, grads, bases, stale_candidates, tensor_stats)
+        state.run_end_grads.clear()
+        state.run_stats.clear()
+        return cls(state, recorder.names, order, hits, via, pieces, bases, stale_candidates,
+                   reading.cleared, reading.changed, tensor_stats)
 
     def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
         """The one host transfer of a pass."""
-        grad_rows = self.grads.to_host()
-        base_rows = self.bases.to_host()
-        stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
+        rows: Dict[int, List[float]] = {}
+        for indices, device_stats in self.pieces:
+            rows.update(zip(indices, device_stats.to_host()))
         state = self.state
+        stale = set()
+        if state.step_start:  # accumulating into .grad is legitimate anywhere else
+            base_rows = self.bases.to_host()
+            stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
         names, hits, via, order = self.names, self.hits, self.via, self.order
-        max_abs = [row[1] for row in grad_rows]
-        nonfinite = [int(row[2]) for row in grad_rows]
+        grid = [rows.get(i, (0.0, 0.0, 0.0)) for i in order]
+        nonfinite = [int(row[2]) for row in grid]
+        cleared = [i in self.cleared or (i in self.changed and row[1] == 0.0 and not bad)
+                   for i, row, bad in zip(order, grid, nonfinite)]
+        max_abs = [row[1] for row in grid]
         columns = PassColumns(
-            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grad_rows],
-            max_abs=max_abs, zero=[m == 0.0 and n == 0 for m, n in zip(max_abs, nonfinite)],
+            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grid],
+            max_abs=max_abs, zero=[m == 0.0 and n == 0 and not c for m, n, c in zip(max_abs, nonfinite, cleared)],
             nonfinite=nonfinite, via=[via[i] for i in order], order=list(range(len(order))),
-            stale=[i in stale for i in order])
+            stale=[i in stale for i in order], cleared=cleared)
         trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
-                                       kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads)
+                                       kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads,
+                                       step_start=state.step_start, failed=state.failed)
         if state.expected is not None:
             trace.expected = sorted(state.expected)
             trace.expected_partial = state.expected_partial
@@ -258,29 +313,59 @@ class PendingPass:
         return tensors
 
 
-def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[int]):
-    """Every reached parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
-    if not state.bases and not state.capture_sums:  # the common case: .backward() into zeroed grads
+def _kept(recorder: Recorder, state: PassState, order: List[int], now: Dict[int, torch.Tensor]):
+    """keep_grads: a copy of each reached parameter's gradient in the pass (read now, or as .grad is)."""
+    kept = {}
+    for i in order:
+        grad = now.get(i)
+        if grad is None:
+            grad = recorder.params[i].grad
+        if grad is not None:
+            kept[recorder.names[i]] = grad.detach().clone()
+    return kept
+
+
+@dataclass
+class Reading:
+    """The pass-end reading of some parameters' gradients."""
+
+    totals: List[torch.Tensor]
+    via: Dict[int, str]
+    cleared: set
+    changed: set
+
+
+def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[int]) -> Reading:
+    """Every given parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
+    refs = state.run_end_grads
+    if not state.bases and not state.capture_sums:  # the common case: zeroed grads, .backward() only
         totals = [params[i].grad for i in order]
-        if all(g is not None for g in totals):
-            return totals, dict.fromkeys(order, "backward")
-    totals, via = [], {}
+        if all(g is not None for g in totals) and (not refs or all(_as_left(refs.get(i), g)
+                                                                  for i, g in zip(order, totals))):
+            return Reading(totals, dict.fromkeys(order, "backward"), set(), set())
+    reading = Reading([], {}, set(), set())
     for index in order:
-        total, via[index] = _pass_gradient(params[index], state, index)
-        totals.append(total)
-    return totals, via
+        total, reading.via[index] = _pass_gradient(params[index], state, index, reading)
+        reading.totals.append(total)
+    return reading
 
 
-def _pass_gradient(param: torch.Tensor, state: PassState, index: int) -> Tuple[torch.Tensor, str]:
+def _as_left(ref: Optional[Tuple[torch.Tensor, int]], grad: torch.Tensor) -> bool:
+    """Is ``grad`` the tensor its last run left, unchanged since?"""
+    return ref is None or (ref[0] is grad and ref[1] == grad._version)
+
+
+def _gain(grad: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
+    return grad if base is None else grad - base
+
+
+def _pass_gradient(param: torch.Tensor, state: PassState, index: int, reading: Reading) -> Tuple[torch.Tensor, str]:
     """What the pass gave this parameter: .grad's gain plus the gradients handed back."""
     parts = []
     how = []
     if index in state.backward_params:
-        grad = param.grad
-        if grad is None:  # cleared during the pass: nothing left to measure
-            grad = torch.zeros_like(param)
-        base = state.bases.get(index)
-        parts.append(grad if base is None else grad - base)
+        grad = _backward_grad(param, state, index, reading)
+        parts.append(_gain(grad, state.bases.get(index)))
         how.append("backward")
     captured = state.capture_sums.get(index)
     if captured is not None:
@@ -290,6 +375,28 @@ def _pass_gradient(param: torch.Tensor, state: PassState, index: int) -> Tuple[t
         return torch.zeros_like(param), "backward"
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     return total, "both" if len(how) == 2 else how[0]
+
+
+def _backward_grad(param: torch.Tensor, state: PassState, index: int, reading: Reading) -> torch.Tensor:
+    """``.grad`` as the pass left it: now, or as its last run left it when it was cleared since."""
+    grad = param.grad
+    ref = state.run_end_grads.get(index)
+    if ref is None:
+        if grad is None:  # never written where a run could see it (an optimizer in backward cleared it)
+            reading.cleared.add(index)
+            return torch.zeros_like(param)
+        return grad
+    kept, version = ref
+    if grad is None or grad is not kept:  # set to None (or replaced) after the run: the run's tensor is intact
+        return kept if kept._version == version else _unknown(param, index, reading)
+    if grad._version != version:  # changed in place since (a wrapper's reduction, or zero_grad(set_to_none=False))
+        reading.changed.add(index)
+    return grad
+
+
+def _unknown(param: torch.Tensor, index: int, reading: Reading) -> torch.Tensor:
+    reading.cleared.add(index)
+    return torch.zeros_like(param)
 
 
 def _tensor_grad_stats(grad: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import stats
+from . import hook_state, stats
 from .capture import PassState, PendingPass, Recorder
 from .cuts import CutLog, ModuleCutDetector
 from .errors import GradtraceError
@@ -156,6 +156,7 @@ class Trace:
         return t
 
     def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[PassState]) -> None:
+        self._hook_state.note(t)
         self._tensor_handles.append(t.register_hook(self._recorder.tensor_hook(name)))
         key = (name, active.name if active is not None else None)
         if key in self._reached_for:
@@ -347,6 +348,8 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
 
     handles: List[Any] = []  # every RemovableHandle; one callback removes them all
     with contextlib.ExitStack() as stack:
+        trace._hook_state = hook_state.snapshot(params)
+        stack.callback(hook_state.restore, trace._hook_state)  # runs last: after every handle is removed
         for p in params:
             _WATCHED[id(p)] = "watch"
         stack.callback(_unwatch, params)

@@ -164,7 +164,7 @@ class Recorder:
         return on_grad
 
     def post_accumulate_hook(self) -> Callable[[torch.Tensor], None]:
-        """The hook for every parameter: ``list.append``, a builtin, so no Python frame per call.
+        """The hook for tensor-subclass parameters: ``list.append``, a builtin, so no Python frame per call.
 
         It logs which parameters had ``.grad`` written; the log is drained when
         the run (or the pass) ends. FSDP2 calls these hooks on sharded grads

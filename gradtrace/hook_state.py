@@ -3,9 +3,9 @@
 Removing a hook through its ``RemovableHandle`` empties the container but does
 not give it back: ``Tensor.register_hook`` turned ``_backward_hooks`` from
 None into a dict, and for as long as that dict exists (even empty) the
-engine calls into Python for the tensor on every later backward (measured
-~1.2 us per parameter per step on a chain of Linear(4, 4) modules).
-Setting the attribute back to None drops the C++ pre-hook.
+engine calls into Python for the tensor on every later backward (about
+2 us per parameter per backward, measured on 2,000 leaves). Setting the
+attribute back to None drops the C++ pre-hook with it.
 
 Only containers that were None before the watch and are empty after it are
 reset: a hook the user registered during the watch keeps its container, its
@@ -14,9 +14,11 @@ None, and handle removal leaves exactly the keys they held.
 
 One thing cannot be undone from Python: assigning None to
 ``_post_accumulate_grad_hooks`` clears the attribute but leaves the C++
-post-accumulate hook in place (torch 2.13 only replaces it, never removes
-it), still holding the old, empty dict, so AccumulateGrad keeps calling
-into Python for it on every backward.
+post-accumulate hook in place (torch 2.13 can replace it, never remove it),
+still holding the old, empty dict, so AccumulateGrad keeps calling into
+Python for it (about 1 us per parameter per backward). That is why ``watch``
+puts post-accumulate hooks only on tensor-subclass parameters (FSDP2's
+DTensor), where tensor hooks do not fire.
 """
 from __future__ import annotations
 

@@ -358,7 +358,10 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
         written = recorder.post_accumulate_hook()
         for index, p in enumerate(params):
             handles.append(p.register_hook(recorder.param_hook(index)))
-            handles.append(p.register_post_accumulate_grad_hook(written))
+            # Only where tensor hooks do not fire (FSDP2's DTensor parameters): on a plain
+            # one it adds nothing, and torch cannot remove its C++ part (see hook_state).
+            if type(p) not in (torch.Tensor, nn.Parameter):
+                handles.append(p.register_post_accumulate_grad_hook(written))
         if cuts in ("modules", "ops"):
             ModuleCutDetector(root, trace._cut_log).attach(handles.append)
         if cuts == "ops":

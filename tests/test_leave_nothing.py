@@ -196,28 +196,61 @@ def test_hook_registered_on_a_registered_tensor_during_watch_survives():
     assert fired == ["x"]
 
 
-_STALE = [
-    pytest.param("_backward_hooks", id="tensor_hook"),
-    pytest.param("_post_accumulate_grad_hooks", id="post_accumulate", marks=pytest.mark.xfail(
-        strict=True, reason="torch 2.13: assigning None to _post_accumulate_grad_hooks does not remove the "
-        "C++ post-accumulate hook (it can only be replaced), so it cannot be removed from Python")),
-]
-
-
-@pytest.mark.parametrize("attr", _STALE)
-def test_engine_no_longer_calls_the_emptied_dict(attr):
+def test_engine_no_longer_calls_the_emptied_tensor_hook_dict():
     """Through torch's own behaviour: the dict the watch used is no longer attached to the parameter.
 
-    (None-ness alone is not enough: the C++ hook holds the dict, so a hook put
-    into it later would still fire, and every backward still calls into Python.)
+    (None-ness alone is not enough: the C++ pre-hook holds the dict, so a hook
+    put into it later would still fire, and every backward still calls into Python.)
     """
     model = _model()
     with gradtrace.watch(model):
-        used = getattr(model[0].weight, attr)
+        used = model[0].weight._backward_hooks
     fired = []
-    used[10 ** 9] = lambda arg: fired.append("stale")
+    used[10 ** 9] = lambda g: fired.append("stale")
     _step(model)
     assert fired == []
+
+
+def test_torch_keeps_a_removed_post_accumulate_hook_alive():
+    """Why plain parameters get no post-accumulate hook: once registered, torch 2.13 cannot drop it.
+
+    Assigning None clears the attribute but not the C++ hook, which keeps
+    calling into Python (its old dict) on every backward. When this fails,
+    torch has fixed it and the hook may go back on every parameter.
+    """
+    p = torch.zeros(2, requires_grad=True)
+    p.register_post_accumulate_grad_hook(lambda t: None).remove()
+    used = p._post_accumulate_grad_hooks
+    p._post_accumulate_grad_hooks = None
+    fired = []
+    used[10 ** 9] = lambda t: fired.append("stale")
+    (p * 2).sum().backward()
+    assert fired == ["stale"]
+
+
+def test_plain_parameters_get_no_post_accumulate_hook():
+    model = _model()
+    with gradtrace.watch(model) as trace:
+        assert all(p._post_accumulate_grad_hooks is None for p in model.parameters())
+        with trace.pass_("X"):
+            _step(model)
+    assert trace.passes["X"].covered == {n for n, _ in model.named_parameters()}
+
+
+class _Sub(torch.Tensor):
+    """A tensor-subclass parameter, standing in for FSDP2's DTensor (whose tensor hooks never fire)."""
+
+
+def test_subclass_parameter_keeps_its_post_accumulate_hook_and_leaves_none():
+    model = _model()
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(_Sub))
+    p = model[0].weight
+    with gradtrace.watch(model) as trace:
+        assert p._post_accumulate_grad_hooks, "the subclass parameter was not given its post-accumulate hook"
+        with trace.pass_("X"):
+            _step(model)
+    assert "0.weight" in trace.passes["X"].covered
+    assert p._post_accumulate_grad_hooks is None and p._backward_hooks is None
 
 
 def test_two_watches_in_a_row_leave_nothing():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import inner, stats
+from .capture import hook_state, inner, stats
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.passes import READ_AT, PassState
 from .capture.reach import reachable_params
@@ -62,6 +62,8 @@ class Recording:
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
     open: bool = True
+    # Which hook containers were None before gradtrace touched them, so exit can give them back.
+    hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
 
     @property
     def kept(self) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -196,6 +198,7 @@ class LiveTrace(Trace):
 
     def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[PassState]) -> None:
         recording = self._recording
+        recording.hooks_before.note(t)
         recording.tensor_handles.append(t.register_hook(recording.recorder.tensor_hook(name)))
         key = (name, active.name if active is not None else None)
         if key in recording.reached_for:
@@ -420,6 +423,10 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     recorder = recording.recorder
     handles: List[Any] = []  # every RemovableHandle; one callback removes them all
     for p in params:
+        recording.hooks_before.note(p)
+    # Registered first, so it runs last: after every handle (and every tensor hook) is removed.
+    stack.callback(hook_state.restore, recording.hooks_before)
+    for p in params:
         _WATCHED[id(p)] = "watch"
     stack.callback(_unwatch, params)
     stack.callback(_close_once, trace)
@@ -427,7 +434,10 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     written = recorder.post_accumulate_hook()
     for index, p in enumerate(params):
         handles.append(p.register_hook(recorder.param_hook(index)))
-        handles.append(p.register_post_accumulate_grad_hook(written))
+        # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
+        # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
+        if type(p) not in (torch.Tensor, nn.Parameter):
+            handles.append(p.register_post_accumulate_grad_hook(written))
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
     if cuts in ("modules", "ops"):

@@ -40,18 +40,23 @@ def metrics(trace, prefix: str = "gradtrace/", per_module: bool = False,
     pass, without its name in the keys: the same keys every step), or an
     iterable of pass names. ``per_module`` adds each module's coverage
     fraction and gradient norm. ``errors`` / ``warnings`` count the trace's
-    verdicts of that severity (over every pass the trace holds).
+    verdicts of that severity that concern the selected passes: those whose
+    evidence names one of them (a coverage gap between an older pass and the
+    newest counts for the newest) or names no pass at all (unused parameters,
+    registered tensors, scalars).
     """
     if not isinstance(prefix, str):
         raise GradtraceError(f"prefix is a string such as 'gradtrace/', got {prefix!r}")
     prefix = safe_key(prefix)
     out: Dict[str, float] = {}
-    for label, p in _select(trace.passes, passes):
+    selected = _select(trace.passes, passes)
+    for label, p in selected:
         scope = prefix + (f"{safe_key(label)}/" if label else "")
         out.update(_pass_metrics(scope, p))
         if per_module:
             out.update(_module_metrics(scope, p))
-    severities = [v.severity for v in trace.verdicts()]
+    names = {p.name for _, p in selected}
+    severities = [v.severity for v in trace.verdicts() if passes is None or _concerns(v, names)]
     out[f"{prefix}errors"] = float(severities.count("error"))
     out[f"{prefix}warnings"] = float(severities.count("warning"))
     return out
@@ -71,6 +76,16 @@ def _select(passes: Dict[str, PassTrace], selection: Selection) -> List[tuple]:
         have = ", ".join(repr(n) for n in passes) or "no passes"
         raise GradtraceError(f"passes=: no pass named {', '.join(map(repr, unknown))}; the trace has {have}")
     return [(n, passes[n]) for n in chosen]
+
+
+def _concerns(verdict, names: set) -> bool:
+    """Does the verdict's evidence name one of ``names``, or no pass at all (then it concerns every pass)?"""
+    evidence = verdict.evidence or {}
+    named = {evidence.get(key) for key in ("pass", "a", "b")} - {None}
+    listed = evidence.get("passes")
+    if isinstance(listed, (list, tuple, dict)):
+        named.update(listed)
+    return not named or bool(named & names)
 
 
 def _pass_metrics(scope: str, p: PassTrace) -> Dict[str, float]:

@@ -151,3 +151,20 @@ def test_import_gradtrace_pulls_in_no_optional_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_verdict_counts_follow_the_selected_passes():
+    """Four steps, the graph cut in the last: three gaps (A-D, B-D, C-D), each concerning its two passes."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    with gradtrace.watch(model) as trace:
+        for name in "ABCD":
+            model.zero_grad()
+            with trace.pass_(name):
+                h = model[1](model[0](torch.randn(4, 3)))
+                model[2](h.detach() if name == "D" else h).sum().backward()
+    gaps = [(v.evidence["a"], v.evidence["b"]) for v in trace.verdicts() if v.code == "COVERAGE_GAP"]
+    assert gaps == [("A", "D"), ("B", "D"), ("C", "D")]
+    errors = sum(v.severity == "error" for v in trace.verdicts())
+    assert trace.metrics()["gradtrace/errors"] == errors
+    assert trace.metrics(passes="last")["gradtrace/errors"] == errors  # every error involves D
+    assert trace.metrics(passes=["A"])["gradtrace/errors"] == errors - 2  # not B-D, C-D

@@ -75,6 +75,7 @@ def test_one_pass_per_optimizer_step_matches_the_optimizers_gradients(accumulate
     logged = trainer.callback_metrics
     assert float(logged["gradtrace/total_norm"]) == pytest.approx(oracle.norms[2], rel=1e-5)
     assert float(logged["gradtrace/coverage"]) == 1.0 and float(logged["gradtrace/errors"]) == 0.0
+    assert float(logged["gradtrace/traced_step"]) == 2
 
 
 def test_every_max_passes_and_save_dir(tmp_path):

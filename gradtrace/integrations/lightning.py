@@ -39,7 +39,8 @@ class GradtraceCallback(Callback):
     each traced step to ``<save_dir>/step-<global_step>.json`` (read it back
     with ``gradtrace.load`` or ``python -m gradtrace show``). ``log``: send
     ``trace.metrics(prefix, passes="last")`` through ``pl_module.log_dict``
-    (the same keys every step: ``gradtrace/coverage``, ``gradtrace/total_norm``, ...).
+    (the same keys every step: ``gradtrace/coverage``, ``gradtrace/total_norm``, ...,
+    and ``gradtrace/traced_step``, the step the values belong to).
     ``cuts``: ``gradtrace.watch``'s cut detection mode.
     """
 
@@ -77,8 +78,11 @@ class GradtraceCallback(Callback):
             os.makedirs(self.save_dir, exist_ok=True)
             trace.save(os.path.join(self.save_dir, f"step-{trainer.global_step}.json"))
         if self.log:
-            pl_module.log_dict(trace.metrics(self.prefix, self.per_module, passes="last"),
-                               on_step=True, on_epoch=False)
+            metrics = trace.metrics(self.prefix, self.per_module, passes="last")
+            # Lightning's loggers repeat the last on_step value on steps that log nothing (every > 1):
+            # the traced step's number tells a fresh value from a repeated one.
+            metrics[f"{self.prefix}traced_step"] = float(trainer.global_step)
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close()  # a step cut short (the run ended between microbatches): keep what it recorded

@@ -11,9 +11,8 @@ and ``.backward()`` once under ``gradtrace.watch`` and raises ``AssertionError``
 whose message is the diagnosis. The model's ``.grad`` tensors are put back as
 they were, so the check can sit in the middle of a training test.
 
-For pytest there is the fixture ``gradtrace_flow`` (the same function),
-registered by gradtrace's ``pytest11`` entry point when gradtrace is installed,
-or by ``from gradtrace.pytest_plugin import gradtrace_flow`` in a conftest.py.
+For pytest there is the fixture ``gradtrace_flow`` (the same function): add
+``pytest_plugins = ["gradtrace.pytest_plugin"]`` to a conftest.py.
 """
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ def test_tensorboard_round_trip(tmp_path):
 
 
 def test_import_gradtrace_pulls_in_no_optional_extra():
-    code = ("import sys, gradtrace, gradtrace.metrics, gradtrace.testing; "
+    code = ("import sys, gradtrace, gradtrace.metrics, gradtrace.testing, gradtrace.plot, gradtrace.formats, "
+            "gradtrace.cli, gradtrace.integrations; gradtrace.cli._parser(); "
             "print([m for m in ('matplotlib', 'lightning', 'pytorch_lightning', 'tensorboard', 'transformers') "
             "if m in sys.modules])")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

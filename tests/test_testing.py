@@ -125,5 +125,7 @@ def test_bad_usage_is_a_gradtrace_error():
 
 
 def test_fixture(gradtrace_flow):
+    assert gradtrace_flow is assert_grads_flow
     with pytest.raises(AssertionError, match="right.weight"):
         gradtrace_flow(DetachedBranch(), mse, _features(0))
+

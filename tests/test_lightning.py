@@ -115,6 +115,16 @@ def test_detached_head_input_is_diagnosed():
     assert "body" in callback.trace.report()
 
 
+def test_missing_lightning_says_what_to_install(monkeypatch):
+    import importlib
+    import sys
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if neither package were installed
+    monkeypatch.delitem(sys.modules, "gradtrace.integrations.lightning")
+    with pytest.raises(gradtrace.GradtraceError, match=r'pip install "gradtrace\[lightning\]"'):
+        importlib.import_module("gradtrace.integrations.lightning")
+
+
 def test_bad_options():
     with pytest.raises(gradtrace.GradtraceError, match="every"):
         GradtraceCallback(every=0)

@@ -22,7 +22,7 @@ from .errors import GradtraceError
 KINDS = ("flow", "coverage", "inner")
 # Pass lines avoid the two colours that mean something: red = not reached, orange = exactly zero.
 PASS_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
-OK_COLOR, ZERO_COLOR, MISSING_COLOR = "#4c9f70", "#ff7f0e", "#d62728"
+OK_COLOR, ZERO_COLOR, MISSING_COLOR, NONFINITE_COLOR = "#4c9f70", "#ff7f0e", "#d62728", "#000000"
 MAX_LINES = len(PASS_COLORS)  # passes drawn in a flow plot (the newest)
 MAX_ROWS = 40  # passes drawn in a coverage map (the newest)
 MAX_COLUMNS = 60  # more parameters than this: the coverage map shows modules
@@ -31,7 +31,7 @@ MAX_INNER = 4  # inner products drawn
 MAX_BARS = 48  # modules x passes up to which the flow plot uses grouped bars
 DPI = 100
 
-OK, ZERO, MISSING = 0, 1, 2  # cell states
+OK, ZERO, MISSING, NONFINITE = 0, 1, 2, 3  # cell states (the coverage map shows the first three)
 STATE_NAMES = ("nonzero gradient", "exactly zero", "not reached")
 
 
@@ -99,6 +99,8 @@ def _module_norm(p, names: Sequence[str]) -> Tuple[float, int]:
     reached = [records[n] for n in names if n in records]
     if not reached:
         return 0.0, MISSING
+    if any(r.nonfinite for r in reached):
+        return float("nan"), NONFINITE  # a log axis cannot place it: it gets a mark of its own
     norm = sum(r.norm * r.norm for r in reached) ** 0.5
     return norm, (ZERO if all(r.zero for r in reached) else OK)
 
@@ -155,10 +157,14 @@ def _flow(Figure, trace, chosen) -> "Figure":
     return figure
 
 
+MARKS = ((MISSING, "x", MISSING_COLOR, "not reached"), (ZERO, "v", ZERO_COLOR, "exactly zero"),
+         (NONFINITE, "*", NONFINITE_COLOR, "NaN/Inf"))
+
+
 def _mark_states(ax, x: List[float], states: List[int], row: int) -> None:
-    """A mark at the bottom of the axes for every module that got nothing / exactly zero: never a blank."""
+    """A mark at the bottom of the axes for every module that got nothing, exactly zero or NaN: never a blank."""
     height = 0.03 + 0.045 * row  # axes units: one row of marks per line (bars sit above their own marks)
-    for state, mark, color in ((MISSING, "x", MISSING_COLOR), (ZERO, "v", ZERO_COLOR)):
+    for state, mark, color, _ in MARKS:
         at = [xj for xj, s in zip(x, states) if s == state]
         if at:
             ax.plot(at, [height] * len(at), linestyle="none", marker=mark, markersize=7, color=color,
@@ -195,8 +201,7 @@ def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen:
 
     handles, labels = ax.get_legend_handles_labels()
     rows = "under its bar" if bars else "one row per pass"
-    for state, mark, color, text in ((MISSING, "x", MISSING_COLOR, "not reached"),
-                                     (ZERO, "v", ZERO_COLOR, "exactly zero")):
+    for state, mark, color, text in MARKS:
         if state in seen:  # only the marks the plot shows: a healthy run's plot has no red in it
             handles.append(Line2D([], [], linestyle="none", marker=mark, color=color, markeredgewidth=2))
             labels.append(f"{text} ({rows})")

@@ -100,6 +100,19 @@ def test_exactly_zero_is_its_own_state_in_the_coverage_map(tmp_path):
     assert pixels_of(image, gplot.MISSING_COLOR, figure) == 0
 
 
+def test_nan_module_gets_a_mark_not_a_blank():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(torch.full((2, 3), float("nan"))).sum().backward()
+    nonfinite = {n.rsplit(".", 1)[0] for n, r in trace.passes["X"].records.items() if r.nonfinite}
+    assert nonfinite == {"0", "2"}  # both layers hold NaN (the last bias's gradient does not depend on x)
+    ax = trace.plot().axes[0]
+    stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in stars] == [[0.0, 1.0]]
+    assert "NaN/Inf (under its bar)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_inner_product_contributions(tmp_path):
     trace = two_pass_trace(DetachedBranch())
     (summary,) = trace.inner_products

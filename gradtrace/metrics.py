@@ -33,7 +33,7 @@ def safe_key(text: str) -> str:
 
 
 def metrics(trace, prefix: str = "gradtrace/", per_module: bool = False,
-            passes: Selection = None) -> Dict[str, float]:
+            passes: Selection = None, verdicts: bool = True) -> Dict[str, float]:
     """Flat ``{key: float}`` of a trace's figures, for ``wandb.log``, TensorBoard, MLflow, ``log_dict``.
 
     ``passes``: None (every pass, keyed by its name), ``"last"`` (the newest
@@ -43,7 +43,11 @@ def metrics(trace, prefix: str = "gradtrace/", per_module: bool = False,
     verdicts of that severity that concern the selected passes: those whose
     evidence names one of them (a coverage gap between an older pass and the
     newest counts for the newest) or names no pass at all (unused parameters,
-    registered tensors, scalars).
+    registered tensors, scalars). They cost a ``verdicts()`` run over the
+    whole trace, which grows with the passes it holds (0.2 ms for one pass,
+    about 100 ms for 50 passes of 148 parameters, measured on a loaded 2-core
+    machine): ``verdicts=False`` leaves them out, for a hot loop over a trace
+    that keeps many passes.
     """
     if not isinstance(prefix, str):
         raise GradtraceError(f"prefix is a string such as 'gradtrace/', got {prefix!r}")
@@ -55,10 +59,11 @@ def metrics(trace, prefix: str = "gradtrace/", per_module: bool = False,
         out.update(_pass_metrics(scope, p))
         if per_module:
             out.update(_module_metrics(scope, p))
-    names = {p.name for _, p in selected}
-    severities = [v.severity for v in trace.verdicts() if passes is None or _concerns(v, names)]
-    out[f"{prefix}errors"] = float(severities.count("error"))
-    out[f"{prefix}warnings"] = float(severities.count("warning"))
+    if verdicts:
+        names = {p.name for _, p in selected}
+        severities = [v.severity for v in trace.verdicts() if passes is None or _concerns(v, names)]
+        out[f"{prefix}errors"] = float(severities.count("error"))
+        out[f"{prefix}warnings"] = float(severities.count("warning"))
     return out
 
 

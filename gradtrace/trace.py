@@ -224,8 +224,8 @@ class Trace:
         from . import render
         return render.report(self)
 
-    def metrics(self, prefix="gradtrace/", per_module=False, passes=None):
-        from .metrics import metrics; return metrics(self, prefix, per_module, passes)  # noqa: E702
+    def metrics(self, prefix="gradtrace/", per_module=False, passes=None, verdicts=True):
+        from .metrics import metrics; return metrics(self, prefix, per_module, passes, verdicts)  # noqa: E702
 
     def plot(self, path=None, kind="flow", **options):
         from .plot import plot; return plot(self, path, kind, **options)  # noqa: E702

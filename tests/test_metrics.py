@@ -169,3 +169,5 @@ def test_verdict_counts_follow_the_selected_passes():
     assert trace.metrics()["gradtrace/errors"] == errors
     assert trace.metrics(passes="last")["gradtrace/errors"] == errors  # every error involves D
     assert trace.metrics(passes=["A"])["gradtrace/errors"] == errors - 2  # not B-D, C-D
+    assert set(trace.metrics(passes="last")) - set(trace.metrics(passes="last", verdicts=False)) == {
+        "gradtrace/errors", "gradtrace/warnings"}

@@ -1,7 +1,9 @@
-"""Command line: ``python -m gradtrace demo | show | diff``.
+"""Command line: ``python -m gradtrace demo | show | diff | plot``.
 
 Every failure gradtrace can explain (a missing or damaged trace file, an
 unknown pass name) prints one line to stderr and exits with status 2.
+``show`` and ``diff`` exit with status 1 when ``--fail-on`` finds a verdict
+at or above its severity (for CI).
 """
 from __future__ import annotations
 
@@ -21,15 +23,29 @@ _DIFF_USAGE = """\
       (e.g. a healthy run's 'Y' against a broken run's 'Y')"""
 
 
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    from .render.formats import FAIL_ON, FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (the human report, default), markdown (GitHub tables, e.g. for a CI job "
+                             "summary) or json (verdicts and pass summaries)")
+    parser.add_argument("--fail-on", choices=FAIL_ON, default="never",
+                        help="exit with status 1 when a verdict of this severity or worse exists (default never)")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .demo import BUGS
+    from .render.plot import KINDS
 
     parser = argparse.ArgumentParser(
         prog="gradtrace",
         description="Trace gradients through PyTorch autograd: which parameters got one, "
                     "how big, and where the graph was cut.",
-        epilog="exit status: 0 ok, 2 bad input (unreadable trace file, unknown pass, bad arguments)")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,show,diff}")
+        epilog="exit status: 0 ok, 1 a verdict at or above --fail-on, "
+               "2 bad input (unreadable trace file, unknown pass, bad arguments)")
+    parser.add_argument("--version", action="version", version=f"gradtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,show,diff,plot}")
     sub.required = True
 
     bug_lines = "\n".join(f"  {name:<21} {text}" for name, text in BUGS.items())
@@ -52,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the report of a saved trace",
                           description="Print the full report of a trace saved with Trace.save().")
     show.add_argument("trace", metavar="TRACE.json")
+    _output_options(show)
 
     diff = sub.add_parser(
         "diff", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
         help="compare two passes: what one reached that the other did not",
         description=f"Compare coverage and gradient norms of two passes.\n\n{_DIFF_USAGE}")
     diff.add_argument("args", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    _output_options(diff)
+
+    plot = sub.add_parser("plot", help="draw a saved trace to an image (needs matplotlib)",
+                          description="Draw a trace saved with Trace.save(): gradient flow per module, "
+                                      "the coverage map, or the inner-product contributions.")
+    plot.add_argument("trace", metavar="TRACE.json")
+    plot.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                      help="image to write (format from the extension: png, svg, pdf)")
+    plot.add_argument("--kind", choices=KINDS, default="flow", help="what to draw (default flow)")
+    plot.add_argument("--passes", nargs="+", metavar="PASS", help="passes to draw (default: the newest)")
     return parser
 
 
@@ -73,8 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "show":
-            return _show(args.trace)
-        return _diff(args.args)
+            return _show(args)
+        if args.command == "plot":
+            return _plot(args)
+        return _diff(args)
     except BrokenPipeError:  # `gradtrace show t.json | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -99,7 +128,7 @@ def _demo(args) -> int:
             trace, _ = run_probe(name, seed=args.seed, cuts=args.cuts)
             verdicts = trace.verdicts()
             code, message = (verdicts[0].code, verdicts[0].message) if verdicts else ("-", "no problems found")
-            print(f"{name or 'healthy':<21} {code:<16} {message}")
+            print(f"{name or 'healthy':<21} {code:<16} {message}", flush=True)  # progress, as each ends
         return 0
     trace, result = run_probe(args.bug, seed=args.seed, cuts=args.cuts)
     if args.save:  # before printing: a closed pipe must not lose the file
@@ -112,21 +141,50 @@ def _demo(args) -> int:
     return 0
 
 
-def _show(path: str) -> int:
+def _show(args) -> int:
+    from .render import formats
     from .trace import load
 
-    print(load(path).report())
+    trace = load(args.trace)
+    verdicts = trace.verdicts()
+    return _emit(args, verdicts, table=trace.report, markdown=lambda: formats.trace_markdown(trace, verdicts),
+                 as_json=lambda: formats.trace_json(trace, verdicts))
+
+
+def _emit(args, verdicts, table, markdown, as_json) -> int:
+    """Print in ``--format`` (rendering only that one); the status ``--fail-on`` asks for."""
+    from .render.formats import fails
+
+    print({"table": table, "markdown": markdown, "json": as_json}[args.format]())
+    return 1 if fails(verdicts, args.fail_on) else 0
+
+
+def _plot(args) -> int:
+    from .trace import load
+
+    load(args.trace).plot(args.output, kind=args.kind, passes=args.passes)
+    print(f"wrote {args.output}")
     return 0
 
 
-def _diff(args: List[str]) -> int:
+def _diff(args) -> int:
+    from .render import formats
+
+    result, verdicts = _compare(args.args)
+    return _emit(args, verdicts, table=lambda: str(result), markdown=lambda: formats.diff_markdown(result, verdicts),
+                 as_json=lambda: formats.diff_json(result, verdicts))
+
+
+def _compare(args: List[str]):
+    """``(Diff, verdicts)``: the verdicts of the file(s) read, and, across files, the gap between the passes."""
     from . import analysis, render
+    from .records import Verdict
     from .trace import load
 
     if len(args) == 3:
         path, a, b = args
-        print(load(path).diff(a, b))
-        return 0
+        trace = load(path)
+        return trace.diff(a, b), trace.verdicts()
     if len(args) != 4:
         raise GradtraceError(f"diff takes 3 or 4 arguments (TRACE.json PASS_A PASS_B, or FIRST.json "
                              f"SECOND.json PASS_A PASS_B), got {len(args)}; see gradtrace diff --help")
@@ -137,9 +195,15 @@ def _diff(args: List[str]) -> int:
             have = ", ".join(repr(n) for n in trace.passes) or "no passes"
             raise GradtraceError(f"{path!r} has no pass named {name!r}; it has {have}")
     label_a, label_b = _labels(first_path, second_path)
-    result = render.rendered(analysis.diff(first.passes[a], second.passes[b]))
-    print(replace(result, a=f"{label_a}:{a}", b=f"{label_b}:{b}"))
-    return 0
+    result = replace(render.rendered(analysis.diff(first.passes[a], second.passes[b])), a=f"{label_a}:{a}",
+                     b=f"{label_b}:{b}")
+    verdicts = first.verdicts() + second.verdicts()
+    if result.only_a or result.only_b:  # no trace holds both passes, so no verdict of its own sees this gap
+        verdicts.insert(0, Verdict("COVERAGE_GAP", "error", f"coverage gap between {result.a!r} and {result.b!r}: "
+                                   f"{len(result.only_a)} only in {result.a!r}, {len(result.only_b)} only in "
+                                   f"{result.b!r}", {"a": result.a, "b": result.b, "only_a": sorted(result.only_a),
+                                                     "only_b": sorted(result.only_b)}))
+    return result, verdicts
 
 
 def _labels(first: str, second: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional
 
 from . import analysis, render, storage
+from .analysis import metrics
 from .errors import GradtraceError
 from .records import Cut, PassTrace, ScalarRecord, TensorRecord, Verdict
 
@@ -65,6 +66,15 @@ class Trace:
 
     def report(self) -> str:
         return render.report(self)
+
+    def metrics(self, prefix="gradtrace/", per_module=False, passes=None, verdicts=True) -> Dict[str, float]:
+        """Flat ``{name: float}`` figures for any tracker (wandb, TensorBoard, MLflow, Lightning)."""
+        return metrics.metrics(self, prefix, per_module, passes, verdicts)
+
+    def plot(self, path=None, kind="flow", **options):
+        """A matplotlib Figure (gradient flow, coverage map, inner-product contributions)."""
+        from .render.plot import plot  # matplotlib, an optional extra: only when asked for
+        return plot(self, path, kind, **options)
 
     def save(self, path) -> None:
         storage.save(self, path)

@@ -32,8 +32,8 @@ LAYERS = [
     {"gradtrace.render", "gradtrace.storage", "gradtrace.distributed"},
     {"gradtrace.trace"},
     {"gradtrace.live"},
-    {"gradtrace.demo", "gradtrace.cli", "gradtrace.testing", "gradtrace.integrations", "gradtrace.__main__",
-     "gradtrace"},
+    {"gradtrace.demo", "gradtrace.cli", "gradtrace.testing", "gradtrace.pytest_plugin", "gradtrace.integrations",
+     "gradtrace.__main__", "gradtrace"},
 ]
 
 
@@ -71,7 +71,7 @@ def graph():
 
 def layer_of(name):
     for depth, layer in enumerate(LAYERS):
-        if any(name == top or name.startswith(top + ".") for top in layer):
+        if any(name == top or (top != "gradtrace" and name.startswith(top + ".")) for top in layer):
             return depth
     raise AssertionError(f"{name} is in no layer: add it to LAYERS")
 

@@ -1,0 +1,4 @@
+"""Integrations with training frameworks; each module imports its framework only when imported itself.
+
+* ``gradtrace.integrations.lightning.GradtraceCallback`` (``pip install "gradtrace[lightning]"``)
+"""

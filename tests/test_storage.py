@@ -1,11 +1,11 @@
 """JSON round trip: a loaded trace answers diff, verdicts and report like the live one."""
 import json
 import math
-
 import torch
 from torch import nn
 
 import gradtrace
+from gradtrace import storage
 
 
 def make_trace():
@@ -53,3 +53,37 @@ def test_file_is_plain_json_without_nan_literals(tmp_path):
     data = json.loads(text)
     assert data["format"] == "gradtrace-trace" and data["version"] == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_names_nan_and_inf_stay_names(tmp_path):
+    """Regression: the decoder turned every "nan"/"inf"/"-inf" string back into a float, names included."""
+    model = nn.Linear(2, 1)
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("nan"):
+            trace.tensor("inf", model(torch.randn(3, 2))).sum().backward()
+        trace.scalar("-inf", float("-inf"))
+    trace.save(tmp_path / "t.json")
+    loaded = gradtrace.load(tmp_path / "t.json")
+    assert list(loaded.passes) == ["nan"] and list(loaded.tensors) == ["inf"] and list(loaded.scalars) == ["-inf"]
+    assert loaded.tensors["inf"].grads["nan"].reached and loaded.scalars["-inf"].value == float("-inf")
+    assert loaded.report() == trace.report()
+
+
+def test_files_with_non_finite_numbers_as_strings_still_load(tmp_path):
+    """Compatibility: files written before the typed decoder spell NaN/Inf as strings in number fields."""
+    data = json.loads(json.dumps(storage.to_dict(make_trace())))
+    record = next(iter(data["passes"][0]["records"].values()))
+    record["norm"], data["scalars"][0]["value"] = "nan", "-inf"
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = gradtrace.load(path)
+    assert math.isnan(loaded.passes["X"].records[record["name"]].norm)
+    assert loaded.scalars["deltaH1"].value == float("-inf")
+
+
+def test_rank_coverage_keeps_integer_ranks(tmp_path):
+    """JSON object keys are strings; the loaded trace has the live trace's int ranks back."""
+    trace = make_trace()
+    trace.rank_coverage = {"X": {0: ["0.weight"], 1: []}}
+    trace.save(tmp_path / "t.json")
+    assert gradtrace.load(tmp_path / "t.json").rank_coverage == {"X": {0: ["0.weight"], 1: []}}

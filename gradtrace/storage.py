@@ -14,11 +14,14 @@ scalar named "nan" stays a string.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import stat
+import tempfile
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import GradtraceError
@@ -83,15 +86,66 @@ def to_dict(trace) -> Dict[str, Any]:
 
 
 def save(trace, path) -> None:
+    """Write ``trace`` to ``path`` atomically: readers see the previous file or the whole new one."""
     data = to_dict(trace)
-    tmp = f"{os.fspath(path)}.tmp"
+    target = os.fspath(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-        os.replace(tmp, path)  # never leave a half-written trace behind
+        _write_atomically(target, data)
     except OSError as e:
-        raise GradtraceError(f"cannot write trace to {os.fspath(path)!r}: {e.strerror or e}") from e
+        raise GradtraceError(f"cannot write trace to {target!r}: {e.strerror or e}") from e
 
+
+def _write_atomically(target: str, data: Dict[str, Any]) -> None:
+    # mkstemp: a fresh name, O_CREAT|O_EXCL (never opens a file or symlink planted in
+    # advance), in the target's own folder so that os.replace is a rename, not a copy.
+    folder = os.path.dirname(os.path.abspath(target))
+    prefix = "." + os.path.basename(target)[:100] + "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _new_file_mode(target))
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, target)
+    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _new_file_mode(target: str) -> int:
+    """mkstemp creates mode 0600; give the trace what ``open(path, "w")`` would have."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)  # overwriting: keep the old file's mode
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it, which races with other threads creating files.
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable too (POSIX); where a folder cannot be opened (Windows), skip it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---- loading ------------------------------------------------------------------

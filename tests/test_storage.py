@@ -1,6 +1,10 @@
 """JSON round trip: a loaded trace answers diff, verdicts and report like the live one."""
 import json
 import math
+import os
+import stat
+
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +91,63 @@ def test_rank_coverage_keeps_integer_ranks(tmp_path):
     trace.rank_coverage = {"X": {0: ["0.weight"], 1: []}}
     trace.save(tmp_path / "t.json")
     assert gradtrace.load(tmp_path / "t.json").rank_coverage == {"X": {0: ["0.weight"], 1: []}}
+
+
+def test_save_does_not_follow_a_symlink_planted_at_the_temporary_name(tmp_path):
+    """Regression: save wrote to the fixed name path + ".tmp" with open(), following a planted symlink."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = tmp_path / "trace.json"
+    (tmp_path / "trace.json.tmp").symlink_to(victim)
+    make_trace().save(path)
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and json.loads(path.read_text())["format"] == "gradtrace-trace"
+
+
+def _interrupted_dump(data, f, **kwargs):
+    f.write(json.dumps(data)[:100])  # half a trace reaches the file, then the process is interrupted
+    raise KeyboardInterrupt
+
+
+def test_interrupted_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "trace.json"
+    trace = make_trace()
+    trace.save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(storage.json, "dump", _interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        trace.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]
+
+
+def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.json, "dump", _interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        make_trace().save(tmp_path / "trace.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_syncs_the_data_before_renaming_it_into_place(tmp_path, monkeypatch):
+    """A crash right after the rename must not leave a name pointing at unwritten data."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    make_trace().save(tmp_path / "trace.json")
+    assert events[:2] == ["fsync", "replace"]
+
+
+def test_saved_file_gets_the_usual_mode(tmp_path):
+    """mkstemp creates 0600 files; a trace is created as open(path, "w") would (umask honoured)."""
+    old = os.umask(0o022)
+    try:
+        make_trace().save(tmp_path / "trace.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "trace.json").st_mode) == 0o644
+
+
+def test_save_into_a_missing_folder_is_a_gradtrace_error(tmp_path):
+    with pytest.raises(gradtrace.GradtraceError, match="cannot write trace"):
+        make_trace().save(tmp_path / "no" / "such" / "trace.json")

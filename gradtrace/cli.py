@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 from .errors import GradtraceError
+from .text import safe
 
 _DIFF_USAGE = """\
   gradtrace diff TRACE.json PASS_A PASS_B
@@ -86,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     text = str(e) if isinstance(e, GradtraceError) else f"{type(e).__name__}: {e}"
-    return " ".join(text.split())
+    return safe(" ".join(text.split()), newlines=False)  # messages quote names from the trace file
 
 
 def _demo(args) -> int:

@@ -263,3 +263,34 @@ def test_non_utf8_file_is_a_gradtrace_error(tmp_path):
     path.write_bytes(b'{"format": "gradtrace-trace\xff"}')
     with pytest.raises(GradtraceError, match="not UTF-8"):
         gradtrace.load(path)
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\u2066\r"
+
+
+def test_show_escapes_terminal_control_sequences_from_the_file(saved_dict, tmp_path, capsys):
+    """Regression: `show` printed names and locations verbatim, so a trace could drive the viewer's terminal."""
+    saved_dict["passes"][0]["name"] = "X" + HOSTILE
+    saved_dict["tensors"][0]["grads"] = {"X" + HOSTILE: saved_dict["tensors"][0]["grads"]["Y"]}
+    saved_dict["cuts"][0]["location"] = "model.py:1" + HOSTILE
+    saved_dict["scalars"][0]["name"] = "lone \ud800 surrogate"  # printing it raised UnicodeEncodeError
+    assert cli.main(["show", str(write(tmp_path, saved_dict))]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e\u2066\r\ud800")
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eevil\\u2066\\r" in out and "lone \\ud800 surrogate" in out
+
+
+def test_a_newline_in_a_name_does_not_forge_a_table_row(saved_dict, tmp_path):
+    saved_dict["passes"][0]["name"] = "X\ngradtrace: no problems found."
+    report = gradtrace.load(write(tmp_path, saved_dict)).report()
+    assert "X\\ngradtrace: no problems found." in report
+    assert "\ngradtrace: no problems found." not in report
+
+
+def test_diff_output_and_error_messages_are_escaped_too(saved_dict, tmp_path, capsys):
+    saved_dict["passes"][0]["name"] = "X\x1b[2J"
+    path = str(write(tmp_path, saved_dict))
+    assert cli.main(["diff", path, "X\x1b[2J", "Y"]) == 0
+    assert cli.main(["diff", path, "X", "Y\x1b[2J"]) == 2
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err and "X\\x1b[2J" in captured.out

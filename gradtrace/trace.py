@@ -172,6 +172,8 @@ class Trace:
 
     def scalar(self, name: str, value: Any) -> float:
         """Record a float at full precision (``deltaH1``); flags values that print as 0.000000."""
+        if not self._live:
+            self._require_live("scalar")  # a loaded trace is read-only
         if not isinstance(name, str) or not name:
             raise GradtraceError(f"scalar names are non-empty strings, got {name!r}")
         if isinstance(value, torch.Tensor):

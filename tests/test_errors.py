@@ -294,3 +294,14 @@ def test_diff_output_and_error_messages_are_escaped_too(saved_dict, tmp_path, ca
     assert cli.main(["diff", path, "X", "Y\x1b[2J"]) == 2
     captured = capsys.readouterr()
     assert "\x1b" not in captured.out + captured.err and "X\\x1b[2J" in captured.out
+
+
+def test_scalar_on_a_loaded_trace_is_read_only(model, tmp_path):
+    """Regression: trace.scalar() on a loaded trace recorded into it."""
+    with gradtrace.watch(model) as trace:
+        pass
+    trace.save(tmp_path / "t.json")
+    loaded = gradtrace.load(tmp_path / "t.json")
+    with pytest.raises(GradtraceError, match="read-only"):
+        loaded.scalar("x", 1.0)
+    assert loaded.scalars == {}

@@ -486,6 +486,9 @@ def _why_small(trace) -> str:
         s = summaries[-1]
         numel = s.get("numel_b") or 0
         rms = s.get("norm_b_pre", 0.0) / numel ** 0.5 if numel else None
+        if rms is None:  # the two passes share no parameter: the inner product is an empty sum
+            return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is an empty sum: "
+                    "the two passes reached no parameter in common")
         # Adam-normalised gradients g / (sqrt(v_hat) + eps) are O(1) per element when healthy.
         if rms is not None and rms < 1e-3:
             return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient to an RMS of "

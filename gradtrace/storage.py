@@ -35,6 +35,9 @@ VERSION = 1
 # a few passes is tens of MiB), far below what would exhaust memory. A module
 # constant so a caller with a genuinely larger trace can raise it.
 MAX_FILE_BYTES = 256 * 2 ** 20
+# A trace nests 6 deep; the JSON parser recurses once per level, and would overflow
+# the C stack long before Python's recursion limit if that limit had been raised.
+MAX_DEPTH = 64
 # The schema fixes the depth of every field but ``meta``, whose values are free-form.
 MAX_META_DEPTH = 8
 MAX_COUNT = 2 ** 63 - 1  # counts are int64 on the device
@@ -181,6 +184,8 @@ def _too_big(where: str) -> GradtraceError:
 
 def _parse(raw: bytes, where: str) -> Any:
     not_trace = f"{where!r} is not a gradtrace trace"
+    if _nesting_bound(raw) > MAX_DEPTH:  # before the parser recurses, not after
+        raise GradtraceError(f"{not_trace}: arrays and objects nested deeper than {MAX_DEPTH}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -191,10 +196,36 @@ def _parse(raw: bytes, where: str) -> Any:
         raise GradtraceError(f"{not_trace}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         raise GradtraceError(f"{not_trace}: it holds a number with too many digits") from None
-    except RecursionError:  # the parser recurses once per [ or {
-        raise GradtraceError(f"{not_trace}: JSON nested too deeply") from None
+    except RecursionError:  # _nesting_bound keeps it from happening; kept in case it misjudges
+        raise GradtraceError(f"{not_trace}: arrays and objects nested too deeply") from None
     except MemoryError:
         raise GradtraceError(f"{not_trace}: too large to parse in the memory available") from None
+
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def _nesting_bound(raw: bytes) -> int:
+    """How deep arrays and objects nest (exact for valid JSON; an upper bound otherwise), at C speed.
+
+    Escaped backslashes and quotes go first, then everything but brackets and
+    quotes; splitting at the quotes leaves what lies outside strings. Each pass
+    deletes the innermost pairs, so valid JSON nested d deep is empty after d
+    passes; what never pairs up (invalid JSON) counts in full: ``[`` 100,000
+    times is as deep as it looks.
+    """
+    skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    # Two quotes side by side (an empty string, or one string ending where the next begins) hide
+    # nothing outside strings: dropping them first leaves few quotes for the split.
+    skeleton = b"".join(skeleton.replace(b'""', b"").split(b'"')[::2])
+    passes = 0
+    while skeleton and passes <= MAX_DEPTH:
+        shorter = _INNERMOST.sub(b"", skeleton)
+        if len(shorter) == len(skeleton):
+            break
+        skeleton, passes = shorter, passes + 1
+    return passes + skeleton.count(b"[") + skeleton.count(b"{")
 
 
 def _from_dict(Trace, data: Any, where: str):

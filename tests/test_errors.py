@@ -192,8 +192,21 @@ def write(tmp_path, data, name="t.json"):
 def test_load_deeply_nested_json_is_a_gradtrace_error(tmp_path):
     """Regression: 100,000 nested arrays let RecursionError escape from load."""
     path = write(tmp_path, '{"format": "gradtrace-trace", "version": 1, "params": ' + "[" * 100000 + "]" * 100000 + "}")
-    with pytest.raises(GradtraceError, match="nested too deeply"):
+    with pytest.raises(GradtraceError, match="nested deeper than 64"):
         gradtrace.load(path)
+
+
+def test_nesting_is_limited_before_the_parser_recurses(tmp_path, monkeypatch):
+    """65 levels would parse, but the limit holds even where the recursion limit was raised (C stack)."""
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("parsed a file nested too deeply"))
+    path = write(tmp_path, '{"format": "gradtrace-trace", "meta": {"m": ' + "[" * 64 + "]" * 64 + "}}")
+    with pytest.raises(GradtraceError, match="nested deeper than 64"):
+        gradtrace.load(path)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(saved_dict, tmp_path):
+    saved_dict["passes"][0]["name"] = "[" * 100 + '\\"{' * 100
+    assert list(gradtrace.load(write(tmp_path, saved_dict)).passes)[0] == saved_dict["passes"][0]["name"]
 
 
 def test_load_5000_digit_integer_is_a_gradtrace_error(tmp_path):

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 from .errors import GradtraceError
+from .render.text import safe
 
 _DIFF_USAGE = """\
   gradtrace diff TRACE.json PASS_A PASS_B
@@ -115,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     text = str(e) if isinstance(e, GradtraceError) else f"{type(e).__name__}: {e}"
-    return " ".join(text.split())
+    return safe(" ".join(text.split()), newlines=False)  # messages quote names from the trace file
 
 
 def _demo(args) -> int:
@@ -155,7 +156,8 @@ def _emit(args, verdicts, table, markdown, as_json) -> int:
     """Print in ``--format`` (rendering only that one); the status ``--fail-on`` asks for."""
     from .render.formats import fails
 
-    print({"table": table, "markdown": markdown, "json": as_json}[args.format]())
+    # Names and locations come from the trace file: escaped before they reach a terminal, in every format.
+    print(safe({"table": table, "markdown": markdown, "json": as_json}[args.format]()))
     return 1 if fails(verdicts, args.fail_on) else 0
 
 

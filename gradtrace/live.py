@@ -263,9 +263,11 @@ class LiveTrace(Trace):
         self._passes.pop(name, None)
         recording.pending.pop(name, None)
         recording.kept.pop(name, None)
+        gone = set(recording.cut_log.drop_pass(name))
         for record in self._tensors.values():
             record.grads.pop(name, None)
-        recording.cut_log.drop_pass(name)
+            if gone and record.cuts:
+                record.cuts = [seq for seq in record.cuts if seq not in gone]
         self.meta["dropped_passes"] += 1
 
     def _close(self, error: Optional[BaseException] = None) -> None:

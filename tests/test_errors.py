@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gradtrace
-from gradtrace import GradtraceError
+from gradtrace import GradtraceError, cli
 
 
 def hook_counts(model: nn.Module):
@@ -164,3 +164,157 @@ def test_precondition_needs_kept_grads_and_adam(model):
         trace.diff("X", "Y", precondition=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(GradtraceError, match="second-moment|step"):
         trace.diff("X", "Y", precondition=torch.optim.Adam(model.parameters()))
+
+
+# ---- hostile and damaged trace files ----------------------------------------------
+
+
+@pytest.fixture
+def saved_dict(model):
+    """A real saved trace as a JSON document, to damage: two passes, a cut, a tensor, a scalar."""
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(torch.randn(2, 3)).sum().backward()
+        with trace.pass_("Y"):
+            with torch.no_grad():
+                h = model[0](torch.randn(2, 3))
+            trace.tensor("S", model[2](h)).sum().backward()
+        trace.scalar("deltaH1", 1e-9)
+    return json.loads(json.dumps(gradtrace.storage.to_dict(trace)))
+
+
+def write(tmp_path, data, name="t.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_load_deeply_nested_json_is_a_gradtrace_error(tmp_path):
+    """Regression: 100,000 nested arrays let RecursionError escape from load."""
+    path = write(tmp_path, '{"format": "gradtrace-trace", "version": 1, "params": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(GradtraceError, match="nested deeper than 64"):
+        gradtrace.load(path)
+
+
+def test_nesting_is_limited_before_the_parser_recurses(tmp_path, monkeypatch):
+    """65 levels would parse, but the limit holds even where the recursion limit was raised (C stack)."""
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("parsed a file nested too deeply"))
+    path = write(tmp_path, '{"format": "gradtrace-trace", "meta": {"m": ' + "[" * 64 + "]" * 64 + "}}")
+    with pytest.raises(GradtraceError, match="nested deeper than 64"):
+        gradtrace.load(path)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(saved_dict, tmp_path):
+    saved_dict["passes"][0]["name"] = "[" * 100 + '\\"{' * 100
+    assert list(gradtrace.load(write(tmp_path, saved_dict)).passes)[0] == saved_dict["passes"][0]["name"]
+
+
+def test_load_5000_digit_integer_is_a_gradtrace_error(tmp_path):
+    """Regression: a 5,000-digit integer let ValueError (int digit limit) escape from load."""
+    path = write(tmp_path, '{"format": "gradtrace-trace", "version": 1, "params": [' + "7" * 5000 + "]}")
+    with pytest.raises(GradtraceError, match="too many digits"):
+        gradtrace.load(path)
+
+
+def _set(path, value):
+    def damage(data):
+        *parents, last = path
+        for key in parents:
+            data = data[key]
+        data[last] = value
+    return damage
+
+
+WRONG_FIELDS = {
+    "norm-null": (_set(["passes", 0, "records", "0.weight", "norm"], None),
+                  r"passes\[0\]\.records\['0\.weight'\]\.norm: expected a number, got null"),
+    "rank-coverage-list": (_set(["rank_coverage"], ["not", "a", "dict"]),
+                           r"rank_coverage: expected an object, got a JSON array"),
+    "rank-not-a-number": (_set(["rank_coverage"], {"X": {"zero": []}}), r"rank_coverage\['X'\] key"),
+    "hits-string": (_set(["passes", 0, "records", "0.weight", "hits"], "3"), r"passes\[0\]\.records\['0\.weight'\]\.hits: expected an integer from 0 to \d+, got '3'"),
+    "count-bool": (_set(["passes", 0, "runs"], True), r"passes\[0\]\.runs: expected an integer"),
+    "negative-count": (_set(["tensors", 0, "calls"], -1), r"tensors\[0\]\.calls: expected an integer from 0"),
+    "huge-count": (_set(["cuts", 0, "count"], 10 ** 4000), r"cuts\[0\]\.count: .* got an integer of 4001 digits"),
+    "negative-norm": (_set(["tensors", 0, "grads", "Y", "norm"], -1.0), r"tensors\[0\]\.grads\['Y'\]\.norm: expected a number >= 0, got -1\.0"),
+    "name-number": (_set(["scalars", 0, "name"], 5), r"scalars\[0\]\.name: expected a non-empty string"),
+    "empty-pass-name": (_set(["passes", 1, "name"], ""), r"passes\[1\]\.name: expected a non-empty string"),
+    "duplicate-pass": (_set(["passes", 1, "name"], "X"), r"passes: 'X' appears twice"),
+    "record-name-mismatch": (_set(["passes", 0, "records", "0.weight", "name"], "other"), r"passes\[0\]\.records\['0\.weight'\]\.name is 'other'"),
+    "cut-index-out-of-range": (_set(["tensors", 0, "cuts"], [7]), r"tensors\[0\]\.cuts: cut 7 is not among"),
+    "values-not-object": (_set(["tensors", 0, "values"], [1, 2]), r"tensors\[0\]\.values: expected a ValueStats"),
+    "unknown-top-field": (_set(["extra"], 1), r"top level: unknown trace field\(s\): 'extra'"),
+    "inner-without-dot": (_set(["inner_products"], [{"a": "X", "b": "Y", "preconditioned": False}]),
+                          r"inner_products\[0\]: inner product lacks field\(s\) dot"),
+    "meta-too-deep": (_set(["meta", "deep"], [[[[[[[[[[1]]]]]]]]]]), r"meta\['deep'\].*: nested deeper than 8"),
+}
+
+
+@pytest.mark.parametrize("damage, message", list(WRONG_FIELDS.values()), ids=list(WRONG_FIELDS))
+def test_load_rejects_wrongly_typed_fields(saved_dict, tmp_path, damage, message):
+    """Regression: wrongly typed fields loaded, and report()/verdicts() crashed later with raw TypeErrors."""
+    damage(saved_dict)
+    with pytest.raises(GradtraceError, match=r"is a damaged gradtrace trace: " + message):
+        gradtrace.load(write(tmp_path, saved_dict))
+
+
+def test_show_of_an_endless_device_stops_at_the_size_limit(monkeypatch, capsys):
+    """Regression: `show /dev/zero` read until MemoryError: there was no size limit."""
+    monkeypatch.setattr(gradtrace.storage, "MAX_FILE_BYTES", 1 << 20)
+    assert cli.main(["show", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradtrace: error: ") and "larger than" in err and err.count("\n") == 1
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(monkeypatch, tmp_path):
+    monkeypatch.setattr(gradtrace.storage, "MAX_FILE_BYTES", 10)
+    with pytest.raises(GradtraceError, match="larger than .*MAX_FILE_BYTES"):
+        gradtrace.load(write(tmp_path, {"format": "gradtrace-trace"}))
+
+
+def test_non_utf8_file_is_a_gradtrace_error(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_bytes(b'{"format": "gradtrace-trace\xff"}')
+    with pytest.raises(GradtraceError, match="not UTF-8"):
+        gradtrace.load(path)
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\u2066\r"
+
+
+def test_show_escapes_terminal_control_sequences_from_the_file(saved_dict, tmp_path, capsys):
+    """Regression: `show` printed names and locations verbatim, so a trace could drive the viewer's terminal."""
+    saved_dict["passes"][0]["name"] = "X" + HOSTILE
+    saved_dict["tensors"][0]["grads"] = {"X" + HOSTILE: saved_dict["tensors"][0]["grads"]["Y"]}
+    saved_dict["cuts"][0]["location"] = "model.py:1" + HOSTILE
+    saved_dict["scalars"][0]["name"] = "lone \ud800 surrogate"  # printing it raised UnicodeEncodeError
+    assert cli.main(["show", str(write(tmp_path, saved_dict))]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e\u2066\r\ud800")
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eevil\\u2066\\r" in out and "lone \\ud800 surrogate" in out
+
+
+def test_a_newline_in_a_name_does_not_forge_a_table_row(saved_dict, tmp_path):
+    saved_dict["passes"][0]["name"] = "X\ngradtrace: no problems found."
+    report = gradtrace.load(write(tmp_path, saved_dict)).report()
+    assert "X\\ngradtrace: no problems found." in report
+    assert "\ngradtrace: no problems found." not in report
+
+
+def test_diff_output_and_error_messages_are_escaped_too(saved_dict, tmp_path, capsys):
+    saved_dict["passes"][0]["name"] = "X\x1b[2J"
+    path = str(write(tmp_path, saved_dict))
+    assert cli.main(["diff", path, "X\x1b[2J", "Y"]) == 0
+    assert cli.main(["diff", path, "X", "Y\x1b[2J"]) == 2
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err and "X\\x1b[2J" in captured.out
+
+
+def test_scalar_on_a_loaded_trace_is_read_only(model, tmp_path):
+    """Regression: trace.scalar() on a loaded trace recorded into it."""
+    with gradtrace.watch(model) as trace:
+        pass
+    trace.save(tmp_path / "t.json")
+    loaded = gradtrace.load(tmp_path / "t.json")
+    with pytest.raises(GradtraceError, match="read-only"):
+        loaded.scalar("x", 1.0)
+    assert loaded.scalars == {}

@@ -316,3 +316,20 @@ def test_max_passes_keeps_the_newest_for_long_loops(policy):
     with pytest.raises(gradtrace.GradtraceError, match="max_passes"):
         with gradtrace.watch(policy, max_passes=0):
             pass
+
+
+def test_rounds_to_zero_after_a_preconditioned_diff_of_passes_sharing_no_parameter(policy):
+    """Regression: `_why_small` formatted an RMS of None (TypeError) when the passes had no parameter in common."""
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    policy(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    with gradtrace.watch(policy, keep_grads=True) as trace:
+        with trace.pass_("X"):  # reaches only the head
+            policy.head(torch.randn(5, 8)).sum().backward()
+        with trace.pass_("Y"):  # reaches only the body
+            torch.autograd.grad(policy.body(torch.randn(5, 4)).sum(), list(policy.body.parameters()))
+        trace.diff("X", "Y", precondition=opt)
+        trace.scalar("deltaH1", -1e-9)
+    verdict = first(trace, "ROUNDS_TO_ZERO")
+    assert "no parameter in common" in verdict.message
+    assert "ROUNDS_TO_ZERO" in trace.report()

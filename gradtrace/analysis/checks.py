@@ -62,8 +62,8 @@ def check_nonfinite(trace, passes, tensors, cuts):
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
     """The cut of trainable parameters seen while the tensor was being built (the latest one)."""
-    all_cuts = trace.cuts
-    candidates = [all_cuts[i] for i in record.cuts if i < len(all_cuts)]
+    by_seq = {cut.seq: cut for cut in trace.cuts}
+    candidates = [by_seq[seq] for seq in record.cuts if seq in by_seq]
     candidates = [c for c in candidates if c.params > 0 or c.kind in ("detach", "non_differentiable")]
     if not candidates:
         return None
@@ -384,6 +384,9 @@ def _why_small(trace) -> str:
         s = summaries[-1]
         numel = s.get("numel_b") or 0
         rms = s.get("norm_b_pre", 0.0) / numel ** 0.5 if numel else None
+        if rms is None:  # the two passes share no parameter: the inner product is an empty sum
+            return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is an empty sum: "
+                    "the two passes reached no parameter in common")
         # Adam-normalised gradients g / (sqrt(v_hat) + eps) are O(1) per element when healthy.
         if rms is not None and rms < 1e-3:
             return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient to an RMS of "

@@ -170,12 +170,14 @@ class CutLog:
         """Seqs of cuts seen after event number ``event``."""
         return [seq for seq, last in self.last_event.items() if last > event]
 
-    def drop_pass(self, name: str) -> None:
-        """Forget the cuts recorded inside pass ``name`` (max_passes dropped it)."""
-        for seq in self.by_pass.pop(name, ()):
+    def drop_pass(self, name: str) -> List[int]:
+        """Forget the cuts recorded inside pass ``name`` (max_passes dropped it); their seqs."""
+        gone = self.by_pass.pop(name, [])
+        for seq in gone:
             del self.by_seq[seq]
             self.last_event.pop(seq, None)
             self.index.pop(self.key_of.pop(seq), None)
+        return gone
 
 
 def trainable_counts(root: nn.Module) -> Dict[str, int]:

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 from tabulate import tabulate
 
 from ..analysis import Diff, group_by_module, outermost_cuts
+from .text import safe
 
 TABLE_FORMAT = "simple"
 TOP_PARAMS = 10
@@ -23,6 +24,9 @@ def sci(x: Optional[float]) -> str:
 
 
 def _table(rows: List[List[Any]], headers: List[str]) -> str:
+    # Names come from the trace file: a newline in one must not start a forged row.
+    rows = [[safe(c, newlines=False) if isinstance(c, str) else c for c in row] for row in rows]
+    headers = [safe(h, newlines=False) for h in headers]
     return tabulate(rows, headers=headers, tablefmt=TABLE_FORMAT, disable_numparse=True)
 
 
@@ -33,7 +37,8 @@ def report(trace) -> str:
     if len(passes) >= 2:
         sections.append(_coverage_by_module(trace, passes))
     sections += [_top_params(passes), _cuts(trace), _tensors(trace), _scalars(trace), _inner(trace)]
-    return "\n\n".join(s for s in sections if s) + "\n"
+    # Escaped once, whole: every name, location and message taken from a trace file is in it.
+    return safe("\n\n".join(s for s in sections if s) + "\n")
 
 
 def diagnosis(verdicts) -> str:
@@ -175,7 +180,7 @@ def render_diff(d: Diff) -> str:
                             ["parameter", f"norm ratio {d.b}/{d.a}"]))
     if d.inner:
         lines.append(render_inner(d.inner))
-    return "\n\n".join(lines)
+    return safe("\n\n".join(lines))  # names from a trace file reach the terminal only escaped
 
 
 def _log10(x: float) -> float:

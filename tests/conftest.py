@@ -6,6 +6,9 @@ import torch
 
 from zoo import ZOO
 
+# Tests use tiny tensors: a second intra-op thread only contends for a shared 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(params=ZOO, ids=[case.name for case in ZOO])
 def zoo_case(request):

@@ -33,8 +33,15 @@ def a_pass(name, reached=PARAMS, auto=False, **changes):
     return p
 
 
-def trace(passes_=None, **parts):
-    return gradtrace.Trace(PARAMS, meta={}, passes=passes_ or passes(a_pass("X")), **parts)
+def failed_pass(name, error):
+    p = a_pass(name)
+    p.failed = error
+    return p
+
+
+def trace(passes_=None, meta=None, **parts):
+    return gradtrace.Trace(PARAMS, meta=meta or {}, passes=passes(a_pass("X")) if passes_ is None else passes_,
+                           **parts)
 
 
 def data_tensor(name, dtype="float32", **values):
@@ -64,6 +71,11 @@ SCENARIOS = {
     "ROUNDS_TO_ZERO": lambda: trace(scalars={"deltaH1": ScalarRecord(name="deltaH1", value=-2e-8)}),
     "TINY_GRADS": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e-8, "max_abs": 1e-8} for p in PARAMS}))),
     "UNUSED_PARAMS": lambda: trace(passes(a_pass("X", reached=("body.weight", "body.bias")))),
+    "PASS_FAILED": lambda: trace(passes(failed_pass("X", "RuntimeError: boom"))),
+    "FROZEN_WHILE_WATCHED": lambda: trace(meta={"frozen_while_watched": ["head.weight"]}),
+    "NO_PASSES": lambda: trace({}, meta={"forward_calls": 3}),
+    "CLEARED_GRADS": lambda: trace(passes(a_pass("X", **{"head.weight": {"norm": 0.0, "max_abs": 0.0,
+                                                                         "cleared": True}}))),
 }
 
 

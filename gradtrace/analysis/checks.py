@@ -80,7 +80,7 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
     for t in tensors.values():
         if t.requires_grad_calls == t.calls or t.expect_grad is False:
             continue
-        cut = _linked_cut(trace, t)
+        cut = _linked_cut(trace, t) if _meant_to_carry_grad(t, passes) else None
         if cut is None and not t.expect_grad:
             continue  # data (a mask, rewards, advantages): only its values are checked
         how = "was created in inference mode" if t.inference else "does not require grad"
@@ -94,25 +94,40 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
     return out
 
 
-def _lost_coverage(passes: Dict[str, PassTrace], p: PassTrace) -> Set[str]:
+def _meant_to_carry_grad(t: TensorRecord, passes: Dict[str, PassTrace]) -> bool:
+    """Is a registered tensor that does not require grad a symptom, not data?
+
+    Data (advantages, rewards, masks) is computed next to no_grad regions by design
+    (generation, reference log-probs, reward scoring), so a cut seen while it was
+    built is no evidence by itself. It is one when the user said so
+    (``expect_grad=True``), when the tensor required grad on other calls, or when
+    nothing trained in the passes it was registered in (all passes, if it was
+    registered outside every pass): then it is what the loss was built from.
+    """
+    if t.expect_grad or t.requires_grad_calls:
+        return True
+    own = [passes[n] for n in t.passes if n in passes] or list(passes.values())
+    return not any(p.covered for p in own)
+
+
+def _lost_coverage(reached_anywhere: Set[str], p: PassTrace) -> Set[str]:
     """Parameters this pass should have reached: reached by another pass, or reachable from its tensors.
 
+    ``reached_anywhere`` is the union of every pass's coverage: minus this pass's own,
+    it is what the others reached and this one did not (one union, not one per pass).
     With nothing to compare against, a cut recorded inside the pass itself may
-    still explain every parameter the pass missed (see ``_check_graph_cuts``).
+    still explain every parameter the pass missed (see ``check_graph_cuts``).
     """
-    expected: Set[str] = set(p.expected or ())
-    for other in passes.values():
-        if other is not p:
-            expected |= other.covered
-    return expected - p.covered
+    return (reached_anywhere | set(p.expected or ())) - p.covered
 
 
 @verdict("GRAPH_CUT", rank=30, severities=("error",),
          meaning="a cut (`no_grad`, `inference_mode`, `detach`, `non_differentiable`, `checkpoint`) upstream of parameters that lost coverage: module, location, fix")
 def check_graph_cuts(trace, passes, tensors, cuts):
     explained: Dict[int, Dict[str, Any]] = {}
+    reached_anywhere = set().union(*(p.covered for p in passes.values()))
     for p in passes.values():
-        compared = _lost_coverage(passes, p)
+        compared = _lost_coverage(reached_anywhere, p)
         for cut in cuts:
             if cut.pass_name not in (p.name, None):
                 continue
@@ -126,7 +141,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
             entry["passes"].append(p.name)
             entry["lost"] |= hit
     for t in tensors.values():  # a registered tensor built across a cut: the cut is the cause even without a gap
-        if t.requires_grad_calls < t.calls and t.expect_grad is not False:
+        if t.requires_grad_calls < t.calls and t.expect_grad is not False and _meant_to_carry_grad(t, passes):
             cut = _linked_cut(trace, t)
             if cut is not None and cut.seq not in explained and cut.params > 0:
                 explained[cut.seq] = {"cut": cut, "passes": list(t.passes), "lost": set(), "tensor": t.name}
@@ -146,6 +161,11 @@ def check_graph_cuts(trace, passes, tensors, cuts):
 
 
 def _cut_fix(cut: Cut) -> str:
+    if cut.kind == "checkpoint" and cut.inputs_require_grad is False:
+        return ("No input of the checkpointed segment requires grad, so reentrant checkpointing gives its "
+                "parameters no gradient at all, in .backward() too (torch warns 'None of the inputs have "
+                "requires_grad=True'): call model.enable_input_require_grads() (transformers/peft, with frozen "
+                "embeddings), or checkpoint with use_reentrant=False.")
     return {
         "no_grad": "Compute it outside torch.no_grad() if it must carry a gradient.",
         "inference_mode": "Tensors made under torch.inference_mode() never carry gradients; "
@@ -424,3 +444,68 @@ def check_unused(trace, passes, tensors, cuts):
                     f"{len(unused)} trainable parameter(s) received no gradient in any pass: "
                     f"{describe_params(unused)}",
                     {"parameters": unused, "modules": list(group_by_module(unused))})]
+
+
+@verdict("PASS_FAILED", rank=5, severities=("error",),
+         meaning="a pass (or the watched block) ended with an exception: its backward did not complete")
+def check_pass_failed(trace, passes, tensors, cuts):
+    out = [Verdict("PASS_FAILED", "error",
+                   f"pass {p.name!r} ended with an exception ({p.failed}): its backward did not complete, so "
+                   "its figures are partial", {"pass": p.name, "error": p.failed})
+           for p in passes.values() if p.failed]
+    error = trace.meta.get("error")
+    if isinstance(error, str) and error and not out:
+        out.append(Verdict("PASS_FAILED", "error",
+                           f"the watched block ended with an exception ({error}): training did not complete",
+                           {"pass": None, "error": error}))
+    return out
+
+
+@verdict("FROZEN_WHILE_WATCHED", rank=15, severities=("error",),
+         meaning="parameters that were trainable when `watch` began stopped requiring grad while watched")
+def check_frozen_while_watched(trace, passes, tensors, cuts):
+    frozen = trace.meta.get("frozen_while_watched")
+    if not isinstance(frozen, list) or not frozen:
+        return []
+    names = [n for n in frozen if isinstance(n, str)]
+    return [Verdict("FROZEN_WHILE_WATCHED", "error",
+                    f"{len(names)} parameter(s) stopped requiring grad while watched ({describe_params(names)}): "
+                    "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)",
+                    {"parameters": names})]
+
+
+@verdict("NO_PASSES", rank=85, severities=("error",),
+         meaning="the watch saw the model run (forward calls, graph cuts) but no backward reached a watched parameter")
+def check_no_passes(trace, passes, tensors, cuts):
+    forwards = trace.meta.get("forward_calls")
+    forwards = forwards if isinstance(forwards, int) and not isinstance(forwards, bool) else 0
+    trainable_cuts = [c for c in cuts if c.params > 0]
+    if passes or not (forwards or trainable_cuts):
+        return []
+    seen = [f"{forwards} forward call(s) of the model"] if forwards else []
+    if trainable_cuts:
+        seen.append(f"{len(trainable_cuts)} graph cut(s) of trainable parameters")
+    likely = trainable_cuts[0] if trainable_cuts else None
+    because = f"; likely cause: {describe_cut(likely)}. {_cut_fix(likely)}" if likely else (
+        " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)")
+    evidence = {"forward_calls": forwards, "cuts": len(trainable_cuts)}
+    if likely is not None:
+        evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})
+    return [Verdict("NO_PASSES", "error",
+                    f"the watch saw {' and '.join(seen)} but no backward reached a watched parameter{because}",
+                    evidence)]
+
+
+@verdict("CLEARED_GRADS", rank=160, severities=("info",),
+         meaning="gradients cleared (set to None or zeroed) before gradtrace could read them: figures unknown, not zero")
+def check_cleared(trace, passes, tensors, cuts):
+    out = []
+    for p in passes.values():
+        cleared = sorted(p.cleared)
+        if cleared:
+            out.append(Verdict("CLEARED_GRADS", "info",
+                               f"pass {p.name!r}: {len(cleared)} gradient(s) were cleared before gradtrace could "
+                               f"read them ({describe_params(cleared)}); their figures are unknown, not zero. "
+                               "Close the pass before zero_grad(), or open it with read_at='run_end'",
+                               {"pass": p.name, "parameters": cleared}))
+    return out

@@ -40,6 +40,7 @@ def describe_cut(cut: Cut) -> str:
     where = (f"module {cut.module!r}" if cut.module else
              f"the root module ({cut.module_type})" if cut.module_type else "code outside any module")
     op = f" at op {cut.op}" if cut.op else ""
-    return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location})"
+    inside = f"; inside {cut.library_location}" if cut.library_location and cut.library_location != cut.location else ""
+    return f"{where} {CUT_PHRASES.get(cut.kind, cut.kind)}{op} ({cut.kind}, {cut.location}{inside})"
 
 

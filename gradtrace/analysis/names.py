@@ -32,8 +32,22 @@ def group_by_module(params: Iterable[str]) -> Dict[str, List[str]]:
 
 def describe_params(params: Iterable[str], limit: int = 4) -> str:
     groups = group_by_module(sorted(params))
-    parts = [f"{module} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
+    parts = [f"{display_name(module)} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
     more = f", +{len(parts) - limit} more modules" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more
 
 
+_ADAPTER_NAME = re.compile(r"\.(lora_[A-Za-z_]+|adapter[A-Za-z_]*)\.[^.]+(?=\.weight$|\.bias$|$)")
+_WRAPPER_PREFIXES = ("base_model.model.",)
+
+
+def display_name(name: str) -> str:
+    """A parameter or module name as tables show it: peft's wrapper prefix and adapter name dropped.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` reads
+    ``model.layers.0.self_attn.q_proj.lora_A.weight``; full names stay in JSON and evidence.
+    """
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return _ADAPTER_NAME.sub(lambda m: "." + m.group(1), name)

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 from tabulate import tabulate
 
 from ..analysis import Diff, group_by_module, outermost_cuts
+from .long_runs import LIST_EACH_UP_TO, collapse_verdicts, display_name, group_passes, recurrence
 from .text import safe
 
 TABLE_FORMAT = "simple"
@@ -33,9 +34,10 @@ def _table(rows: List[List[Any]], headers: List[str]) -> str:
 def report(trace) -> str:
     verdicts = trace.verdicts()
     passes = trace.passes
-    sections = [diagnosis(verdicts), _summary(trace, passes), _verdicts(verdicts)]
-    if len(passes) >= 2:
-        sections.append(_coverage_by_module(trace, passes))
+    groups = group_passes(passes)
+    sections = [diagnosis(verdicts), _summary(trace, groups), _verdicts(verdicts, list(passes))]
+    if len(groups) >= 2:
+        sections.append(_coverage_by_module(trace, groups))
     sections += [_top_params(passes), _cuts(trace), _tensors(trace), _scalars(trace), _inner(trace)]
     # Escaped once, whole: every name, location and message taken from a trace file is in it.
     return safe("\n\n".join(s for s in sections if s) + "\n")
@@ -51,49 +53,66 @@ def diagnosis(verdicts) -> str:
     return f"gradtrace diagnosis: {lead.code}: {lead.message}{more}"
 
 
-def _summary(trace, passes) -> str:
+def _summary(trace, groups) -> str:
     rows = []
     n = len(trace.params)
-    for p in passes.values():
+    for group in groups:
+        p, members = group.first, group.passes
         expected = f"{len(p.expected)}{'+' if p.expected_partial else ''}" if p.expected is not None else "-"
-        rows.append([p.name, "/".join(p.kinds) or "-", p.runs, f"{len(p.covered)}/{n}", expected,
-                     len(p.zero), sci(p.total_norm), sci(p.max_abs), p.nonfinite])
+        norms = [q.total_norm for q in members]
+        norm = sci(norms[0]) if len(norms) == 1 else f"{sci(min(norms))}..{sci(max(norms))}"
+        rows.append([group.label, "/".join(p.kinds) or "-", sum(q.runs for q in members), f"{len(p.covered)}/{n}",
+                     expected, max(len(q.zero) for q in members), norm, sci(max(q.max_abs for q in members)),
+                     sum(q.nonfinite for q in members)])
+    dropped = trace.meta.get("dropped_passes")
+    note = (f"\n({dropped} older passes were dropped: watch(max_passes=...) keeps the newest)"
+            if isinstance(dropped, int) and dropped > 0 else "")
     if not rows:
-        return "passes: none recorded"
+        return "passes: none recorded" + note
     return "passes\n" + _table(rows, ["pass", "via", "runs", "covered", "expected", "zero", "total norm",
-                                      "max |g|", "nonfinite"])
+                                      "max |g|", "nonfinite"]) + note
 
 
-def _verdicts(verdicts) -> str:
+def _verdicts(verdicts, pass_names) -> str:
     if not verdicts:
         return ""
-    rows = [[i + 1, v.severity, v.code, v.message] for i, v in enumerate(verdicts)]
+    rows = [[i + 1, v.severity, v.code, v.message + recurrence(seen)]
+            for i, (v, seen) in enumerate(collapse_verdicts(verdicts, pass_names))]
     return "verdicts (most likely root cause first)\n" + tabulate(
         rows, headers=["#", "severity", "code", "message"], tablefmt=TABLE_FORMAT,
         maxcolwidths=[None, None, None, 100], disable_numparse=True)
 
 
-def _coverage_by_module(trace, passes) -> str:
-    names = list(passes)
+# Coverage columns beyond this many pass groups: only the newest are shown.
+MAX_COVERAGE_COLUMNS = 8
+
+
+def _coverage_by_module(trace, pass_groups) -> str:
+    shown = pass_groups[-MAX_COVERAGE_COLUMNS:]
     groups = group_by_module(trace.params)
     rows = []
     for module, params in groups.items():
-        counts = [sum(1 for q in params if q in passes[n].covered) for n in names]
+        counts = [sum(1 for q in params if q in g.first.covered) for g in shown]
         if len(set(counts)) == 1 and counts[0] == len(params) and len(groups) > 12:
             continue  # long reports show only modules whose coverage is partial or differs
-        rows.append([module, len(params)] + [f"{c}/{len(params)}" for c in counts])
+        rows.append([display_name(module), len(params)] + [f"{c}/{len(params)}" for c in counts])
+    older = len(pass_groups) - len(shown)
+    note = f" (the newest {len(shown)} of {len(pass_groups)} coverage patterns)" if older else ""
     if not rows:
         return "coverage by module: every module fully covered in every pass"
-    return "coverage by module\n" + _table(rows, ["module", "params"] + names)
+    return f"coverage by module{note}\n" + _table(rows, ["module", "params"] + [g.short_label for g in shown])
 
 
 def _top_params(passes) -> str:
     out = []
-    for p in passes.values():
+    listed = list(passes.values())
+    if len(listed) > LIST_EACH_UP_TO:
+        listed = listed[-1:]  # a long run: the newest pass speaks for the others
+    for p in listed:
         if not p.records:
             continue
         top = sorted(p.records.values(), key=lambda r: -r.norm)[:TOP_PARAMS]
-        rows = [[r.name, r.hits, sci(r.norm), sci(r.max_abs), "yes" if r.zero else "", r.nonfinite or ""]
+        rows = [[display_name(r.name), r.hits, sci(r.norm), sci(r.max_abs), "yes" if r.zero else "", r.nonfinite or ""]
                 for r in top]
         out.append(f"top parameters in {p.name!r}\n" +
                    _table(rows, ["parameter", "hits", "norm", "max |g|", "zero", "nonfinite"]))
@@ -104,10 +123,27 @@ def _cuts(trace) -> str:
     cuts = outermost_cuts(list(trace.cuts))
     if not cuts:
         return ""
-    rows = [[c.kind, c.module or f"(root {c.module_type})", c.op or "", c.pass_name or "-", c.count,
-             c.params, c.location] for c in cuts]
+    rows = [[c.kind, display_name(c.module) or f"(root {c.module_type})", c.op or "", pass_label, count,
+             c.params, c.location + (f" (in {c.library_location})" if c.library_location else "")]
+            for c, pass_label, count in _cut_rows(cuts)]
     return "graph cuts (outermost module of each region)\n" + _table(
         rows, ["kind", "module", "op", "pass", "seen", "trainable", "location"])
+
+
+def _cut_rows(cuts):
+    """``(cut, pass column, times seen)``; in a long run, one row per place a cut recurs in pass after pass."""
+    if len(cuts) <= LIST_EACH_UP_TO:
+        return [(c, c.pass_name or "-", c.count) for c in cuts]
+    places: Dict[tuple, list] = {}
+    for c in cuts:
+        places.setdefault((c.kind, c.module, c.op, c.location), []).append(c)
+    rows = []
+    for same in places.values():
+        names = [c.pass_name for c in same if c.pass_name]
+        label = (same[0].pass_name or "-") if len(same) == 1 else f"{len(names)} passes: {names[0]} .. {names[-1]}" \
+            if names else "-"
+        rows.append((same[0], label, sum(c.count for c in same)))
+    return rows
 
 
 def _tensors(trace) -> str:

@@ -1,0 +1,278 @@
+"""GradtraceCallback on the real clients: transformers' Trainer (LoRA via peft) and TRL's GRPOTrainer.
+
+The oracle is the Trainer itself: it logs the pre-clip ``grad_norm`` of every
+optimizer step; the callback's pass for that step must give the same total
+norm. Models are random-weight tiny Llamas built from a config, the tokenizer
+a WordLevel one built here: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradtrace
+
+pytestmark = [
+    pytest.mark.slow,
+    # peft and transformers ask each other deprecated questions; not ours to fix
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+tokenizers = pytest.importorskip("tokenizers")
+
+from gradtrace.integrations.transformers import GradtraceCallback  # noqa: E402  (needs transformers)
+
+WORDS = "the a cat dog sat ran on under mat rug red blue big small and then".split()
+SEQ = 8
+STEPS = 3
+REL = 1e-5
+
+
+# ---- the tiny world --------------------------------------------------------------
+def _tokenizer():
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>", padding_side="left")
+
+
+def _llama(vocab_size):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _lora(model):
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj"]))
+
+
+def _lm_data(tokenizer, n=12):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n):
+        words = [WORDS[i] for i in torch.randint(0, len(WORDS), (SEQ,), generator=g)]
+        ids = tokenizer(" ".join(words))["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids})
+    return rows
+
+
+def _args(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
+                   logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                   dataloader_num_workers=0)
+    options.update(overrides)
+    return transformers.TrainingArguments(**options)
+
+
+class LogCollector(transformers.TrainerCallback):
+    """What the Trainer hands its reporters: every ``logs`` dict, with the step it belongs to."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+    def grad_norms(self):
+        return {step: logs["grad_norm"] for step, logs in self.logs if "grad_norm" in logs}
+
+
+def _trainer(model, args, tokenizer, *callbacks):
+    """A Trainer on the tiny LM data, with a LogCollector first among the user callbacks."""
+    collector = LogCollector()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_lm_data(tokenizer),
+                                   data_collator=transformers.default_data_collator,
+                                   callbacks=[collector, *callbacks])
+    return trainer, collector
+
+
+def _train(model, args, tokenizer, callback):
+    trainer, collector = _trainer(model, args, tokenizer)
+    callback.attach(trainer)
+    trainer.train()
+    return trainer, collector
+
+
+def _errors(trace):
+    return [v for v in trace.verdicts() if v.severity == "error"]
+
+
+def _assert_norms_match(trace, grad_norms):
+    """Each step's pass gives the Trainer's own pre-clip grad_norm for that step."""
+    assert sorted(grad_norms) == list(range(1, STEPS + 1))
+    for step, logged in grad_norms.items():
+        p = trace.passes[f"step-{step}"]
+        assert p.total_norm == pytest.approx(logged, rel=REL), f"step {step}"
+
+
+# ---- transformers Trainer --------------------------------------------------------
+def test_trainer_lora_accumulation_and_clipping(tmp_path, capsys):
+    tokenizer = _tokenizer()
+    model = _lora(_llama(len(tokenizer)))
+    callback = GradtraceCallback(save_dir=str(tmp_path / "traces"))
+    args = _args(tmp_path, gradient_accumulation_steps=2, max_grad_norm=1e-3)
+    trainer, collector = _train(model, args, tokenizer, callback)
+    trace = callback.trace
+    grad_norms = collector.grad_norms()
+    assert min(grad_norms.values()) > 10 * args.max_grad_norm  # clipping really changed every step
+    _assert_norms_match(trace, grad_norms)
+    assert [p.runs for p in trace.passes.values()] == [2] * STEPS  # both microbatches in the step's pass
+    assert _errors(trace) == []
+    assert "gradtrace step" not in capsys.readouterr().out  # no error printed
+    # the metrics reached the reporters' logs and log_history, the same keys every step
+    for step, logs in collector.logs:
+        if "grad_norm" in logs:
+            assert logs["gradtrace/total_norm"] == pytest.approx(logs["grad_norm"], rel=REL)
+            assert (logs["gradtrace/coverage"], logs["gradtrace/errors"]) == (1.0, 0.0)
+            assert logs["gradtrace/traced_step"] == step
+    history = [h for h in trainer.state.log_history if "grad_norm" in h]
+    assert [h["gradtrace/total_norm"] for h in history] == pytest.approx([h["grad_norm"] for h in history], rel=REL)
+    saved = gradtrace.load(tmp_path / "traces" / "gradtrace.json")
+    assert list(saved.passes) == [f"step-{n}" for n in range(1, STEPS + 1)]
+
+
+def test_trainer_hooks_removed_after_training(tmp_path):
+    tokenizer = _tokenizer()
+    model = _lora(_llama(len(tokenizer)))
+    callback = GradtraceCallback()
+    _train(model, _args(tmp_path, max_steps=1), tokenizer, callback)
+    # a second watch on the same parameters is refused while one is open: this one opens
+    with gradtrace.watch(model):
+        pass
+    assert list(callback.trace.passes) == ["step-1"]
+
+
+def test_every_second_step_is_logged(tmp_path):
+    tokenizer = _tokenizer()
+    callback = GradtraceCallback(every=2)
+    _, collector = _train(_lora(_llama(len(tokenizer))), _args(tmp_path), tokenizer, callback)
+    logged = [logs["gradtrace/traced_step"] for _, logs in collector.logs if "gradtrace/traced_step" in logs]
+    assert logged == [1.0, 2.0]  # step 1 (the first) and step 2; step 3 is recorded, not judged
+    assert list(callback.trace.passes) == ["step-1", "step-2", "step-3"]
+
+
+class Explodes(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_close_after_a_failed_run_keeps_the_trace(tmp_path):
+    tokenizer = _tokenizer()
+    model = _lora(_llama(len(tokenizer)))
+    callback = GradtraceCallback()
+    trainer, _ = _trainer(model, _args(tmp_path), tokenizer, Explodes())
+    callback.attach(trainer)  # after Explodes: step 2's pass is still open when it raises
+    with pytest.raises(RuntimeError, match="boom"), callback:
+        trainer.train()
+    assert list(callback.trace.passes) == ["step-1", "step-2"]  # the open pass was ended, not lost
+    with gradtrace.watch(model):  # refused while another watch holds these parameters: the hooks are gone
+        pass
+
+
+def _checkpointed(tokenizer, input_grads):
+    """LoRA under reentrant checkpointing, enabled on the model (as custom set-ups do).
+
+    transformers 5 calls ``enable_input_require_grads`` itself when the
+    Trainer turns checkpointing on; enabling it here and undoing that shows
+    the set-up older versions and custom models give.
+    """
+    model = _lora(_llama(len(tokenizer)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if input_grads:
+        model.enable_input_require_grads()
+    else:
+        model.base_model.model.disable_input_require_grads()
+        # a trainable final norm outside the checkpointed layers, so the loss still has a graph
+        model.base_model.model.model.norm.weight.requires_grad_(True)
+    return model
+
+
+def test_trainer_reentrant_checkpointing(tmp_path):
+    tokenizer = _tokenizer()
+    model = _checkpointed(tokenizer, input_grads=True)
+    callback = GradtraceCallback()
+    _, collector = _train(model, _args(tmp_path, gradient_accumulation_steps=2), tokenizer, callback)
+    _assert_norms_match(callback.trace, collector.grad_norms())
+    assert _errors(callback.trace) == []
+
+
+def test_trainer_reentrant_checkpointing_without_input_grads(tmp_path, capsys):
+    tokenizer = _tokenizer()
+    model = _checkpointed(tokenizer, input_grads=False)
+    callback = GradtraceCallback()
+    _train(model, _args(tmp_path), tokenizer, callback)
+    trace = callback.trace
+    lora = {n for n in trace.params if "lora_" in n}
+    assert lora and all(lora <= p.missing for p in trace.passes.values())  # the adapters never got a gradient
+    cuts = [v for v in _errors(trace) if v.code == "GRAPH_CUT"]
+    assert cuts, [str(v) for v in trace.verdicts()]
+    assert "enable_input_require_grads" in cuts[0].message
+    # each finding printed once, when first seen, although every step repeats it
+    printed = [line for line in capsys.readouterr().out.splitlines() if "GRAPH_CUT" in line]
+    assert printed and all(line.startswith("gradtrace step 1: GRAPH_CUT: ") for line in printed)
+    assert len(printed) == len({v.message for v in cuts if v.evidence.get("pass") == "step-1"})
+
+
+def test_plain_watch_unlabelled_runs_under_reentrant_checkpointing(tmp_path):
+    """No callback: one unlabelled pass per backward run; figures are .grad as each run left it (pre-clip)."""
+    tokenizer = _tokenizer()
+    model = _checkpointed(tokenizer, input_grads=True)
+    trainer, collector = _trainer(model, _args(tmp_path, max_grad_norm=1e-3), tokenizer)
+    with gradtrace.watch(trainer.model) as trace:
+        trainer.train()
+    assert [v for v in _errors(trace) if v.code == "ZERO_GRADS"] == []
+    norms = [p.total_norm for p in trace.passes.values()]
+    logged = [collector.grad_norms()[step] for step in range(1, STEPS + 1)]
+    assert norms == pytest.approx(logged, rel=REL)
+
+
+# ---- TRL GRPO --------------------------------------------------------------------
+def _register_a_and_mask(trace, inputs):
+    trace.tensor("A", inputs["advantages"])
+    trace.tensor("completion_mask", inputs["completion_mask"])
+
+
+def _characters(completions, **kwargs):
+    """Reward: the completion's length in characters (differs between a prompt's completions)."""
+    return [float(len(c)) for c in completions]
+
+
+def test_grpo_registers_advantages_without_false_cuts(tmp_path, capsys):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizer = _tokenizer()
+    model = _lora(_llama(len(tokenizer)))
+    prompts = datasets.Dataset.from_list([{"prompt": p} for p in ["the cat sat", "a dog ran", "the red mat",
+                                                                   "a big rug"] * 2])
+    config = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                            max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1,
+                            report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                            temperature=1.0)
+    collector = LogCollector()
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=_characters, args=config, train_dataset=prompts,
+                              processing_class=tokenizer, callbacks=[collector])
+    callback = GradtraceCallback(register=_register_a_and_mask).attach(trainer)
+    trainer.train()
+    trace = callback.trace
+    # generation runs under no_grad by design: not a cut of A, nor of anything the loss needed
+    wrong = [v for v in trace.verdicts() if v.code in ("TENSOR_NO_GRAD", "GRAPH_CUT")]
+    assert wrong == [], [str(v) for v in wrong]
+    assert _errors(trace) == [], [str(v) for v in _errors(trace)]
+    assert trace.tensors["A"].calls == 2 and trace.tensors["completion_mask"].calls == 2
+    for step, logged in collector.grad_norms().items():
+        assert trace.passes[f"step-{step}"].total_norm == pytest.approx(logged, rel=REL)
+    assert sorted(collector.grad_norms()) == [1, 2]
+    assert not math.isnan(trace.passes["step-1"].total_norm)

@@ -7,8 +7,6 @@ a WordLevel one built here: nothing is downloaded.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -27,72 +25,18 @@ peft = pytest.importorskip("peft")
 tokenizers = pytest.importorskip("tokenizers")
 
 from gradtrace.integrations.transformers import GradtraceCallback  # noqa: E402  (needs transformers)
+from tiny_trainer import LogCollector, lm_data, make_llama, make_tokenizer, training_args, with_lora  # noqa: E402
+from tiny_trainer import grpo_trainer  # noqa: E402
 
-WORDS = "the a cat dog sat ran on under mat rug red blue big small and then".split()
 SEQ = 8
 STEPS = 3
 REL = 1e-5
 
 
-# ---- the tiny world --------------------------------------------------------------
-def _tokenizer():
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>", padding_side="left")
-
-
-def _llama(vocab_size):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config)
-
-
-def _lora(model):
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                      target_modules=["q_proj", "v_proj"]))
-
-
-def _lm_data(tokenizer, n=12):
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for _ in range(n):
-        words = [WORDS[i] for i in torch.randint(0, len(WORDS), (SEQ,), generator=g)]
-        ids = tokenizer(" ".join(words))["input_ids"]
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids})
-    return rows
-
-
-def _args(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
-                   logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-                   dataloader_num_workers=0)
-    options.update(overrides)
-    return transformers.TrainingArguments(**options)
-
-
-class LogCollector(transformers.TrainerCallback):
-    """What the Trainer hands its reporters: every ``logs`` dict, with the step it belongs to."""
-
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append((state.global_step, dict(logs)))
-
-    def grad_norms(self):
-        return {step: logs["grad_norm"] for step, logs in self.logs if "grad_norm" in logs}
-
-
 def _trainer(model, args, tokenizer, *callbacks):
     """A Trainer on the tiny LM data, with a LogCollector first among the user callbacks."""
     collector = LogCollector()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_lm_data(tokenizer),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=lm_data(tokenizer),
                                    data_collator=transformers.default_data_collator,
                                    callbacks=[collector, *callbacks])
     return trainer, collector
@@ -119,10 +63,10 @@ def _assert_norms_match(trace, grad_norms):
 
 # ---- transformers Trainer --------------------------------------------------------
 def test_trainer_lora_accumulation_and_clipping(tmp_path, capsys):
-    tokenizer = _tokenizer()
-    model = _lora(_llama(len(tokenizer)))
+    tokenizer = make_tokenizer()
+    model = with_lora(make_llama(len(tokenizer)))
     callback = GradtraceCallback(save_dir=str(tmp_path / "traces"))
-    args = _args(tmp_path, gradient_accumulation_steps=2, max_grad_norm=1e-3)
+    args = training_args(tmp_path, gradient_accumulation_steps=2, max_grad_norm=1e-3)
     trainer, collector = _train(model, args, tokenizer, callback)
     trace = callback.trace
     grad_norms = collector.grad_norms()
@@ -144,10 +88,10 @@ def test_trainer_lora_accumulation_and_clipping(tmp_path, capsys):
 
 
 def test_trainer_hooks_removed_after_training(tmp_path):
-    tokenizer = _tokenizer()
-    model = _lora(_llama(len(tokenizer)))
+    tokenizer = make_tokenizer()
+    model = with_lora(make_llama(len(tokenizer)))
     callback = GradtraceCallback()
-    _train(model, _args(tmp_path, max_steps=1), tokenizer, callback)
+    _train(model, training_args(tmp_path, max_steps=1), tokenizer, callback)
     # a second watch on the same parameters is refused while one is open: this one opens
     with gradtrace.watch(model):
         pass
@@ -155,9 +99,9 @@ def test_trainer_hooks_removed_after_training(tmp_path):
 
 
 def test_every_second_step_is_logged(tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     callback = GradtraceCallback(every=2)
-    _, collector = _train(_lora(_llama(len(tokenizer))), _args(tmp_path), tokenizer, callback)
+    _, collector = _train(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer, callback)
     logged = [logs["gradtrace/traced_step"] for _, logs in collector.logs if "gradtrace/traced_step" in logs]
     assert logged == [1.0, 2.0]  # step 1 (the first) and step 2; step 3 is recorded, not judged
     assert list(callback.trace.passes) == ["step-1", "step-2", "step-3"]
@@ -170,10 +114,10 @@ class Explodes(transformers.TrainerCallback):
 
 
 def test_close_after_a_failed_run_keeps_the_trace(tmp_path):
-    tokenizer = _tokenizer()
-    model = _lora(_llama(len(tokenizer)))
+    tokenizer = make_tokenizer()
+    model = with_lora(make_llama(len(tokenizer)))
     callback = GradtraceCallback()
-    trainer, _ = _trainer(model, _args(tmp_path), tokenizer, Explodes())
+    trainer, _ = _trainer(model, training_args(tmp_path), tokenizer, Explodes())
     callback.attach(trainer)  # after Explodes: step 2's pass is still open when it raises
     with pytest.raises(RuntimeError, match="boom"), callback:
         trainer.train()
@@ -189,7 +133,7 @@ def _checkpointed(tokenizer, input_grads):
     Trainer turns checkpointing on; enabling it here and undoing that shows
     the set-up older versions and custom models give.
     """
-    model = _lora(_llama(len(tokenizer)))
+    model = with_lora(make_llama(len(tokenizer)))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if input_grads:
         model.enable_input_require_grads()
@@ -201,19 +145,19 @@ def _checkpointed(tokenizer, input_grads):
 
 
 def test_trainer_reentrant_checkpointing(tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     model = _checkpointed(tokenizer, input_grads=True)
     callback = GradtraceCallback()
-    _, collector = _train(model, _args(tmp_path, gradient_accumulation_steps=2), tokenizer, callback)
+    _, collector = _train(model, training_args(tmp_path, gradient_accumulation_steps=2), tokenizer, callback)
     _assert_norms_match(callback.trace, collector.grad_norms())
     assert _errors(callback.trace) == []
 
 
 def test_trainer_reentrant_checkpointing_without_input_grads(tmp_path, capsys):
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     model = _checkpointed(tokenizer, input_grads=False)
     callback = GradtraceCallback()
-    _train(model, _args(tmp_path), tokenizer, callback)
+    _train(model, training_args(tmp_path), tokenizer, callback)
     trace = callback.trace
     lora = {n for n in trace.params if "lora_" in n}
     assert lora and all(lora <= p.missing for p in trace.passes.values())  # the adapters never got a gradient
@@ -228,9 +172,9 @@ def test_trainer_reentrant_checkpointing_without_input_grads(tmp_path, capsys):
 
 def test_plain_watch_unlabelled_runs_under_reentrant_checkpointing(tmp_path):
     """No callback: one unlabelled pass per backward run; figures are .grad as each run left it (pre-clip)."""
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     model = _checkpointed(tokenizer, input_grads=True)
-    trainer, collector = _trainer(model, _args(tmp_path, max_grad_norm=1e-3), tokenizer)
+    trainer, collector = _trainer(model, training_args(tmp_path, max_grad_norm=1e-3), tokenizer)
     with gradtrace.watch(trainer.model) as trace:
         trainer.train()
     assert [v for v in _errors(trace) if v.code == "ZERO_GRADS"] == []
@@ -245,25 +189,12 @@ def _register_a_and_mask(trace, inputs):
     trace.tensor("completion_mask", inputs["completion_mask"])
 
 
-def _characters(completions, **kwargs):
-    """Reward: the completion's length in characters (differs between a prompt's completions)."""
-    return [float(len(c)) for c in completions]
-
-
 def test_grpo_registers_advantages_without_false_cuts(tmp_path, capsys):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-    tokenizer = _tokenizer()
-    model = _lora(_llama(len(tokenizer)))
-    prompts = datasets.Dataset.from_list([{"prompt": p} for p in ["the cat sat", "a dog ran", "the red mat",
-                                                                   "a big rug"] * 2])
-    config = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
-                            max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1,
-                            report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-                            temperature=1.0)
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    tokenizer = make_tokenizer()
     collector = LogCollector()
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=_characters, args=config, train_dataset=prompts,
-                              processing_class=tokenizer, callbacks=[collector])
+    trainer = grpo_trainer(tmp_path, with_lora(make_llama(len(tokenizer))), tokenizer, [collector])
     callback = GradtraceCallback(register=_register_a_and_mask).attach(trainer)
     trainer.train()
     trace = callback.trace
@@ -272,7 +203,7 @@ def test_grpo_registers_advantages_without_false_cuts(tmp_path, capsys):
     assert wrong == [], [str(v) for v in wrong]
     assert _errors(trace) == [], [str(v) for v in _errors(trace)]
     assert trace.tensors["A"].calls == 2 and trace.tensors["completion_mask"].calls == 2
-    for step, logged in collector.grad_norms().items():
+    for step, logged in collector.grad_norms().items():  # the GRPO loss's pre-clip norm, too
         assert trace.passes[f"step-{step}"].total_norm == pytest.approx(logged, rel=REL)
     assert sorted(collector.grad_norms()) == [1, 2]
-    assert not math.isnan(trace.passes["step-1"].total_norm)
+    assert "gradtrace step" not in capsys.readouterr().out

@@ -7,6 +7,8 @@ a WordLevel one built here: nothing is downloaded.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -98,13 +100,35 @@ def test_trainer_hooks_removed_after_training(tmp_path):
     assert list(callback.trace.passes) == ["step-1"]
 
 
-def test_every_second_step_is_logged(tmp_path):
+def test_every_second_step_is_logged_and_saved(tmp_path):
     tokenizer = make_tokenizer()
-    callback = GradtraceCallback(every=2)
+    callback = GradtraceCallback(every=2, save_every=2, save_dir=str(tmp_path / "traces"))
     _, collector = _train(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer, callback)
     logged = [logs["gradtrace/traced_step"] for _, logs in collector.logs if "gradtrace/traced_step" in logs]
     assert logged == [1.0, 2.0]  # step 1 (the first) and step 2; step 3 is recorded, not judged
     assert list(callback.trace.passes) == ["step-1", "step-2", "step-3"]
+    assert list(gradtrace.load(tmp_path / "traces" / "step-2.json").passes) == ["step-1", "step-2"]
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["gradtrace.json", "step-2.json"]
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(every=0), "every=...) is a positive int"),
+    (dict(save_every=3), "give save_dir too"),
+    (dict(register="A"), "register=...) is a function"),
+])
+def test_bad_options_are_refused(options, says):
+    with pytest.raises(gradtrace.GradtraceError, match=re.escape(says)):
+        GradtraceCallback(**options)
+
+
+def test_register_without_attach_is_refused_before_any_hook(tmp_path):
+    tokenizer = make_tokenizer()
+    model = with_lora(make_llama(len(tokenizer)))
+    trainer, _ = _trainer(model, training_args(tmp_path), tokenizer, GradtraceCallback(register=print))
+    with pytest.raises(gradtrace.GradtraceError, match=re.escape("callback.attach(trainer)")):
+        trainer.train()
+    with gradtrace.watch(model):  # nothing was left watching the parameters
+        pass
 
 
 class Explodes(transformers.TrainerCallback):

@@ -60,7 +60,9 @@ class GradtraceCallback(TrainerCallback):
     ``max_passes``: keep only the newest N passes in ``trace`` (memory stays
     bounded over a long run). ``cuts``: ``gradtrace.watch``'s cut detection.
     ``save_dir``: ``trace.save(<save_dir>/gradtrace.json)`` when training ends
-    or the callback is closed. ``register``: ``register(trace, inputs)`` is
+    or the callback is closed. ``save_every``: also ``<save_dir>/step-<n>.json``
+    every N steps (with ``save_every <= max_passes`` no step is lost to the
+    bound). ``register``: ``register(trace, inputs)`` is
     called with each microbatch the trainer hands to ``compute_loss`` while a
     step's pass is open (GRPO: ``inputs["advantages"]``,
     ``inputs["completion_mask"]``); needs ``attach(trainer)``.
@@ -69,14 +71,17 @@ class GradtraceCallback(TrainerCallback):
     """
 
     def __init__(self, *, every: int = 1, max_passes: Optional[int] = 100, cuts: str = "modules",
-                 save_dir: Optional[str] = None, register: Optional[Callable[[Any, Dict[str, Any]], Any]] = None,
+                 save_dir: Optional[str] = None, save_every: Optional[int] = None, register: Optional[Callable[[Any, Dict[str, Any]], Any]] = None,
                  print_errors: bool = True, prefix: str = "gradtrace/"):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise GradtraceError(f"GradtraceCallback(every=...) is a positive int, got {every!r}")
+        for option, value in (("every", every), ("save_every", save_every)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise GradtraceError(f"GradtraceCallback({option}=...) is a positive int, got {value!r}")
+        if save_every is not None and save_dir is None:
+            raise GradtraceError("GradtraceCallback(save_every=...) writes into save_dir: give save_dir too")
         if register is not None and not callable(register):
             raise GradtraceError(f"GradtraceCallback(register=...) is a function (trace, inputs), got {register!r}")
         self.every, self.max_passes, self.cuts = every, max_passes, cuts
-        self.save_dir, self.register, self.print_errors, self.prefix = save_dir, register, print_errors, prefix
+        self.save_dir, self.save_every, self.register, self.print_errors, self.prefix = save_dir, save_every, register, print_errors, prefix
         self.trace = None  # the LiveTrace of the current (or last) training run; readable after it ends
         self.metrics: Dict[str, float] = {}  # the newest traced step's metrics
         self._watch: Optional[contextlib.ExitStack] = None
@@ -119,8 +124,7 @@ class GradtraceCallback(TrainerCallback):
         self._finalizer = None
         self._watch = self._pass = self._open_step = None
         if self.save_dir is not None and self.trace is not None:
-            os.makedirs(self.save_dir, exist_ok=True)
-            self.trace.save(os.path.join(self.save_dir, "gradtrace.json"))
+            self._save("gradtrace.json")
 
     def __enter__(self) -> "GradtraceCallback":
         return self
@@ -159,6 +163,8 @@ class GradtraceCallback(TrainerCallback):
         self._pass.close()
         if step == 1 or step % self.every == 0:
             self._after_step(f"step-{step}", step)
+        if self.save_every is not None and step % self.save_every == 0:
+            self._save(f"step-{step}.json")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Without attach(): reaches callbacks after this one only (see the module docstring).
@@ -176,6 +182,10 @@ class GradtraceCallback(TrainerCallback):
         self._logged = False
         if self.print_errors:
             self._print_new_errors(verdicts, step)
+
+    def _save(self, filename: str) -> None:
+        os.makedirs(self.save_dir, exist_ok=True)
+        self.trace.save(os.path.join(self.save_dir, filename))
 
     def _print_new_errors(self, verdicts, step: int) -> None:
         for v in verdicts:

@@ -252,7 +252,8 @@ class ModuleCutDetector:
                 kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
             caller = _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
-            log.record(kind, name, module_type, trainable, site, frame=caller)
+            inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
+            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs)
 
         if name:
             return on_forward

@@ -386,6 +386,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         handles.append(p.register_post_accumulate_grad_hook(written))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
+        trace.meta["ran_with_grad"] = recording.cut_log.ran_with_grad  # saved as a sorted list
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         stack.enter_context(OpCutMode(root, recording.cut_log, recording.names_by_id).attach(handles.append))

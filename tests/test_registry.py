@@ -64,6 +64,8 @@ SCENARIOS = {
     "ROUNDS_TO_ZERO": lambda: trace(scalars={"deltaH1": ScalarRecord(name="deltaH1", value=-2e-8)}),
     "TINY_GRADS": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e-8, "max_abs": 1e-8} for p in PARAMS}))),
     "UNUSED_PARAMS": lambda: trace(passes(a_pass("X", reached=("body.weight", "body.bias")))),
+    "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
+                                               passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Set
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from .cuts import cut_params, describe_cut, outermost_cuts
 from .diff import Diff, diff
-from .names import describe_params, group_by_module
+from .names import describe_params, group_by_module, in_module
 from .registry import ordered, sort_key, verdict
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
@@ -135,7 +135,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
         cut: Cut = entry["cut"]
         lost = entry["lost"]
         passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
-        lost_txt = (f"; pass {passes_txt} lost {len(lost)} parameter(s): {describe_params(lost)}"
+        lost_txt = (f"; pass {passes_txt} lost {len(lost)} parameter(s): {describe_params(lost, universe=trace.params)}"
                     if lost else f"; tensor {entry.get('tensor')!r} was built across it")
         out.append(Verdict("GRAPH_CUT", "error",
                            f"graph cut: {describe_cut(cut)}{lost_txt}. {_cut_fix(cut)}",
@@ -167,7 +167,7 @@ def check_stale(trace, passes, tensors, cuts):
         if stale:
             out.append(Verdict("STALE_GRADS", "error",
                                f"pass {p.name!r}: .grad already held values when the pass began for "
-                               f"{len(stale)} parameter(s) ({describe_params(stale)}): gradients were not "
+                               f"{len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): gradients were not "
                                "zeroed; call optimizer.zero_grad() before the pass",
                                {"pass": p.name, "parameters": stale}))
     return out
@@ -284,14 +284,14 @@ def check_coverage_gaps(trace, passes, tensors, cuts):
             continue
         parts = []
         if d.only_a:
-            parts.append(f"{len(d.only_a)} reached in {a.name!r} but not {b.name!r}: {describe_params(d.only_a)}")
+            parts.append(f"{len(d.only_a)} reached in {a.name!r} but not {b.name!r}: {describe_params(d.only_a, universe=trace.params)}")
         if d.only_b:
-            parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b)}")
+            parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b, universe=trace.params)}")
         out.append(Verdict("COVERAGE_GAP", "error",
                            "coverage gap: " + "; ".join(parts) + _gap_hint(d),
                            {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),
-                            "modules_only_a": list(group_by_module(sorted(d.only_a))),
-                            "modules_only_b": list(group_by_module(sorted(d.only_b)))}))
+                            "modules_only_a": list(group_by_module(sorted(d.only_a), trace.params)),
+                            "modules_only_b": list(group_by_module(sorted(d.only_b), trace.params))}))
     return out
 
 
@@ -323,8 +323,8 @@ def check_zero_upstream(trace, passes, tensors, cuts):
     return out
 
 
-@verdict("ZERO_GRADS", rank=110, severities=("error", "warning"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning (expected for LoRA A while B is still zero)")
+@verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when a zero partner explains it (LoRA A while B is still zero)")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -332,13 +332,44 @@ def check_zero_grads(trace, passes, tensors, cuts):
         if not zero:
             continue
         every = len(zero) == len(p.covered)
-        msg = (f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly zero gradient"
-               if every else
-               f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly zero gradient "
-               f"({describe_params(zero)}); expected for LoRA A matrices while B is still zero")
-        out.append(Verdict("ZERO_GRADS", "error" if every else "warning", msg,
-                           {"pass": p.name, "parameters": zero, "all": every}))
+        if every:
+            out.append(Verdict("ZERO_GRADS", "error",
+                               f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
+                               "zero gradient", {"pass": p.name, "parameters": zero, "all": True}))
+            continue
+        explained = _zero_partner_explained(p, zero)
+        severity = "info" if explained else "warning"
+        why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
+               "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps"
+               if explained else "")
+        out.append(Verdict("ZERO_GRADS", severity,
+                           f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
+                           f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
+                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained}))
     return out
+
+
+def _lora_partner(param: str) -> Optional[str]:
+    """``...lora_A.weight`` -> ``...lora_B.weight`` (peft's and the demo's naming); None for other names."""
+    parts = param.split(".")
+    for i, part in enumerate(parts):
+        if part == "lora_A":
+            return ".".join(parts[:i] + ["lora_B"] + parts[i + 1:])
+    return None
+
+
+def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
+    """Every zero gradient belongs to a LoRA A whose B was reached with a nonzero gradient.
+
+    That is the signature of B == 0: dL/dA = B^T (dL/dy) x^T vanishes while dL/dB = (dL/dy)(A x)^T does not.
+    """
+    records = p.records
+    for name in zero:
+        partner = _lora_partner(name)
+        record = records.get(partner) if partner else None
+        if record is None or record.zero or record.nonfinite:
+            return False
+    return True
 
 
 @verdict("RANK_DIVERGENCE", rank=120, severities=("error",),
@@ -357,7 +388,7 @@ def check_rank_divergence(trace, passes, tensors, cuts):
             out.append(Verdict("RANK_DIVERGENCE", "error",
                                f"pass {pass_name!r}: coverage differs across ranks; rank(s) "
                                f"{', '.join(map(str, sorted(differing)))} missed {len(params)} parameter(s) others "
-                               f"reached ({describe_params(params)})",
+                               f"reached ({describe_params(params, universe=trace.params)})",
                                {"pass": pass_name, "ranks": sorted(differing), "parameters": params,
                                 "missing_by_rank": {str(k): v for k, v in differing.items()}}))
     return out
@@ -408,6 +439,48 @@ def check_tiny_grads(trace, passes, tensors, cuts):
     return out
 
 
+@verdict("DETACHED_OUTPUT", rank=145, severities=("warning",),
+         meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in any pass: its output was detached or not used by the loss downstream (op and line with `cuts=\"ops\"`)")
+def check_detached_output(trace, passes, tensors, cuts):
+    ran = set(trace.meta.get("ran_with_grad") or ())
+    if not ran or not passes or not any(p.covered for p in passes.values()):
+        return []
+    reached = set().union(*(p.covered for p in passes.values()))
+    out = []
+    for module, params in _wholly_unreached_modules(trace.params, reached, ran).items():
+        op_cut = next((c for c in cuts if c.op is not None and c.kind in ("detach", "non_differentiable")), None)
+        where = (f": {describe_cut(op_cut)}" if op_cut is not None else
+                 "; gradtrace.watch(model, cuts=\"ops\") names the op and line that cut it")
+        out.append(Verdict("DETACHED_OUTPUT", "warning",
+                           f"the output of {module!r} never received a gradient: it ran with grad and its output "
+                           f"required grad, yet none of its {len(params)} parameter(s) got one in any pass; it was "
+                           f"detached or not used by the loss downstream{where}",
+                           {"module": module, "parameters": params,
+                            **({"op": op_cut.op, "location": op_cut.location} if op_cut is not None else {})}))
+    return out
+
+
+def _wholly_unreached_modules(params, reached: Set[str], ran: Set[str]) -> Dict[str, List[str]]:
+    """``{module: its params}`` for the outermost modules that ran with grad yet none of whose params was reached.
+
+    Judged on the whole module: one reached parameter means its output did carry a gradient back.
+    """
+    unreached = [p for p in params if p not in reached]
+    candidates = set()
+    for p in unreached:  # only ancestors of an unreached parameter can qualify: the common case is cheap
+        parts = p.split(".")[:-1]
+        candidates.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    by_module: Dict[str, List[str]] = {}
+    for module in sorted(candidates & ran, key=lambda m: (m.count("."), m)):
+        if any(in_module(p, module) for p in reached):
+            continue
+        inside = [p for p in unreached if in_module(p, module)]
+        if any(in_module(module, outer) and module != outer for outer in by_module):
+            continue  # inside a module already reported
+        by_module[module] = inside
+    return by_module
+
+
 @verdict("UNUSED_PARAMS", rank=150, severities=("warning",),
          meaning="trainable parameters that received no gradient in any pass")
 def check_unused(trace, passes, tensors, cuts):
@@ -419,5 +492,5 @@ def check_unused(trace, passes, tensors, cuts):
         return []
     return [Verdict("UNUSED_PARAMS", "warning",
                     f"{len(unused)} trainable parameter(s) received no gradient in any pass: "
-                    f"{describe_params(unused)}",
-                    {"parameters": unused, "modules": list(group_by_module(unused))})]
+                    f"{describe_params(unused, universe=trace.params)}",
+                    {"parameters": unused, "modules": list(group_by_module(unused, trace.params))})]

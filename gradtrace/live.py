@@ -24,7 +24,7 @@ from .capture.passes import PassState
 from .capture.reach import reachable_params
 from .capture.recorder import PendingPass, Recorder
 from .errors import GradtraceError
-from .records import VALUE_FIELDS, ScalarRecord, TensorRecord
+from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
 from .trace import Trace
 
 CUT_MODES = ("modules", "ops", "off")
@@ -56,6 +56,7 @@ class Recording:
     max_passes: Optional[int]
     pending: List[Tuple[str, PendingPass]] = field(default_factory=list)
     pending_values: List[PendingValues] = field(default_factory=list)
+    pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
     tensor_handles: List[Any] = field(default_factory=list)
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
@@ -107,6 +108,9 @@ class LiveTrace(Trace):
         values, recording.pending_values = recording.pending_values, []
         for item in values:
             self._tensors[item.tensor].values.merge(item.to_host())
+        rows, recording.pending_rows = recording.pending_rows, []
+        for name, (keys, vector) in rows:
+            self._tensors[name].merge_row_facts(dict(zip(keys, vector.tolist())))
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
         """As ``Trace.diff``; with ``keep_grads=True`` also the inner product of the two passes.
@@ -158,8 +162,16 @@ class LiveTrace(Trace):
         finally:
             recorder.end_pass(state)
 
-    def tensor(self, name: str, t: torch.Tensor, expect_grad: Optional[bool] = None) -> torch.Tensor:
-        """Record forward facts of ``t`` now and, if it requires grad, what backward brings it."""
+    def tensor(self, name: str, t: torch.Tensor, expect_grad: Optional[bool] = None, *,
+               role: Optional[str] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record forward facts of ``t`` now and, if it requires grad, what backward brings it.
+
+        ``role`` ("mask", "attention_mask", "completion_mask", "group") asks for row facts:
+        empty rows and selected lengths of a mask (any bool tensor gets them), the padding
+        side of an attention mask, a per-row std histogram of a group tensor (advantages).
+        ``attention_mask`` pairs a completion mask with its attention mask: selected
+        positions on padding, and empty rows where the sequence has tokens, are flagged.
+        """
         self._require_open("tensor")
         if not isinstance(name, str) or not name:
             raise GradtraceError(f"tensor names are non-empty strings, got {name!r}")
@@ -167,6 +179,7 @@ class LiveTrace(Trace):
             raise GradtraceError(f"trace.tensor({name!r}, ...) takes a torch.Tensor, got {type(t).__name__}")
         if expect_grad not in (None, True, False):
             raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
+        facts = _row_facts(name, t, role, attention_mask)
         record = self._tensor_record(name)
         _note_forward_facts(record, t, expect_grad)
         recording = self._recording
@@ -178,6 +191,10 @@ class LiveTrace(Trace):
                 record.cuts.append(index)
         recording.cut_mark = recording.cut_log.events
         recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
+        if role is not None:
+            record.role = role
+        if facts is not None:
+            recording.pending_rows.append((name, facts))
         if t.requires_grad:
             self._hook_tensor(name, t, active)
         return t
@@ -266,6 +283,19 @@ class LiveTrace(Trace):
         for handle in recording.tensor_handles:
             handle.remove()
         recording.tensor_handles.clear()
+
+
+def _row_facts(name: str, t, role: Optional[str], attention_mask):
+    """``stats.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
+    if role is not None and role not in TENSOR_ROLES:
+        raise GradtraceError(f"trace.tensor({name!r}, ..., role={role!r}): role is one of {', '.join(TENSOR_ROLES)}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...) takes a torch.Tensor, got "
+                             f"{type(attention_mask).__name__}")
+    try:
+        return stats.row_facts(t, role, attention_mask)
+    except ValueError as e:
+        raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...): {e}") from None
 
 
 def _note_forward_facts(record: TensorRecord, t: torch.Tensor, expect_grad: Optional[bool]) -> None:

@@ -12,6 +12,10 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 SEVERITIES = ("error", "warning", "info")
 
+# What ``trace.tensor(name, t, role=...)`` accepts: masks get row lengths, attention masks their
+# padding side, completion masks their alignment with an attention mask, groups a per-row std histogram.
+TENSOR_ROLES = ("mask", "attention_mask", "completion_mask", "group")
+
 # What ``capture.stats.value_stats`` computes for a registered tensor, in order;
 # ``ValueStats.merge`` reads them by name.
 VALUE_FIELDS = ("numel", "sum", "sumsq", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
@@ -216,6 +220,31 @@ class TensorRecord:
     reachable: Optional[List[str]] = None  # trainable parameters its graph reaches
     reach_partial: bool = False  # a checkpoint node hid part of its graph
     trainable_upstream: bool = False  # its graph reaches at least one watched parameter
+    role: Optional[str] = None  # what the user said it is: TENSOR_ROLES
+    # Per-row facts summed over calls (``capture.stats.row_facts``): "rows", "empty_rows",
+    # "selected_min/max/sum", "left_padded", "right_padded", "on_padding", "empty_with_tokens", "std ..." bins.
+    row_facts: Dict[str, float] = field(default_factory=dict)
+
+    def merge_row_facts(self, facts: Mapping[str, float]) -> None:
+        for key, value in facts.items():
+            old = self.row_facts.get(key)
+            if old is None:
+                self.row_facts[key] = value
+            elif key.endswith("_min"):
+                self.row_facts[key] = min(old, value)
+            elif key.endswith("_max"):
+                self.row_facts[key] = max(old, value)
+            else:
+                self.row_facts[key] = old + value
+
+    @property
+    def padding_side(self) -> Optional[str]:
+        """"left", "right", "none" or "mixed", from an attention mask's rows; None when not known."""
+        left, right = self.row_facts.get("left_padded"), self.row_facts.get("right_padded")
+        if left is None or right is None:
+            return None
+        return {(False, False): "none", (True, False): "left", (False, True): "right"}.get(
+            (left > 0, right > 0), "mixed")
 
 
 @dataclass

@@ -220,6 +220,55 @@ def check_all_zero_values(trace, passes, tensors, cuts):
     return out
 
 
+def _lengths(facts: Dict[str, float]) -> str:
+    rows = facts.get("rows") or 0
+    mean = facts.get("selected_sum", 0.0) / rows if rows else 0.0
+    return (f"selected length mean {mean:.1f}, min {facts.get('selected_min', 0):.0f}, "
+            f"max {facts.get('selected_max', 0):.0f}")
+
+
+ALIGN_HINT = ("ensure the mask aligns with the attention mask's padding (with left padding, generated tokens "
+              "start at the padded prompt width, not at each prompt's own length)")
+
+
+@verdict("EMPTY_ROWS", rank=65, severities=("error", "warning"),
+         meaning="rows of a registered mask that select nothing (zero-length generations), with the count and fraction: an error when every row, else a warning")
+def check_empty_rows(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        facts = t.row_facts
+        rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
+        if not empty or "selected_sum" not in facts:
+            continue
+        fraction = empty / rows
+        with_tokens = facts.get("empty_with_tokens") or 0
+        hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
+                f"{ALIGN_HINT}" if with_tokens else "")
+        out.append(Verdict("EMPTY_ROWS", "error" if empty == rows else "warning",
+                           f"tensor {t.name!r}: {empty:.0f} of {rows:.0f} rows ({fraction:.0%}) select nothing "
+                           f"(zero-length generations contribute no token); {_lengths(facts)}{hint}",
+                           {"tensor": t.name, "rows": int(rows), "empty_rows": int(empty), "fraction": fraction,
+                            "empty_with_tokens": int(with_tokens)}))
+    return out
+
+
+@verdict("MASK_ON_PADDING", rank=66, severities=("error",),
+         meaning="a completion mask paired with its attention mask selects padding positions")
+def check_mask_on_padding(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        on_padding = t.row_facts.get("on_padding") or 0
+        if not on_padding:
+            continue
+        side = t.padding_side
+        padded = f" ({side}-padded)" if side in ("left", "right", "mixed") else ""
+        out.append(Verdict("MASK_ON_PADDING", "error",
+                           f"tensor {t.name!r}: {on_padding:.0f} selected position(s) fall on padding of its "
+                           f"attention mask{padded}: {ALIGN_HINT}",
+                           {"tensor": t.name, "on_padding": int(on_padding), "padding_side": side}))
+    return out
+
+
 @verdict("TENSOR_NOT_REACHED", rank=70, severities=("error",),
          meaning="a registered tensor requires grad but backward never reached it in a pass")
 def check_tensor_not_reached(trace, passes, tensors, cuts):

@@ -32,7 +32,8 @@ def report(trace) -> str:
     sections = [diagnosis(verdicts), _summary(trace, passes), _verdicts(verdicts)]
     if len(passes) >= 2:
         sections.append(_coverage_by_module(trace, passes))
-    sections += [_top_params(passes), _cuts(trace), _tensors(trace), _scalars(trace), _inner(trace)]
+    sections += [_top_params(passes), _cuts(trace), _tensors(trace), _row_facts(trace), _scalars(trace),
+                 _inner(trace)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
@@ -121,6 +122,30 @@ def _tensors(trace) -> str:
     return "registered tensors\n" + _table(rows, ["tensor", "shape", "dtype", "req. grad", "grad_fn",
                                                   "reaches", "min", "max", "std", "zeros", "const rows",
                                                   "grad norm per pass"])
+
+
+def _row_facts(trace) -> str:
+    """Masks: empty rows and selected lengths, padding; groups: how many rows have each size of spread."""
+    rows = []
+    for t in trace.tensors.values():
+        f = t.row_facts
+        if not f:
+            continue
+        n = f.get("rows") or 0
+        if "selected_sum" in f:
+            lengths = (f"mean {f['selected_sum'] / n:.1f}, min {f['selected_min']:.0f}, max {f['selected_max']:.0f}"
+                       if n else "-")
+            empty = f"{f.get('empty_rows', 0):.0f}/{n:.0f}"
+        else:
+            lengths, empty = "-", "-"
+        on_padding = f"{f['on_padding']:.0f} on padding" if "on_padding" in f else ""
+        padding = ", ".join(x for x in (t.padding_side or "", on_padding) if x) or "-"
+        spread = ", ".join(f"{key[4:]}: {f[key]:.0f}" for key in f if key.startswith("std ") and f[key]) or "-"
+        rows.append([t.name, t.role or "mask", f"{n:.0f}", empty, lengths, padding, spread])
+    if not rows:
+        return ""
+    return "row facts (rows along the last dim)\n" + _table(
+        rows, ["tensor", "role", "rows", "empty rows", "selected length", "padding", "per-row std"])
 
 
 def _scalars(trace) -> str:

@@ -60,6 +60,7 @@ class Recording:
     tensor_handles: List[Any] = field(default_factory=list)
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
+    origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
     open: bool = True
 
     @property
@@ -102,6 +103,9 @@ class LiveTrace(Trace):
         pending, recording.pending = recording.pending, []
         for name, item in pending:
             record, tensor_facts = item.materialize(self.params)
+            if recording.origins is not None:  # taken for every pass, so nothing piles up
+                origin = recording.origins.take(name)
+                record.nonfinite_origin = origin if record.nonfinite else None
             self._passes[name] = record
             for tensor_name, facts in tensor_facts.items():
                 self._tensor_record(tensor_name).grads[name] = facts
@@ -419,7 +423,9 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         trace.meta["ran_with_grad"] = recording.cut_log.ran_with_grad  # saved as a sorted list
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
-        stack.enter_context(OpCutMode(root, recording.cut_log, recording.names_by_id).attach(handles.append))
+        op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)
+        recording.origins = op_mode.origins
+        stack.enter_context(op_mode.attach(handles.append))
 
 
 def _remove_all(handles: List[Any]) -> None:

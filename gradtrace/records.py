@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -76,6 +76,9 @@ class PassTrace:
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
+    # cuts="ops": where the first NaN/Inf gradient was born: {"op", "node", "module", "location",
+    # "forward": "finite" | "nonfinite" | "unknown"} (see capture.opcuts.NonfiniteOrigins)
+    nonfinite_origin: Optional[Dict[str, Any]] = None
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)

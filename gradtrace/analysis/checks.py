@@ -34,18 +34,21 @@ def verdicts(trace) -> List[Verdict]:
 
 
 @verdict("NONFINITE", rank=10, severities=("error",),
-         meaning="NaN/Inf gradients; names the first parameter in backward order")
+         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite")
 def check_nonfinite(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         bad = [r for r in p.in_backward_order() if r.nonfinite]
         if bad:
             first = bad[0]
+            evidence = {"pass": p.name, "parameter": first.name,
+                        "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}
+            if p.nonfinite_origin:
+                evidence["origin"] = p.nonfinite_origin
             out.append(Verdict("NONFINITE", "error",
                                f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s); the first in "
-                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)",
-                               {"pass": p.name, "parameter": first.name,
-                                "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}))
+                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)"
+                               f"{_nonfinite_origin(trace, p)}", evidence))
     for t in tensors.values():
         if t.values.nonfinite:
             out.append(Verdict("NONFINITE", "error",
@@ -58,6 +61,24 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    f"{facts.nonfinite} NaN/Inf values",
                                    {"tensor": t.name, "pass": pass_name, "count": facts.nonfinite}))
     return out
+
+
+def _nonfinite_origin(trace, p: PassTrace) -> str:
+    """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
+    origin = p.nonfinite_origin
+    if not origin:
+        if trace.meta.get("cuts") == "ops":
+            return ""
+        return ('; to name the op and line where it is born, run the same step under '
+                'gradtrace.watch(model, cuts="ops")')
+    module = f"module {origin['module']!r}" if origin.get("module") else "the root module or top-level code"
+    forward = {
+        "finite": "its forward values were finite: only the gradient is non-finite (e.g. sqrt or log at 0, "
+                  "a norm of zeros)",
+        "nonfinite": "its forward values were already NaN/Inf (look at what fed it in the forward)",
+    }.get(origin.get("forward"), "its forward values were not examined")
+    return (f"; it is born in the backward of op {origin['op']} ({origin.get('node')}) in {module} at "
+            f"{origin['location']}: {forward}")
 
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:

@@ -41,6 +41,7 @@ module hooks) is recognised by its frames.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -51,8 +52,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._torch_compat import MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode
-from .cuts import CutLog, user_location
+from .._torch_compat import (MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode,
+                             current_autograd_node, saved_tensors)
+from .cuts import CutLog, short_path, user_location
 
 _Tensor = torch.Tensor
 _Size = torch.Size
@@ -208,11 +210,15 @@ class _CutMode(TorchFunctionMode):
         out = func(*args, **kwargs) if kwargs else func(*args)
         if isinstance(out, _Tensor):
             if out.requires_grad:  # the common path: a differentiable op
+                owner.origins.watch_node(func, out, sys._getframe(1))
                 return out
         elif isinstance(out, (tuple, list)) and out and type(out) is not _Size:
             first = out[0]
-            if not isinstance(first, _Tensor) or first.requires_grad:
-                return out  # numbers, or differentiable tensors (split, chunk, max)
+            if not isinstance(first, _Tensor):
+                return out  # numbers
+            if first.requires_grad:  # differentiable tensors (split, chunk, max)
+                owner.origins.watch_node(func, first, sys._getframe(1))
+                return out
         else:
             return out  # None, a number, a Size: no tensor came out
         owner.inspect(func, args, kwargs, out)
@@ -238,6 +244,7 @@ class OpCutMode:
         # id(tensor) -> (weak reference, candidate it carries), for tensors still alive
         self.pending: Dict[int, Tuple[weakref.ref, _Candidate]] = {}
         self._trainable: Dict[int, int] = {}
+        self.origins = NonfiniteOrigins(log.pass_name, self.module_names)
         self.mode = _CutMode(self)
 
     # ---- module calls that began without grad ------------------------------
@@ -300,8 +307,12 @@ class OpCutMode:
             if func is _detach_:
                 return self.in_place_detach(func, args, kwargs)
             out = func(*args, **kwargs)
-            if isinstance(out, (_Tensor, tuple, list)) and type(out) is not _Size and not _requires_grad(out):
-                self.inspect(func, args, kwargs, out)
+            if isinstance(out, (_Tensor, tuple, list)) and type(out) is not _Size:
+                differentiable = next((t for t in _tensors(out) if t.requires_grad), None)
+                if differentiable is None:
+                    self.inspect(func, args, kwargs, out)
+                else:
+                    self.origins.watch_node(func, differentiable, sys._getframe(1))
             return out
         if func in _ENGINE:
             self._record(carried)  # before the engine raises that nothing requires grad
@@ -309,6 +320,7 @@ class OpCutMode:
         out = func(*args, **kwargs)
         if _requires_grad(out):
             self._record(carried)  # it rejoined a graph: the gradient it would have carried is lost
+            self.origins.watch_node(func, next(t for t in _tensors(out) if t.requires_grad), sys._getframe(1))
         elif _called_by_gradtrace(sys._getframe(1)):
             self._record(carried)  # registered with trace.tensor
         else:
@@ -443,3 +455,116 @@ class _Pushed:
         for m in reversed(above):
             push_function_mode(m)
         return False
+
+
+# ---- where a NaN/Inf gradient is born ----------------------------------------------------
+
+
+class NonfiniteOrigins:
+    """Finds the op whose backward first turned finite incoming gradients into NaN/Inf.
+
+    Every differentiable op seen in the forward gets a post-hook on its autograd
+    node, carrying the op's name, its module and its line (one frame walk per op,
+    no tensor work). In backward the hook checks the gradients the node produced;
+    only when one is non-finite does it look at what came in and at the forward
+    values the node saved. On a CPU those checks read back for free and stop once
+    a pass has its origin; on an accelerator they are kept as device flags and
+    read when the trace is read (no host sync in a hook), and the forward values
+    are not examined.
+    """
+
+    LIMIT = 100_000  # device flags kept per trace before the oldest unread ones are dropped
+
+    def __init__(self, pass_name: Callable[[], Optional[str]], module_names: Dict[int, str]):
+        self.pass_name = pass_name
+        self.module_names = module_names
+        self.found: List[dict] = []  # origins, in the order backward met them
+        self.done: set = set()  # passes (None: unlabelled runs) whose origin is known
+        self.flags: List[Tuple[Optional[str], tuple, "torch.Tensor"]] = []  # accelerator: (pass, info, born?)
+        self.on_cpu = True
+
+    def watch_node(self, func, out: torch.Tensor, frame) -> None:
+        node = out.grad_fn
+        if node is None:
+            return
+        site, module = self._place(frame)
+        if site is None:
+            return  # gradtrace's own work
+        info = (op_name(func), module, site.f_code.co_filename, site.f_lineno, weakref.ref(out))
+        # The hook must not hold the node (a cycle through C++ that no GC can break): the engine names it.
+        node.register_hook(functools.partial(self._on_node, info))
+
+    def _place(self, frame):
+        """The op's line (first frame outside torch) and the innermost watched module on the stack."""
+        site = _site_frame(frame)
+        if site is None:
+            return None, ""
+        names = self.module_names
+        while frame is not None:
+            if frame.f_code is _CALL_IMPL:
+                module = frame.f_locals.get("self")
+                if module is not None and id(module) in names:
+                    return site, names[id(module)]
+            frame = frame.f_back
+        return site, ""
+
+    def _on_node(self, info, grad_inputs, grad_outputs) -> None:
+        pass_name = self.pass_name()
+        if pass_name in self.done:
+            return
+        produced = [g for g in grad_inputs if g is not None]
+        if not produced:
+            return
+        node = current_autograd_node()
+        if produced[0].device.type != "cpu":
+            self.on_cpu = False
+            born = _any_nonfinite(produced) & ~_any_nonfinite([g for g in grad_outputs if g is not None])
+            if len(self.flags) < self.LIMIT:
+                self.flags.append((pass_name, info, node.name(), born))
+            return
+        if not bool(_any_nonfinite(produced)):
+            return
+        if bool(_any_nonfinite([g for g in grad_outputs if g is not None])):
+            return  # it arrived non-finite: born further down the graph
+        self.done.add(pass_name)
+        self.found.append(_origin(pass_name, info, node.name(), _forward_values(node, info[4])))
+
+    def take(self, pass_name: str) -> Optional[dict]:
+        """The origin for a finished pass (labelled, or the first unlabelled one); forgets what it held."""
+        flagged = [entry for entry in self.flags if entry[0] in (pass_name, None)]
+        self.flags = [entry for entry in self.flags if entry[0] not in (pass_name, None)]
+        for owner, info, node_name, born in flagged:
+            if bool(born):
+                self.found.append(_origin(owner, info, node_name, "unknown"))
+                break
+        for i, origin in enumerate(self.found):
+            if origin["pass"] in (pass_name, None):
+                self.done.discard(origin["pass"])
+                del self.found[i]
+                return dict(origin, **{"pass": pass_name})
+        return None
+
+
+def _any_nonfinite(tensors) -> "torch.Tensor":
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not flags:
+        return torch.zeros((), dtype=torch.bool)
+    return torch.stack(flags).any() if len(flags) > 1 else flags[0]
+
+
+def _forward_values(node, out_ref) -> str:
+    """"nonfinite" when the values the op saw or gave in the forward were already NaN/Inf, else "finite"."""
+    values = saved_tensors(node)
+    out = out_ref()
+    if out is not None:
+        values.append(out)
+    if not values:
+        return "unknown"
+    with torch.no_grad():
+        return "nonfinite" if bool(_any_nonfinite([v.detach() for v in values])) else "finite"
+
+
+def _origin(pass_name, info, node_name: str, forward: str) -> dict:
+    op, module, filename, line, _ = info
+    return {"pass": pass_name, "op": op, "node": node_name, "module": module,
+            "location": f"{short_path(filename)}:{line}", "forward": forward}

@@ -484,6 +484,8 @@ class NonfiniteOrigins:
         self.on_cpu = True
 
     def watch_node(self, func, out: torch.Tensor, frame) -> None:
+        if getattr(func, "__name__", None) in _ROUTING_OPS:
+            return  # its backward only moves gradients around: it cannot turn finite ones into NaN/Inf
         node = out.grad_fn
         if node is None:
             return
@@ -543,6 +545,18 @@ class NonfiniteOrigins:
                 del self.found[i]
                 return dict(origin, **{"pass": pass_name})
         return None
+
+
+# Ops whose backward copies, sums, scatters or masks the incoming gradient (views, shape changes,
+# joins, addition): hooking them (a ~10 us RemovableHandle each) could never name an origin.
+_ROUTING_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "contiguous", "expand", "expand_as",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "__getitem__", "select", "narrow", "split", "chunk",
+    "unbind", "cat", "stack", "t", "clone", "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__",
+    "__rsub__", "__isub__", "sub_", "neg", "__neg__", "float", "double", "masked_fill", "masked_fill_",
+    "where", "sum", "repeat", "repeat_interleave", "roll", "flip", "tril", "triu", "gather", "index_select",
+    "embedding", "pad", "dropout", "detach",
+})
 
 
 def _finite_on_cpu(g: torch.Tensor) -> bool:

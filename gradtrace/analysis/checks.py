@@ -105,7 +105,10 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
         if cut is None and not t.expect_grad:
             continue  # data (a mask, rewards, advantages): only its values are checked
         how = "was created in inference mode" if t.inference else "does not require grad"
-        because = f": {describe_cut(cut)}" if cut else " (it was expected to)"
+        because = f": {describe_cut(cut)}" if cut else " (it was expected to)" + (
+            "; no module ran without grad, so a .detach() or .data in your code is the likely cut: "
+            "gradtrace.watch(model, cuts=\"ops\") names the op and line" if trace.meta.get("cuts") == "modules"
+            and not t.inference else "")
         evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls}
         if cut is not None:
             evidence.update({"kind": cut.kind, "module": cut.module, "location": cut.location})

@@ -171,9 +171,26 @@ def render_inner(s: Dict[str, Any]) -> str:
     if s["preconditioned"]:
         rows += [[f"norm {s['a']} preconditioned", sci(s.get("norm_a_pre"))],
                  [f"norm {s['b']} preconditioned", sci(s.get("norm_b_pre"))]]
-    top = [[t["param"], sci(t["contribution"]), f"{t['share']:.1%}"] for t in s["top"]]
+    dot = s["dot"]
+    # share from contribution and |dot|, so it has the contribution's sign (also for traces saved before)
+    top = [[t["param"], sci(t["contribution"]), f"{t['contribution'] / abs(dot):.1%}" if dot else "-"]
+           for t in s["top"]]
     return (title + "\n" + _table(rows, ["", "value"]) + "\n" +
-            _table(top, ["dominant parameters", "contribution", "share"]))
+            _table(top, ["dominant parameters", "contribution", "share"]) + "\n" + _inner_legend(s))
+
+
+def _inner_legend(s: Dict[str, Any]) -> str:
+    """One line per figure of the inner-product table: what it is, and why one may be missing."""
+    pre = s["preconditioned"]
+    dot = (f"dot: sum over parameters of g_{s['a']} * g_{s['b']}"
+           + (" / (sqrt(v_hat) + eps), Adam's preconditioner" if pre else ""))
+    cosine = ("cosine: not given for a preconditioned product (it is not an inner product of the two "
+              "gradients with their own norms); the plain diff gives it" if pre else
+              "cosine: dot / (norm a * norm b)" if s.get("cosine") is not None else
+              "cosine: not defined, one of the gradients is zero")
+    share = ("share: a parameter's contribution / |dot|, with the contribution's sign; the shares add up to "
+             f"{'+' if s['dot'] >= 0 else '-'}100%")
+    return "\n".join((dot, cosine, share))
 
 
 class RenderedDiff(Diff):

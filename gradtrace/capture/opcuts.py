@@ -465,23 +465,22 @@ class NonfiniteOrigins:
 
     Every differentiable op seen in the forward gets a post-hook on its autograd
     node, carrying the op's name, its module and its line (one frame walk per op,
-    no tensor work). In backward the hook checks the gradients the node produced;
-    only when one is non-finite does it look at what came in and at the forward
-    values the node saved. On a CPU those checks read back for free and stop once
-    a pass has its origin; on an accelerator they are kept as device flags and
-    read when the trace is read (no host sync in a hook), and the forward values
-    are not examined.
+    no tensor work). In backward the hook reads nothing back (a hook must not
+    synchronise): it keeps one device vector per node, a float64 sum of each
+    tensor (finite exactly when the tensor is) in three groups: the gradients
+    the node produced, the gradients that came in, and the forward values it
+    saved (plus its output, if still alive). When the trace is read, one transfer per pass finds the
+    first node, in the order backward ran them, that produced a non-finite
+    gradient from finite ones.
     """
 
-    LIMIT = 100_000  # device flags kept per trace before the oldest unread ones are dropped
+    LIMIT = 200_000  # nodes kept per trace before later ones are ignored (a watch never read)
 
     def __init__(self, pass_name: Callable[[], Optional[str]], module_names: Dict[int, str]):
         self.pass_name = pass_name
         self.module_names = module_names
-        self.found: List[dict] = []  # origins, in the order backward met them
-        self.done: set = set()  # passes (None: unlabelled runs) whose origin is known
-        self.flags: List[Tuple[Optional[str], tuple, "torch.Tensor"]] = []  # accelerator: (pass, info, born?)
-        self.on_cpu = True
+        # (pass, info, node name, (produced, incoming) counts, device vector of float64 sums)
+        self.flags: List[Tuple[Optional[str], tuple, str, Tuple[int, int], "torch.Tensor"]] = []
 
     def watch_node(self, func, out: torch.Tensor, frame) -> None:
         if getattr(func, "__name__", None) in _ROUTING_OPS:
@@ -511,39 +510,36 @@ class NonfiniteOrigins:
         return site, ""
 
     def _on_node(self, info, grad_inputs, grad_outputs) -> None:
-        pass_name = self.pass_name()
-        if pass_name in self.done:
-            return
-        produced = [g for g in grad_inputs if g is not None]
-        if not produced:
+        produced = [g for g in grad_inputs if g is not None and g.is_floating_point()]
+        if not produced or len(self.flags) >= self.LIMIT:
             return
         node = current_autograd_node()
-        if produced[0].device.type != "cpu":
-            self.on_cpu = False
-            born = _any_nonfinite(produced) & ~_any_nonfinite([g for g in grad_outputs if g is not None])
-            if len(self.flags) < self.LIMIT:
-                self.flags.append((pass_name, info, node.name(), born))
-            return
-        if all(_finite_on_cpu(g) for g in produced):
-            return
-        if not all(_finite_on_cpu(g) for g in grad_outputs if g is not None):
-            return  # it arrived non-finite: born further down the graph
-        self.done.add(pass_name)
-        self.found.append(_origin(pass_name, info, node.name(), _forward_values(node, info[4])))
+        forward = [t.detach() for t in saved_tensors(node) if t.is_floating_point()]
+        out = info[4]()
+        if out is not None:
+            forward.append(out.detach())
+        incoming = [g for g in grad_outputs if g is not None and g.is_floating_point()]
+        device = produced[0].device
+        # One float64 sum per tensor (finite exactly when the tensor is: float64 cannot overflow on a
+        # float32 sum), stacked into one device vector; the group sizes say which sum is whose.
+        sums = torch.stack([t.sum(dtype=torch.float64).to(device) for t in (*produced, *incoming, *forward)])
+        self.flags.append((self.pass_name(), info, node.name(), (len(produced), len(incoming)), sums))
 
     def take(self, pass_name: str) -> Optional[dict]:
-        """The origin for a finished pass (labelled, or the first unlabelled one); forgets what it held."""
-        flagged = [entry for entry in self.flags if entry[0] in (pass_name, None)]
+        """The origin for a finished pass (labelled, or the unlabelled runs so far); forgets their flags."""
+        mine = [entry for entry in self.flags if entry[0] in (pass_name, None)]
         self.flags = [entry for entry in self.flags if entry[0] not in (pass_name, None)]
-        for owner, info, node_name, born in flagged:
-            if bool(born):
-                self.found.append(_origin(owner, info, node_name, "unknown"))
-                break
-        for i, origin in enumerate(self.found):
-            if origin["pass"] in (pass_name, None):
-                self.done.discard(origin["pass"])
-                del self.found[i]
-                return dict(origin, **{"pass": pass_name})
+        if not mine:
+            return None
+        finite = torch.cat([sums.to("cpu") for *_, sums in mine]).isfinite().tolist()  # one read per pass
+        start = 0
+        for _, info, node_name, (n_produced, n_incoming), sums in mine:
+            flags = finite[start:start + len(sums)]
+            start += len(sums)
+            produced, incoming, forward = (flags[:n_produced], flags[n_produced:n_produced + n_incoming],
+                                           flags[n_produced + n_incoming:])
+            if not all(produced) and all(incoming):
+                return _origin(pass_name, info, node_name, "finite" if all(forward) else "nonfinite")
         return None
 
 
@@ -557,33 +553,6 @@ _ROUTING_OPS = frozenset({
     "where", "sum", "repeat", "repeat_interleave", "roll", "flip", "tril", "triu", "gather", "index_select",
     "embedding", "pad", "dropout", "detach",
 })
-
-
-def _finite_on_cpu(g: torch.Tensor) -> bool:
-    """One reduction and a free read-back: a sum is finite when every element is (an overflowing sum is rechecked)."""
-    if not (g.is_floating_point() or g.is_complex()):
-        return True
-    total = g.sum().item()
-    return total - total == 0 or bool(torch.isfinite(g).all())
-
-
-def _any_nonfinite(tensors) -> "torch.Tensor":
-    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex()]
-    if not flags:
-        return torch.zeros((), dtype=torch.bool)
-    return torch.stack(flags).any() if len(flags) > 1 else flags[0]
-
-
-def _forward_values(node, out_ref) -> str:
-    """"nonfinite" when the values the op saw or gave in the forward were already NaN/Inf, else "finite"."""
-    values = saved_tensors(node)
-    out = out_ref()
-    if out is not None:
-        values.append(out)
-    if not values:
-        return "unknown"
-    with torch.no_grad():
-        return "nonfinite" if bool(_any_nonfinite([v.detach() for v in values])) else "finite"
 
 
 def _origin(pass_name, info, node_name: str, forward: str) -> dict:

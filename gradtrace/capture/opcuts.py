@@ -474,7 +474,7 @@ class NonfiniteOrigins:
     gradient from finite ones.
     """
 
-    LIMIT = 200_000  # nodes kept per trace before later ones are ignored (a watch never read)
+    LIMIT = 200_000  # node entries kept while the trace is not read; past it the oldest half goes
 
     def __init__(self, pass_name: Callable[[], Optional[str]], module_names: Dict[int, str]):
         self.pass_name = pass_name
@@ -511,8 +511,10 @@ class NonfiniteOrigins:
 
     def _on_node(self, info, grad_inputs, grad_outputs) -> None:
         produced = [g for g in grad_inputs if g is not None and g.is_floating_point()]
-        if not produced or len(self.flags) >= self.LIMIT:
+        if not produced:
             return
+        if len(self.flags) >= self.LIMIT:  # a watch left open and never read: keep the newest half
+            del self.flags[:self.LIMIT // 2]
         node = current_autograd_node()
         forward = [t.detach() for t in saved_tensors(node) if t.is_floating_point()]
         out = info[4]()

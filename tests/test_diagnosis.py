@@ -499,3 +499,10 @@ def test_demo_healthy_and_bug_none_are_the_same_probe(capsys):
     assert cli.main(["demo", "--healthy"]) == 0
     assert capsys.readouterr().out == first
     assert "healthy run (no bug)" in first and "gradtrace: no problems found." in first
+
+
+def test_a_graph_built_in_the_watch_and_run_after_it_records_nothing(net):
+    with gradtrace.watch(net, cuts="ops") as trace:
+        loss = sqrt_at_zero_loss(net, torch.randn(3, 4))
+    loss.backward()  # the node hooks outlive the watch; they must not record into a closed trace
+    assert trace._recording.origins.flags == [] and trace.passes == {}

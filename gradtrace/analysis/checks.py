@@ -191,8 +191,8 @@ def check_stale(trace, passes, tensors, cuts):
         if stale:
             out.append(Verdict("STALE_GRADS", "error",
                                f"pass {p.name!r}: .grad already held values when the pass began for "
-                               f"{len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): gradients were not "
-                               "zeroed; call optimizer.zero_grad() before the pass",
+                               f"{len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): "
+                               "gradients were not zeroed; call optimizer.zero_grad() before the pass",
                                {"pass": p.name, "parameters": stale}))
     return out
 
@@ -356,10 +356,10 @@ def check_coverage_gaps(trace, passes, tensors, cuts):
         if not d.only_a and not d.only_b:
             continue
         parts = []
-        if d.only_a:
-            parts.append(f"{len(d.only_a)} reached in {a.name!r} but not {b.name!r}: {describe_params(d.only_a, universe=trace.params)}")
-        if d.only_b:
-            parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b, universe=trace.params)}")
+        for only, here, there in ((d.only_a, a, b), (d.only_b, b, a)):
+            if only:
+                parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: "
+                             f"{describe_params(only, universe=trace.params)}")
         out.append(Verdict("COVERAGE_GAP", "error",
                            "coverage gap: " + "; ".join(parts) + _gap_hint(d),
                            {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),

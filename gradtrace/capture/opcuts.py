@@ -440,6 +440,7 @@ class _Pushed:
 
     def __exit__(self, *exc):
         self.owner.pending.clear()
+        self.owner.origins.enabled = False
         stack = function_mode_stack()
         if stack and stack[-1] is self.mode:
             self.mode.__exit__(*exc)
@@ -481,6 +482,7 @@ class NonfiniteOrigins:
         self.module_names = module_names
         # (pass, info, node name, (produced, incoming) counts, device vector of float64 sums)
         self.flags: List[Tuple[Optional[str], tuple, str, Tuple[int, int], "torch.Tensor"]] = []
+        self.enabled = True
 
     def watch_node(self, func, out: torch.Tensor, frame) -> None:
         if getattr(func, "__name__", None) in _ROUTING_OPS:
@@ -510,6 +512,8 @@ class NonfiniteOrigins:
         return site, ""
 
     def _on_node(self, info, grad_inputs, grad_outputs) -> None:
+        if not self.enabled:
+            return  # a graph built inside the watch, run backward after it closed
         produced = [g for g in grad_inputs if g is not None and g.is_floating_point()]
         if not produced:
             return

@@ -125,3 +125,26 @@ MODULE_CALL_CODE = _get("torch.nn.Module._call_impl")  # a code object: compared
 function_mode_stack = _get("torch.overrides._get_current_function_mode_stack")
 pop_function_mode = _get("torch._C._pop_torch_function_stack")
 push_function_mode = _get("torch._C._push_on_torch_function_stack")
+
+
+_SAVED_NAMES: dict = {}
+
+
+def saved_tensors(node) -> list:
+    """The tensors an autograd node saved for its backward (``node._saved_self``, ``_saved_result``...).
+
+    Readable in a node's post-hook, before the engine releases them. Anything
+    unreadable (released, or not a tensor) is skipped.
+    """
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = [a for a in dir(type(node)) if a.startswith("_saved_")]
+    found = []
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        found.extend(t for t in items if isinstance(t, torch.Tensor))
+    return found

@@ -59,9 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                     "  deltaH1 = -lr * sum(g_X * g_Y / (sqrt(v_hat) + eps)), v_hat from Adam",
         epilog=f"bugs (--bug NAME):\n{bug_lines}\n\n--bug all runs every scenario and prints, "
                "per bug, the verdict gradtrace ranks first.")
-    demo.add_argument("--bug", metavar="NAME", choices=[*BUGS, "all"],
-                      help="inject one bug (see below), or 'all' for a one-line summary of each")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--bug", metavar="NAME", choices=[*BUGS, "all", "none"],
+                      help="inject one bug (see below), 'none' for the healthy probe, or 'all' for a "
+                           "one-line summary of each; without it the demo shows deltaH1 printing as "
+                           "-0.000000 and what gradtrace finds")
+    demo.add_argument("--healthy", action="store_true", help="the healthy probe (the same as --bug none)")
+    demo.add_argument("--seed", type=int, default=None, help="random seed (default 0; the story run uses 1)")
     demo.add_argument("--save", metavar="PATH", help="also write the trace as JSON (single run only)")
     demo.add_argument("--cuts", choices=("modules", "ops", "off"), default="modules",
                       help="how cuts are detected (gradtrace.watch's cuts=; default modules)")
@@ -120,26 +123,53 @@ def _one_line(e: BaseException) -> str:
 
 
 def _demo(args) -> int:
-    from .demo import BUGS, run_probe
+    from .demo import BUGS, GLOSSARY, STORY_BUG, STORY_SEED, run_probe
 
+    if args.healthy:
+        if args.bug not in (None, "none"):
+            raise GradtraceError(f"--healthy runs the probe without a bug; drop --bug {args.bug}")
+        args.bug = "none"
+    seed = args.seed if args.seed is not None else 0
     if args.bug == "all":
         if args.save:
             raise GradtraceError("--save writes one trace; use it with a single --bug NAME, not --bug all")
         for name in [None, *BUGS]:
-            trace, _ = run_probe(name, seed=args.seed, cuts=args.cuts)
-            verdicts = trace.verdicts()
+            trace, _ = run_probe(name, seed=seed, cuts=args.cuts)
+            verdicts = [v for v in trace.verdicts() if v.severity != "info"]
             code, message = (verdicts[0].code, verdicts[0].message) if verdicts else ("-", "no problems found")
             print(f"{name or 'healthy':<21} {code:<16} {message}", flush=True)  # progress, as each ends
         return 0
-    trace, result = run_probe(args.bug, seed=args.seed, cuts=args.cuts)
+    story = args.bug is None
+    bug = STORY_BUG if story else None if args.bug == "none" else args.bug
+    if story and args.seed is None:
+        seed = STORY_SEED
+    trace, result = run_probe(bug, seed=seed, cuts=args.cuts)
     if args.save:  # before printing: a closed pipe must not lose the file
         trace.save(args.save)
-    heading = f"bug {args.bug}: {BUGS[args.bug]}" if args.bug else "healthy run (no bug)"
-    print(f"gradtrace demo, {heading}\n{result}\n")
+    if story:
+        heading = "the entropy probe's log says deltaH1 is zero; it is not, and something hides it"
+    else:
+        heading = f"bug {bug}: {BUGS[bug]}" if bug else "healthy run (no bug)"
+    print(f"gradtrace demo, {heading}\n{result}\n" + "\n".join(GLOSSARY) + "\n")
     print(trace.report())
+    if story:
+        print(_story_ending(trace, BUGS))
     if args.save:
         print(f"\ntrace saved to {args.save}")
     return 0
+
+
+def _story_ending(trace, bugs) -> str:
+    from .demo import STORY_BUG
+
+    lead = next((v for v in trace.verdicts() if v.severity != "info"), None)
+    found = f"gradtrace's diagnosis: {lead.code}" if lead else "gradtrace found nothing"
+    others = ", ".join(name for name in bugs if name != STORY_BUG)
+    return (f"The hidden cause: {bugs[STORY_BUG]}. {found} names it (the second moments are extreme).\n"
+            "Next:\n"
+            "  python -m gradtrace demo --healthy      the same probe without the bug: no problems found\n"
+            "  python -m gradtrace demo --bug NAME     one of the other bugs: " + others + "\n"
+            "  python -m gradtrace demo --bug all      one line per bug: the verdict gradtrace ranks first")
 
 
 def _show(args) -> int:

@@ -67,6 +67,22 @@ EXPECTED: Dict[str, str] = {
 }
 
 
+# What `python -m gradtrace demo` shows with no flag: the symptom that started gradtrace
+# (the probe's log says "deltaH1: -0.000000") with one realistic hidden cause, the warm-up's
+# loss scale never unscaled. The seed is the one whose deltaH1 is negative, as in that log.
+STORY_BUG = "precondition"
+STORY_SEED = 1
+
+# One line per figure the probe prints, for the demo's output.
+GLOSSARY = (
+    "deltaH1 = -lr * U_cross: the first-order change in mean token entropy that one Adam step on the "
+    "Y loss would make",
+    "U_cross = sum over parameters of g_X * g_Y / (sqrt(v_hat) + eps): the entropy gradient (pass X) against "
+    "the loss gradient (pass Y), preconditioned as Adam would; gradtrace's own copy is the "
+    "\"inner product <X, Y> preconditioned by Adam\" table below",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the pipeline; a bug is a set of overrides of the healthy values."""
@@ -416,16 +432,18 @@ def probe(policy, opt, r: Rollout, s: Settings, trace) -> Tuple[float, float, fl
     """The entropy probe itself; returns (deltaH1, U_cross, entropy)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     prompt_len = r.seq.size(1) if s.prompt_len_from == "sequences" else r.prompt_width
-    mask = trace.tensor("gen_mask", generation_mask(r.seq, prompt_len))
-    trace.tensor("rewards", r.rewards)
-    trace.tensor("A", r.advantages.view(s.n_prompts, s.group_size))
+    mask = trace.tensor("gen_mask", generation_mask(r.seq, prompt_len), role="completion_mask",
+                        attention_mask=r.attn)
+    trace.tensor("attention_mask", r.attn, role="attention_mask")
+    trace.tensor("rewards", r.rewards, role="group")
+    trace.tensor("A", r.advantages.view(s.n_prompts, s.group_size), role="group")
     n_tokens = mask[:, 1:].sum().clamp(min=1)
     batches = microbatches(r.seq.size(0), s.micro_batch)
 
     if s.zero_grad_before_x:
         opt.zero_grad(set_to_none=True)
     entropy = 0.0
-    with trace.pass_("X"):
+    with trace.pass_("X", step_start=True):  # the probe's step begins here: .grad must be zero
         for mb in batches:
             logits = policy_logits(policy, r.seq[mb], r.attn[mb], s)
             H = masked_sum(token_entropy(logits), mask[mb, 1:]).sum() / n_tokens

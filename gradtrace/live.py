@@ -25,7 +25,7 @@ from .capture.passes import READ_AT, PassState
 from .capture.reach import reachable_params
 from .capture.recorder import PendingPass, Recorder
 from .errors import GradtraceError
-from .records import VALUE_FIELDS, ScalarRecord, TensorRecord
+from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
 from .trace import Trace
 
 CUT_MODES = ("modules", "ops", "off")
@@ -58,9 +58,11 @@ class Recording:
     pending: Dict[str, PendingPass] = field(default_factory=dict)  # finished, not yet read (insertion order)
     finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
+    pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
     tensor_handles: List[Any] = field(default_factory=list)
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
+    origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
@@ -105,12 +107,18 @@ class LiveTrace(Trace):
         pending, recording.pending = recording.pending, {}
         for name, item in pending.items():
             record, tensor_facts = item.materialize(self.params)
+            if recording.origins is not None:  # taken for every pass, so nothing piles up
+                origin = recording.origins.take(name)
+                record.nonfinite_origin = origin if record.nonfinite else None
             self._passes[name] = record
             for tensor_name, facts in tensor_facts.items():
                 self._tensor_record(tensor_name).grads[name] = facts
         values, recording.pending_values = recording.pending_values, []
         for item in values:
             self._tensors[item.tensor].values.merge(item.to_host())
+        rows, recording.pending_rows = recording.pending_rows, []
+        for name, (keys, vector) in rows:
+            self._tensors[name].merge_row_facts(dict(zip(keys, vector.tolist())))
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
         """As ``Trace.diff``; with ``keep_grads=True`` also the inner product of the two passes.
@@ -172,8 +180,16 @@ class LiveTrace(Trace):
         finally:
             recorder.end_pass(state)
 
-    def tensor(self, name: str, t: torch.Tensor, expect_grad: Optional[bool] = None) -> torch.Tensor:
-        """Record forward facts of ``t`` now and, if it requires grad, what backward brings it."""
+    def tensor(self, name: str, t: torch.Tensor, expect_grad: Optional[bool] = None, *,
+               role: Optional[str] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record forward facts of ``t`` now and, if it requires grad, what backward brings it.
+
+        ``role`` ("mask", "attention_mask", "completion_mask", "group") asks for row facts:
+        empty rows and selected lengths of a mask (any bool tensor gets them), the padding
+        side of an attention mask, a per-row std histogram of a group tensor (advantages).
+        ``attention_mask`` pairs a completion mask with its attention mask: selected
+        positions on padding, and empty rows where the sequence has tokens, are flagged.
+        """
         self._require_open("tensor")
         if not isinstance(name, str) or not name:
             raise GradtraceError(f"tensor names are non-empty strings, got {name!r}")
@@ -181,6 +197,7 @@ class LiveTrace(Trace):
             raise GradtraceError(f"trace.tensor({name!r}, ...) takes a torch.Tensor, got {type(t).__name__}")
         if expect_grad not in (None, True, False):
             raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
+        facts = _row_facts(name, t, role, attention_mask)
         record = self._tensor_record(name)
         _note_forward_facts(record, t, expect_grad)
         recording = self._recording
@@ -192,6 +209,10 @@ class LiveTrace(Trace):
                 record.cuts.append(seq)
         recording.cut_mark = recording.cut_log.events
         recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
+        if role is not None:
+            record.role = role
+        if facts is not None:
+            recording.pending_rows.append((name, facts))
         if t.requires_grad:
             self._hook_tensor(name, t, active)
         return t
@@ -302,6 +323,19 @@ def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
 def _describe_error(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _row_facts(name: str, t, role: Optional[str], attention_mask):
+    """``stats.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
+    if role is not None and role not in TENSOR_ROLES:
+        raise GradtraceError(f"trace.tensor({name!r}, ..., role={role!r}): role is one of {', '.join(TENSOR_ROLES)}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...) takes a torch.Tensor, got "
+                             f"{type(attention_mask).__name__}")
+    try:
+        return stats.row_facts(t, role, attention_mask)
+    except ValueError as e:
+        raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...): {e}") from None
 
 
 def _note_forward_facts(record: TensorRecord, t: torch.Tensor, expect_grad: Optional[bool]) -> None:
@@ -444,9 +478,12 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
+        trace.meta["ran_with_grad"] = recording.cut_log.ran_with_grad  # saved as a sorted list
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
-        stack.enter_context(OpCutMode(root, recording.cut_log, recording.names_by_id).attach(handles.append))
+        op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)
+        recording.origins = op_mode.origins
+        stack.enter_context(op_mode.attach(handles.append))
 
 
 def _close_once(trace: LiveTrace) -> None:

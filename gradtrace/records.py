@@ -8,9 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 SEVERITIES = ("error", "warning", "info")
+
+# What ``trace.tensor(name, t, role=...)`` accepts: masks get row lengths, attention masks their
+# padding side, completion masks their alignment with an attention mask, groups a per-row std histogram.
+TENSOR_ROLES = ("mask", "attention_mask", "completion_mask", "group")
 
 # What ``capture.stats.value_stats`` computes for a registered tensor, in order;
 # ``ValueStats.merge`` reads them by name.
@@ -78,6 +82,9 @@ class PassTrace:
     kept_grads: bool = False  # the live trace kept this pass's gradients
     step_start: bool = False  # the pass began an optimizer step: stale .grad is judged here only
     failed: Optional[str] = None  # the exception the pass's block ended with, if any
+    # cuts="ops": where the first NaN/Inf gradient was born: {"op", "node", "module", "location",
+    # "forward": "finite" | "nonfinite" | "unknown"} (see capture.opcuts.NonfiniteOrigins)
+    nonfinite_origin: Optional[Dict[str, Any]] = None
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -227,6 +234,31 @@ class TensorRecord:
     reachable: Optional[List[str]] = None  # trainable parameters its graph reaches
     reach_partial: bool = False  # a checkpoint node hid part of its graph
     trainable_upstream: bool = False  # its graph reaches at least one watched parameter
+    role: Optional[str] = None  # what the user said it is: TENSOR_ROLES
+    # Per-row facts summed over calls (``capture.stats.row_facts``): "rows", "empty_rows",
+    # "selected_min/max/sum", "left_padded", "right_padded", "on_padding", "empty_with_tokens", "std ..." bins.
+    row_facts: Dict[str, float] = field(default_factory=dict)
+
+    def merge_row_facts(self, facts: Mapping[str, float]) -> None:
+        for key, value in facts.items():
+            old = self.row_facts.get(key)
+            if old is None:
+                self.row_facts[key] = value
+            elif key.endswith("_min"):
+                self.row_facts[key] = min(old, value)
+            elif key.endswith("_max"):
+                self.row_facts[key] = max(old, value)
+            else:
+                self.row_facts[key] = old + value
+
+    @property
+    def padding_side(self) -> Optional[str]:
+        """"left", "right", "none" or "mixed", from an attention mask's rows; None when not known."""
+        left, right = self.row_facts.get("left_padded"), self.row_facts.get("right_padded")
+        if left is None or right is None:
+            return None
+        return {(False, False): "none", (True, False): "left", (False, True): "right"}.get(
+            (left > 0, right > 0), "mixed")
 
 
 @dataclass

@@ -393,7 +393,7 @@ _grad_record = _record(GradRecord, {
 _PASS = {
     "name": _name, "runs": _count, "kinds": _list_of(_str), "expected": _optional(_list_of(_str)),
     "expected_partial": _bool, "auto": _bool, "kept_grads": _bool, "step_start": _bool,
-    "failed": _optional(_str), "records": _dict_of(_grad_record)}
+    "failed": _optional(_str), "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record)}
 
 _value_stats = _record(ValueStats, {
     "numel": _count, "min": _number, "max": _number, "mean": _number, "std": _magnitude, "zeros": _count,
@@ -407,7 +407,8 @@ _tensor_record = _record(TensorRecord, {
     "grad_fn": _optional(_str), "is_leaf": _bool, "inference": _bool, "shape": _list_of(_count),
     "dtype": _str, "device": _str, "expect_grad": _optional(_bool), "values": _value_stats,
     "grads": _dict_of(_tensor_grad_facts), "passes": _list_of(_str), "cuts": _list_of(_count),
-    "reachable": _optional(_list_of(_str)), "reach_partial": _bool, "trainable_upstream": _bool})
+    "reachable": _optional(_list_of(_str)), "reach_partial": _bool, "trainable_upstream": _bool,
+    "role": _optional(_str), "row_facts": _dict_of(_number)})
 
 _cut = _record(Cut, {
     "kind": _str, "module": _str, "op": _optional(_str), "location": _str, "library_location": _str,

@@ -88,7 +88,7 @@ class Trace:
     def pass_(self, name: str):
         raise self._read_only("pass_")
 
-    def tensor(self, name: str, t, expect_grad: Optional[bool] = None):
+    def tensor(self, name: str, t, expect_grad: Optional[bool] = None, **row_options):
         raise self._read_only("tensor")
 
     def scalar(self, name: str, value: Any) -> float:

@@ -135,7 +135,7 @@ def test_run_probe_is_deterministic_and_leaves_global_rng_alone():
 def test_demo_healthy_prints_report(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_probe", lambda bug=None, seed=0, cuts="modules": run(bug))
     path = tmp_path / "healthy.json"
-    assert cli.main(["demo", "--save", str(path)]) == 0
+    assert cli.main(["demo", "--healthy", "--save", str(path)]) == 0
     out = capsys.readouterr().out
     trace, result = run()
     assert "healthy run" in out and f"deltaH1: {result.delta_h1:.6f}" in out

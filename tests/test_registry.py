@@ -76,6 +76,15 @@ SCENARIOS = {
     "NO_PASSES": lambda: trace({}, meta={"forward_calls": 3}),
     "CLEARED_GRADS": lambda: trace(passes(a_pass("X", **{"head.weight": {"norm": 0.0, "max_abs": 0.0,
                                                                          "cleared": True}}))),
+    "EMPTY_ROWS": lambda: trace(tensors={"gen_mask": TensorRecord(
+        name="gen_mask", calls=1, dtype="bool", values=ValueStats(numel=32, zeros=20),
+        row_facts={"rows": 4, "empty_rows": 1, "selected_min": 0, "selected_max": 5, "selected_sum": 12})}),
+    "MASK_ON_PADDING": lambda: trace(tensors={"gen_mask": TensorRecord(
+        name="gen_mask", calls=1, dtype="bool", values=ValueStats(numel=32, zeros=20),
+        row_facts={"rows": 4, "empty_rows": 0, "selected_min": 3, "selected_max": 3, "selected_sum": 12,
+                   "on_padding": 2, "empty_with_tokens": 0, "left_padded": 3, "right_padded": 0})}),
+    "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
+                                               passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
 }
 
 

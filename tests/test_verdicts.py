@@ -157,8 +157,10 @@ def test_empty_mask(policy):
         trace.tensor("gen_mask", torch.zeros(2, 6, dtype=torch.bool))
         trace.tensor("empty", torch.zeros(0))
     found = trace.verdicts()
-    assert [v.code for v in found] == ["ALL_ZERO_VALUES", "ALL_ZERO_VALUES"]
+    # the bool mask's rows say the same from the row side: every one of its 2 rows is empty
+    assert [v.code for v in found] == ["ALL_ZERO_VALUES", "ALL_ZERO_VALUES", "EMPTY_ROWS"]
     assert "selects nothing" in found[0].message and "empty" in found[1].message
+    assert found[2].evidence["tensor"] == "gen_mask" and found[2].evidence["empty_rows"] == 2
 
 
 def test_tiny_grads_and_rounds_to_zero(policy):

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Set
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from .cuts import cut_params, describe_cut, outermost_cuts
 from .diff import Diff, diff
-from .names import describe_params, group_by_module
+from .names import describe_params, group_by_module, in_module
 from .registry import ordered, sort_key, verdict
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
@@ -34,18 +34,21 @@ def verdicts(trace) -> List[Verdict]:
 
 
 @verdict("NONFINITE", rank=10, severities=("error",),
-         meaning="NaN/Inf gradients; names the first parameter in backward order")
+         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite")
 def check_nonfinite(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
         bad = [r for r in p.in_backward_order() if r.nonfinite]
         if bad:
             first = bad[0]
+            evidence = {"pass": p.name, "parameter": first.name,
+                        "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}
+            if p.nonfinite_origin:
+                evidence["origin"] = p.nonfinite_origin
             out.append(Verdict("NONFINITE", "error",
                                f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s); the first in "
-                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)",
-                               {"pass": p.name, "parameter": first.name,
-                                "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}))
+                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)"
+                               f"{_nonfinite_origin(trace, p)}", evidence))
     for t in tensors.values():
         if t.values.nonfinite:
             out.append(Verdict("NONFINITE", "error",
@@ -58,6 +61,24 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    f"{facts.nonfinite} NaN/Inf values",
                                    {"tensor": t.name, "pass": pass_name, "count": facts.nonfinite}))
     return out
+
+
+def _nonfinite_origin(trace, p: PassTrace) -> str:
+    """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
+    origin = p.nonfinite_origin
+    if not origin:
+        if trace.meta.get("cuts") == "ops":
+            return ""
+        return ('; to name the op and line where it is born, run the same step under '
+                'gradtrace.watch(model, cuts="ops")')
+    module = f"module {origin['module']!r}" if origin.get("module") else "the root module or top-level code"
+    forward = {
+        "finite": "its forward values were finite: only the gradient is non-finite (e.g. sqrt or log at 0, "
+                  "a norm of zeros)",
+        "nonfinite": "its forward values were already NaN/Inf (look at what fed it in the forward)",
+    }.get(origin.get("forward"), "its forward values were not examined")
+    return (f"; it is born in the backward of op {origin['op']} ({origin.get('node')}) in {module} at "
+            f"{origin['location']}: {forward}")
 
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
@@ -84,7 +105,10 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
         if cut is None and not t.expect_grad:
             continue  # data (a mask, rewards, advantages): only its values are checked
         how = "was created in inference mode" if t.inference else "does not require grad"
-        because = f": {describe_cut(cut)}" if cut else " (it was expected to)"
+        because = f": {describe_cut(cut)}" if cut else " (it was expected to)" + (
+            "; no module ran without grad, so a .detach() or .data in your code is the likely cut: "
+            "gradtrace.watch(model, cuts=\"ops\") names the op and line" if trace.meta.get("cuts") == "modules"
+            and not t.inference else "")
         evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls}
         if cut is not None:
             evidence.update({"kind": cut.kind, "module": cut.module, "location": cut.location})
@@ -150,7 +174,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
         cut: Cut = entry["cut"]
         lost = entry["lost"]
         passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
-        lost_txt = (f"; pass {passes_txt} lost {len(lost)} parameter(s): {describe_params(lost)}"
+        lost_txt = (f"; pass {passes_txt} lost {len(lost)} parameter(s): {describe_params(lost, universe=trace.params)}"
                     if lost else f"; tensor {entry.get('tensor')!r} was built across it")
         out.append(Verdict("GRAPH_CUT", "error",
                            f"graph cut: {describe_cut(cut)}{lost_txt}. {_cut_fix(cut)}",
@@ -187,8 +211,8 @@ def check_stale(trace, passes, tensors, cuts):
         if stale:
             out.append(Verdict("STALE_GRADS", "error",
                                f"pass {p.name!r}: .grad already held values when the pass began for "
-                               f"{len(stale)} parameter(s) ({describe_params(stale)}): gradients were not "
-                               "zeroed; call optimizer.zero_grad() before the pass",
+                               f"{len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): "
+                               "gradients were not zeroed; call optimizer.zero_grad() before the pass",
                                {"pass": p.name, "parameters": stale}))
     return out
 
@@ -237,6 +261,55 @@ def check_all_zero_values(trace, passes, tensors, cuts):
             out.append(Verdict("ALL_ZERO_VALUES", "error",
                                f"tensor {t.name!r} {what} ({v.numel} elements, every one 0){rows}",
                                {"tensor": t.name, "numel": v.numel, "rows": v.rows}))
+    return out
+
+
+def _lengths(facts: Dict[str, float]) -> str:
+    rows = facts.get("rows") or 0
+    mean = facts.get("selected_sum", 0.0) / rows if rows else 0.0
+    return (f"selected length mean {mean:.1f}, min {facts.get('selected_min', 0):.0f}, "
+            f"max {facts.get('selected_max', 0):.0f}")
+
+
+ALIGN_HINT = ("ensure the mask aligns with the attention mask's padding (with left padding, generated tokens "
+              "start at the padded prompt width, not at each prompt's own length)")
+
+
+@verdict("EMPTY_ROWS", rank=65, severities=("error", "warning"),
+         meaning="rows of a registered mask that select nothing (zero-length generations), with the count and fraction: an error when every row, else a warning")
+def check_empty_rows(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        facts = t.row_facts
+        rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
+        if not empty or "selected_sum" not in facts:
+            continue
+        fraction = empty / rows
+        with_tokens = facts.get("empty_with_tokens") or 0
+        hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
+                f"{ALIGN_HINT}" if with_tokens else "")
+        out.append(Verdict("EMPTY_ROWS", "error" if empty == rows else "warning",
+                           f"tensor {t.name!r}: {empty:.0f} of {rows:.0f} rows ({fraction:.0%}) select nothing "
+                           f"(zero-length generations contribute no token); {_lengths(facts)}{hint}",
+                           {"tensor": t.name, "rows": int(rows), "empty_rows": int(empty), "fraction": fraction,
+                            "empty_with_tokens": int(with_tokens)}))
+    return out
+
+
+@verdict("MASK_ON_PADDING", rank=66, severities=("error",),
+         meaning="a completion mask paired with its attention mask selects padding positions")
+def check_mask_on_padding(trace, passes, tensors, cuts):
+    out = []
+    for t in tensors.values():
+        on_padding = t.row_facts.get("on_padding") or 0
+        if not on_padding:
+            continue
+        side = t.padding_side
+        padded = f" ({side}-padded)" if side in ("left", "right", "mixed") else ""
+        out.append(Verdict("MASK_ON_PADDING", "error",
+                           f"tensor {t.name!r}: {on_padding:.0f} selected position(s) fall on padding of its "
+                           f"attention mask{padded}: {ALIGN_HINT}",
+                           {"tensor": t.name, "on_padding": int(on_padding), "padding_side": side}))
     return out
 
 
@@ -303,15 +376,15 @@ def check_coverage_gaps(trace, passes, tensors, cuts):
         if not d.only_a and not d.only_b:
             continue
         parts = []
-        if d.only_a:
-            parts.append(f"{len(d.only_a)} reached in {a.name!r} but not {b.name!r}: {describe_params(d.only_a)}")
-        if d.only_b:
-            parts.append(f"{len(d.only_b)} reached in {b.name!r} but not {a.name!r}: {describe_params(d.only_b)}")
+        for only, here, there in ((d.only_a, a, b), (d.only_b, b, a)):
+            if only:
+                parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: "
+                             f"{describe_params(only, universe=trace.params)}")
         out.append(Verdict("COVERAGE_GAP", "error",
                            "coverage gap: " + "; ".join(parts) + _gap_hint(d),
                            {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),
-                            "modules_only_a": list(group_by_module(sorted(d.only_a))),
-                            "modules_only_b": list(group_by_module(sorted(d.only_b)))}))
+                            "modules_only_a": list(group_by_module(sorted(d.only_a), trace.params)),
+                            "modules_only_b": list(group_by_module(sorted(d.only_b), trace.params))}))
     return out
 
 
@@ -343,8 +416,8 @@ def check_zero_upstream(trace, passes, tensors, cuts):
     return out
 
 
-@verdict("ZERO_GRADS", rank=110, severities=("error", "warning"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning (expected for LoRA A while B is still zero)")
+@verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when a zero partner explains it (LoRA A while B is still zero)")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -352,13 +425,44 @@ def check_zero_grads(trace, passes, tensors, cuts):
         if not zero:
             continue
         every = len(zero) == len(p.covered)
-        msg = (f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly zero gradient"
-               if every else
-               f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly zero gradient "
-               f"({describe_params(zero)}); expected for LoRA A matrices while B is still zero")
-        out.append(Verdict("ZERO_GRADS", "error" if every else "warning", msg,
-                           {"pass": p.name, "parameters": zero, "all": every}))
+        if every:
+            out.append(Verdict("ZERO_GRADS", "error",
+                               f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
+                               "zero gradient", {"pass": p.name, "parameters": zero, "all": True}))
+            continue
+        explained = _zero_partner_explained(p, zero)
+        severity = "info" if explained else "warning"
+        why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
+               "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps"
+               if explained else "")
+        out.append(Verdict("ZERO_GRADS", severity,
+                           f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
+                           f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
+                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained}))
     return out
+
+
+def _lora_partner(param: str) -> Optional[str]:
+    """``...lora_A.weight`` -> ``...lora_B.weight`` (peft's and the demo's naming); None for other names."""
+    parts = param.split(".")
+    for i, part in enumerate(parts):
+        if part == "lora_A":
+            return ".".join(parts[:i] + ["lora_B"] + parts[i + 1:])
+    return None
+
+
+def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
+    """Every zero gradient belongs to a LoRA A whose B was reached with a nonzero gradient.
+
+    That is the signature of B == 0: dL/dA = B^T (dL/dy) x^T vanishes while dL/dB = (dL/dy)(A x)^T does not.
+    """
+    records = p.records
+    for name in zero:
+        partner = _lora_partner(name)
+        record = records.get(partner) if partner else None
+        if record is None or record.zero or record.nonfinite:
+            return False
+    return True
 
 
 @verdict("RANK_DIVERGENCE", rank=120, severities=("error",),
@@ -377,7 +481,7 @@ def check_rank_divergence(trace, passes, tensors, cuts):
             out.append(Verdict("RANK_DIVERGENCE", "error",
                                f"pass {pass_name!r}: coverage differs across ranks; rank(s) "
                                f"{', '.join(map(str, sorted(differing)))} missed {len(params)} parameter(s) others "
-                               f"reached ({describe_params(params)})",
+                               f"reached ({describe_params(params, universe=trace.params)})",
                                {"pass": pass_name, "ranks": sorted(differing), "parameters": params,
                                 "missing_by_rank": {str(k): v for k, v in differing.items()}}))
     return out
@@ -431,6 +535,48 @@ def check_tiny_grads(trace, passes, tensors, cuts):
     return out
 
 
+@verdict("DETACHED_OUTPUT", rank=145, severities=("warning",),
+         meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in any pass: its output was detached or not used by the loss downstream (op and line with `cuts=\"ops\"`)")
+def check_detached_output(trace, passes, tensors, cuts):
+    ran = set(trace.meta.get("ran_with_grad") or ())
+    if not ran or not passes or not any(p.covered for p in passes.values()):
+        return []
+    reached = set().union(*(p.covered for p in passes.values()))
+    out = []
+    for module, params in _wholly_unreached_modules(trace.params, reached, ran).items():
+        op_cut = next((c for c in cuts if c.op is not None and c.kind in ("detach", "non_differentiable")), None)
+        where = (f": {describe_cut(op_cut)}" if op_cut is not None else
+                 "; gradtrace.watch(model, cuts=\"ops\") names the op and line that cut it")
+        out.append(Verdict("DETACHED_OUTPUT", "warning",
+                           f"the output of {module!r} never received a gradient: it ran with grad and its output "
+                           f"required grad, yet none of its {len(params)} parameter(s) got one in any pass; it was "
+                           f"detached or not used by the loss downstream{where}",
+                           {"module": module, "parameters": params,
+                            **({"op": op_cut.op, "location": op_cut.location} if op_cut is not None else {})}))
+    return out
+
+
+def _wholly_unreached_modules(params, reached: Set[str], ran: Set[str]) -> Dict[str, List[str]]:
+    """``{module: its params}`` for the outermost modules that ran with grad yet none of whose params was reached.
+
+    Judged on the whole module: one reached parameter means its output did carry a gradient back.
+    """
+    unreached = [p for p in params if p not in reached]
+    candidates = set()
+    for p in unreached:  # only ancestors of an unreached parameter can qualify: the common case is cheap
+        parts = p.split(".")[:-1]
+        candidates.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    by_module: Dict[str, List[str]] = {}
+    for module in sorted(candidates & ran, key=lambda m: (m.count("."), m)):
+        if any(in_module(p, module) for p in reached):
+            continue
+        inside = [p for p in unreached if in_module(p, module)]
+        if any(in_module(module, outer) and module != outer for outer in by_module):
+            continue  # inside a module already reported
+        by_module[module] = inside
+    return by_module
+
+
 @verdict("UNUSED_PARAMS", rank=150, severities=("warning",),
          meaning="trainable parameters that received no gradient in any pass")
 def check_unused(trace, passes, tensors, cuts):
@@ -442,8 +588,8 @@ def check_unused(trace, passes, tensors, cuts):
         return []
     return [Verdict("UNUSED_PARAMS", "warning",
                     f"{len(unused)} trainable parameter(s) received no gradient in any pass: "
-                    f"{describe_params(unused)}",
-                    {"parameters": unused, "modules": list(group_by_module(unused))})]
+                    f"{describe_params(unused, universe=trace.params)}",
+                    {"parameters": unused, "modules": list(group_by_module(unused, trace.params))})]
 
 
 @verdict("PASS_FAILED", rank=5, severities=("error",),

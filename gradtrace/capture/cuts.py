@@ -93,6 +93,19 @@ def checkpoint_on_stack(frame=None):
     return None
 
 
+def checkpoint_caller(segment):
+    """The frame that called ``checkpoint(...)``: the first frame outside torch above the segment.
+
+    (The segment's own frames are the checkpointed block's body; pointing there
+    names a line inside the block instead of the checkpoint call to change.)
+    """
+    frame = segment.f_back
+    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
+                                 or frame.f_code.co_filename.startswith("<frozen")):
+        frame = frame.f_back
+    return frame
+
+
 def _caller_frame():
     """The frame that called the module (skipping torch's Module.__call__ machinery)."""
     frame = sys._getframe(2)
@@ -140,10 +153,17 @@ class CutLog:
         self.key_of: Dict[int, Tuple] = {}
         self.by_pass: Dict[Optional[str], List[int]] = {}  # seqs recorded inside each pass
         self.root_calls = 0  # forward calls of the watched model itself
+        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
+        # if their parameters still get no gradient, the output was detached or unused downstream.
+        self.ran_with_grad: set = set()
 
     @property
     def cuts(self) -> list:
         return list(self.by_seq.values())
+        self.last_event: Dict[int, int] = {}
+        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
+        # if their parameters still get no gradient, the output was detached or unused downstream.
+        self.ran_with_grad: set = set()
 
     def record(self, kind: str, module: str, module_type: str, params: int,
                site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None) -> None:
@@ -220,15 +240,22 @@ class ModuleCutDetector:
         log = self.log
         names = self.names
         module_type = type(module).__name__
+        # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
+        note_ran = log.ran_with_grad.add if trainable else len
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:
+                        note_ran(name)
                         return
-                elif any_requires_grad(output) is not False:  # differentiable, or no tensor output at all
-                    return
+                else:
+                    differentiable = any_requires_grad(output)
+                    if differentiable is not False:  # differentiable, or no tensor output at all
+                        if differentiable:
+                            note_ran(name)
+                        return
                 # Judged on inputs, not parameters: an adapter that is simply not
                 # used (peft's disable_adapter) leaves trainable parameters idle
                 # without cutting anything.
@@ -244,13 +271,13 @@ class ModuleCutDetector:
                     checkpointed = names.get(id(segment.f_locals.get("self")))
                     if checkpointed is not None:  # one cut for the checkpointed module, not one per child
                         path, module = checkpointed
-                        caller = _caller_frame()
                         log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
-                                   ("checkpoint", path), frame=caller,
+                                   ("checkpoint", path), frame=checkpoint_caller(segment),
                                    inputs_require_grad=_segment_inputs_require_grad(segment))
                         return
                 kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
-            caller = _caller_frame()
+            # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
+            caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
             log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs)

@@ -75,7 +75,7 @@ def inner_products(a: str, b: str, grads_a: Dict[str, torch.Tensor], grads_b: Di
         "a": a, "b": b, "preconditioned": precondition is not None,
         "dot": dot, "norm_a": norm_a, "norm_b": norm_b,
         "cosine": dot / (norm_a * norm_b) if norm_a and norm_b and precondition is None else None,
-        "top": [{"param": n, "contribution": c, "share": c / dot if dot else 0.0}
+        "top": [{"param": n, "contribution": c, "share": c / abs(dot) if dot else 0.0}
                 for n, c in sorted(zip(common, contrib), key=lambda x: -abs(x[1]))[:TOP]],
     }
     summary["numel_b"] = sum(grads_b[n].numel() for n in common)

@@ -41,6 +41,7 @@ module hooks) is recognised by its frames.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -51,8 +52,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._torch_compat import MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode
-from .cuts import CutLog, user_location
+from .._torch_compat import (MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode,
+                             current_autograd_node, saved_tensors)
+from .cuts import CutLog, short_path, user_location
 
 _Tensor = torch.Tensor
 _Size = torch.Size
@@ -208,11 +210,15 @@ class _CutMode(TorchFunctionMode):
         out = func(*args, **kwargs) if kwargs else func(*args)
         if isinstance(out, _Tensor):
             if out.requires_grad:  # the common path: a differentiable op
+                owner.origins.watch_node(func, out, sys._getframe(1))
                 return out
         elif isinstance(out, (tuple, list)) and out and type(out) is not _Size:
             first = out[0]
-            if not isinstance(first, _Tensor) or first.requires_grad:
-                return out  # numbers, or differentiable tensors (split, chunk, max)
+            if not isinstance(first, _Tensor):
+                return out  # numbers
+            if first.requires_grad:  # differentiable tensors (split, chunk, max)
+                owner.origins.watch_node(func, first, sys._getframe(1))
+                return out
         else:
             return out  # None, a number, a Size: no tensor came out
         owner.inspect(func, args, kwargs, out)
@@ -238,6 +244,7 @@ class OpCutMode:
         # id(tensor) -> (weak reference, candidate it carries), for tensors still alive
         self.pending: Dict[int, Tuple[weakref.ref, _Candidate]] = {}
         self._trainable: Dict[int, int] = {}
+        self.origins = NonfiniteOrigins(log.pass_name, self.module_names)
         self.mode = _CutMode(self)
 
     # ---- module calls that began without grad ------------------------------
@@ -300,8 +307,12 @@ class OpCutMode:
             if func is _detach_:
                 return self.in_place_detach(func, args, kwargs)
             out = func(*args, **kwargs)
-            if isinstance(out, (_Tensor, tuple, list)) and type(out) is not _Size and not _requires_grad(out):
-                self.inspect(func, args, kwargs, out)
+            if isinstance(out, (_Tensor, tuple, list)) and type(out) is not _Size:
+                differentiable = next((t for t in _tensors(out) if t.requires_grad), None)
+                if differentiable is None:
+                    self.inspect(func, args, kwargs, out)
+                else:
+                    self.origins.watch_node(func, differentiable, sys._getframe(1))
             return out
         if func in _ENGINE:
             self._record(carried)  # before the engine raises that nothing requires grad
@@ -309,6 +320,7 @@ class OpCutMode:
         out = func(*args, **kwargs)
         if _requires_grad(out):
             self._record(carried)  # it rejoined a graph: the gradient it would have carried is lost
+            self.origins.watch_node(func, next(t for t in _tensors(out) if t.requires_grad), sys._getframe(1))
         elif _called_by_gradtrace(sys._getframe(1)):
             self._record(carried)  # registered with trace.tensor
         else:
@@ -428,6 +440,7 @@ class _Pushed:
 
     def __exit__(self, *exc):
         self.owner.pending.clear()
+        self.owner.origins.enabled = False
         stack = function_mode_stack()
         if stack and stack[-1] is self.mode:
             self.mode.__exit__(*exc)
@@ -443,3 +456,112 @@ class _Pushed:
         for m in reversed(above):
             push_function_mode(m)
         return False
+
+
+# ---- where a NaN/Inf gradient is born ----------------------------------------------------
+
+
+class NonfiniteOrigins:
+    """Finds the op whose backward first turned finite incoming gradients into NaN/Inf.
+
+    Every differentiable op seen in the forward gets a post-hook on its autograd
+    node, carrying the op's name, its module and its line (one frame walk per op,
+    no tensor work). In backward the hook reads nothing back (a hook must not
+    synchronise): it keeps one device vector per node, a float64 sum of each
+    tensor (finite exactly when the tensor is) in three groups: the gradients
+    the node produced, the gradients that came in, and the forward values it
+    saved (plus its output, if still alive). When the trace is read, one transfer per pass finds the
+    first node, in the order backward ran them, that produced a non-finite
+    gradient from finite ones.
+    """
+
+    LIMIT = 200_000  # node entries kept while the trace is not read; past it the oldest half goes
+
+    def __init__(self, pass_name: Callable[[], Optional[str]], module_names: Dict[int, str]):
+        self.pass_name = pass_name
+        self.module_names = module_names
+        # (pass, info, node name, (produced, incoming) counts, device vector of float64 sums)
+        self.flags: List[Tuple[Optional[str], tuple, str, Tuple[int, int], "torch.Tensor"]] = []
+        self.enabled = True
+
+    def watch_node(self, func, out: torch.Tensor, frame) -> None:
+        if getattr(func, "__name__", None) in _ROUTING_OPS:
+            return  # its backward only moves gradients around: it cannot turn finite ones into NaN/Inf
+        node = out.grad_fn
+        if node is None:
+            return
+        site, module = self._place(frame)
+        if site is None:
+            return  # gradtrace's own work
+        info = (op_name(func), module, site.f_code.co_filename, site.f_lineno, weakref.ref(out))
+        # The hook must not hold the node (a cycle through C++ that no GC can break): the engine names it.
+        node.register_hook(functools.partial(self._on_node, info))
+
+    def _place(self, frame):
+        """The op's line (first frame outside torch) and the innermost watched module on the stack."""
+        site = _site_frame(frame)
+        if site is None:
+            return None, ""
+        names = self.module_names
+        while frame is not None:
+            if frame.f_code is _CALL_IMPL:
+                module = frame.f_locals.get("self")
+                if module is not None and id(module) in names:
+                    return site, names[id(module)]
+            frame = frame.f_back
+        return site, ""
+
+    def _on_node(self, info, grad_inputs, grad_outputs) -> None:
+        if not self.enabled:
+            return  # a graph built inside the watch, run backward after it closed
+        produced = [g for g in grad_inputs if g is not None and g.is_floating_point()]
+        if not produced:
+            return
+        if len(self.flags) >= self.LIMIT:  # a watch left open and never read: keep the newest half
+            del self.flags[:self.LIMIT // 2]
+        node = current_autograd_node()
+        forward = [t.detach() for t in saved_tensors(node) if t.is_floating_point()]
+        out = info[4]()
+        if out is not None:
+            forward.append(out.detach())
+        incoming = [g for g in grad_outputs if g is not None and g.is_floating_point()]
+        device = produced[0].device
+        # One float64 sum per tensor (finite exactly when the tensor is: float64 cannot overflow on a
+        # float32 sum), stacked into one device vector; the group sizes say which sum is whose.
+        sums = torch.stack([t.sum(dtype=torch.float64).to(device) for t in (*produced, *incoming, *forward)])
+        self.flags.append((self.pass_name(), info, node.name(), (len(produced), len(incoming)), sums))
+
+    def take(self, pass_name: str) -> Optional[dict]:
+        """The origin for a finished pass (labelled, or the unlabelled runs so far); forgets their flags."""
+        mine = [entry for entry in self.flags if entry[0] in (pass_name, None)]
+        self.flags = [entry for entry in self.flags if entry[0] not in (pass_name, None)]
+        if not mine:
+            return None
+        finite = torch.cat([sums.to("cpu") for *_, sums in mine]).isfinite().tolist()  # one read per pass
+        start = 0
+        for _, info, node_name, (n_produced, n_incoming), sums in mine:
+            flags = finite[start:start + len(sums)]
+            start += len(sums)
+            produced, incoming, forward = (flags[:n_produced], flags[n_produced:n_produced + n_incoming],
+                                           flags[n_produced + n_incoming:])
+            if not all(produced) and all(incoming):
+                return _origin(pass_name, info, node_name, "finite" if all(forward) else "nonfinite")
+        return None
+
+
+# Ops whose backward copies, sums, scatters or masks the incoming gradient (views, shape changes,
+# joins, addition): hooking them (a ~10 us RemovableHandle each) could never name an origin.
+_ROUTING_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "contiguous", "expand", "expand_as",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "__getitem__", "select", "narrow", "split", "chunk",
+    "unbind", "cat", "stack", "t", "clone", "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__",
+    "__rsub__", "__isub__", "sub_", "neg", "__neg__", "float", "double", "masked_fill", "masked_fill_",
+    "where", "sum", "repeat", "repeat_interleave", "roll", "flip", "tril", "triu", "gather", "index_select",
+    "embedding", "pad", "dropout", "detach",
+})
+
+
+def _origin(pass_name, info, node_name: str, forward: str) -> dict:
+    op, module, filename, line, _ = info
+    return {"pass": pass_name, "op": op, "node": node_name, "module": module,
+            "location": f"{short_path(filename)}:{line}", "forward": forward}

@@ -38,7 +38,8 @@ def report(trace) -> str:
     sections = [diagnosis(verdicts), _summary(trace, groups), _verdicts(verdicts, list(passes))]
     if len(groups) >= 2:
         sections.append(_coverage_by_module(trace, groups))
-    sections += [_top_params(passes), _cuts(trace), _tensors(trace), _scalars(trace), _inner(trace)]
+    sections += [_top_params(passes), _cuts(trace), _tensors(trace), _row_facts(trace), _scalars(trace),
+                 _inner(trace)]
     # Escaped once, whole: every name, location and message taken from a trace file is in it.
     return safe("\n\n".join(s for s in sections if s) + "\n")
 
@@ -112,7 +113,8 @@ def _top_params(passes) -> str:
         if not p.records:
             continue
         top = sorted(p.records.values(), key=lambda r: -r.norm)[:TOP_PARAMS]
-        rows = [[display_name(r.name), r.hits, sci(r.norm), sci(r.max_abs), "yes" if r.zero else "", r.nonfinite or ""]
+        rows = [[display_name(r.name), r.hits, sci(r.norm), sci(r.max_abs),
+                 "yes" if r.zero else "cleared" if r.cleared else "", r.nonfinite or ""]
                 for r in top]
         out.append(f"top parameters in {p.name!r}\n" +
                    _table(rows, ["parameter", "hits", "norm", "max |g|", "zero", "nonfinite"]))
@@ -164,6 +166,30 @@ def _tensors(trace) -> str:
                                                   "grad norm per pass"])
 
 
+def _row_facts(trace) -> str:
+    """Masks: empty rows and selected lengths, padding; groups: how many rows have each size of spread."""
+    rows = []
+    for t in trace.tensors.values():
+        f = t.row_facts
+        if not f:
+            continue
+        n = f.get("rows") or 0
+        if "selected_sum" in f:
+            lengths = (f"mean {f['selected_sum'] / n:.1f}, min {f['selected_min']:.0f}, max {f['selected_max']:.0f}"
+                       if n else "-")
+            empty = f"{f.get('empty_rows', 0):.0f}/{n:.0f}"
+        else:
+            lengths, empty = "-", "-"
+        on_padding = f"{f['on_padding']:.0f} on padding" if "on_padding" in f else ""
+        padding = ", ".join(x for x in (t.padding_side or "", on_padding) if x) or "-"
+        spread = ", ".join(f"{key[4:]}: {f[key]:.0f}" for key in f if key.startswith("std ") and f[key]) or "-"
+        rows.append([t.name, t.role or "mask", f"{n:.0f}", empty, lengths, padding, spread])
+    if not rows:
+        return ""
+    return "row facts (rows along the last dim)\n" + _table(
+        rows, ["tensor", "role", "rows", "empty rows", "selected length", "padding", "per-row std"])
+
+
 def _scalars(trace) -> str:
     if not trace.scalars:
         return ""
@@ -187,9 +213,26 @@ def render_inner(s: Dict[str, Any]) -> str:
     if s["preconditioned"]:
         rows += [[f"norm {s['a']} preconditioned", sci(s.get("norm_a_pre"))],
                  [f"norm {s['b']} preconditioned", sci(s.get("norm_b_pre"))]]
-    top = [[t["param"], sci(t["contribution"]), f"{t['share']:.1%}"] for t in s["top"]]
+    dot = s["dot"]
+    # share from contribution and |dot|, so it has the contribution's sign (also for traces saved before)
+    top = [[t["param"], sci(t["contribution"]), f"{t['contribution'] / abs(dot):.1%}" if dot else "-"]
+           for t in s["top"]]
     return (title + "\n" + _table(rows, ["", "value"]) + "\n" +
-            _table(top, ["dominant parameters", "contribution", "share"]))
+            _table(top, ["dominant parameters", "contribution", "share"]) + "\n" + _inner_legend(s))
+
+
+def _inner_legend(s: Dict[str, Any]) -> str:
+    """One line per figure of the inner-product table: what it is, and why one may be missing."""
+    pre = s["preconditioned"]
+    dot = (f"dot: sum over parameters of g_{s['a']} * g_{s['b']}"
+           + (" / (sqrt(v_hat) + eps), Adam's preconditioner" if pre else ""))
+    cosine = ("cosine: not given for a preconditioned product (it is not an inner product of the two "
+              "gradients with their own norms); the plain diff gives it" if pre else
+              "cosine: dot / (norm a * norm b)" if s.get("cosine") is not None else
+              "cosine: not defined, one of the gradients is zero")
+    share = ("share: a parameter's contribution / |dot|, with the contribution's sign; the shares add up to "
+             f"{'+' if s['dot'] >= 0 else '-'}100%")
+    return "\n".join((dot, cosine, share))
 
 
 class RenderedDiff(Diff):

@@ -47,6 +47,9 @@ PROBES = (
     Probe("torch._C._will_engine_execute_node",
           "telling a .backward() run from a torch.autograd.grad run", "capture",
           lambda: torch._C._will_engine_execute_node),
+    Probe("torch._C._functorch.is_legacy_batchedtensor",
+          "torch.autograd.grad(..., is_grads_batched=True): telling batched gradients apart", "capture",
+          lambda: torch._C._functorch.is_legacy_batchedtensor),
     Probe("torch._utils._flatten_dense_tensors",
           "pass-end statistics of small gradients (one fused buffer)", "stats",
           lambda: __import__("torch._utils", fromlist=["_flatten_dense_tensors"])._flatten_dense_tensors),
@@ -119,6 +122,7 @@ queue_callback = _get("torch.autograd.Variable._execution_engine.queue_callback"
 current_graph_task_id = _get("torch._C._current_graph_task_id")
 current_autograd_node = _get("torch._C._current_autograd_node")
 will_engine_execute_node = _get("torch._C._will_engine_execute_node")
+is_batched_grad = _get("torch._C._functorch.is_legacy_batchedtensor")
 flatten_dense_tensors = _get("torch._utils._flatten_dense_tensors")
 foreach_norm = _get("torch._foreach_norm")
 MODULE_CALL_CODE = _get("torch.nn.Module._call_impl")  # a code object: compared with `is` against frames

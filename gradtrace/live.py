@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, stats
+from .capture import hook_state, inner, modules, stats
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.passes import READ_AT, PassState
 from .capture.reach import reachable_params
@@ -195,6 +195,9 @@ class LiveTrace(Trace):
             raise GradtraceError(f"tensor names are non-empty strings, got {name!r}")
         if not isinstance(t, torch.Tensor):
             raise GradtraceError(f"trace.tensor({name!r}, ...) takes a torch.Tensor, got {type(t).__name__}")
+        if t.is_meta:
+            raise GradtraceError(f"trace.tensor({name!r}, ...) got a meta tensor: it has a shape but no values "
+                                 "to record. Register the tensor the computation really produced.")
         if expect_grad not in (None, True, False):
             raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
         facts = _row_facts(name, t, role, attention_mask)
@@ -298,8 +301,8 @@ class LiveTrace(Trace):
         recorder = recording.recorder
         recorder.enabled = False
         recorder.close_open_runs()
-        if recorder.active is not None:
-            recorder.end_pass(recorder.active)
+        for label in list(recorder.passes.labels.values()):  # labels still open in any thread
+            recorder.end_pass(label)
         recorder.flush_orphan()
         for handle in recording.tensor_handles:
             handle.remove()
@@ -361,7 +364,7 @@ def _note_forward_facts(record: TensorRecord, t: torch.Tensor, expect_grad: Opti
 # ---- watch -------------------------------------------------------------------
 def _resolve_target(target) -> Tuple[List[Tuple[str, torch.Tensor]], Optional[nn.Module]]:
     if isinstance(target, nn.Module):
-        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in modules.named_parameters(target) if p.requires_grad]
         root = target
         what = f"the {type(target).__name__} passed to watch()"
     elif isinstance(target, torch.Tensor) or isinstance(target, (str, bytes)) or not isinstance(target, Iterable):

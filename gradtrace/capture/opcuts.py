@@ -55,6 +55,7 @@ from torch.overrides import TorchFunctionMode
 from .._torch_compat import (MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode,
                              current_autograd_node, saved_tensors)
 from .cuts import CutLog, short_path, user_location
+from .modules import named_modules
 
 _Tensor = torch.Tensor
 _Size = torch.Size
@@ -238,7 +239,7 @@ class OpCutMode:
     def __init__(self, root: nn.Module, log: CutLog, names_by_id: Dict[int, str]):
         self.log = log
         self.names_by_id = names_by_id
-        self.modules: List[Tuple[str, nn.Module]] = list(root.named_modules())
+        self.modules: List[Tuple[str, nn.Module]] = named_modules(root)
         self.module_names: Dict[int, str] = {id(m): name for name, m in self.modules}
         self.calls = _Calls()
         # id(tensor) -> (weak reference, candidate it carries), for tensors still alive

@@ -9,6 +9,7 @@ small state machine, written out in ``PassAssigner``.
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -35,6 +36,9 @@ class PassState:
         self.written: List[int] = []  # post-accumulate hooks: .grad written
         self.backward_params: set = set()
         self.capture_sums: Dict[int, torch.Tensor] = {}
+        # autograd.grad(..., is_grads_batched=True): the hooks see vmapped gradients that are
+        # meaningless outside the engine's vmap, so these parameters' figures are unknown.
+        self.batched: set = set()
         # .grad as it was when the pass first reached a parameter, where it was
         # not None: the pass's own gradient is .grad minus this.
         self.bases: Dict[int, torch.Tensor] = {}
@@ -97,18 +101,48 @@ class PassAssigner:
     def __init__(self, keep_grads: bool, finish: Callable[[PassState], None]):
         self.keep_grads = keep_grads
         self.finish = finish
-        self.active: Optional[PassState] = None  # the labelled pass, if any
+        # The open label of each thread: a label opened in one thread never captures runs of another.
+        self.labels: Dict[int, PassState] = {}
         self.orphan: Optional[PassState] = None  # opened by a nested run whose outer run is unseen
         self.standin: Optional[StandIn] = None
         self.taken_names: Callable[[str], bool] = lambda name: False
         self._counter = itertools.count(1)
 
-    def assign(self, task: int, nested: bool, accumulates: Optional[bool], open_runs: Iterable) -> PassState:
-        if nested:
-            return self._nested(task, accumulates, open_runs)
-        return self._top_level(task, accumulates)
+    @property
+    def active(self) -> Optional[PassState]:
+        """The label the calling thread holds open, if any."""
+        return self.labels.get(threading.get_ident())
 
-    def _nested(self, task: int, accumulates: Optional[bool], open_runs: Iterable) -> PassState:
+    @active.setter
+    def active(self, state: Optional[PassState]) -> None:
+        if state is None:
+            self.labels.pop(threading.get_ident(), None)
+        else:
+            self.labels[threading.get_ident()] = state
+
+    def label_for_run(self, on_accelerator: bool) -> Optional[PassState]:
+        """The label a new run belongs to: its thread's.
+
+        A CPU backward runs its hooks on the thread that called it. An
+        accelerator's backward runs them on the engine's device threads, where
+        the calling thread is unknown: there a single open label is taken as its
+        (the usual single-threaded loop), and with labels open in several
+        threads the run stays unlabelled rather than joining the wrong one.
+        """
+        own = self.labels.get(threading.get_ident())
+        if own is not None or not on_accelerator:
+            return own
+        return next(iter(self.labels.values())) if len(self.labels) == 1 else None
+
+    def assign(self, task: int, nested: bool, accumulates: Optional[bool], open_runs: Iterable,
+               on_accelerator: bool = False) -> PassState:
+        label = self.label_for_run(on_accelerator)
+        if nested:
+            return self._nested(task, accumulates, open_runs, label)
+        return self._top_level(task, accumulates, label)
+
+    def _nested(self, task: int, accumulates: Optional[bool], open_runs: Iterable,
+                label: Optional[PassState]) -> PassState:
         outer = [r for r in open_runs if not r.nested and r.task < task]
         if outer:  # row 1
             return outer[-1].pass_state
@@ -116,23 +150,23 @@ class PassAssigner:
         if group is not None and task == group.last + 1 and not group.state.closed:  # row 2
             group.last = task
             return group.state
-        if self.active is not None:  # row 3
-            state = self._count(self.active)
+        if label is not None:  # row 3
+            state = self._count(label)
         else:  # row 4: finished only later (after zero_grad, typically), so read at each run's end
             state = self.orphan = self._new_auto(accumulates)
             state.read_at = "run_end"
         self.standin = StandIn(state, task)
         return state
 
-    def _top_level(self, task: int, accumulates: Optional[bool]) -> PassState:
+    def _top_level(self, task: int, accumulates: Optional[bool], label: Optional[PassState]) -> PassState:
         group = self.standin
         if group is not None and not group.claimed and task < group.first and not group.state.closed:  # row 5
             group.claimed = True
             if self.orphan is group.state:
                 self.orphan = None
             return group.state
-        if self.active is not None:  # row 6
-            return self._count(self.active)
+        if label is not None:  # row 6
+            return self._count(label)
         return self._new_auto(accumulates)  # row 7
 
     @staticmethod

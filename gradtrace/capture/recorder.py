@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .._torch_compat import is_batched_grad
 from ..records import PassColumns, PassTrace, TensorGradFacts
 from . import stats
 from .passes import PassAssigner, PassState
@@ -57,14 +58,17 @@ class Recorder:
         def on_grad(grad: torch.Tensor) -> None:
             run = open_runs.get(current_task())
             if run is None:
-                run = self.open_run(current_task())
+                run = self.open_run(current_task(), on_accelerator=grad.device.type != "cpu")
                 if run is None:
                     return
             if run.accumulates is None:  # opened by a registered tensor's hook
                 self.settle_kind(run, run_accumulates_grad())
             run.pass_state.hits.append(index)
             if not run.accumulates:
-                run.captured.append((index, grad))
+                if is_batched_grad(grad):
+                    run.pass_state.batched.add(index)
+                else:
+                    run.captured.append((index, grad))
             elif param.grad is not None:
                 self.note_existing_grad(run.pass_state, index, param.grad)
 
@@ -97,7 +101,7 @@ class Recorder:
             run = self.open_runs.get(current_task())
             if run is None:
                 # Whether this run writes .grad is only known at a parameter (a leaf).
-                run = self.open_run(current_task(), from_tensor=True)
+                run = self.open_run(current_task(), from_tensor=True, on_accelerator=grad.device.type != "cpu")
                 if run is None:
                     return
             run.tensor_grads.append((name, _tensor_grad_stats(grad)))
@@ -105,7 +109,7 @@ class Recorder:
         return on_tensor_grad
 
     # ---- runs ------------------------------------------------------------
-    def open_run(self, task: int, from_tensor: bool = False) -> Optional[Run]:
+    def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False) -> Optional[Run]:
         if not self.enabled:
             return None
         with self.lock:
@@ -114,7 +118,8 @@ class Recorder:
                 return run
             accumulates = None if from_tensor else run_accumulates_grad()
             nested = started_inside_another_run()
-            run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values()))
+            run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
+                                                       on_accelerator))
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
@@ -201,7 +206,9 @@ class Recorder:
         self.optimizer_stepped = True
 
     def end_pass(self, state: PassState) -> None:
-        self.passes.active = None
+        labels = self.passes.labels
+        for thread in [t for t, label in labels.items() if label is state]:  # at exit, maybe another thread's
+            del labels[thread]
         self.drain_written(state)  # writes no tensor hook announced (FSDP2) land in the labelled pass
         self.finish_pass(state)
 
@@ -338,7 +345,7 @@ class Reading:
 def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[int]) -> Reading:
     """Every given parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
     refs = state.run_end_grads
-    if not state.bases and not state.capture_sums:  # the common case: zeroed grads, .backward() only
+    if not state.bases and not state.capture_sums and not state.batched:  # the common case: zeroed grads, .backward() only
         totals = [params[i].grad for i in order]
         if all(g is not None for g in totals) and (not refs or all(_as_left(refs.get(i), g)
                                                                   for i, g in zip(order, totals))):
@@ -361,6 +368,8 @@ def _gain(grad: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _pass_gradient(param: torch.Tensor, state: PassState, index: int, reading: Reading) -> Tuple[torch.Tensor, str]:
     """What the pass gave this parameter: .grad's gain plus the gradients handed back."""
+    if index in state.batched and index not in state.backward_params:
+        return _unknown(param, index, reading), "grad"
     parts = []
     how = []
     if index in state.backward_params:
@@ -402,6 +411,8 @@ def _unknown(param: torch.Tensor, index: int, reading: Reading) -> torch.Tensor:
 def _tensor_grad_stats(grad: torch.Tensor) -> torch.Tensor:
     """(sum of squares, max |g|, nonfinite count) of a registered tensor's incoming gradient."""
     g = grad.detach()
+    if g.is_complex():  # the modulus: casting to float64 would drop the imaginary part
+        g = g.abs()
     if g.numel() == 0:
         return torch.zeros(3, dtype=torch.float64, device=g.device)
     g = g.to(torch.float64)

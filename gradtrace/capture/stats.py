@@ -26,7 +26,9 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
         return g.coalesce().values()
     to_local = getattr(g, "to_local", None)  # DTensor (FSDP2): statistics of the local shard
     if to_local is not None and callable(to_local):
-        return to_local()
+        g = to_local()
+    if g.is_complex():  # the modulus has the complex norm and max |g|; the real part alone does not
+        return g.abs()
     return g
 
 
@@ -52,7 +54,8 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
             return _reduce(list(grads), layout)
         except (RuntimeError, TypeError, ValueError):
             layout = None  # a gradient changed dtype, device or layout since: group again
-    dense = [g if type(g) is torch.Tensor and g.layout is torch.strided else _dense(g) for g in grads]
+    dense = [g if type(g) is torch.Tensor and g.layout is torch.strided and not g.is_complex() else _dense(g)
+             for g in grads]
     groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
     for i, g in enumerate(dense):
         groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)

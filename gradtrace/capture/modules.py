@@ -1,0 +1,41 @@
+"""The module tree, walked once and without recursion.
+
+``nn.Module.named_modules`` is a recursive generator: every item of a module
+nested d deep passes through d generator frames, so one walk of a 3,000-deep
+model costs millions of calls (and Python's recursion limit). These walks use
+an explicit stack and give the same names, in the same order, with the same
+de-duplication of shared modules and parameters.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def named_modules(root: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``root.named_modules()``, as a list: pre-order, each module once (under its first path)."""
+    out: List[Tuple[str, nn.Module]] = []
+    seen = set()
+    stack = [("", root)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append((path, module))
+        children = [(f"{path}.{name}" if path else name, child) for name, child in module.named_children()]
+        stack.extend(reversed(children))  # the first child is walked first
+    return out
+
+
+def named_parameters(root: nn.Module, modules: Optional[List[Tuple[str, nn.Module]]] = None
+                     ) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """``root.named_parameters()``: each parameter once, under its first path (``modules``: a walk already made)."""
+    seen = set()
+    for path, module in named_modules(root) if modules is None else modules:
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{path}.{name}" if path else name), p

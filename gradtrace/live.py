@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import inner, stats
+from .capture import inner, stats, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.passes import PassState
 from .capture.reach import reachable_params
@@ -70,9 +70,10 @@ class LiveTrace(Trace):
     """What ``watch`` yields: a trace that records while the ``with`` block runs."""
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
-                 max_passes: Optional[int]):
+                 max_passes: Optional[int], backward_scope: Callable[[], str] = lambda: "local"):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready)
+        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready,
+                            backward_scope)
         recorder.passes.taken_names = self._passes.__contains__
         self._recording = Recording(
             recorder=recorder,
@@ -363,7 +364,9 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
             "model": type(root).__name__ if root is not None else None,
             "max_passes": max_passes, "dropped_passes": 0}
-    trace = LiveTrace(named, meta, keep_grads, max_passes)
+    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
+    meta.update(wrapper.meta())
+    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper.backward_scope)
     with contextlib.ExitStack() as stack:
         _register(stack, trace, [p for _, p in named], root, cuts)
         yield trace
@@ -381,9 +384,11 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     stack.callback(trace._close)
     stack.callback(_remove_all, handles)
     written = recorder.post_accumulate_hook()
+    sharded_written = recorder.sharded_written_hook()
     for index, p in enumerate(params):
         handles.append(p.register_hook(recorder.param_hook(index)))
-        handles.append(p.register_post_accumulate_grad_hook(written))
+        handles.append(p.register_post_accumulate_grad_hook(
+            sharded_written if wrappers.is_dtensor(p) else written))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
     if cuts == "ops":

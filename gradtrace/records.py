@@ -72,6 +72,10 @@ class PassTrace:
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
+    # What the figures are: "local" (this process's gradients: autograd.grad, no wrapper, DDP's
+    # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
+    # global only after gather()).
+    scope: str = "local"
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)

@@ -33,6 +33,7 @@ class PassState:
         self.tensor_grads: Dict[str, List[torch.Tensor]] = {}
         self.expected: Optional[set] = None
         self.expected_partial = False
+        self.scope = "local"  # PassTrace.scope: set by every .backward() run as it ends
         self.closed = False
 
     def note_kind(self, kind: str) -> None:

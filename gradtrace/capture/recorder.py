@@ -30,8 +30,10 @@ class Recorder:
     """Owns every hook callback and the run bookkeeping of one live trace."""
 
     def __init__(self, names: List[str], params: List[torch.Tensor], keep_grads: bool,
-                 on_pass_ready: Callable[[PassState, "PendingPass"], None]):
+                 on_pass_ready: Callable[[PassState, "PendingPass"], None],
+                 backward_scope: Callable[[], str] = lambda: "local"):
         self.names = names
+        self.backward_scope = backward_scope  # PassTrace.scope of a .backward() run, asked as it ends
         self.params = params
         self.keep_grads = keep_grads
         self.on_pass_ready = on_pass_ready
@@ -78,6 +80,20 @@ class Recorder:
         """
         return self.written_log.append
 
+    def sharded_written_hook(self) -> Callable[[torch.Tensor], None]:
+        """The hook for sharded (DTensor) parameters: FSDP2 writes their ``.grad`` in its post-backward
+        without any tensor hook firing, so the write itself must open the run (else ``runs`` stays 0
+        and an unlabelled pass never ends)."""
+        log = self.written_log
+
+        def on_written(param: torch.Tensor) -> None:
+            log.append(param)
+            task = current_task()
+            if task >= 0 and task not in self.open_runs:
+                self.open_run(task, written=True)
+
+        return on_written
+
     def drain_written(self, state: PassState) -> None:
         log = self.written_log
         if not log:
@@ -102,20 +118,22 @@ class Recorder:
         return on_tensor_grad
 
     # ---- runs ------------------------------------------------------------
-    def open_run(self, task: int, from_tensor: bool = False) -> Optional[Run]:
+    def open_run(self, task: int, from_tensor: bool = False, written: bool = False) -> Optional[Run]:
         if not self.enabled:
             return None
         with self.lock:
             run = self.open_runs.get(task)
             if run is not None:
                 return run
-            accumulates = None if from_tensor else run_accumulates_grad()
-            nested = started_inside_another_run()
+            accumulates = True if written else None if from_tensor else run_accumulates_grad()
+            # A write from FSDP2's post-backward runs under its autograd Function's backward,
+            # which would look nested; a post-accumulate hook only fires in a top-level .backward().
+            nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values()))
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
-        at_run_end(lambda: self.close_run(run))
+        at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
     @staticmethod
@@ -123,13 +141,14 @@ class Recorder:
         run.accumulates = accumulates
         run.pass_state.note_kind("backward" if accumulates else "grad")
 
-    def close_run(self, run: Run) -> None:
+    def close_run(self, run: Run, in_engine: bool = False) -> None:
         with self.lock:
             self.open_runs.pop(run.task, None)
         state = run.pass_state
         if run.accumulates:
             # Nested runs only ever accumulate, so the slice may include theirs: harmless.
             state.backward_params.update(state.hits[run.start:])
+            state.scope = self.backward_scope()  # asked now: DDP's no_sync() is still in effect
         self.drain_written(state)
         for index, grad in run.captured:
             previous = state.capture_sums.get(index)
@@ -138,7 +157,13 @@ class Recorder:
         for name, facts in run.tensor_grads:
             state.tensor_grads.setdefault(name, []).append(facts)
         if state.auto and not run.nested and state is not self.passes.orphan:
-            self.finish_pass(state)
+            if in_engine:
+                # .grad is final only after every other end-of-run callback of this run (DDP's
+                # finalize_backward, queued when its last bucket was ready, after ours; FSDP's
+                # post-backward): a callback queued from a callback runs after all of them.
+                at_run_end(lambda: self.finish_pass(state))
+            else:
+                self.finish_pass(state)
 
     def close_open_runs(self) -> None:
         """At exit: runs cut short by an exception still land in their pass."""
@@ -206,6 +231,7 @@ class PendingPass:
     bases: DeviceStats  # .grad as the pass found it, for staleness
     stale_candidates: List[int]
     tensor_stats: Dict[str, torch.Tensor]
+    empty: set  # indices whose local gradient has no element (an empty FSDP shard): never "exactly zero"
 
     @classmethod
     def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
@@ -217,6 +243,7 @@ class PendingPass:
         if state.keep_grads:
             recorder.kept[state.name] = {recorder.names[i]: t.detach().clone() for i, t in zip(order, totals)}
         stale_candidates = list(state.bases)
+        empty = {i for i, t in zip(order, totals) if _local_numel(t) == 0}
         grads = DeviceStats(stats.grad_stats(totals, recorder.layouts, tuple(order)) if totals else {}, len(totals))
         bases = DeviceStats(stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates
                             else {}, len(stale_candidates))
@@ -225,7 +252,7 @@ class PendingPass:
         state.capture_sums.clear()
         state.bases.clear()
         state.tensor_grads.clear()
-        return cls(state, recorder.names, order, hits, via, grads, bases, stale_candidates, tensor_stats)
+        return cls(state, recorder.names, order, hits, via, grads, bases, stale_candidates, tensor_stats, empty)
 
     def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
         """The one host transfer of a pass."""
@@ -238,11 +265,13 @@ class PendingPass:
         nonfinite = [int(row[2]) for row in grad_rows]
         columns = PassColumns(
             name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grad_rows],
-            max_abs=max_abs, zero=[m == 0.0 and n == 0 for m, n in zip(max_abs, nonfinite)],
+            max_abs=max_abs, zero=[m == 0.0 and n == 0 and i not in self.empty
+                                   for i, m, n in zip(order, max_abs, nonfinite)],
             nonfinite=nonfinite, via=[via[i] for i in order], order=list(range(len(order))),
             stale=[i in stale for i in order])
         trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
-                                       kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads)
+                                       kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads,
+                                       scope=state.scope if "backward" in state.kinds else "local")
         if state.expected is not None:
             trace.expected = sorted(state.expected)
             trace.expected_partial = state.expected_partial
@@ -290,6 +319,11 @@ def _pass_gradient(param: torch.Tensor, state: PassState, index: int) -> Tuple[t
         return torch.zeros_like(param), "backward"
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     return total, "both" if len(how) == 2 else how[0]
+
+
+def _local_numel(g: torch.Tensor) -> int:
+    to_local = getattr(g, "to_local", None)  # a DTensor's numel is the global one
+    return (to_local() if callable(to_local) else g).numel()
 
 
 def _tensor_grad_stats(grad: torch.Tensor) -> torch.Tensor:

@@ -353,6 +353,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     _check_options(cuts, keep_grads, max_passes)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root = _resolve_target(target)
+    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
     if cuts != "off" and root is None:
         cuts = "off"  # module hooks need the module; parameters alone give coverage only
     clashes = [n for n, p in named if id(p) in _WATCHED]
@@ -364,16 +365,20 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
             "model": type(root).__name__ if root is not None else None,
             "max_passes": max_passes, "dropped_passes": 0}
-    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
     meta.update(wrapper.meta())
+    if wrapper.kind == "FSDP1":
+        named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
     trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper.backward_scope)
+    if wrapper.kind == "FSDP1":
+        shapes = wrappers.fsdp1_shapes(wrapper)
+        trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     with contextlib.ExitStack() as stack:
-        _register(stack, trace, [p for _, p in named], root, cuts)
+        _register(stack, trace, [p for _, p in named], root, cuts, wrapper)
         yield trace
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
-              root: Optional[nn.Module], cuts: str) -> None:
+              root: Optional[nn.Module], cuts: str, wrapper: wrappers.Wrapper) -> None:
     """Every hook, each undone by ``stack`` in reverse order on exit."""
     recording = trace._recording
     recorder = recording.recorder
@@ -389,6 +394,11 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         handles.append(p.register_hook(recorder.param_hook(index)))
         handles.append(p.register_post_accumulate_grad_hook(
             sharded_written if wrappers.is_dtensor(p) else written))
+    index_of = {id(p): i for i, p in enumerate(params)}
+    for flat, members in wrapper.flat_groups:
+        indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]
+        if indices:
+            handles.append(flat.register_hook(recorder.flat_hook(indices)))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
     if cuts == "ops":

@@ -55,6 +55,7 @@ def to_dict(trace) -> Dict[str, Any]:
         "cuts": [_encode(c) for c in trace.cuts],
         "inner_products": _encode(trace.inner_products),
         "rank_coverage": _encode(getattr(trace, "rank_coverage", None)),
+        "rank_figures": _encode(getattr(trace, "rank_figures", None) or None),
     }
 
 
@@ -122,7 +123,15 @@ def from_dict(data: Any, factory, where: str):
     return factory(params, data.get("param_shapes") or {}, data.get("meta") or {}, passes=passes,
                    tensors=tensors, scalars=scalars, cuts=[_make(Cut, c) for c in data["cuts"]],
                    inner_products=_decode_numbers(data.get("inner_products") or []),
-                   rank_coverage=data.get("rank_coverage"))
+                   rank_coverage=_int_ranks(data.get("rank_coverage")),
+                   rank_figures=_int_ranks(_decode_numbers(data.get("rank_figures"))))
+
+
+def _int_ranks(per_pass: Any) -> Any:
+    """JSON keys are strings: give ``{pass: {rank: ...}}`` its int ranks back (so 2 sorts before 10)."""
+    if per_pass is None:
+        return None
+    return {name: {int(rank): value for rank, value in ranks.items()} for name, ranks in per_pass.items()}
 
 
 def _make(cls, raw: Dict[str, Any], **override):

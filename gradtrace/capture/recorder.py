@@ -105,6 +105,21 @@ class Recorder:
         state.backward_params.update(indices)
         state.note_kind("backward")
 
+    def flat_hook(self, indices: List[int]) -> Callable[[torch.Tensor], None]:
+        """The hook on an FSDP1 flat parameter: backward reaches the flat parameter, never the originals
+        the user named (``indices``), whose ``.grad`` FSDP1 sets in its post-backward; read at run end."""
+
+        def on_flat_grad(grad: torch.Tensor) -> None:
+            task = current_task()
+            run = self.open_runs.get(task) or self.open_run(task, written=True)
+            if run is None:
+                return
+            state = run.pass_state
+            state.written.extend(indices)
+            state.backward_params.update(indices)
+
+        return on_flat_grad
+
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_tensor_grad(grad: torch.Tensor) -> None:
             run = self.open_runs.get(current_task())

@@ -14,8 +14,8 @@ Only public torch classes are used here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ class Wrapper:
     root: Optional[nn.Module] = None
     name_prefix: str = ""  # what the wrapper adds in front of every name (DDP: "module.")
     find_unused_parameters: bool = False
+    flat_groups: List[Tuple[torch.Tensor, List[Tuple[torch.Tensor, List[int]]]]] = field(default_factory=list)
 
     def meta(self) -> Dict[str, Any]:
         return {"wrapper": self.kind, "name_prefix": self.name_prefix,
@@ -72,10 +73,16 @@ def distributed_wrapper(root: Optional[nn.Module], params: List[torch.Tensor]) -
     if _is_ddp(root):
         return Wrapper("DDP", root, "module.", bool(root.find_unused_parameters))
     if _is_fsdp1(root):
-        return Wrapper("FSDP1", root)
+        from .._torch_compat import fsdp1_flat_params
+        return Wrapper("FSDP1", root, flat_groups=fsdp1_flat_params(root))
     if any(is_dtensor(p) for p in params):
         return Wrapper("FSDP2", root)
     return Wrapper(None, root)
+
+
+def fsdp1_shapes(wrapper: Wrapper) -> Dict[int, List[int]]:
+    """``{id(original parameter): unsharded shape}``: FSDP1 leaves a 1-D slice of the shard in its place."""
+    return {id(p): shape for _, members in wrapper.flat_groups for p, shape in members}
 
 
 def user_name(name: str) -> str:

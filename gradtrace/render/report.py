@@ -29,7 +29,7 @@ def _table(rows: List[List[Any]], headers: List[str]) -> str:
 def report(trace) -> str:
     verdicts = trace.verdicts()
     passes = trace.passes
-    sections = [diagnosis(verdicts), _summary(trace, passes), _verdicts(verdicts)]
+    sections = [diagnosis(verdicts), _summary(trace, passes), _per_rank(trace), _verdicts(verdicts)]
     if len(passes) >= 2:
         sections.append(_coverage_by_module(trace, passes))
     sections += [_top_params(passes), _cuts(trace), _tensors(trace), _scalars(trace), _inner(trace)]
@@ -51,12 +51,35 @@ def _summary(trace, passes) -> str:
     n = len(trace.params)
     for p in passes.values():
         expected = f"{len(p.expected)}{'+' if p.expected_partial else ''}" if p.expected is not None else "-"
-        rows.append([p.name, "/".join(p.kinds) or "-", p.runs, f"{len(p.covered)}/{n}", expected,
-                     len(p.zero), sci(p.total_norm), sci(p.max_abs), p.nonfinite])
+        rows.append([p.name, "/".join(p.kinds) or "-", _scope(trace, p), p.runs, f"{len(p.covered)}/{n}",
+                     expected, len(p.zero), sci(p.total_norm), sci(p.max_abs), p.nonfinite])
     if not rows:
         return "passes: none recorded"
-    return "passes\n" + _table(rows, ["pass", "via", "runs", "covered", "expected", "zero", "total norm",
-                                      "max |g|", "nonfinite"])
+    world = trace.meta.get("world_size")
+    title = f"passes (merged over {world} ranks)" if world else "passes"
+    return title + "\n" + _table(rows, ["pass", "via", "figures", "runs", "covered", "expected", "zero",
+                                        "total norm", "max |g|", "nonfinite"])
+
+
+def _scope(trace, p) -> str:
+    """What the figures are: a shard's figures are global only once gathered."""
+    if p.scope == "sharded":
+        return "global (gathered shards)" if trace.meta.get("world_size") else "shard-local"
+    return p.scope
+
+
+def _per_rank(trace) -> str:
+    """Each rank's own figures, for the passes whose figures differ across ranks."""
+    out = []
+    for name, per_rank in (getattr(trace, "rank_figures", None) or {}).items():
+        rows = []
+        for rank, figures in sorted(per_rank.items()):
+            values = list(figures.values())
+            rows.append([rank, f"{len(figures)}/{len(trace.params)}", sci(sum(v[0] ** 2 for v in values) ** 0.5),
+                         sci(max((v[1] for v in values), default=0.0)), sum(v[2] for v in values)])
+        out.append(f"per-rank figures in {name!r}\n" +
+                   _table(rows, ["rank", "covered", "total norm", "max |g|", "nonfinite"]))
+    return "\n\n".join(out)
 
 
 def _verdicts(verdicts) -> str:

@@ -38,6 +38,8 @@ from . import _torch_compat
 from .errors import GradtraceError
 from .records import PassColumns, PassTrace
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 # Per parameter and pass: sum of squares, max |g|, non-finite count, and the
 # packed integers below (exact in a float64 up to 2**53).
@@ -114,7 +116,7 @@ class Ring:
         """Stack every rank's ``t`` (same shape and dtype on every rank) along a new first dim."""
         t = t.to(self.device).contiguous()
         out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, t, group=self.group)  # ranks' tensors end to end along dim 0
+        _ALL_GATHER(out, t, group=self.group)  # ranks' tensors end to end along dim 0
         return out.cpu().view((self.world,) + tuple(t.shape))
 
     def all_gather_json(self, value: Any) -> List[Any]:
@@ -154,17 +156,25 @@ class LocalView:
         return {"params": [[n, s] for n, s in zip(self.names, self.shapes)], "passes": self.pass_names}
 
     def figures(self) -> torch.Tensor:
+        """(passes, parameters, WIDTH) float64; zeros for a parameter a pass did not reach."""
         out = torch.zeros(len(self.pass_names), len(self.names), WIDTH, dtype=torch.float64)
         position = {n: i for i, n in enumerate(self.local_names)}
         for k, p in enumerate(self.passes.values()):
-            columns = [p.column(f) for f in ("name", "hits", "norm", "max_abs", "zero", "nonfinite", "via",
-                                             "order", "stale")]
-            for name, hits, norm, max_abs, zero, nonfinite, via, order, stale in zip(*columns):
-                flags = (ZERO if zero else 0) | (STALE if stale else 0) | (VIA.index(via) << 2)
-                packed = ((order << HITS_BITS) + min(max(hits, 1), (1 << HITS_BITS) - 1)) * 16 + flags
-                out[k, position[name]] = torch.tensor([norm * norm, max_abs, nonfinite, packed],
-                                                      dtype=torch.float64)
+            names = p.column("name")
+            if not names:
+                continue
+            rows = [[norm * norm, max_abs, nonfinite, _pack(hits, order, zero, stale, via)]
+                    for norm, max_abs, nonfinite, hits, order, zero, stale, via in zip(
+                        *(p.column(f) for f in ("norm", "max_abs", "nonfinite", "hits", "order", "zero", "stale",
+                                                "via")))]
+            out[k, torch.tensor([position[n] for n in names])] = torch.tensor(rows, dtype=torch.float64)
         return out
+
+
+def _pack(hits: int, order: int, zero: bool, stale: bool, via: str) -> int:
+    """Hits (at least 1: reached), backward order and flags in one integer, exact in a float64."""
+    flags = (ZERO if zero else 0) | (STALE if stale else 0) | (VIA.index(via) << 2)
+    return ((order << HITS_BITS) + min(max(hits, 1), (1 << HITS_BITS) - 1)) * 16 + flags
 
 
 def _digests(blobs: List[bytes]) -> torch.Tensor:
@@ -221,12 +231,15 @@ def _merged_pass(p: PassTrace, rows: torch.Tensor, names: Sequence[str]) -> Pass
     via_rank = reached.to(torch.int64).argmax(0)  # the lowest rank that reached it
     via = flags.gather(0, via_rank[None])[0] >> 2
     stale = ((flags & STALE) > 0).any(0)
-    idx = sorted((i for i in range(len(names)) if covered[i]), key=lambda i: (int(first[i]), i))
+    # Host lists once: indexing tensors element by element costs microseconds each.
+    first, covered = first.tolist(), covered.tolist()
+    idx = sorted((i for i in range(len(names)) if covered[i]), key=lambda i: (first[i], i))
+    most_hits, norm, top, zero = hits.max(0).values.tolist(), norm.tolist(), top.tolist(), zero.tolist()
+    bad, via, stale = bad.tolist(), via.tolist(), stale.tolist()
     columns = PassColumns(
-        name=[names[i] for i in idx], hits=[int(hits[:, i].max()) for i in idx],
-        norm=[float(norm[i]) for i in idx], max_abs=[float(top[i]) for i in idx],
-        zero=[bool(zero[i]) for i in idx], nonfinite=[int(bad[i]) for i in idx],
-        via=[VIA[int(via[i])] for i in idx], order=list(range(len(idx))), stale=[bool(stale[i]) for i in idx])
+        name=[names[i] for i in idx], hits=[most_hits[i] for i in idx], norm=[norm[i] for i in idx],
+        max_abs=[top[i] for i in idx], zero=[zero[i] for i in idx], nonfinite=[int(bad[i]) for i in idx],
+        via=[VIA[via[i]] for i in idx], order=list(range(len(idx))), stale=[stale[i] for i in idx])
     merged = PassTrace.from_columns(columns, name=p.name, params=tuple(names), runs=p.runs, kinds=list(p.kinds),
                                     auto=p.auto, kept_grads=False, scope=p.scope)
     merged.expected, merged.expected_partial = p.expected, p.expected_partial
@@ -236,11 +249,11 @@ def _merged_pass(p: PassTrace, rows: torch.Tensor, names: Sequence[str]) -> Pass
 def _rank_figures(rows: torch.Tensor, names: Sequence[str]) -> Dict[int, Dict[str, List[float]]]:
     """Every rank's own [norm, max |g|, non-finite] per parameter it reached."""
     hits, _, _ = _unpack(rows[..., 3])
-    out = {}
-    for rank in range(rows.shape[0]):
-        out[rank] = {names[i]: [float(rows[rank, i, 0].sqrt()), float(rows[rank, i, 1]), int(rows[rank, i, 2])]
-                     for i in range(len(names)) if hits[rank, i] > 0}
-    return out
+    reached, norm = (hits > 0).tolist(), rows[..., 0].sqrt().tolist()
+    max_abs, nonfinite = rows[..., 1].tolist(), rows[..., 2].to(torch.int64).tolist()
+    return {rank: {names[i]: [norm[rank][i], max_abs[rank][i], nonfinite[rank][i]]
+                   for i in range(len(names)) if reached[rank][i]}
+            for rank in range(rows.shape[0])}
 
 
 def _merged(trace, factory, local: LocalView, figures: torch.Tensor, differing: List[int],
@@ -254,9 +267,8 @@ def _merged(trace, factory, local: LocalView, figures: torch.Tensor, differing: 
         else:  # bit-identical on every rank
             rows = figures[k].expand(world, *figures[k].shape)
         passes[pass_name] = _merged_pass(p, rows, names)
-        hits, _, _ = _unpack(rows[..., 3])
-        coverage[pass_name] = {r: sorted(names[i] for i in range(len(names)) if hits[r, i] > 0)
-                               for r in range(world)}
+        reached = (_unpack(rows[..., 3])[0] > 0).tolist()
+        coverage[pass_name] = {r: sorted(n for n, hit in zip(names, reached[r]) if hit) for r in range(world)}
     meta = dict(trace.meta, world_size=world, name_prefix="")
     shapes = dict(zip(names, local.shapes))
     return factory(names, shapes, meta, passes=passes, tensors=dict(trace.tensors), scalars=dict(trace.scalars),

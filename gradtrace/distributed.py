@@ -161,20 +161,25 @@ class LocalView:
         position = {n: i for i, n in enumerate(self.local_names)}
         for k, p in enumerate(self.passes.values()):
             names = p.column("name")
-            if not names:
-                continue
-            rows = [[norm * norm, max_abs, nonfinite, _pack(hits, order, zero, stale, via)]
-                    for norm, max_abs, nonfinite, hits, order, zero, stale, via in zip(
-                        *(p.column(f) for f in ("norm", "max_abs", "nonfinite", "hits", "order", "zero", "stale",
-                                                "via")))]
-            out[k, torch.tensor([position[n] for n in names])] = torch.tensor(rows, dtype=torch.float64)
+            if names:
+                rows = out[k, torch.tensor([position[n] for n in names])]
+                rows[:, 0] = torch.tensor(p.column("norm"), dtype=torch.float64) ** 2
+                rows[:, 1] = torch.tensor(p.column("max_abs"), dtype=torch.float64)
+                rows[:, 2] = torch.tensor(p.column("nonfinite"), dtype=torch.float64)
+                rows[:, 3] = _pack(p)
+                out[k, torch.tensor([position[n] for n in names])] = rows
         return out
 
 
-def _pack(hits: int, order: int, zero: bool, stale: bool, via: str) -> int:
-    """Hits (at least 1: reached), backward order and flags in one integer, exact in a float64."""
-    flags = (ZERO if zero else 0) | (STALE if stale else 0) | (VIA.index(via) << 2)
-    return ((order << HITS_BITS) + min(max(hits, 1), (1 << HITS_BITS) - 1)) * 16 + flags
+def _pack(p: PassTrace) -> torch.Tensor:
+    """Hits (at least 1: reached), backward order and flags in one integer per parameter, exact in a float64."""
+    via = {name: i for i, name in enumerate(VIA)}
+    flags = (torch.tensor(p.column("zero"), dtype=torch.int64) * ZERO
+             + torch.tensor(p.column("stale"), dtype=torch.int64) * STALE
+             + (torch.tensor([via[v] for v in p.column("via")], dtype=torch.int64) << 2))
+    hits = torch.tensor(p.column("hits"), dtype=torch.int64).clamp(1, (1 << HITS_BITS) - 1)
+    order = torch.tensor(p.column("order"), dtype=torch.int64)
+    return (((order << HITS_BITS) + hits) * 16 + flags).to(torch.float64)
 
 
 def _digests(blobs: List[bytes]) -> torch.Tensor:
@@ -216,6 +221,7 @@ def _unpack(packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _merged_pass(p: PassTrace, rows: torch.Tensor, names: Sequence[str]) -> PassTrace:
+    # ``expected`` (parameters reachable from registered tensors) is this rank's, like its tensors: not kept.
     """One pass over every rank: ``rows`` is (world, params, WIDTH)."""
     sumsq, max_abs, nonfinite = rows[..., 0], rows[..., 1], rows[..., 2]
     hits, order, flags = _unpack(rows[..., 3])
@@ -240,9 +246,19 @@ def _merged_pass(p: PassTrace, rows: torch.Tensor, names: Sequence[str]) -> Pass
         name=[names[i] for i in idx], hits=[most_hits[i] for i in idx], norm=[norm[i] for i in idx],
         max_abs=[top[i] for i in idx], zero=[zero[i] for i in idx], nonfinite=[int(bad[i]) for i in idx],
         via=[VIA[via[i]] for i in idx], order=list(range(len(idx))), stale=[stale[i] for i in idx])
-    merged = PassTrace.from_columns(columns, name=p.name, params=tuple(names), runs=p.runs, kinds=list(p.kinds),
-                                    auto=p.auto, kept_grads=False, scope=p.scope)
-    merged.expected, merged.expected_partial = p.expected, p.expected_partial
+    return PassTrace.from_columns(columns, name=p.name, params=tuple(names), runs=p.runs, kinds=list(p.kinds),
+                                  auto=p.auto, kept_grads=False, scope=p.scope)
+
+
+def _renamed(p: PassTrace, local: LocalView) -> PassTrace:
+    """This rank's pass under the normalised names."""
+    rename = dict(zip(local.local_names, local.names))
+    columns = PassColumns(**{f: p.column(f) for f in PassColumns.__dataclass_fields__})
+    columns.name = [rename[n] for n in columns.name]
+    merged = PassTrace.from_columns(columns, name=p.name, params=tuple(local.names), runs=p.runs,
+                                    kinds=list(p.kinds), auto=p.auto, kept_grads=False, scope=p.scope)
+    merged.expected = sorted(rename.get(n, n) for n in p.expected) if p.expected is not None else None
+    merged.expected_partial = p.expected_partial
     return merged
 
 
@@ -261,14 +277,16 @@ def _merged(trace, factory, local: LocalView, figures: torch.Tensor, differing: 
     names = local.names
     passes, coverage, rank_figures = {}, {}, {}
     for k, (pass_name, p) in enumerate(local.passes.items()):
-        if k in differing:
-            rows = per_rank[:, differing.index(k)]
-            rank_figures[pass_name] = _rank_figures(rows, names)
-        else:  # bit-identical on every rank
-            rows = figures[k].expand(world, *figures[k].shape)
+        if k not in differing:  # bit-identical on every rank: this rank's pass is the merged one
+            passes[pass_name] = _renamed(p, local)
+            covered = [n for n in names if n in passes[pass_name].covered]
+            coverage[pass_name] = {r: covered for r in range(world)}
+            continue
+        rows = per_rank[:, differing.index(k)]
+        rank_figures[pass_name] = _rank_figures(rows, names)
         passes[pass_name] = _merged_pass(p, rows, names)
         reached = (_unpack(rows[..., 3])[0] > 0).tolist()
-        coverage[pass_name] = {r: sorted(n for n, hit in zip(names, reached[r]) if hit) for r in range(world)}
+        coverage[pass_name] = {r: [n for n, hit in zip(names, reached[r]) if hit] for r in range(world)}  # model order
     meta = dict(trace.meta, world_size=world, name_prefix="")
     shapes = dict(zip(names, local.shapes))
     return factory(names, shapes, meta, passes=passes, tensors=dict(trace.tensors), scalars=dict(trace.scalars),

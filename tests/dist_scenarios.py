@@ -24,6 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradtrace
 
 STEPS = 30
+DEVICE = torch.device("cpu")  # cuda:<rank> under NCCL (set by the worker)
+# What also runs under NCCL (two GPUs): the scenarios whose models are plain or DDP-wrapped.
+NCCL_SCENARIOS = ["ddp_figures", "ddp_autograd_grad", "nan_on_rank_1", "union_and_divergence", "find_unused",
+                  "mismatched_passes", "missing_rank"]
 
 
 class TwoHeads(nn.Module):
@@ -41,12 +45,12 @@ class TwoHeads(nn.Module):
 def six_params() -> nn.Module:
     torch.manual_seed(0)  # the same initial weights on every rank, as DDP requires
     # float64: the oracles computed by hand sum in another order than an all-reduce does
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double().to(DEVICE)
 
 
 def data(rank: int, step: int = 0, rows: int = 5, width: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + rank)  # different data on every rank
-    return torch.randn(rows, width, generator=g, dtype=torch.float64)
+    return torch.randn(rows, width, generator=g, dtype=torch.float64).to(DEVICE)
 
 
 def grad_norms(model: nn.Module, prefix: str = "") -> Dict[str, float]:
@@ -210,7 +214,7 @@ def nan_on_rank_1(rank: int, world: int) -> Dict:
 
 def union_and_divergence(rank: int, world: int, find_unused: bool = False) -> Dict:
     torch.manual_seed(0)
-    model = TwoHeads().double()
+    model = TwoHeads().double().to(DEVICE)
     target = DDP(model, find_unused_parameters=True) if find_unused else model
     with gradtrace.watch(target) as trace:
         with trace.pass_("X"):
@@ -309,10 +313,14 @@ NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "n
          "missing_rank"]
 
 
-def worker(rank: int, world: int, port: int, out: str, only: List[str]) -> None:
+def worker(rank: int, world: int, port: int, out: str, only: List[str], backend: str = "gloo") -> None:
+    global DEVICE
     torch.set_num_threads(1)
     os.environ["GRADTRACE_TEST_OUT"] = out
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -29,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(out: str, only=()) -> list:
+def run_ranks(out: str, only=(), backend: str = "gloo") -> list:
     """Every scenario on WORLD ranks, bounded in time; each rank's results."""
-    ctx = mp.start_processes(dist_scenarios.worker, args=(WORLD, free_port(), out, list(only)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(dist_scenarios.worker, args=(WORLD, free_port(), out, list(only), backend),
+                             nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -42,14 +43,20 @@ def run_ranks(out: str, only=()) -> list:
     return [json.loads(open(os.path.join(out, f"rank{r}.json")).read()) for r in range(WORLD)]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
+@pytest.fixture(scope="module", params=[
+    "gloo", pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < WORLD or not dist.is_nccl_available(),
+                                                          reason=f"NCCL needs {WORLD} GPUs"))])
+def ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
     only = [n for n in os.environ.get("GRADTRACE_DIST_ONLY", "").split(",") if n]
-    return run_ranks(str(out), only)
+    if request.param == "nccl":
+        only = [n for n in dist_scenarios.NCCL_SCENARIOS if not only or n in only]
+    return run_ranks(str(out), only, request.param)
 
 
 def result(ranks, name):
+    if name not in ranks[0]:
+        pytest.skip(f"{name} does not run on this backend")
     for r, results in enumerate(ranks):
         assert "crashed" not in results[name], f"rank {r}:\n{results[name]['crashed']}"
     return [results[name] for results in ranks]

@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)  # the gradtrace of this checkout, in every rank
 import gradtrace  # noqa: E402
 from gradtrace import storage  # noqa: E402
 from gradtrace.distributed import WIDTH  # noqa: E402
-from gradtrace.records import GradRecord, PassTrace  # noqa: E402
+from gradtrace.records import PassColumns, PassTrace  # noqa: E402
 
 
 def synthetic_trace(params: int, passes: int, rank: int, identical: bool) -> gradtrace.Trace:
@@ -50,10 +50,12 @@ def synthetic_trace(params: int, passes: int, rank: int, identical: bool) -> gra
     out = {}
     for k in range(passes):
         norms = torch.rand(params, generator=g, dtype=torch.float64).tolist()
-        p = PassTrace(name=f"step-{k}", params=tuple(names), runs=1, kinds=["backward"])
-        p.records = {n: GradRecord(name=n, hits=1, norm=v, max_abs=v / 3, order=i)
-                     for i, (n, v) in enumerate(zip(names, norms))}
-        out[p.name] = p
+        # Columns, as a pass recorded by watch holds them (records are built only when asked for).
+        columns = PassColumns(name=list(names), hits=[1] * params, norm=norms, max_abs=[v / 3 for v in norms],
+                              zero=[False] * params, nonfinite=[0] * params, via=["backward"] * params,
+                              order=list(range(params)), stale=[False] * params)
+        out[f"step-{k}"] = PassTrace.from_columns(columns, name=f"step-{k}", params=tuple(names), runs=1,
+                                                  kinds=["backward"])
     return gradtrace.Trace(names, {n: [4, 4] if n.endswith("weight") else [4] for n in names}, {}, passes=out)
 
 
@@ -73,8 +75,7 @@ def gather_rows(rank, world, params, passes_list, repeats):
         for identical in (False, True):
             trace = synthetic_trace(params, passes, rank, identical)
             ms = timed(lambda: trace.gather(), repeats)
-            differing = 0 if identical else passes
-            received = world * (32 + passes * 32 + differing * params * WIDTH * 8)
+            received = world * (2 * 32 + (0 if identical else passes * params * WIDTH * 8))
             as_dict = storage.to_dict(trace)
             pickled = len(pickle.dumps(as_dict))
             old_ms = timed(lambda: dist.all_gather_object([None] * world, as_dict), repeats)

@@ -5,14 +5,14 @@
 1. arrival: every rank of the group must reach ``gather`` within ``timeout``
    (gloo: ``monitored_barrier``; other backends: a check in the store), else
    ``GradtraceError`` naming the ranks that did not come;
-2. handshake: one SHA-256 per rank of the watched parameters (names without
-   the wrapper's prefix, shapes) and the pass names. Names travel only when
-   the digests differ, as UTF-8 bytes in a uint8 tensor (never pickled), to
-   say which ranks differ and how;
-3. figures: one SHA-256 per pass of its figures; passes whose digests differ
-   on some rank (local gradients, shards)
-   are all-gathered as a float64 tensor (passes x parameters x 4); a pass
-   whose figures are bit-identical everywhere (DDP's reduced ``.grad``) moves
+2. handshake, one round of two SHA-256 per rank: one of the watched
+   parameters (names without the wrapper's prefix, shapes) and the pass names,
+   one of all the figures. Names travel only when the first differs, as UTF-8
+   bytes in a uint8 tensor (never pickled), to say which ranks differ and how;
+3. figures: when the second digest differs on some rank (local gradients,
+   shards), every rank's figures are all-gathered as a float64 tensor
+   (passes x parameters x 4), and ``rank_figures`` keeps the passes that
+   differ; figures bit-identical everywhere (DDP's reduced ``.grad``) move
    nothing more;
 4. merge: every rank builds the same merged trace (below).
 
@@ -57,15 +57,17 @@ def gather(trace, factory, group=None, timeout=None):
     ring = Ring(group, _as_timedelta(timeout))
     ring.arrive()
     local = LocalView(trace)
-    handshake = ring.all_gather(_digests([json.dumps(local.description()).encode("utf-8")]))  # (world, 1, 32)
-    if not bool((handshake == handshake[0]).all()):
-        raise GradtraceError(_mismatch_message(ring.all_gather_json(local.description())))
     figures = local.figures()
-    differing = []
-    if local.pass_names:  # every rank has the same passes now, so the same number of digests
-        digests = ring.all_gather(_digests([figures[i].numpy().tobytes() for i in range(len(figures))]))
-        differing = [i for i in range(len(figures)) if not bool((digests[:, i] == digests[0, i]).all())]
-    per_rank = ring.all_gather(figures[differing]) if differing else None
+    # One round for both digests: on a busy machine every round trip costs more than the bytes.
+    digests = ring.all_gather(_digests([json.dumps(local.description()).encode("utf-8"),
+                                        figures.numpy().tobytes()]))  # (world, 2, 32)
+    if not bool((digests[:, 0] == digests[0, 0]).all()):
+        raise GradtraceError(_mismatch_message(ring.all_gather_json(local.description())))
+    differing, per_rank = [], None
+    if not bool((digests[:, 1] == digests[0, 1]).all()):  # same passes everywhere now: same shapes
+        everything = ring.all_gather(figures)  # (world, passes, params, WIDTH)
+        differing = [k for k in range(len(figures)) if not bool((everything[:, k] == everything[0, k]).all())]
+        per_rank = everything[:, differing]
     return _merged(trace, factory, local, figures, differing, per_rank, ring.world)
 
 

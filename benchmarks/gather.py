@@ -11,7 +11,8 @@ as medians over ``--repeats`` after a warm-up:
   ``.grad``: only digests travel); bytes each rank receives, computed from the
   tensors' sizes;
 * the old way for comparison: ``all_gather_object`` of each rank's whole
-  trace as a dict (pickled), and its pickled size;
+  trace as a dict (pickled) and rank 0's trace rebuilt from it, and the
+  pickled size;
 * one DDP step (forward, backward, zero_grad) with and without ``watch``
   (interleaved, so load on the machine hits both alike).
 
@@ -59,6 +60,13 @@ def synthetic_trace(params: int, passes: int, rank: int, identical: bool) -> gra
     return gradtrace.Trace(names, {n: [4, 4] if n.endswith("weight") else [4] for n in names}, {}, passes=out)
 
 
+def old_gather(as_dict, world: int):
+    """What gather() did before: pickle every rank's whole trace, rebuild rank 0's."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, as_dict)
+    return storage.from_dict(gathered[0], gradtrace.Trace, "rank 0")
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -78,7 +86,7 @@ def gather_rows(rank, world, params, passes_list, repeats):
             received = world * (2 * 32 + (0 if identical else passes * params * WIDTH * 8))
             as_dict = storage.to_dict(trace)
             pickled = len(pickle.dumps(as_dict))
-            old_ms = timed(lambda: dist.all_gather_object([None] * world, as_dict), repeats)
+            old_ms = timed(lambda: old_gather(as_dict, world), repeats)
             rows.append({"ranks": world, "params": params, "passes": passes,
                          "figures": "identical" if identical else "differ", "gather_ms": ms,
                          "ms_per_pass": ms / passes, "bytes_received": received,

@@ -268,11 +268,12 @@ def _renamed(p: PassTrace, local: LocalView) -> PassTrace:
 
 
 def _rank_figures(rows: torch.Tensor, names: Sequence[str]) -> Dict[int, Dict[str, List[float]]]:
-    """Every rank's own [norm, max |g|, non-finite] per parameter it reached."""
-    hits, _, _ = _unpack(rows[..., 3])
+    """Every rank's own [norm, max |g|, non-finite, stale (0/1)] per parameter it reached."""
+    hits, _, flags = _unpack(rows[..., 3])
     reached, norm = (hits > 0).tolist(), rows[..., 0].sqrt().tolist()
     max_abs, nonfinite = rows[..., 1].tolist(), rows[..., 2].to(torch.int64).tolist()
-    return {rank: {names[i]: [norm[rank][i], max_abs[rank][i], nonfinite[rank][i]]
+    stale = ((flags & STALE) > 0).to(torch.int64).tolist()
+    return {rank: {names[i]: [norm[rank][i], max_abs[rank][i], nonfinite[rank][i], stale[rank][i]]
                    for i in range(len(names)) if reached[rank][i]}
             for rank in range(rows.shape[0])}
 

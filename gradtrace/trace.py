@@ -34,7 +34,7 @@ class Trace:
         self._cuts: List[Cut] = list(cuts or [])
         self.inner_products: List[Dict[str, Any]] = list(inner_products or [])
         self.rank_coverage = rank_coverage  # {pass: {rank: [covered parameters]}}, filled by gather()
-        # {pass: {rank: {parameter: [norm, max |g|, non-finite]}}} for passes whose figures differ across
+        # {pass: {rank: {parameter: [norm, max |g|, non-finite, stale]}}} for passes whose figures differ across
         # ranks (local gradients, shards); a pass absent here had the same figures on every rank.
         self.rank_figures = rank_figures or {}
 

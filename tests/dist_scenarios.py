@@ -26,8 +26,8 @@ import gradtrace
 STEPS = 30
 DEVICE = torch.device("cpu")  # cuda:<rank> under NCCL (set by the worker)
 # What also runs under NCCL (two GPUs): the scenarios whose models are plain or DDP-wrapped.
-NCCL_SCENARIOS = ["ddp_figures", "ddp_autograd_grad", "nan_on_rank_1", "union_and_divergence", "find_unused",
-                  "mismatched_passes", "missing_rank"]
+NCCL_SCENARIOS = ["ddp_figures", "ddp_autograd_grad", "nan_on_rank_1", "stale_on_rank_1", "union_and_divergence",
+                  "find_unused", "mismatched_passes", "missing_rank"]
 
 
 class TwoHeads(nn.Module):
@@ -212,6 +212,18 @@ def nan_on_rank_1(rank: int, world: int) -> Dict:
             "report_has_per_rank": "per-rank figures in 'X'" in merged.report()}
 
 
+def stale_on_rank_1(rank: int, world: int) -> Dict:
+    """Rank 1 forgot zero_grad: the merged STALE_GRADS names rank 1 only."""
+    model = six_params()
+    if rank == 1:
+        model(data(rank, 9)).sum().backward()  # leftover gradients, before watch
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(data(rank)).sum().backward()
+    merged = trace.gather()
+    return {"ranks": [v.evidence.get("ranks") for v in merged.verdicts() if v.code == "STALE_GRADS"]}
+
+
 def union_and_divergence(rank: int, world: int, find_unused: bool = False) -> Dict:
     torch.manual_seed(0)
     model = TwoHeads().double().to(DEVICE)
@@ -305,10 +317,11 @@ def missing_rank(rank: int, world: int) -> Dict:
     return {"message": message, "seconds": (datetime.datetime.now() - start).total_seconds()}
 
 
-SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, nan_on_rank_1, union_and_divergence,
+SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, nan_on_rank_1, stale_on_rank_1,
+             union_and_divergence,
              lambda rank, world: union_and_divergence(rank, world, find_unused=True), wrapper_prefix,
              mismatched_passes, expected_reduction, missing_rank]
-NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "nan_on_rank_1",
+NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "nan_on_rank_1", "stale_on_rank_1",
          "union_and_divergence", "find_unused", "wrapper_prefix", "mismatched_passes", "expected_reduction",
          "missing_rank"]
 

@@ -110,6 +110,11 @@ def test_nonfinite_on_one_rank_is_in_the_merged_verdicts_naming_it(ranks):
         assert r["report_has_per_rank"]
 
 
+def test_stale_grads_on_one_rank_name_it(ranks):
+    for r in result(ranks, "stale_on_rank_1"):
+        assert r["ranks"] == [[1]]
+
+
 def test_merged_view_uses_the_union_and_names_the_diverging_rank(ranks):
     for r in result(ranks, "union_and_divergence"):
         assert "UNUSED_PARAMS" not in r["codes"]  # rank 1 used head b

@@ -42,15 +42,13 @@ def check_nonfinite(trace, passes, tensors, cuts):
         if bad:
             first = bad[0]
             ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
-            where = f" on rank(s) {', '.join(map(str, ranks))}" if ranks is not None else ""
-            evidence = {"pass": p.name, "parameter": first.name,
-                        "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}
-            if ranks is not None:
-                evidence["ranks"] = ranks
+            evidence = _with_ranks({"pass": p.name, "parameter": first.name,
+                                    "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)},
+                                   ranks)
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients{where} in {len(bad)} parameter(s); the first "
-                               f"in backward order is {first.name!r} ({first.nonfinite} non-finite elements)",
-                               evidence))
+                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
+                               f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
+                               "elements)", evidence))
     for t in tensors.values():
         if t.values.nonfinite:
             out.append(Verdict("NONFINITE", "error",
@@ -78,6 +76,16 @@ def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[Lis
         return list(range(world))
     return sorted(rank for rank, figures in per_rank.items()
                   if any(name in figures and test(figures[name]) for name in params))
+
+
+def _on_ranks(ranks: Optional[List[int]]) -> str:
+    return f" on rank(s) {', '.join(map(str, ranks))}" if ranks is not None else ""
+
+
+def _with_ranks(evidence: Dict[str, Any], ranks: Optional[List[int]]) -> Dict[str, Any]:
+    if ranks is not None:
+        evidence["ranks"] = ranks
+    return evidence
 
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
@@ -185,11 +193,12 @@ def check_stale(trace, passes, tensors, cuts):
     for p in passes.values():
         stale = sorted(p.stale)
         if stale:
+            ranks = _ranks_where(trace, p.name, stale, lambda figures: len(figures) > 3 and bool(figures[3]))
             out.append(Verdict("STALE_GRADS", "error",
-                               f"pass {p.name!r}: .grad already held values when the pass began for "
-                               f"{len(stale)} parameter(s) ({describe_params(stale)}): gradients were not "
+                               f"pass {p.name!r}: .grad already held values when the pass began{_on_ranks(ranks)} "
+                               f"for {len(stale)} parameter(s) ({describe_params(stale)}): gradients were not "
                                "zeroed; call optimizer.zero_grad() before the pass",
-                               {"pass": p.name, "parameters": stale}))
+                               _with_ranks({"pass": p.name, "parameters": stale}, ranks)))
     return out
 
 

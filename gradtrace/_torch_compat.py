@@ -30,7 +30,8 @@ class Probe:
 
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
-    feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics)
+    feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
+    # "gather" (trace.gather() on a backend other than gloo), "fsdp1" (watching a FullyShardedDataParallel)
     find: Callable[[], Any]
 
 
@@ -68,6 +69,13 @@ PROBES = (
     Probe("torch._C._push_on_torch_function_stack",
           "cuts='ops': taking the mode off the stack on exit", "ops",
           lambda: torch._C._push_on_torch_function_stack),
+    Probe("torch.distributed.distributed_c10d._get_default_store",
+          "trace.gather(timeout=...) on NCCL: naming the ranks that never called gather", "gather",
+          lambda: __import__("torch.distributed.distributed_c10d",
+                             fromlist=["_get_default_store"])._get_default_store),
+    Probe("torch.distributed.fsdp._flat_param.FlatParameter",
+          "watch() of a FullyShardedDataParallel module: its flat parameters and the shapes of the originals",
+          "fsdp1", lambda: __import__("torch.distributed.fsdp._flat_param", fromlist=["FlatParameter"]).FlatParameter),
 )
 
 
@@ -152,3 +160,46 @@ def saved_tensors(node) -> list:
         items = value if isinstance(value, (tuple, list)) else (value,)
         found.extend(t for t in items if isinstance(t, torch.Tensor))
     return found
+
+
+default_store = _get("torch.distributed.distributed_c10d._get_default_store")
+
+
+def store_arrival(group, rank: int, world: int, timeout) -> list:
+    """The group ranks that have not reached this rank's current gather() call within ``timeout``.
+
+    Each rank counts its own calls in the default store; a rank is late while its
+    count is below ours. Used where ``monitored_barrier`` is not (NCCL).
+    """
+    import time
+    import torch.distributed as dist
+
+    require("gather")
+    store = default_store()
+    tag = "gradtrace/gather/" + "-".join(map(str, dist.get_process_group_ranks(group)))
+    mine = store.add(f"{tag}/{rank}", 1)
+    deadline = time.monotonic() + timeout.total_seconds()
+    late = list(range(world))
+    while late and time.monotonic() < deadline:
+        late = [r for r in range(world) if store.add(f"{tag}/{r}", 0) < mine]
+        if late:
+            time.sleep(0.01)
+    return late
+
+
+def fsdp1_flat_params(root: nn.Module) -> list:
+    """``[(flat_param, [(original parameter, its unsharded shape), ...]), ...]`` of every FSDP1 unit.
+
+    FSDP1 runs backward through the flat parameter, never through the originals
+    the user named; after its post-backward the originals' ``.grad`` are views
+    of this rank's shard (None where the shard holds none of it).
+    """
+    require("fsdp1")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    groups = []
+    for module in root.modules():
+        flat = getattr(module, "_flat_param", None) if isinstance(module, FullyShardedDataParallel) else None
+        if flat is not None and getattr(flat, "_params", None) is not None:  # use_orig_params=True
+            groups.append((flat, [(p, list(shape)) for p, shape in zip(flat._params, flat._shapes)]))
+    return groups

@@ -13,13 +13,13 @@ import collections
 import contextlib
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, modules, stats
+from .capture import hook_state, inner, modules, stats, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.passes import READ_AT, PassState
 from .capture.reach import reachable_params
@@ -76,9 +76,10 @@ class LiveTrace(Trace):
     """What ``watch`` yields: a trace that records while the ``with`` block runs."""
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
-                 max_passes: Optional[int]):
+                 max_passes: Optional[int], backward_scope: Callable[[], str] = lambda: "local"):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready)
+        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready,
+                            backward_scope)
         recorder.passes.taken_names = self._passes.__contains__
         self._recording = Recording(
             recorder=recorder,
@@ -434,6 +435,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     _check_options(cuts, keep_grads, max_passes, optimizer)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root = _resolve_target(target)
+    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
     if cuts != "off" and root is None:
         cuts = "off"  # module hooks need the module; parameters alone give coverage only
     clashes = [n for n, p in named if id(p) in _WATCHED]
@@ -445,9 +447,15 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
             "model": type(root).__name__ if root is not None else None,
             "max_passes": max_passes, "dropped_passes": 0}
-    trace = LiveTrace(named, meta, keep_grads, max_passes)
+    meta.update(wrapper.meta())
+    if wrapper.kind == "FSDP1":
+        named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
+    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper.backward_scope)
+    if wrapper.kind == "FSDP1":
+        shapes = wrappers.fsdp1_shapes(wrapper)
+        trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     with contextlib.ExitStack() as stack:
-        _register(stack, trace, [p for _, p in named], root, cuts, optimizer)
+        _register(stack, trace, [p for _, p in named], root, cuts, optimizer, wrapper)
         try:
             yield trace
         except Exception as e:  # the trace keeps what was recorded, and says how the block ended
@@ -456,7 +464,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
-              root: Optional[nn.Module], cuts: str, optimizer: Any) -> None:
+              root: Optional[nn.Module], cuts: str, optimizer: Any, wrapper: wrappers.Wrapper) -> None:
     """Every hook, each undone by ``stack`` in reverse order on exit."""
     recording = trace._recording
     recorder = recording.recorder
@@ -471,14 +479,23 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     stack.callback(_close_once, trace)
     stack.callback(_remove_all, handles)
     written = recorder.post_accumulate_hook()
+    sharded_written = recorder.sharded_written_hook()
     for index, p in enumerate(params):
         handles.append(p.register_hook(recorder.param_hook(index)))
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
-        if type(p) not in (torch.Tensor, nn.Parameter):
+        if wrappers.is_dtensor(p):
+            handles.append(p.register_post_accumulate_grad_hook(sharded_written))
+        elif type(p) not in (torch.Tensor, nn.Parameter):
             handles.append(p.register_post_accumulate_grad_hook(written))
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
+    index_of = {id(p): i for i, p in enumerate(params)}
+    for flat, members in wrapper.flat_groups:
+        indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]
+        if indices:
+            recording.hooks_before.note(flat)  # given back like the parameters' containers
+            handles.append(flat.register_hook(recorder.flat_hook(indices)))
     if cuts in ("modules", "ops"):
         ModuleCutDetector(root, recording.cut_log).attach(handles.append)
         trace.meta["ran_with_grad"] = recording.cut_log.ran_with_grad  # saved as a sorted list

@@ -85,6 +85,10 @@ class PassTrace:
     # cuts="ops": where the first NaN/Inf gradient was born: {"op", "node", "module", "location",
     # "forward": "finite" | "nonfinite" | "unknown"} (see capture.opcuts.NonfiniteOrigins)
     nonfinite_origin: Optional[Dict[str, Any]] = None
+    # What the figures are: "local" (this process's gradients: autograd.grad, no wrapper, DDP's
+    # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
+    # global only after gather()).
+    scope: str = "local"
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)

@@ -85,6 +85,7 @@ def to_dict(trace) -> Dict[str, Any]:
         "cuts": [_encode(c) for c in trace.cuts],
         "inner_products": _encode(trace.inner_products),
         "rank_coverage": _encode(getattr(trace, "rank_coverage", None)),
+        "rank_figures": _encode(getattr(trace, "rank_figures", None) or None),
     }
 
 
@@ -234,7 +235,8 @@ def from_dict(data: Any, factory, where: str):
     c = contents_of(data, where)
     return factory(c["params"], c["param_shapes"], c["meta"], passes={p.name: p for p in c["passes"]},
                    tensors={t.name: t for t in c["tensors"]}, scalars={s.name: s for s in c["scalars"]},
-                   cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"])
+                   cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"],
+                   rank_figures=c["rank_figures"])
 
 
 def contents_of(data: Any, where: str) -> Dict[str, Any]:
@@ -393,7 +395,7 @@ _grad_record = _record(GradRecord, {
 _PASS = {
     "name": _name, "runs": _count, "kinds": _list_of(_str), "expected": _optional(_list_of(_str)),
     "expected_partial": _bool, "auto": _bool, "kept_grads": _bool, "step_start": _bool,
-    "failed": _optional(_str), "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record)}
+    "failed": _optional(_str), "scope": _str, "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record)}
 
 _value_stats = _record(ValueStats, {
     "numel": _count, "min": _number, "max": _number, "mean": _number, "std": _magnitude, "zeros": _count,
@@ -444,7 +446,8 @@ _TOP = {
     "param_shapes": _optional(_dict_of(_list_of(_count))), "passes": _list_of(_checked_later),
     "tensors": _list_of(_tensor_record), "scalars": _list_of(_scalar), "cuts": _list_of(_cut),
     "inner_products": _optional(_list_of(_inner_product)),
-    "rank_coverage": _optional(_dict_of(_dict_of(_list_of(_str), key=_rank)))}
+    "rank_coverage": _optional(_dict_of(_dict_of(_list_of(_str), key=_rank))),
+    "rank_figures": _optional(_dict_of(_dict_of(_dict_of(_list_of(_number)), key=_rank)))}
 _TOP_REQUIRED = ("params", "passes", "tensors", "scalars", "cuts")
 
 
@@ -463,7 +466,8 @@ def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
             raise _Bad(f"tensors[{i}].cuts: cut {bad[0]} is not among the trace's {len(seqs)} cut(s)")
     return {"params": params, "param_shapes": top.get("param_shapes") or {}, "meta": top.get("meta") or {},
             "passes": passes, "tensors": top["tensors"], "scalars": top["scalars"], "cuts": top["cuts"],
-            "inner_products": top.get("inner_products") or [], "rank_coverage": top.get("rank_coverage")}
+            "inner_products": top.get("inner_products") or [], "rank_coverage": top.get("rank_coverage"),
+            "rank_figures": top.get("rank_figures")}
 
 
 def _pass(raw: Any, path: str, params: tuple) -> PassTrace:

@@ -24,7 +24,8 @@ class Trace:
                  tensors: Optional[Dict[str, TensorRecord]] = None,
                  scalars: Optional[Dict[str, ScalarRecord]] = None, cuts: Optional[List[Cut]] = None,
                  inner_products: Optional[List[Dict[str, Any]]] = None,
-                 rank_coverage: Optional[Dict[str, Dict[int, List[str]]]] = None):
+                 rank_coverage: Optional[Dict[str, Dict[int, List[str]]]] = None,
+                 rank_figures: Optional[Dict[str, Dict[int, Dict[str, List[float]]]]] = None):
         self.params = tuple(params)
         self.param_shapes: Dict[str, List[int]] = dict(param_shapes or {})
         self.meta: Dict[str, Any] = dict(meta or {})
@@ -34,6 +35,9 @@ class Trace:
         self._cuts: List[Cut] = list(cuts or [])
         self.inner_products: List[Dict[str, Any]] = list(inner_products or [])
         self.rank_coverage = rank_coverage  # {pass: {rank: [covered parameters]}}, filled by gather()
+        # {pass: {rank: {parameter: [norm, max |g|, non-finite, stale]}}} for passes whose figures differ across
+        # ranks (local gradients, shards); a pass absent here had the same figures on every rank.
+        self.rank_figures = rank_figures or {}
 
     # ---- reading -----------------------------------------------------------
     @property
@@ -79,10 +83,17 @@ class Trace:
     def save(self, path) -> None:
         storage.save(self, path)
 
-    def gather(self) -> "Trace":
-        """Under torch.distributed: every rank calls it and gets every rank's coverage, merged."""
+    def gather(self, group=None, timeout=None) -> "Trace":
+        """Under torch.distributed: every rank of ``group`` calls it and gets the same merged trace.
+
+        Coverage is the union over ranks (per rank in ``rank_coverage``), sharded passes get global
+        figures, ``rank_figures`` keeps each rank's own where they differ. ``timeout`` (seconds or a
+        ``timedelta``, default 5 minutes) bounds the wait for the other ranks; a rank that does not
+        come, or ranks that watch other parameters or hold other passes, raise ``GradtraceError``
+        naming them.
+        """
         from . import distributed  # torch.distributed only when asked for
-        return distributed.gather(self, Trace)
+        return distributed.gather(self, Trace, group=group, timeout=timeout)
 
     # ---- recording: only a live trace records ---------------------------------
     def pass_(self, name: str):

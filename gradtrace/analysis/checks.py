@@ -41,14 +41,16 @@ def check_nonfinite(trace, passes, tensors, cuts):
         bad = [r for r in p.in_backward_order() if r.nonfinite]
         if bad:
             first = bad[0]
-            evidence = {"pass": p.name, "parameter": first.name,
-                        "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)}
+            ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            evidence = _with_ranks({"pass": p.name, "parameter": first.name,
+                                    "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)},
+                                   ranks)
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s); the first in "
-                               f"backward order is {first.name!r} ({first.nonfinite} non-finite elements)"
-                               f"{_nonfinite_origin(trace, p)}", evidence))
+                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
+                               f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
+                               f"elements){_nonfinite_origin(trace, p)}", evidence))
     for t in tensors.values():
         if t.values.nonfinite:
             out.append(Verdict("NONFINITE", "error",
@@ -79,6 +81,31 @@ def _nonfinite_origin(trace, p: PassTrace) -> str:
     }.get(origin.get("forward"), "its forward values were not examined")
     return (f"; it is born in the backward of op {origin['op']} ({origin.get('node')}) in {module} at "
             f"{origin['location']}: {forward}")
+
+
+def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[List[int]]:
+    """In a merged trace, the ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
+
+    A pass without per-rank figures had the same figures on every rank.
+    """
+    world = trace.meta.get("world_size")
+    if not world:
+        return None
+    per_rank = (getattr(trace, "rank_figures", None) or {}).get(pass_name)
+    if per_rank is None:
+        return list(range(world))
+    return sorted(rank for rank, figures in per_rank.items()
+                  if any(name in figures and test(figures[name]) for name in params))
+
+
+def _on_ranks(ranks: Optional[List[int]]) -> str:
+    return f" on rank(s) {', '.join(map(str, ranks))}" if ranks is not None else ""
+
+
+def _with_ranks(evidence: Dict[str, Any], ranks: Optional[List[int]]) -> Dict[str, Any]:
+    if ranks is not None:
+        evidence["ranks"] = ranks
+    return evidence
 
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
@@ -209,11 +236,12 @@ def check_stale(trace, passes, tensors, cuts):
     for p in passes.values():
         stale = sorted(p.stale)
         if stale:
+            ranks = _ranks_where(trace, p.name, stale, lambda figures: len(figures) > 3 and bool(figures[3]))
             out.append(Verdict("STALE_GRADS", "error",
-                               f"pass {p.name!r}: .grad already held values when the pass began for "
-                               f"{len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): "
-                               "gradients were not zeroed; call optimizer.zero_grad() before the pass",
-                               {"pass": p.name, "parameters": stale}))
+                               f"pass {p.name!r}: .grad already held values when the pass began{_on_ranks(ranks)} "
+                               f"for {len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): gradients were not "
+                               "zeroed; call optimizer.zero_grad() before the pass",
+                               _with_ranks({"pass": p.name, "parameters": stale}, ranks)))
     return out
 
 
@@ -465,10 +493,11 @@ def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
     return True
 
 
-@verdict("RANK_DIVERGENCE", rank=120, severities=("error",),
-         meaning="coverage differs across distributed ranks")
+@verdict("RANK_DIVERGENCE", rank=120, severities=("error", "warning"),
+         meaning="coverage differs across distributed ranks: parameters, passes, ranks; a warning when DDP was built with `find_unused_parameters=True` (branching was declared)")
 def check_rank_divergence(trace, passes, tensors, cuts):
     out = []
+    declared = bool(trace.meta.get("find_unused_parameters"))
     for pass_name, per_rank in (getattr(trace, "rank_coverage", None) or {}).items():
         union = set().union(*per_rank.values()) if per_rank else set()
         differing = {}
@@ -478,12 +507,16 @@ def check_rank_divergence(trace, passes, tensors, cuts):
                 differing[rank] = sorted(missing)
         if differing:
             params = sorted(set().union(*map(set, differing.values())))
-            out.append(Verdict("RANK_DIVERGENCE", "error",
+            note = (" (DDP was built with find_unused_parameters=True: branching was declared)" if declared
+                    else "; DDP without find_unused_parameters=True fails on this with 'Expected to have "
+                         "finished reduction in the prior iteration'" if trace.meta.get("wrapper") == "DDP"
+                    else "")
+            out.append(Verdict("RANK_DIVERGENCE", "warning" if declared else "error",
                                f"pass {pass_name!r}: coverage differs across ranks; rank(s) "
                                f"{', '.join(map(str, sorted(differing)))} missed {len(params)} parameter(s) others "
-                               f"reached ({describe_params(params, universe=trace.params)})",
+                               f"reached ({describe_params(params, universe=trace.params)}){note}",
                                {"pass": pass_name, "ranks": sorted(differing), "parameters": params,
-                                "missing_by_rank": {str(k): v for k, v in differing.items()}}))
+                                "missing_by_rank": {k: v for k, v in sorted(differing.items())}}))
     return out
 
 

@@ -51,6 +51,7 @@ class PassState:
         self.expected: Optional[set] = None
         self.expected_partial = False
         self.failed: Optional[str] = None
+        self.scope = "local"  # PassTrace.scope: set by every .backward() run as it ends
         self.closed = False
 
     def note_kind(self, kind: str) -> None:

@@ -31,8 +31,10 @@ class Recorder:
     """Owns every hook callback and the run bookkeeping of one live trace."""
 
     def __init__(self, names: List[str], params: List[torch.Tensor], keep_grads: bool,
-                 on_pass_ready: Callable[[PassState, "PendingPass"], None]):
+                 on_pass_ready: Callable[[PassState, "PendingPass"], None],
+                 backward_scope: Callable[[], str] = lambda: "local"):
         self.names = names
+        self.backward_scope = backward_scope  # PassTrace.scope of a .backward() run, asked as it ends
         self.params = params
         self.keep_grads = keep_grads
         self.on_pass_ready = on_pass_ready
@@ -83,6 +85,20 @@ class Recorder:
         """
         return self.written_log.append
 
+    def sharded_written_hook(self) -> Callable[[torch.Tensor], None]:
+        """The hook for sharded (DTensor) parameters: FSDP2 writes their ``.grad`` in its post-backward
+        without any tensor hook firing, so the write itself must open the run (else ``runs`` stays 0
+        and an unlabelled pass never ends)."""
+        log = self.written_log
+
+        def on_written(param: torch.Tensor) -> None:
+            log.append(param)
+            task = current_task()
+            if task >= 0 and task not in self.open_runs:
+                self.open_run(task, written=True)
+
+        return on_written
+
     def drain_written(self, state: PassState) -> List[int]:
         """Move the post-accumulate log into ``state``; the indices written since the last drain."""
         log = self.written_log
@@ -95,6 +111,21 @@ class Recorder:
         state.backward_params.update(indices)
         state.note_kind("backward")
         return indices
+
+    def flat_hook(self, indices: List[int]) -> Callable[[torch.Tensor], None]:
+        """The hook on an FSDP1 flat parameter: backward reaches the flat parameter, never the originals
+        the user named (``indices``), whose ``.grad`` FSDP1 sets in its post-backward; read at run end."""
+
+        def on_flat_grad(grad: torch.Tensor) -> None:
+            task = current_task()
+            run = self.open_runs.get(task) or self.open_run(task, written=True)
+            if run is None:
+                return
+            state = run.pass_state
+            state.written.extend(indices)
+            state.backward_params.update(indices)
+
+        return on_flat_grad
 
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_tensor_grad(grad: torch.Tensor) -> None:
@@ -109,21 +140,24 @@ class Recorder:
         return on_tensor_grad
 
     # ---- runs ------------------------------------------------------------
-    def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False) -> Optional[Run]:
+    def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False,
+                 written: bool = False) -> Optional[Run]:
         if not self.enabled:
             return None
         with self.lock:
             run = self.open_runs.get(task)
             if run is not None:
                 return run
-            accumulates = None if from_tensor else run_accumulates_grad()
-            nested = started_inside_another_run()
+            accumulates = True if written else None if from_tensor else run_accumulates_grad()
+            # A write from FSDP2's post-backward runs under its autograd Function's backward,
+            # which would look nested; a post-accumulate hook only fires in a top-level .backward().
+            nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
-        at_run_end(lambda: self.close_run(run))
+        at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
     @staticmethod
@@ -131,13 +165,14 @@ class Recorder:
         run.accumulates = accumulates
         run.pass_state.note_kind("backward" if accumulates else "grad")
 
-    def close_run(self, run: Run) -> None:
+    def close_run(self, run: Run, in_engine: bool = False) -> None:
         with self.lock:
             self.open_runs.pop(run.task, None)
         state = run.pass_state
         reached = state.hits[run.start:]  # an outer run's slice includes its nested runs': harmless
         if run.accumulates:
             state.backward_params.update(reached)
+            state.scope = self.backward_scope()  # asked now: DDP's no_sync() is still in effect
         written = self.drain_written(state)
         finished_now = state.auto and not run.nested and state is not self.passes.orphan
         if (run.accumulates or written) and not finished_now:
@@ -149,7 +184,13 @@ class Recorder:
         for name, facts in run.tensor_grads:
             state.tensor_grads.setdefault(name, []).append(facts)
         if finished_now:
-            self.finish_pass(state)
+            if in_engine:
+                # .grad is final only after every other end-of-run callback of this run (DDP's
+                # finalize_backward, queued when its last bucket was ready, after ours; FSDP's
+                # post-backward): a callback queued from a callback runs after all of them.
+                at_run_end(lambda: self.finish_pass(state))
+            else:
+                self.finish_pass(state)
 
     def note_run_end(self, state: PassState, indices: List[int]) -> None:
         """What ``.grad`` holds as this run leaves it, for parameters the run reached.
@@ -250,6 +291,7 @@ class PendingPass:
     cleared: set  # indices whose figure is unknown: .grad cleared before it could be read
     changed: set  # indices whose .grad was changed in place after their last run: zero means cleared
     tensor_stats: Dict[str, torch.Tensor]
+    empty: set  # indices whose local gradient has no element (an empty FSDP shard): never "exactly zero"
 
     @classmethod
     def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
@@ -269,6 +311,7 @@ class PendingPass:
             pieces.append((now, DeviceStats(stats.grad_stats(reading.totals, recorder.layouts, tuple(now)),
                                             len(reading.totals))))
         stale_candidates = list(state.bases)
+        empty = {i for i, t in zip(now, reading.totals) if _local_numel(t) == 0}  # an empty shard: never "zero"
         bases = DeviceStats(stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates
                             else {}, len(stale_candidates))
         tensor_stats = {name: torch.stack(parts).to(torch.float64) for name, parts in state.tensor_grads.items()}
@@ -279,7 +322,7 @@ class PendingPass:
         state.run_end_grads.clear()
         state.run_stats.clear()
         return cls(state, recorder.names, order, hits, via, pieces, bases, stale_candidates,
-                   reading.cleared, reading.changed, tensor_stats)
+                   reading.cleared, reading.changed, tensor_stats, empty)
 
     def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
         """The one host transfer of a pass."""
@@ -299,12 +342,14 @@ class PendingPass:
         max_abs = [row[1] for row in grid]
         columns = PassColumns(
             name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grid],
-            max_abs=max_abs, zero=[m == 0.0 and n == 0 and not c for m, n, c in zip(max_abs, nonfinite, cleared)],
+            max_abs=max_abs, zero=[m == 0.0 and n == 0 and not c and i not in self.empty
+                  for i, m, n, c in zip(order, max_abs, nonfinite, cleared)],
             nonfinite=nonfinite, via=[via[i] for i in order], order=list(range(len(order))),
             stale=[i in stale for i in order], cleared=cleared)
         trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
                                        kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads,
-                                       step_start=state.step_start, failed=state.failed)
+                                       step_start=state.step_start, failed=state.failed,
+                                       scope=state.scope if "backward" in state.kinds else "local")
         if state.expected is not None:
             trace.expected = sorted(state.expected)
             trace.expected_partial = state.expected_partial
@@ -406,6 +451,11 @@ def _backward_grad(param: torch.Tensor, state: PassState, index: int, reading: R
 def _unknown(param: torch.Tensor, index: int, reading: Reading) -> torch.Tensor:
     reading.cleared.add(index)
     return torch.zeros_like(param)
+
+
+def _local_numel(g: torch.Tensor) -> int:
+    to_local = getattr(g, "to_local", None)  # a DTensor's numel is the global one
+    return (to_local() if callable(to_local) else g).numel()
 
 
 def _tensor_grad_stats(grad: torch.Tensor) -> torch.Tensor:

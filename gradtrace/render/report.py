@@ -35,7 +35,8 @@ def report(trace) -> str:
     verdicts = trace.verdicts()
     passes = trace.passes
     groups = group_passes(passes)
-    sections = [diagnosis(verdicts), _summary(trace, groups), _verdicts(verdicts, list(passes))]
+    sections = [diagnosis(verdicts), _summary(trace, groups), _per_rank(trace),
+                _verdicts(verdicts, list(passes))]
     if len(groups) >= 2:
         sections.append(_coverage_by_module(trace, groups))
     sections += [_top_params(passes), _cuts(trace), _tensors(trace), _row_facts(trace), _scalars(trace),
@@ -57,21 +58,51 @@ def diagnosis(verdicts) -> str:
 def _summary(trace, groups) -> str:
     rows = []
     n = len(trace.params)
+    # Which figures these are (local / reduced / sharded) is worth a column only where it varies from "local".
+    with_scope = bool(trace.meta.get("world_size")) or any(g.first.scope != "local" for g in groups)
     for group in groups:
         p, members = group.first, group.passes
         expected = f"{len(p.expected)}{'+' if p.expected_partial else ''}" if p.expected is not None else "-"
         norms = [q.total_norm for q in members]
         norm = sci(norms[0]) if len(norms) == 1 else f"{sci(min(norms))}..{sci(max(norms))}"
-        rows.append([group.label, "/".join(p.kinds) or "-", sum(q.runs for q in members), f"{len(p.covered)}/{n}",
-                     expected, max(len(q.zero) for q in members), norm, sci(max(q.max_abs for q in members)),
-                     sum(q.nonfinite for q in members)])
+        row = [group.label, "/".join(p.kinds) or "-", sum(q.runs for q in members), f"{len(p.covered)}/{n}",
+               expected, max(len(q.zero) for q in members), norm, sci(max(q.max_abs for q in members)),
+               sum(q.nonfinite for q in members)]
+        if with_scope:
+            row.insert(2, _scope(trace, p))
+        rows.append(row)
     dropped = trace.meta.get("dropped_passes")
     note = (f"\n({dropped} older passes were dropped: watch(max_passes=...) keeps the newest)"
             if isinstance(dropped, int) and dropped > 0 else "")
     if not rows:
         return "passes: none recorded" + note
-    return "passes\n" + _table(rows, ["pass", "via", "runs", "covered", "expected", "zero", "total norm",
-                                      "max |g|", "nonfinite"]) + note
+    world = trace.meta.get("world_size")
+    title = f"passes (merged over {world} ranks)" if world else "passes"
+    headers = ["pass", "via", "runs", "covered", "expected", "zero", "total norm", "max |g|", "nonfinite"]
+    if with_scope:
+        headers.insert(2, "figures")
+    return title + "\n" + _table(rows, headers) + note
+
+
+def _scope(trace, p) -> str:
+    """What the figures are: a shard's figures are global only once gathered."""
+    if p.scope == "sharded":
+        return "global (gathered shards)" if trace.meta.get("world_size") else "shard-local"
+    return p.scope
+
+
+def _per_rank(trace) -> str:
+    """Each rank's own figures, for the passes whose figures differ across ranks."""
+    out = []
+    for name, per_rank in (getattr(trace, "rank_figures", None) or {}).items():
+        rows = []
+        for rank, figures in sorted(per_rank.items()):
+            values = list(figures.values())
+            rows.append([rank, f"{len(figures)}/{len(trace.params)}", sci(sum(v[0] ** 2 for v in values) ** 0.5),
+                         sci(max((v[1] for v in values), default=0.0)), sum(v[2] for v in values)])
+        out.append(f"per-rank figures in {name!r}\n" +
+                   _table(rows, ["rank", "covered", "total norm", "max |g|", "nonfinite"]))
+    return "\n\n".join(out)
 
 
 def _verdicts(verdicts, pass_names) -> str:

@@ -170,6 +170,10 @@ class LiveTrace(Trace):
             raise GradtraceError(f"pass {name!r} already ended. A pass holds any number of runs: open it once "
                                  f"around the whole microbatch loop, or give this segment another name "
                                  f"(e.g. f'{name}-{{step}}').")
+        if len(self._recording.pending) >= PENDING_BATCH:
+            # Between passes, on the user's thread (never inside backward): one batch of host
+            # transfers for many finished passes keeps device memory and live objects bounded.
+            self._sync()
         self._passes[name] = None  # reserve the name and its place in the order
         state = recorder.begin_pass(name, step_start=step_start, read_at=read_at)
         self._recording.cut_mark = self._recording.cut_log.events
@@ -409,6 +413,9 @@ def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optim
     if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
         raise GradtraceError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
+
+# Finished passes whose statistics wait on the device before one batch moves them to the host.
+PENDING_BATCH = 64
 
 # A watch left open over a training loop keeps this many of the newest passes by default:
 # memory stays bounded (about 100 bytes per parameter per pass) however long it runs.

@@ -143,6 +143,7 @@ def test_memory_and_step_time_stay_flat_over_10000_steps(bounded):
     finally:
         tracemalloc.stop()
     early, late = sorted(times[100:1100]), sorted(times[-1000:])
-    assert late[len(late) // 2] < 1.5 * early[len(early) // 2] + 1e-4  # medians: flat, generous for noise
+    # 20th percentiles (a shared machine's load spikes move medians): flat, with a generous bound
+    assert late[len(late) // 5] < 1.5 * early[len(early) // 5] + 1e-4, (early[len(early) // 5], late[len(late) // 5])
     if bounded:
         assert memory[10_000] - memory[1_000] < 2_000_000, memory  # bytes: bounded by max_passes, not by steps

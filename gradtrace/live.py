@@ -488,7 +488,9 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     written = recorder.post_accumulate_hook()
     sharded_written = recorder.sharded_written_hook()
     for index, p in enumerate(params):
-        handles.append(p.register_hook(recorder.param_hook(index)))
+        handle = p.register_hook(recorder.param_hook(index))
+        recorder.hook_ids.append(handle.id)
+        handles.append(handle)
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
         if wrappers.is_dtensor(p):

@@ -141,3 +141,23 @@ def test_report_on_a_flat_1000_module_model_is_fast():
     start = time.perf_counter()
     trace.report()
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_hook_registered_after_watch_that_changes_the_gradient_is_never_recorded_wrong():
+    """Regression: .backward() passes recorded the modified gradient, autograd.grad passes the unmodified one."""
+    lin = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    with gradtrace.watch(lin) as trace:
+        lin.weight.register_hook(lambda g: g * 3)  # after watch: runs after gradtrace's hook
+        with trace.pass_("first"):
+            (g1,) = torch.autograd.grad(lin(x).sum(), [lin.weight])
+        with trace.pass_("second"):
+            (g2,) = torch.autograd.grad(lin(x).sum(), [lin.weight])
+        with trace.pass_("backward", step_start=True):
+            lin(x).sum().backward()
+    first, second = trace.passes["first"].records["weight"], trace.passes["second"].records["weight"]
+    assert first.cleared and not first.zero  # could not see the changed value: unknown, not wrong
+    assert second.norm == pytest.approx(torch.linalg.vector_norm(g2).item(), rel=1e-6)  # what was handed back
+    assert trace.passes["backward"].records["weight"].norm == pytest.approx(
+        torch.linalg.vector_norm(lin.weight.grad).item(), rel=1e-6)
+    assert torch.equal(g1, g2)  # the user's hook still runs, once, on every run

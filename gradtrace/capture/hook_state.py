@@ -63,6 +63,23 @@ class HookSnapshot:
                 yield tensor, names
 
 
+def keep_last(tensor: torch.Tensor, hook_id: int) -> bool:
+    """Make gradtrace's tensor hook (``hook_id``) the last one to run on ``tensor``; was it already?
+
+    Tensor hooks run in the order of their container. A hook the user registers
+    after ``watch`` runs after gradtrace's and may change the gradient that
+    ``torch.autograd.grad`` hands back: moved last, gradtrace sees that value.
+    Called between engine runs, never while the engine walks the container.
+    """
+    hooks = getattr(tensor, "_backward_hooks")
+    if hooks is None or len(hooks) < 2 or next(reversed(hooks)) == hook_id or hook_id not in hooks:
+        return True
+    # Re-inserted, not move_to_end(): the engine walks the dict's own storage, which only a
+    # re-insertion reorders (the OrderedDict's linked list is not what C++ iterates).
+    hooks[hook_id] = hooks.pop(hook_id)
+    return False
+
+
 def snapshot(params: Iterable[torch.Tensor]) -> HookSnapshot:
     """Call before registering hooks on ``params``; add later tensors with ``note``."""
     state = HookSnapshot()

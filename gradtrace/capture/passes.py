@@ -36,8 +36,8 @@ class PassState:
         self.written: List[int] = []  # post-accumulate hooks: .grad written
         self.backward_params: set = set()
         self.capture_sums: Dict[int, torch.Tensor] = {}
-        # autograd.grad(..., is_grads_batched=True): the hooks see vmapped gradients that are
-        # meaningless outside the engine's vmap, so these parameters' figures are unknown.
+        # autograd.grad runs whose handed-back gradient gradtrace could not see: vmapped ones
+        # (is_grads_batched=True), or one a later-registered hook may have changed. Figures unknown.
         self.batched: set = set()
         # .grad as it was when the pass first reached a parameter, where it was
         # not None: the pass's own gradient is .grad minus this.

@@ -22,7 +22,7 @@ import torch
 
 from .._torch_compat import is_batched_grad
 from ..records import PassColumns, PassTrace, TensorGradFacts
-from . import stats
+from . import hook_state, stats
 from .passes import PassAssigner, PassState
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
 
@@ -47,6 +47,7 @@ class Recorder:
         self.layouts: Dict[tuple, list] = {}  # stats.grad_stats's grouping, per order of parameters
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(params)}
         self.optimizer_stepped = False
+        self.hook_ids: List[int] = []  # each parameter's gradtrace tensor hook, by index (RemovableHandle.id)
 
     @property
     def active(self) -> Optional[PassState]:
@@ -178,6 +179,11 @@ class Recorder:
         if (run.accumulates or written) and not finished_now:
             self.note_run_end(state, list(dict.fromkeys(itertools.chain(reached, written))))
         for index, grad in run.captured:
+            if not hook_state.keep_last(self.params[index], self.hook_ids[index]):
+                # A hook registered after ours ran after it and may have changed the gradient handed
+                # back: this run's figure is unknown; from the next run on, ours runs last.
+                state.batched.add(index)
+                continue
             previous = state.capture_sums.get(index)
             # Never add in place: the first gradient is the caller's own tensor.
             state.capture_sums[index] = grad if previous is None else previous + grad

@@ -38,7 +38,7 @@ class PassState:
         self.capture_sums: Dict[int, torch.Tensor] = {}
         # autograd.grad runs whose handed-back gradient gradtrace could not see: vmapped ones
         # (is_grads_batched=True), or one a later-registered hook may have changed. Figures unknown.
-        self.batched: set = set()
+        self.unseen_handbacks: set = set()
         # .grad as it was when the pass first reached a parameter, where it was
         # not None: the pass's own gradient is .grad minus this.
         self.bases: Dict[int, torch.Tensor] = {}

@@ -69,7 +69,7 @@ class Recorder:
             run.pass_state.hits.append(index)
             if not run.accumulates:
                 if is_batched_grad(grad):
-                    run.pass_state.batched.add(index)
+                    run.pass_state.unseen_handbacks.add(index)
                 else:
                     run.captured.append((index, grad))
             elif param.grad is not None:
@@ -182,7 +182,7 @@ class Recorder:
             if not hook_state.keep_last(self.params[index], self.hook_ids[index]):
                 # A hook registered after ours ran after it and may have changed the gradient handed
                 # back: this run's figure is unknown; from the next run on, ours runs last.
-                state.batched.add(index)
+                state.unseen_handbacks.add(index)
                 continue
             previous = state.capture_sums.get(index)
             # Never add in place: the first gradient is the caller's own tensor.
@@ -396,7 +396,7 @@ class Reading:
 def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[int]) -> Reading:
     """Every given parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
     refs = state.run_end_grads
-    if not state.bases and not state.capture_sums and not state.batched:  # the common case: zeroed grads, .backward() only
+    if not state.bases and not state.capture_sums and not state.unseen_handbacks:  # the common case: zeroed grads, .backward() only
         totals = [params[i].grad for i in order]
         if all(g is not None for g in totals) and (not refs or all(_as_left(refs.get(i), g)
                                                                   for i, g in zip(order, totals))):
@@ -419,7 +419,7 @@ def _gain(grad: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _pass_gradient(param: torch.Tensor, state: PassState, index: int, reading: Reading) -> Tuple[torch.Tensor, str]:
     """What the pass gave this parameter: .grad's gain plus the gradients handed back."""
-    if index in state.batched and index not in state.backward_params:
+    if index in state.unseen_handbacks and index not in state.backward_params:
         return _unknown(param, index, reading), "grad"
     parts = []
     how = []
@@ -443,8 +443,7 @@ def _backward_grad(param: torch.Tensor, state: PassState, index: int, reading: R
     ref = state.run_end_grads.get(index)
     if ref is None:
         if grad is None:  # never written where a run could see it (an optimizer in backward cleared it)
-            reading.cleared.add(index)
-            return torch.zeros_like(param)
+            return _unknown(param, index, reading)
         return grad
     kept, version = ref
     if grad is None or grad is not kept:  # set to None (or replaced) after the run: the run's tensor is intact

@@ -7,11 +7,9 @@ steps, and each finding once with how often it recurred.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from ..analysis.names import display_name  # noqa: F401  (re-exported for the renderer)
 from ..records import PassTrace, Verdict
 
 # Up to this many passes the report lists each one; beyond it, consecutive passes with the

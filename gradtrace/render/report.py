@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 from tabulate import tabulate
 
 from ..analysis import Diff, group_by_module, outermost_cuts
-from .long_runs import LIST_EACH_UP_TO, collapse_verdicts, display_name, group_passes, recurrence
+from ..analysis.names import display_name
+from .long_runs import LIST_EACH_UP_TO, collapse_verdicts, group_passes, recurrence
 from .text import safe
 
 TABLE_FORMAT = "simple"

@@ -16,6 +16,55 @@ from .errors import GradtraceError
 from .records import Cut, PassTrace, ScalarRecord, TensorRecord, Verdict
 
 
+class PassTable(dict):
+    """``{name: PassTrace or None}`` in the order names were taken (None: reserved, not finished yet).
+
+    ``finished()`` is what ``trace.passes`` shows; it is kept between changes, because a training
+    loop reads ``trace.passes[name]`` every step and filtering hundreds of passes each time would
+    make every read cost as much as the whole pass end.
+    """
+
+    __slots__ = ("_finished",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._finished: Optional[Dict[str, PassTrace]] = None
+
+    def __setitem__(self, name, value) -> None:
+        super().__setitem__(name, value)
+        self._finished = None
+
+    def __delitem__(self, name) -> None:
+        super().__delitem__(name)
+        self._finished = None
+
+    def pop(self, *args):
+        self._finished = None
+        return super().pop(*args)
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._finished = None
+
+    def setdefault(self, name, value=None):
+        self._finished = None
+        return super().setdefault(name, value)
+
+    def popitem(self):
+        self._finished = None
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._finished = None
+
+    def finished(self) -> Dict[str, PassTrace]:
+        """A new dict of the finished passes, in order (a C-level copy of the kept one)."""
+        if self._finished is None:
+            self._finished = {name: p for name, p in self.items() if p is not None}
+        return self._finished.copy()
+
+
 class Trace:
     """Gradients recorded while ``watch`` was open: passes, tensors, scalars, cuts."""
 
@@ -29,7 +78,7 @@ class Trace:
         self.params = tuple(params)
         self.param_shapes: Dict[str, List[int]] = dict(param_shapes or {})
         self.meta: Dict[str, Any] = dict(meta or {})
-        self._passes: Dict[str, Optional[PassTrace]] = dict(passes or {})
+        self._passes = PassTable(passes or {})
         self._tensors: Dict[str, TensorRecord] = dict(tensors or {})
         self.scalars: Dict[str, ScalarRecord] = dict(scalars or {})
         self._cuts: List[Cut] = list(cuts or [])
@@ -43,7 +92,7 @@ class Trace:
     @property
     def passes(self) -> Dict[str, PassTrace]:
         """Ordered ``{name: PassTrace}``."""
-        return {name: p for name, p in self._passes.items() if p is not None}
+        return self._passes.finished()
 
     @property
     def tensors(self) -> Dict[str, TensorRecord]:

@@ -4,7 +4,7 @@ The reference never squares an extreme value: it is computed on the host as
 max |g| times the norm of g / max |g| (``math.fsum``), so a float64 gradient
 of 1e-200 or 1e300, a float32 one of 1e-30 or 1e25, and the largest and
 subnormal values of every dtype have a known answer. Both of gradtrace's
-paths are covered: small gradients (segment-reduced together) and large ones
+paths are covered, each on the CPU's and the accelerators' code: small gradients (segment-reduced together) and large ones
 (``_foreach_norm`` + ``aminmax``).
 """
 from __future__ import annotations
@@ -20,6 +20,14 @@ import gradtrace
 from gradtrace.capture import stats
 
 SMALL, LARGE = 7, stats.SMALL_NUMEL + 9
+
+
+@pytest.fixture(autouse=True, params=["cpu_path", "accelerator_path"])
+def code_path(request, monkeypatch):
+    """Every case on both code paths: the CPU's (numpy, reading rows back) and the accelerators'
+    (everything on the device, no read), which a CPU runs when told host reads are not free."""
+    monkeypatch.setattr(stats, "HOST_READS_ARE_FREE", request.param == "cpu_path")
+    return request.param
 
 # Per dtype: its max, smallest normal, smallest subnormal, a middle subnormal, and the values issue 14 named.
 EXTREMES = {
@@ -244,3 +252,12 @@ def test_watch_counts_nonfinite_exactly_beside_extremes():
     records = trace.passes["P"].records
     assert records["p0"].nonfinite == 1
     assert records["p1"].nonfinite == 2
+
+
+def test_empty_gradients_between_others_stay_zero_and_do_not_shift_rows():
+    # numpy's reduceat gives an empty segment its neighbour's first element: the CPU path must not.
+    grads = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0), torch.tensor([float("inf"), 1.0]),
+             torch.zeros(0, 5), torch.tensor([1e-30] * 3), torch.zeros(0)]
+    for row, g in zip(host_rows(grads), grads):
+        assert_exact(row, g, f"shape {tuple(g.shape)}")
+    assert host_rows([torch.zeros(0), torch.zeros(0, 2)]) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]

@@ -147,3 +147,24 @@ def test_memory_and_step_time_stay_flat_over_10000_steps(bounded):
     assert late[len(late) // 5] < 1.5 * early[len(early) // 5] + 1e-4, (early[len(early) // 5], late[len(late) // 5])
     if bounded:
         assert memory[10_000] - memory[1_000] < 2_000_000, memory  # bytes: bounded by max_passes, not by steps
+
+
+def test_reading_passes_every_step_does_not_scan_every_kept_pass():
+    """``trace.passes`` was rebuilt from every kept pass on each read: reading it every step of a
+    long loop cost O(passes) per step. The finished view is kept between changes."""
+    from gradtrace.trace import PassTable
+
+    table = PassTable()
+    for i in range(300):
+        table[f"p{i}"] = object()
+    table["open"] = None
+    first = table.finished()
+    assert list(first) == [f"p{i}" for i in range(300)] and table._finished is not None
+    kept = table._finished
+    assert table.finished() == first and table._finished is kept  # no rebuild without a change
+    first.pop("p0")  # the caller's copy is theirs to change
+    assert "p0" in table.finished()
+    table["open"] = "done"
+    assert list(table.finished())[-1] == "open"
+    table.pop("p1")
+    assert "p1" not in table.finished()

@@ -13,11 +13,13 @@ statistics stay on the device until the trace is read (one host transfer).
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .._torch_compat import is_batched_grad
@@ -277,8 +279,16 @@ class DeviceStats:
     per_device: dict
     count: int
 
-    def to_host(self) -> List[List[float]]:
-        return stats.stats_to_host(self.per_device, self.count) if self.count else []
+    def to_host(self) -> np.ndarray:
+        """The (count, 3) float64 figures in input order: one host transfer per device."""
+        out = np.zeros((self.count, 3))
+        for positions, rows in self.per_device.values():
+            host = rows.cpu().numpy()
+            if (len(self.per_device) == 1 and len(positions) == self.count
+                    and all(map(operator.eq, positions, range(self.count)))):
+                return host  # the common case: one device, one group, already in order
+            out[np.asarray(positions, dtype=np.int64)] = host
+        return out
 
 
 @dataclass
@@ -303,21 +313,24 @@ class PendingPass:
     def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
         order = list(dict.fromkeys(itertools.chain(state.hits, state.written)))
         hits = Counter(state.hits)
-        for index in set(state.written) - set(hits):
-            hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
+        if state.written:
+            for index in set(state.written) - set(hits):
+                hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
         pieces = list(state.run_stats)
-        read_before = {i for indices, _ in pieces for i in indices}
-        now = [i for i in order if i not in read_before or i in state.capture_sums]
+        if pieces:
+            read_before = {i for indices, _ in pieces for i in indices}
+            now = [i for i in order if i not in read_before or i in state.capture_sums]
+        else:
+            now = order
         reading = _pass_gradients(recorder.params, state, now)
-        via = dict.fromkeys(order, "backward")
-        via.update(reading.via)
+        via = reading.via if len(reading.via) == len(order) else {**dict.fromkeys(order, "backward"), **reading.via}
         if state.keep_grads:
             recorder.kept[state.name] = _kept(recorder, state, order, dict(zip(now, reading.totals)))
         if reading.totals:
             pieces.append((now, DeviceStats(stats.grad_stats(reading.totals, recorder.layouts, tuple(now)),
                                             len(reading.totals))))
         stale_candidates = list(state.bases)
-        empty = {i for i, t in zip(now, reading.totals) if _local_numel(t) == 0}  # an empty shard: never "zero"
+        empty = _empty(now, reading.totals)
         bases = DeviceStats(stats.grad_stats([state.bases[i] for i in stale_candidates]) if stale_candidates
                             else {}, len(stale_candidates))
         tensor_stats = {name: torch.stack(parts).to(torch.float64) for name, parts in state.tensor_grads.items()}
@@ -330,28 +343,41 @@ class PendingPass:
         return cls(state, recorder.names, order, hits, via, pieces, bases, stale_candidates,
                    reading.cleared, reading.changed, tensor_stats, empty)
 
-    def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
-        """The one host transfer of a pass."""
-        rows: Dict[int, List[float]] = {}
+    def figures(self) -> np.ndarray:
+        """(norm, max |g|, NaN/Inf count) of every reached parameter, in ``order``; one host transfer."""
+        order = self.order
+        if len(self.pieces) == 1 and self.pieces[0][0] is order:
+            return self.pieces[0][1].to_host()
+        rows: Dict[int, np.ndarray] = {}
         for indices, device_stats in self.pieces:
             rows.update(zip(indices, device_stats.to_host()))
+        none = np.zeros(3)
+        return np.array([rows.get(i, none) for i in order], dtype=np.float64).reshape(len(order), 3)
+
+    def materialize(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
+        """The one host transfer of a pass."""
+        grid = self.figures()
         state = self.state
+        names, hits, via, order = self.names, self.hits, self.via, self.order
         stale = set()
         if state.step_start:  # accumulating into .grad is legitimate anywhere else
             base_rows = self.bases.to_host()
             stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
-        names, hits, via, order = self.names, self.hits, self.via, self.order
-        grid = [rows.get(i, (0.0, 0.0, 0.0)) for i in order]
-        nonfinite = [int(row[2]) for row in grid]
-        cleared = [i in self.cleared or (i in self.changed and row[1] == 0.0 and not bad)
-                   for i, row, bad in zip(order, grid, nonfinite)]
-        max_abs = [row[1] for row in grid]
+        max_abs, bad = grid[:, 1], grid[:, 2]
+        unknown = np.zeros(len(order), dtype=bool)
+        if self.cleared or self.changed:
+            unknown[[k for k, i in enumerate(order) if i in self.cleared]] = True
+            changed = np.zeros(len(order), dtype=bool)
+            changed[[k for k, i in enumerate(order) if i in self.changed]] = True
+            unknown |= changed & (max_abs == 0.0) & (bad == 0)
+        zero = (max_abs == 0.0) & (bad == 0) & ~unknown
+        if self.empty:
+            zero[[k for k, i in enumerate(order) if i in self.empty]] = False
         columns = PassColumns(
-            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=[row[0] for row in grid],
-            max_abs=max_abs, zero=[m == 0.0 and n == 0 and not c and i not in self.empty
-                  for i, m, n, c in zip(order, max_abs, nonfinite, cleared)],
-            nonfinite=nonfinite, via=[via[i] for i in order], order=list(range(len(order))),
-            stale=[i in stale for i in order], cleared=cleared)
+            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=grid[:, 0].tolist(),
+            max_abs=max_abs.tolist(), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
+            via=[via[i] for i in order], order=list(range(len(order))),
+            stale=[i in stale for i in order] if stale else [False] * len(order), cleared=unknown.tolist())
         trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
                                        kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads,
                                        step_start=state.step_start, failed=state.failed,
@@ -398,19 +424,14 @@ def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[in
     refs = state.run_end_grads
     if not state.bases and not state.capture_sums and not state.unseen_handbacks:  # the common case: zeroed grads, .backward() only
         totals = [params[i].grad for i in order]
-        if all(g is not None for g in totals) and (not refs or all(_as_left(refs.get(i), g)
-                                                                  for i, g in zip(order, totals))):
+        if not any(map(operator.is_, totals, itertools.repeat(None))) and all(
+                params[i].grad is grad and grad._version == version for i, (grad, version) in refs.items()):
             return Reading(totals, dict.fromkeys(order, "backward"), set(), set())
     reading = Reading([], {}, set(), set())
     for index in order:
         total, reading.via[index] = _pass_gradient(params[index], state, index, reading)
         reading.totals.append(total)
     return reading
-
-
-def _as_left(ref: Optional[Tuple[torch.Tensor, int]], grad: torch.Tensor) -> bool:
-    """Is ``grad`` the tensor its last run left, unchanged since?"""
-    return ref is None or (ref[0] is grad and ref[1] == grad._version)
 
 
 def _gain(grad: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
@@ -456,6 +477,11 @@ def _backward_grad(param: torch.Tensor, state: PassState, index: int, reading: R
 def _unknown(param: torch.Tensor, index: int, reading: Reading) -> torch.Tensor:
     reading.cleared.add(index)
     return torch.zeros_like(param)
+
+
+def _empty(indices: List[int], grads: List[torch.Tensor]) -> set:
+    """Indices whose local gradient has no element: a plain tensor's numel, a DTensor's local shard's."""
+    return {i for i, g in zip(indices, grads) if not (g.numel() if type(g) is torch.Tensor else _local_numel(g))}
 
 
 def _local_numel(g: torch.Tensor) -> int:

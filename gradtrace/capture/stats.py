@@ -11,9 +11,20 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from .._torch_compat import flatten_dense_tensors, foreach_norm
 from ..records import VALUE_FIELDS
+
+# On a CPU a value read back costs nothing (there is no device to wait for): the CPU paths
+# reduce in numpy and redo the rare rows that need exact extra work after looking at them.
+# The host-sync tests turn this off to run the accelerators' code path on a CPU.
+HOST_READS_ARE_FREE = True
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    return HOST_READS_ARE_FREE and device.type == "cpu"
+
 
 # Gradients up to this many elements are flattened and reduced together; the
 # copy is cheap at this size and saves one dispatch per parameter.
@@ -32,8 +43,8 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-# (device, dtype, small?, positions, segment lengths of a small group and their sum)
-Layout = List[Tuple[torch.device, torch.dtype, bool, List[int], Optional[Tuple[torch.Tensor, int]]]]
+# (device, dtype, small?, positions, where each gradient of a small group lies in its flat buffer)
+Layout = List[Tuple[torch.device, torch.dtype, bool, List[int], Optional["Segments"]]]
 
 
 def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple, Layout]] = None,
@@ -72,28 +83,103 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
 
 def _reduce(dense: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
     per_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
-    for device, dtype, small, idx, lengths in layout:
-        tensors = [dense[i] for i in idx]
+    for device, dtype, small, idx, segments in layout:
+        tensors = dense if len(idx) == len(dense) else [dense[i] for i in idx]
         if tensors[0].dtype != dtype or tensors[0].device != device:
             raise TypeError("cached layout no longer matches")
-        stats = _small_stats(tensors, lengths) if small else _large_stats(tensors, dtype)
+        stats = _small_stats(tensors, segments) if small else _large_stats(tensors, dtype)
         positions, parts = per_device.setdefault(device, ([], []))
         positions.extend(idx)
         parts.append(stats)
-    return {dev: (pos, torch.cat(parts)) for dev, (pos, parts) in per_device.items()}
+    return {dev: (pos, parts[0] if len(parts) == 1 else torch.cat(parts)) for dev, (pos, parts) in per_device.items()}
 
 
-def _lengths(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    sizes = [t.numel() for t in tensors]
-    return torch.tensor(sizes, device=tensors[0].device), sum(sizes)
+class Segments:
+    """Where each gradient of a small group lies in the flattened buffer (cached with the layout)."""
+
+    __slots__ = ("lengths", "total", "count", "starts", "reduce_at", "filled")
+
+    def __init__(self, tensors: List[torch.Tensor]):
+        sizes = [t.numel() for t in tensors]
+        self.lengths = torch.tensor(sizes, device=tensors[0].device)
+        self.total = sum(sizes)
+        self.count = len(sizes)
+        lens = np.array(sizes, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        # numpy's reduceat gives an empty segment the next element instead of the identity:
+        # reduce over the filled segments only, and leave the empty ones at zero.
+        self.filled = None if lens.all() else lens > 0
+        self.reduce_at = self.starts if self.filled is None else self.starts[self.filled]
+
+    def end(self, i: int) -> int:
+        return int(self.starts[i]) + int(self.lengths[i])
 
 
-def _small_stats(tensors: List[torch.Tensor], lengths: Tuple[torch.Tensor, int]) -> torch.Tensor:
+def _lengths(tensors: List[torch.Tensor]) -> Segments:
+    return Segments(tensors)
+
+
+def _small_stats(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
+    if host_reads_are_free(tensors[0].device):
+        return _small_stats_cpu(tensors, segments)
+    return _small_stats_device(tensors, segments)
+
+
+def _small_stats_cpu(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
+    """The small group on a CPU: one flatten in torch, the segment reductions in numpy.
+
+    A torch op costs a few microseconds of dispatch however small its input; a
+    numpy reduction about one. Nothing waits on a device here, so the rare rows
+    that need exact extra work (NaN/Inf counts, float64 norms out of the safe
+    range) are found from the figures themselves and redone alone.
+    """
+    flat = flatten_dense_tensors(tensors)
+    if flat.numel() != segments.total:
+        raise ValueError("cached segment lengths no longer match the gradients")
+    n = segments.count
+    if segments.total == 0:
+        return torch.zeros(n, 3, dtype=torch.float64)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # bfloat16 and float16 values are exact in float32
+    x = flat.numpy()
+    at, filled = segments.reduce_at, segments.filled
+    amax = np.maximum.reduceat(np.abs(x), at).astype(np.float64)  # NaN propagates
+    wide = x.astype(np.float64)  # float32 squares neither under- nor overflow in float64
+    sumsq = np.add.reduceat(wide * wide, at)
+    if filled is not None:
+        amax, sumsq = _spread(amax, filled), _spread(sumsq, filled)
+    norms = np.sqrt(sumsq)
+    if np.isfinite(sumsq).all():
+        bad = np.zeros(n)
+    else:
+        bad = np.add.reduceat((~np.isfinite(x)).astype(np.float64), at)
+        bad = bad if filled is None else _spread(bad, filled)
+    if x.dtype == np.float64:
+        lo, hi = _F64_SAFE
+        for i in np.flatnonzero(np.isfinite(amax) & (amax > 0) & ((amax < lo) | (amax > hi) | ~np.isfinite(norms))):
+            norms[i] = _exact_norm_host(wide[segments.starts[i]:segments.end(i)], float(amax[i]))
+    return torch.from_numpy(np.stack([norms, amax, bad], axis=1))
+
+
+def _spread(values: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(filled))
+    out[filled] = values
+    return out
+
+
+def _exact_norm_host(x: np.ndarray, top: float) -> float:
+    """The norm of float64 values whose max |g| (``top`` > 0) squares out of range: scaled by a power of two."""
+    factor = math.ldexp(1.0, max(-1022, min(1023, -math.frexp(top)[1])))
+    scaled = x * factor
+    return math.sqrt(float(np.dot(scaled, scaled))) / factor
+
+
+def _small_stats_device(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
     # float64 squares cannot under- or overflow for any float32 (or narrower)
     # value (1e-30 or 1e25 gradients keep their norm); cheap at these sizes.
     # float64 gradients can: their rows are scaled first (_scaled_segment_norm).
     flat = flatten_dense_tensors(tensors).to(torch.float64)
-    lengths, total = lengths
+    lengths, total = segments.lengths, segments.total
     if flat.numel() != total:  # segment_reduce(unsafe=True) trusts the lengths: never let them be stale
         raise ValueError("cached segment lengths no longer match the gradients")
     if flat.numel() == 0:
@@ -140,7 +226,7 @@ def _power_of_two_scale(amax: torch.Tensor, risky: torch.Tensor) -> torch.Tensor
 def _scaled_segment_norm(flat: torch.Tensor, amax: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
     """Row-wise L2 norms of a float64 buffer that cannot under- or overflow (no host sync on an accelerator)."""
     risky = _risky(amax)
-    if flat.device.type == "cpu" and not risky.any():  # a CPU reads back for free: skip the scaling (+15%)
+    if host_reads_are_free(flat.device) and not risky.any():  # a CPU reads back for free: skip the scaling (+15%)
         return _segment_norm(flat, lengths)
     factor = _power_of_two_scale(amax, risky)
     # output_size: repeat_interleave would otherwise read the lengths back to the host.
@@ -164,7 +250,7 @@ def _large_stats(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
     work = [t.float() for t in tensors] if dtype not in (torch.float32, torch.float64) else tensors
     extremes = [torch.aminmax(t) for t in work]
     amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in extremes]).to(torch.float64)
-    if work[0].device.type != "cpu":
+    if not host_reads_are_free(work[0].device):
         if dtype == torch.float64:
             factor = _power_of_two_scale(amax, _risky(amax))
             norms = torch.stack([torch.linalg.vector_norm(t * f) for t, f in zip(work, factor)]) / factor

@@ -271,3 +271,46 @@ def test_restore_keeps_no_tensor_alive():
     del t
     assert ref() is None
     hook_state.restore(state)  # nothing left to restore, and no error
+
+
+def test_watch_gives_the_garbage_collector_back_as_it_found_it():
+    """Hooks go on and come off with collection paused (it was most of what entering cost):
+    collection is on again afterwards, and stays off where the user had turned it off."""
+    import gc
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    assert gc.isenabled()
+    with gradtrace.watch(model):
+        assert gc.isenabled()  # paused only while registering, never inside the block
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gradtrace.watch(model):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(gradtrace.GradtraceError):
+        with gradtrace.watch(model, cuts="nope"):
+            pass
+    assert gc.isenabled()
+
+
+def test_hooks_put_straight_into_containers_take_ids_a_handle_never_reuses():
+    """gradtrace's hooks skip RemovableHandle but draw from its counter: a user's handle removed
+    during the watch removes only the user's hook, and ours come off at exit."""
+    model = nn.Linear(2, 1)
+    seen = []
+    with gradtrace.watch(model) as trace:
+        handle = model.weight.register_hook(lambda g: seen.append(1))
+        module_handle = model.register_forward_hook(lambda m, a, o: seen.append(2))
+        ours = set(model.weight._backward_hooks) - {handle.id}
+        assert len(ours) == 1 and handle.id not in ours
+        handle.remove()
+        module_handle.remove()
+        assert len(model.weight._backward_hooks) == 1 and len(model._forward_hooks) == 1
+        with trace.pass_("X"):
+            model(torch.ones(1, 2)).sum().backward()
+    assert seen == [] and trace.passes["X"].covered == {"weight", "bias"}
+    assert model.weight._backward_hooks is None and not model._forward_hooks
+    assert not model._forward_hooks_with_kwargs

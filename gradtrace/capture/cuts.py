@@ -201,7 +201,8 @@ class CutLog:
         return gone
 
 
-def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]]) -> Dict[str, int]:
+def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]],
+                     trainable: Optional[Iterable[str]] = None) -> Dict[str, int]:
     """Trainable parameters inside each module path, in one pass over the modules.
 
     (Asking every module for its ``parameters()`` walks each subtree again, and
@@ -210,10 +211,11 @@ def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]]) -> D
     its parent's, children first: the reverse of ``named_modules``' pre-order.
     """
     counts: Dict[str, int] = {}
-    for name, p in named_parameters(root, modules):
-        if p.requires_grad:
-            owner = name.rpartition(".")[0]
-            counts[owner] = counts.get(owner, 0) + 1
+    if trainable is None:  # the names of the trainable parameters, unless the caller has them
+        trainable = [name for name, p in named_parameters(root, modules) if p.requires_grad]
+    for name in trainable:
+        owner = name.rpartition(".")[0]
+        counts[owner] = counts.get(owner, 0) + 1
     for path in reversed([name for name, _ in modules]):
         if path and counts.get(path):
             parent = path.rpartition(".")[0]
@@ -224,21 +226,23 @@ def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]]) -> D
 class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
-    def __init__(self, root: nn.Module, log: CutLog):
+    def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
+                 trainable: Optional[Iterable[str]] = None):
         self.log = log
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
-        modules = named_modules(root)
-        counts = trainable_counts(root, modules)
+        modules = named_modules(root) if modules is None else modules  # a walk already made
+        counts = trainable_counts(root, modules, trainable)
         for name, module in modules:
             self.modules.append((name, module, counts.get(name, 0)))
             self.names[id(module)] = (name, module)
             self.trainable[id(module)] = counts.get(name, 0)
 
-    def attach(self, register: Callable) -> None:
+    def attach(self, hooks) -> None:
+        """Put the forward hooks on (``hooks``: a ``hook_state.HookBatch``, which also removes them)."""
         for name, module, trainable in self.modules:
-            register(module.register_forward_hook(self._hook(name, module, trainable), with_kwargs=True))
+            hooks.forward_hook(module, self._hook(name, module, trainable))
 
     def _hook(self, name: str, module: nn.Module, trainable: int):
         log = self.log

@@ -26,6 +26,8 @@ WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_or
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
+    if type(t) in (torch.Tensor, nn.Parameter):  # asked per parameter: no import for the plain ones
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed

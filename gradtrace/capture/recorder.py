@@ -179,7 +179,8 @@ class Recorder:
         written = self.drain_written(state)
         finished_now = state.auto and not run.nested and state is not self.passes.orphan
         if (run.accumulates or written) and not finished_now:
-            self.note_run_end(state, list(dict.fromkeys(itertools.chain(reached, written))))
+            self.note_run_end(state, list(dict.fromkeys(itertools.chain(reached, written))),
+                              all_backward=bool(run.accumulates))  # then every index is in backward_params
         for index, grad in run.captured:
             if not hook_state.keep_last(self.params[index], self.hook_ids[index]):
                 # A hook registered after ours ran after it and may have changed the gradient handed
@@ -200,7 +201,7 @@ class Recorder:
             else:
                 self.finish_pass(state)
 
-    def note_run_end(self, state: PassState, indices: List[int]) -> None:
+    def note_run_end(self, state: PassState, indices: List[int], all_backward: bool = False) -> None:
         """What ``.grad`` holds as this run leaves it, for parameters the run reached.
 
         Read now for ``read_at="run_end"``; otherwise keep the tensor and its version, so
@@ -208,7 +209,8 @@ class Recorder:
         one zeroed or changed in place afterwards is known to have been.
         """
         params = self.params
-        indices = [i for i in indices if i in state.backward_params]
+        if not all_backward:
+            indices = [i for i in indices if i in state.backward_params]
         if state.read_at == "run_end":
             grads = [params[i].grad for i in indices]
             kept = [(i, g) for i, g in zip(indices, grads) if g is not None]
@@ -217,10 +219,11 @@ class Recorder:
                 state.run_stats.append(([i for i, _ in kept], DeviceStats(stats.grad_stats(totals), len(totals))))
             return
         refs = state.run_end_grads
-        for i in indices:
-            grad = params[i].grad
-            if grad is not None:
-                refs[i] = (grad, grad._version)
+        grads = list(map(_GRAD, map(params.__getitem__, indices)))  # C-level loops: this runs per parameter
+        try:
+            refs.update(zip(indices, zip(grads, map(_VERSION, grads))))
+        except AttributeError:  # a .grad that is None: kept out
+            refs.update((i, (g, g._version)) for i, g in zip(indices, grads) if g is not None)
 
     def close_open_runs(self) -> None:
         """At exit: runs cut short by an exception still land in their pass."""
@@ -423,15 +426,28 @@ def _pass_gradients(params: List[torch.Tensor], state: PassState, order: List[in
     """Every given parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
     refs = state.run_end_grads
     if not state.bases and not state.capture_sums and not state.unseen_handbacks:  # the common case: zeroed grads, .backward() only
-        totals = [params[i].grad for i in order]
-        if not any(map(operator.is_, totals, itertools.repeat(None))) and all(
-                params[i].grad is grad and grad._version == version for i, (grad, version) in refs.items()):
+        totals = list(map(_GRAD, map(params.__getitem__, order)))
+        if not any(map(operator.is_, totals, itertools.repeat(None))) and _all_as_left(params, refs):
             return Reading(totals, dict.fromkeys(order, "backward"), set(), set())
     reading = Reading([], {}, set(), set())
     for index in order:
         total, reading.via[index] = _pass_gradient(params[index], state, index, reading)
         reading.totals.append(total)
     return reading
+
+
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _all_as_left(params: List[torch.Tensor], refs: Dict[int, Tuple[torch.Tensor, int]]) -> bool:
+    """Is every ``.grad`` in ``refs`` still the tensor its last run left, unchanged since? (C-level loops.)"""
+    if not refs:
+        return True
+    kept = list(map(_FIRST, refs.values()))
+    return (all(map(operator.is_, map(_GRAD, map(params.__getitem__, refs)), kept))
+            and all(map(operator.eq, map(_VERSION, kept), map(_SECOND, refs.values()))))
 
 
 def _gain(grad: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
@@ -481,6 +497,9 @@ def _unknown(param: torch.Tensor, index: int, reading: Reading) -> torch.Tensor:
 
 def _empty(indices: List[int], grads: List[torch.Tensor]) -> set:
     """Indices whose local gradient has no element: a plain tensor's numel, a DTensor's local shard's."""
+    if grads and set(map(type, grads)) == {torch.Tensor}:  # the common case, in C-level loops
+        sizes = list(map(torch.Tensor.numel, grads))
+        return set() if all(sizes) else {i for i, n in zip(indices, sizes) if not n}
     return {i for i, g in zip(indices, grads) if not (g.numel() if type(g) is torch.Tensor else _local_numel(g))}
 
 

@@ -70,8 +70,11 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
     groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
     for i, g in enumerate(dense):
         groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)
-    layout = [(device, dtype, small, idx, _lengths([dense[i] for i in idx]) if small else None)
-              for (device, dtype, small), idx in groups.items()]
+    layout = []
+    for (device, dtype, small), idx in groups.items():
+        if small and host_reads_are_free(device):
+            idx = _by_trailing_shape(dense, idx)
+        layout.append((device, dtype, small, idx, _lengths([dense[i] for i in idx]) if small else None))
     # Cache only when every gradient was used as it is (a sparse or DTensor one was
     # replaced by its values); compare by identity: == on tensors is elementwise.
     if layout_cache is not None and key is not None and all(d is g for d, g in zip(dense, grads)):
@@ -84,7 +87,7 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
 def _reduce(dense: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
     per_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
     for device, dtype, small, idx, segments in layout:
-        tensors = dense if len(idx) == len(dense) else [dense[i] for i in idx]
+        tensors = [dense[i] for i in idx]
         if tensors[0].dtype != dtype or tensors[0].device != device:
             raise TypeError("cached layout no longer matches")
         stats = _small_stats(tensors, segments) if small else _large_stats(tensors, dtype)
@@ -94,13 +97,37 @@ def _reduce(dense: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tup
     return {dev: (pos, parts[0] if len(parts) == 1 else torch.cat(parts)) for dev, (pos, parts) in per_device.items()}
 
 
+def _by_trailing_shape(dense: List[torch.Tensor], idx: List[int]) -> List[int]:
+    """``idx`` reordered so that gradients of one trailing shape (``shape[1:]``) sit together.
+
+    Same-trailing-shape tensors concatenate along dim 0 in one ``torch.cat``, four
+    times cheaper per tensor than flattening each; the rows come back in input order
+    through the positions the layout keeps.
+    """
+    runs: Dict[Tuple[int, ...], List[int]] = {}
+    for i in idx:
+        g = dense[i]
+        runs.setdefault(tuple(g.shape[1:]) if g.dim() else None, []).append(i)
+    return [i for members in runs.values() for i in members]
+
+
 class Segments:
     """Where each gradient of a small group lies in the flattened buffer (cached with the layout)."""
 
-    __slots__ = ("lengths", "total", "count", "starts", "reduce_at", "filled")
+    __slots__ = ("lengths", "total", "count", "starts", "reduce_at", "filled", "runs")
 
     def __init__(self, tensors: List[torch.Tensor]):
         sizes = [t.numel() for t in tensors]
+        # Slices of tensors with one trailing shape (and at least one dim): one torch.cat each.
+        self.runs: List[Tuple[int, int]] = []
+        shape = object()
+        for k, t in enumerate(tensors):
+            here = tuple(t.shape[1:]) if t.dim() else None
+            if here is None or here != shape or not self.runs:
+                self.runs.append((k, k + 1))
+            else:
+                self.runs[-1] = (self.runs[-1][0], k + 1)
+            shape = here
         self.lengths = torch.tensor(sizes, device=tensors[0].device)
         self.total = sum(sizes)
         self.count = len(sizes)
@@ -133,7 +160,7 @@ def _small_stats_cpu(tensors: List[torch.Tensor], segments: Segments) -> torch.T
     that need exact extra work (NaN/Inf counts, float64 norms out of the safe
     range) are found from the figures themselves and redone alone.
     """
-    flat = flatten_dense_tensors(tensors)
+    flat = _concatenated(tensors, segments.runs)
     if flat.numel() != segments.total:
         raise ValueError("cached segment lengths no longer match the gradients")
     n = segments.count
@@ -141,7 +168,11 @@ def _small_stats_cpu(tensors: List[torch.Tensor], segments: Segments) -> torch.T
         return torch.zeros(n, 3, dtype=torch.float64)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # bfloat16 and float16 values are exact in float32
-    x = flat.numpy()
+    with np.errstate(all="ignore"):  # float64 squares of extreme float64 gradients overflow: redone below
+        return _reduce_on_host(flat.numpy(), segments, n)
+
+
+def _reduce_on_host(x: np.ndarray, segments: "Segments", n: int) -> torch.Tensor:
     at, filled = segments.reduce_at, segments.filled
     amax = np.maximum.reduceat(np.abs(x), at).astype(np.float64)  # NaN propagates
     wide = x.astype(np.float64)  # float32 squares neither under- nor overflow in float64
@@ -159,6 +190,14 @@ def _small_stats_cpu(tensors: List[torch.Tensor], segments: Segments) -> torch.T
         for i in np.flatnonzero(np.isfinite(amax) & (amax > 0) & ((amax < lo) | (amax > hi) | ~np.isfinite(norms))):
             norms[i] = _exact_norm_host(wide[segments.starts[i]:segments.end(i)], float(amax[i]))
     return torch.from_numpy(np.stack([norms, amax, bad], axis=1))
+
+
+def _concatenated(tensors: List[torch.Tensor], runs: List[Tuple[int, int]]) -> torch.Tensor:
+    """Every tensor's elements, one after another: a ``torch.cat`` per run of one trailing shape."""
+    if len(runs) > len(tensors) // 4:  # mostly distinct shapes: one flatten is cheaper than many cats
+        return flatten_dense_tensors(tensors)
+    parts = [torch.cat(tensors[a:b]).reshape(-1) if b - a > 1 else tensors[a].reshape(-1) for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _spread(values: np.ndarray, filled: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WORKLOADS = ("transformer", "linear_chain", "lora_gpt2", "ypass")
+WORKLOADS = ("transformer", "linear_chain", "lora_gpt2", "ypass", "mlp")
 
 # Shapes per size. "full" is the benchmark, "quick" runs in under a minute on a
 # 2-core CPU, "tiny" exists for the test suite.
@@ -25,6 +25,7 @@ SHAPES = {
         "lora_gpt2": dict(n_layer=12, d=768, n_head=12, vocab=50257, seq=64, batch=1),
         "ypass": dict(n_layer=12, d=768, n_head=12, vocab=8192, seq=64, batch=1),
         "linear_chain": dict(n=1000, width=4, batch=8),
+        "mlp": dict(n=8, width=16, batch=4, inner=40),
         "rounds": 15, "warmup": 2, "chain_inner": 5, "enter_exit_repeats": 10,
     },
     "quick": {
@@ -32,6 +33,7 @@ SHAPES = {
         "lora_gpt2": dict(n_layer=2, d=128, n_head=4, vocab=2048, seq=32, batch=2),
         "ypass": dict(n_layer=4, d=256, n_head=4, vocab=4096, seq=64, batch=2),
         "linear_chain": dict(n=1000, width=4, batch=8),
+        "mlp": dict(n=8, width=16, batch=4, inner=20),
         "rounds": 4, "warmup": 1, "chain_inner": 2, "enter_exit_repeats": 5,
     },
     "tiny": {
@@ -39,6 +41,7 @@ SHAPES = {
         "lora_gpt2": dict(n_layer=2, d=32, n_head=2, vocab=128, seq=16, batch=2),
         "ypass": dict(n_layer=2, d=64, n_head=2, vocab=256, seq=16, batch=2),
         "linear_chain": dict(n=300, width=4, batch=8),  # tests only; the benchmark keeps 1,000
+        "mlp": dict(n=8, width=16, batch=4, inner=2),
         "rounds": 2, "warmup": 1, "chain_inner": 1, "enter_exit_repeats": 2,
     },
 }
@@ -162,6 +165,13 @@ def build_workload(name: str, size: str, device: torch.device) -> Workload:
         batch = torch.randn(cfg["batch"], cfg["width"])
         wl = Workload(name, model, batch, call_model, mean_square, "backward", inner=shapes["chain_inner"],
                       shape=f"{cfg['n']} x Linear({cfg['width']},{cfg['width']}) batch {cfg['batch']}")
+    elif name == "mlp":
+        # 16 parameters, a sub-millisecond step: what a pass costs apart from its parameters.
+        model = nn.Sequential(*(layer for _ in range(cfg["n"])
+                                for layer in (nn.Linear(cfg["width"], cfg["width"]), nn.Tanh())))
+        batch = torch.randn(cfg["batch"], cfg["width"])
+        wl = Workload(name, model, batch, call_model, mean_square, "backward", inner=cfg["inner"],
+                      shape=f"{cfg['n']} x (Linear({cfg['width']},{cfg['width']}), Tanh) batch {cfg['batch']}")
     elif name == "lora_gpt2":
         model = build_lora_gpt2(cfg)
         batch = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]))

@@ -128,6 +128,23 @@ class GradtraceOps(GradtraceVariant):
     own_rounds = True
 
 
+class GradtraceCutsOff(GradtraceVariant):
+    """``cuts="off"``: no module forward hooks. gradtrace minus this is what cut detection costs."""
+
+    name = "gradtrace_cuts_off"
+    options = {"cuts": "off"}
+
+
+class GradtraceUnread(GradtraceVariant):
+    """The passes are never read in the step (they move to the host in batches of 64 at a later
+    ``pass_``). gradtrace minus this is what reading ``trace.passes[...]`` every step costs."""
+
+    name = "gradtrace_unread"
+
+    def after(self, step, grads):
+        pass
+
+
 class AfterWatch(Variant):
     """A plain step on a copy that was watched once (one pass) and whose watch has exited.
 
@@ -163,6 +180,21 @@ class NoopHook(Variant):
 
 
 def noop(grad: torch.Tensor) -> None:
+    return None
+
+
+class NoopModuleHooks(Variant):
+    """Floor of module-level cut detection: a forward hook (with kwargs) on every module that does
+    nothing. Any forward hook sends ``Module.__call__`` down its slow path; this is that price."""
+
+    name = "noop_module_hooks"
+
+    def __init__(self, model, workload):
+        super().__init__(model, workload)
+        self._handles = [m.register_forward_hook(noop_forward, with_kwargs=True) for m in model.modules()]
+
+
+def noop_forward(module, args, kwargs, output):
     return None
 
 
@@ -374,13 +406,14 @@ class TorchLens(Variant):
 
 
 VARIANTS: Tuple[type, ...] = (
-    Variant, GradtraceVariant, GradtraceKeepGrads, GradtraceOps, AfterWatch,
-    NoopHook, ItemHooks, WandbLike, ForeachFloor,
+    Variant, GradtraceVariant, GradtraceKeepGrads, GradtraceOps, GradtraceCutsOff, GradtraceUnread, AfterWatch,
+    NoopHook, NoopModuleHooks, ItemHooks, WandbLike, ForeachFloor,
     WandbWatch, WandbWatchDefaultFreq, LightningGradNorm, TorchLens,
 )
 BY_NAME: Dict[str, type] = {cls.name: cls for cls in VARIANTS}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
-GRADTRACE_VARIANTS = ("gradtrace", "gradtrace_keep_grads", "gradtrace_ops", "after_watch")
+GRADTRACE_VARIANTS = ("gradtrace", "gradtrace_keep_grads", "gradtrace_ops", "gradtrace_cuts_off",
+                      "gradtrace_unread", "after_watch")
 PEERS = ("wandb_watch", "wandb_watch_default", "lightning_grad_norm", "torchlens")
 
 

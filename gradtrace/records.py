@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -48,18 +48,20 @@ class GradRecord:
 class PassColumns:
     """A pass's per-parameter figures as parallel lists, in backward order.
 
-    One list per ``GradRecord`` field: a pass over many thousands of
-    parameters costs a few lists until someone asks for ``records``.
+    One sequence per ``GradRecord`` field: a pass over many thousands of
+    parameters costs a few lists until someone asks for ``records``. A live
+    trace keeps the float columns as ``array("d")`` and ``order`` as a
+    ``range`` (8 and 0 bytes a parameter instead of 32 and 36).
     """
 
     name: List[str]
     hits: List[int]
-    norm: List[float]
-    max_abs: List[float]
+    norm: Sequence[float]
+    max_abs: Sequence[float]
     zero: List[bool]
     nonfinite: List[int]
     via: List[str]
-    order: List[int]
+    order: Sequence[int]
     stale: List[bool]
     cleared: List[bool]
 

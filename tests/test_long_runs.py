@@ -168,3 +168,34 @@ def test_reading_passes_every_step_does_not_scan_every_kept_pass():
     assert list(table.finished())[-1] == "open"
     table.pop("p1")
     assert "p1" not in table.finished()
+
+
+def test_a_kept_pass_holds_under_about_100_bytes_per_parameter():
+    """Issue 12: a long-open watch held ~157 bytes per parameter per pass (float columns as
+    lists of float objects, the order as a list of ints); now ~75. Bound with some room."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(250)])  # 500 parameters
+    x = torch.randn(2, 4)
+    with gradtrace.watch(model, max_passes=None) as trace:
+        def step(name):
+            model.zero_grad(set_to_none=True)
+            with trace.pass_(name):
+                model(x).square().sum().backward()
+            trace.passes[name]
+
+        for i in range(20):
+            step(f"warm{i}")
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(100):
+                step(f"s{i}")
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    per_param_per_pass = held / 100 / 500
+    assert per_param_per_pass < 120, per_param_per_pass

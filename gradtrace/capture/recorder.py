@@ -12,6 +12,7 @@ statistics stay on the device until the trace is read (one host transfer).
 """
 from __future__ import annotations
 
+import array
 import itertools
 import operator
 import threading
@@ -377,9 +378,9 @@ class PendingPass:
         if self.empty:
             zero[[k for k, i in enumerate(order) if i in self.empty]] = False
         columns = PassColumns(
-            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=grid[:, 0].tolist(),
-            max_abs=max_abs.tolist(), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
-            via=[via[i] for i in order], order=list(range(len(order))),
+            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=_doubles(grid[:, 0]),
+            max_abs=_doubles(max_abs), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
+            via=[via[i] for i in order], order=range(len(order)),
             stale=[i in stale for i in order] if stale else [False] * len(order), cleared=unknown.tolist())
         trace = PassTrace.from_columns(columns, name=state.name, params=params, runs=state.runs,
                                        kinds=list(state.kinds), auto=state.auto, kept_grads=state.keep_grads,
@@ -398,6 +399,13 @@ class PendingPass:
                 hits=len(rows), norm=sum(r[0] for r in rows) ** 0.5,
                 max_abs=max(r[1] for r in rows), nonfinite=int(sum(r[2] for r in rows)))
         return tensors
+
+
+def _doubles(values: np.ndarray) -> array.array:
+    """A float column as 8 bytes a value (a list of floats holds 32): a long-open watch keeps many."""
+    column = array.array("d")
+    column.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    return column
 
 
 def _kept(recorder: Recorder, state: PassState, order: List[int], now: Dict[int, torch.Tensor]):

@@ -168,8 +168,11 @@ def _small_stats_cpu(tensors: List[torch.Tensor], segments: Segments) -> torch.T
         return torch.zeros(n, 3, dtype=torch.float64)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # bfloat16 and float16 values are exact in float32
+    x = flat.numpy()
+    if x.dtype != np.float64:  # float32 squares in float64 cannot overflow: no warning to silence
+        return _reduce_on_host(x, segments, n)
     with np.errstate(all="ignore"):  # float64 squares of extreme float64 gradients overflow: redone below
-        return _reduce_on_host(flat.numpy(), segments, n)
+        return _reduce_on_host(x, segments, n)
 
 
 def _reduce_on_host(x: np.ndarray, segments: "Segments", n: int) -> torch.Tensor:

@@ -19,49 +19,81 @@ from .records import Cut, PassTrace, ScalarRecord, TensorRecord, Verdict
 class PassTable(dict):
     """``{name: PassTrace or None}`` in the order names were taken (None: reserved, not finished yet).
 
-    ``finished()`` is what ``trace.passes`` shows; it is kept between changes, because a training
-    loop reads ``trace.passes[name]`` every step and filtering hundreds of passes each time would
-    make every read cost as much as the whole pass end.
+    ``finished()`` is what ``trace.passes`` shows. A training loop reads
+    ``trace.passes[name]`` every step while every step also reserves, finishes
+    and (under ``max_passes``) drops a pass, so the finished view is kept up to
+    date change by change: a pass that finishes after every finished one is
+    appended, a dropped one removed; only an out-of-order finish rebuilds it.
     """
 
-    __slots__ = ("_finished",)
+    __slots__ = ("_finished", "_seq", "_next_seq", "_last_finished_seq")
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._finished: Optional[Dict[str, PassTrace]] = None
+        super().__init__()
+        self._finished: Optional[Dict[str, PassTrace]] = {}
+        self._seq: Dict[str, int] = {}  # reservation order of every name held
+        self._next_seq = 0
+        self._last_finished_seq = -1
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
 
     def __setitem__(self, name, value) -> None:
+        if name not in self._seq:
+            self._seq[name] = self._next_seq
+            self._next_seq += 1
         super().__setitem__(name, value)
-        self._finished = None
+        finished = self._finished
+        if finished is None:
+            return
+        if value is None:
+            finished.pop(name, None)
+        elif name in finished:
+            finished[name] = value
+        elif self._seq[name] > self._last_finished_seq:
+            finished[name] = value
+            self._last_finished_seq = self._seq[name]
+        else:
+            self._finished = None  # finished out of order: rebuilt at the next read
 
     def __delitem__(self, name) -> None:
         super().__delitem__(name)
-        self._finished = None
+        self._forget(name)
 
-    def pop(self, *args):
-        self._finished = None
-        return super().pop(*args)
+    def pop(self, name, *default):
+        value = super().pop(name, *default)
+        self._forget(name)
+        return value
+
+    def _forget(self, name) -> None:
+        self._seq.pop(name, None)
+        if self._finished is not None:
+            self._finished.pop(name, None)
 
     def update(self, *args, **kwargs) -> None:
-        super().update(*args, **kwargs)
-        self._finished = None
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
 
     def setdefault(self, name, value=None):
-        self._finished = None
-        return super().setdefault(name, value)
+        if name not in self:
+            self[name] = value
+        return self[name]
 
     def popitem(self):
-        self._finished = None
-        return super().popitem()
+        name, value = super().popitem()
+        self._forget(name)
+        return name, value
 
     def clear(self) -> None:
         super().clear()
-        self._finished = None
+        self._seq.clear()
+        self._finished = {}
+        self._last_finished_seq = -1
 
     def finished(self) -> Dict[str, PassTrace]:
         """A new dict of the finished passes, in order (a C-level copy of the kept one)."""
         if self._finished is None:
             self._finished = {name: p for name, p in self.items() if p is not None}
+            self._last_finished_seq = max((self._seq[n] for n in self._finished), default=-1)
         return self._finished.copy()
 
 

@@ -437,12 +437,30 @@ def _inner_product(value: Any, path: str) -> Dict[str, Any]:
     return summary
 
 
+def _meta(value: Any, path: str) -> Dict[str, Any]:
+    """``meta`` is free-form, except the keys gradtrace itself reads back: those have their types."""
+    meta = _dict_of(_plain)(value, path)
+    for key, check in _META_KNOWN.items():
+        if meta.get(key) is not None:
+            meta[key] = check(meta[key], f"{path}[{key!r}]")
+    return meta
+
+
+# meta keys the analysis and the renderer read (None is always allowed: "not recorded").
+_META_KNOWN: Dict[str, Check] = {
+    "cuts": _str, "wrapper": _str, "name_prefix": _str, "error": _str, "torch": _str, "model": _str,
+    "keep_grads": _bool, "find_unused_parameters": _bool,
+    "dropped_passes": _count, "forward_calls": _count, "world_size": _count, "max_passes": _count,
+    "ran_with_grad": _list_of(_str), "frozen_while_watched": _list_of(_str),
+}
+
+
 def _checked_later(value: Any, path: str) -> Any:
     return value  # a pass needs the checked params list: _contents checks passes after it
 
 
 _TOP = {
-    "format": _str, "version": _count, "meta": _optional(_dict_of(_plain)), "params": _list_of(_str),
+    "format": _str, "version": _count, "meta": _optional(_meta), "params": _list_of(_str),
     "param_shapes": _optional(_dict_of(_list_of(_count))), "passes": _list_of(_checked_later),
     "tensors": _list_of(_tensor_record), "scalars": _list_of(_scalar), "cuts": _list_of(_cut),
     "inner_products": _optional(_list_of(_inner_product)),

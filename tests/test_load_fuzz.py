@@ -222,6 +222,26 @@ def test_the_base_trace_loads_and_shows(tmp_path):
     assert check_file(path, tmp_path)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("ran_with_grad", True), ("ran_with_grad", [1, 2]), ("frozen_while_watched", "0.weight"),
+    ("dropped_passes", "3"), ("forward_calls", -1), ("world_size", 2.5), ("cuts", 7),
+    ("find_unused_parameters", "yes"), ("error", ["boom"])])
+def test_meta_keys_gradtrace_reads_are_typed(tmp_path, key, value):
+    """Found by the fuzzer in CI: ``"ran_with_grad": true`` loaded, then ``report()`` raised
+    TypeError ('bool' object is not iterable). meta stays free-form; the keys gradtrace reads
+    back have their types, checked at load."""
+    doc = copy.deepcopy(BASE)
+    doc["meta"][key] = value
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GradtraceError, match=key):
+        gradtrace.load(path)
+    doc["meta"][key] = None  # "not recorded" is fine
+    doc["meta"]["anything_else"] = {"free": ["form", 1, True]}
+    path.write_text(json.dumps(doc))
+    assert check_file(path, tmp_path)
+
+
 def check_bytes(data: bytes, tmp_path_factory) -> None:
     folder = tmp_path_factory.mktemp("fuzz", numbered=True)
     path = folder / "t.json"

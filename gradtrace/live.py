@@ -516,12 +516,11 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     sharded_written = recorder.sharded_written_hook()
     batch = hook_state.HookBatch()
     handles.append(batch)
-    plain = (torch.Tensor, nn.Parameter)
     for index, p in enumerate(params):
         recorder.hook_ids.append(batch.tensor_hook(p, recorder.param_hook(index)))
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
-        if type(p) in plain:
+        if hook_state.is_plain(p):
             continue
         if wrappers.is_dtensor(p):
             handles.append(p.register_post_accumulate_grad_hook(sharded_written))

@@ -73,7 +73,7 @@ def assert_exact(row: List[float], g: torch.Tensor, what: str = "") -> None:
 
 
 def host_rows(grads: List[torch.Tensor], **kwargs) -> List[List[float]]:
-    return stats.stats_to_host(stats.grad_stats(grads, **kwargs), len(grads))
+    return stats.stats_to_host(stats.grad_stats(grads, **kwargs), len(grads)).tolist()
 
 
 def _spread(value: float, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

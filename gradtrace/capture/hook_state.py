@@ -34,6 +34,15 @@ from torch.utils.hooks import RemovableHandle
 _CONTAINERS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
 
+def _none_containers(tensor: torch.Tensor) -> List[str]:
+    return [name for name in _CONTAINERS if getattr(tensor, name) is None]
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """A plain tensor or parameter, not a subclass (DTensor): its hooks can go straight into its containers."""
+    return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
 class HookSnapshot:
     """Which containers were None before gradtrace registered anything, per tensor."""
 
@@ -50,7 +59,7 @@ class HookSnapshot:
         """``note`` for tensors that outlive the watch (its parameters); each given once."""
         held = self._held
         for tensor in tensors:
-            names = [name for name in _CONTAINERS if getattr(tensor, name) is None]
+            names = _none_containers(tensor)
             if names:
                 held.append((tensor, names))
 
@@ -60,8 +69,7 @@ class HookSnapshot:
         entry = self._none.get(key)
         if entry is not None and entry[0]() is tensor:
             return
-        names = [name for name in _CONTAINERS if getattr(tensor, name) is None]
-        self._none[key] = (weakref.ref(tensor, self._forget(key)), names)
+        self._none[key] = (weakref.ref(tensor, self._forget(key)), _none_containers(tensor))
 
     def _forget(self, key: int) -> Callable[[weakref.ref], None]:
         def forget(ref: weakref.ref) -> None:
@@ -101,7 +109,7 @@ class HookBatch:
 
     def tensor_hook(self, tensor: torch.Tensor, hook: Callable) -> int:
         """``tensor.register_hook(hook)``; the hook's id."""
-        if type(tensor) not in (torch.Tensor, nn.Parameter) or not tensor.requires_grad:
+        if not is_plain(tensor) or not tensor.requires_grad:
             handle = tensor.register_hook(hook)  # its own checks and errors, and __torch_function__
             self._entries.append((handle,))
             return handle.id

@@ -285,14 +285,7 @@ class DeviceStats:
 
     def to_host(self) -> np.ndarray:
         """The (count, 3) float64 figures in input order: one host transfer per device."""
-        out = np.zeros((self.count, 3))
-        for positions, rows in self.per_device.values():
-            host = rows.cpu().numpy()
-            if (len(self.per_device) == 1 and len(positions) == self.count
-                    and all(map(operator.eq, positions, range(self.count)))):
-                return host  # the common case: one device, one group, already in order
-            out[np.asarray(positions, dtype=np.int64)] = host
-        return out
+        return stats.stats_to_host(self.per_device, self.count)
 
 
 @dataclass
@@ -368,15 +361,8 @@ class PendingPass:
             base_rows = self.bases.to_host()
             stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
         max_abs, bad = grid[:, 1], grid[:, 2]
-        unknown = np.zeros(len(order), dtype=bool)
-        if self.cleared or self.changed:
-            unknown[[k for k, i in enumerate(order) if i in self.cleared]] = True
-            changed = np.zeros(len(order), dtype=bool)
-            changed[[k for k, i in enumerate(order) if i in self.changed]] = True
-            unknown |= changed & (max_abs == 0.0) & (bad == 0)
-        zero = (max_abs == 0.0) & (bad == 0) & ~unknown
-        if self.empty:
-            zero[[k for k, i in enumerate(order) if i in self.empty]] = False
+        unknown = _members(order, self.cleared) | (_members(order, self.changed) & (max_abs == 0.0) & (bad == 0))
+        zero = (max_abs == 0.0) & (bad == 0) & ~unknown & ~_members(order, self.empty)
         columns = PassColumns(
             name=[names[i] for i in order], hits=[hits[i] for i in order], norm=_doubles(grid[:, 0]),
             max_abs=_doubles(max_abs), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
@@ -399,6 +385,14 @@ class PendingPass:
                 hits=len(rows), norm=sum(r[0] for r in rows) ** 0.5,
                 max_abs=max(r[1] for r in rows), nonfinite=int(sum(r[2] for r in rows)))
         return tensors
+
+
+def _members(order: List[int], indices: set) -> np.ndarray:
+    """A bool mask over ``order``: which of its parameters are in ``indices`` (usually none)."""
+    mask = np.zeros(len(order), dtype=bool)
+    if indices:
+        mask[[k for k, i in enumerate(order) if i in indices]] = True
+    return mask
 
 
 def _doubles(values: np.ndarray) -> array.array:

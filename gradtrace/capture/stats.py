@@ -9,6 +9,7 @@ the caller moves the result in one transfer when the pass ends.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,7 +75,7 @@ def grad_stats(grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple,
     for (device, dtype, small), idx in groups.items():
         if small and host_reads_are_free(device):
             idx = _by_trailing_shape(dense, idx)
-        layout.append((device, dtype, small, idx, _lengths([dense[i] for i in idx]) if small else None))
+        layout.append((device, dtype, small, idx, Segments([dense[i] for i in idx]) if small else None))
     # Cache only when every gradient was used as it is (a sparse or DTensor one was
     # replaced by its values); compare by identity: == on tensors is elementwise.
     if layout_cache is not None and key is not None and all(d is g for d, g in zip(dense, grads)):
@@ -104,11 +105,15 @@ def _by_trailing_shape(dense: List[torch.Tensor], idx: List[int]) -> List[int]:
     times cheaper per tensor than flattening each; the rows come back in input order
     through the positions the layout keeps.
     """
-    runs: Dict[Tuple[int, ...], List[int]] = {}
+    runs: Dict[Optional[Tuple[int, ...]], List[int]] = {}
     for i in idx:
-        g = dense[i]
-        runs.setdefault(tuple(g.shape[1:]) if g.dim() else None, []).append(i)
+        runs.setdefault(_trailing_shape(dense[i]), []).append(i)
     return [i for members in runs.values() for i in members]
+
+
+def _trailing_shape(t: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """``shape[1:]``, what ``torch.cat`` along dim 0 needs to agree on; None for a 0-dim tensor (no dim 0)."""
+    return tuple(t.shape[1:]) if t.dim() else None
 
 
 class Segments:
@@ -122,7 +127,7 @@ class Segments:
         self.runs: List[Tuple[int, int]] = []
         shape = object()
         for k, t in enumerate(tensors):
-            here = tuple(t.shape[1:]) if t.dim() else None
+            here = _trailing_shape(t)
             if here is None or here != shape or not self.runs:
                 self.runs.append((k, k + 1))
             else:
@@ -140,10 +145,6 @@ class Segments:
 
     def end(self, i: int) -> int:
         return int(self.starts[i]) + int(self.lengths[i])
-
-
-def _lengths(tensors: List[torch.Tensor]) -> Segments:
-    return Segments(tensors)
 
 
 def _small_stats(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
@@ -267,10 +268,7 @@ def _power_of_two_scale(amax: torch.Tensor, risky: torch.Tensor) -> torch.Tensor
 
 def _scaled_segment_norm(flat: torch.Tensor, amax: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
     """Row-wise L2 norms of a float64 buffer that cannot under- or overflow (no host sync on an accelerator)."""
-    risky = _risky(amax)
-    if host_reads_are_free(flat.device) and not risky.any():  # a CPU reads back for free: skip the scaling (+15%)
-        return _segment_norm(flat, lengths)
-    factor = _power_of_two_scale(amax, risky)
+    factor = _power_of_two_scale(amax, _risky(amax))
     # output_size: repeat_interleave would otherwise read the lengths back to the host.
     scaled = flat * torch.repeat_interleave(factor, lengths, output_size=total)
     sumsq = torch.segment_reduce(scaled * scaled, "sum", lengths=lengths, unsafe=True, initial=0)
@@ -321,12 +319,15 @@ def _exact_norm(t: torch.Tensor, top: float) -> torch.Tensor:
     return torch.linalg.vector_norm(t * factor) / factor
 
 
-def stats_to_host(per_device: Dict[torch.device, Tuple[List[int], torch.Tensor]], n: int) -> List[List[float]]:
-    """One host transfer per device; rows back in the order of the input list."""
-    out: List[List[float]] = [[0.0, 0.0, 0.0]] * n
+def stats_to_host(per_device: Dict[torch.device, Tuple[List[int], torch.Tensor]], n: int) -> np.ndarray:
+    """The (n, 3) float64 figures in the order of the input list: one host transfer per device."""
+    if len(per_device) == 1:
+        positions, rows = next(iter(per_device.values()))
+        if len(positions) == n and all(map(operator.eq, positions, range(n))):
+            return rows.cpu().numpy()  # the common case: one device, one group, already in order
+    out = np.zeros((n, 3))
     for positions, rows in per_device.values():
-        for pos, row in zip(positions, rows.tolist()):
-            out[pos] = row
+        out[np.asarray(positions, dtype=np.int64)] = rows.cpu().numpy()
     return out
 
 

@@ -20,13 +20,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .hook_state import is_plain
+
 # Path components that distributed wrappers insert into parameter names; the
 # user's names are what is left (FSDP1 writes them at every wrapped level).
 WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    if type(t) in (torch.Tensor, nn.Parameter):  # asked per parameter: no import for the plain ones
+    if is_plain(t):  # asked per parameter: no import for the plain ones
         return False
     try:
         from torch.distributed.tensor import DTensor

@@ -25,8 +25,8 @@ import tempfile
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import GradtraceError
-from .records import (Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord,
-                      ValueStats)
+from .records import (Cut, GradRecord, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
+                      TensorPassFacts, TensorRecord, ValueStats)
 
 FORMAT = "gradtrace-trace"
 VERSION = 1
@@ -86,6 +86,7 @@ def to_dict(trace) -> Dict[str, Any]:
         "inner_products": _encode(trace.inner_products),
         "rank_coverage": _encode(getattr(trace, "rank_coverage", None)),
         "rank_figures": _encode(getattr(trace, "rank_figures", None) or None),
+        "optimizers": [_encode(o) for o in (getattr(trace, "optimizers", None) or {}).values()],
     }
 
 
@@ -236,7 +237,7 @@ def from_dict(data: Any, factory, where: str):
     return factory(c["params"], c["param_shapes"], c["meta"], passes={p.name: p for p in c["passes"]},
                    tensors={t.name: t for t in c["tensors"]}, scalars={s.name: s for s in c["scalars"]},
                    cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"],
-                   rank_figures=c["rank_figures"])
+                   rank_figures=c["rank_figures"], optimizers={o.name: o for o in c["optimizers"]})
 
 
 def contents_of(data: Any, where: str) -> Dict[str, Any]:
@@ -395,7 +396,8 @@ _grad_record = _record(GradRecord, {
 _PASS = {
     "name": _name, "runs": _count, "kinds": _list_of(_str), "expected": _optional(_list_of(_str)),
     "expected_partial": _bool, "auto": _bool, "kept_grads": _bool, "step_start": _bool,
-    "failed": _optional(_str), "scope": _str, "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record)}
+    "failed": _optional(_str), "scope": _str, "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record),
+    "forward_modules": _optional(_list_of(_str)), "forward_carried": _optional(_list_of(_str))}
 
 _value_stats = _record(ValueStats, {
     "numel": _count, "min": _number, "max": _number, "mean": _number, "std": _magnitude, "zeros": _count,
@@ -404,18 +406,27 @@ _value_stats = _record(ValueStats, {
 _tensor_grad_facts = _record(TensorGradFacts, {
     "hits": _count, "norm": _magnitude, "max_abs": _magnitude, "nonfinite": _count})
 
+_tensor_pass_facts = _record(TensorPassFacts, {"calls": _count, "values": _value_stats, "row_facts": _dict_of(_number)})
+
 _tensor_record = _record(TensorRecord, {
     "name": _name, "calls": _count, "requires_grad": _bool, "requires_grad_calls": _count,
     "grad_fn": _optional(_str), "is_leaf": _bool, "inference": _bool, "shape": _list_of(_count),
     "dtype": _str, "device": _str, "expect_grad": _optional(_bool), "values": _value_stats,
     "grads": _dict_of(_tensor_grad_facts), "passes": _list_of(_str), "cuts": _list_of(_count),
     "reachable": _optional(_list_of(_str)), "reach_partial": _bool, "trainable_upstream": _bool,
-    "role": _optional(_str), "row_facts": _dict_of(_number)})
+    "role": _optional(_str), "row_facts": _dict_of(_number), "by_pass": _dict_of(_tensor_pass_facts)})
 
 _cut = _record(Cut, {
     "kind": _str, "module": _str, "op": _optional(_str), "location": _str, "library_location": _str,
     "inputs_require_grad": _optional(_bool), "pass_name": _optional(_str),
-    "module_type": _str, "count": _count, "params": _count, "seq": _count})
+    "module_type": _str, "count": _count, "params": _count, "seq": _count,
+    "upstream": _optional(_list_of(_str))})
+
+_optimizer = _record(OptimizerRecord, {
+    "name": _name, "params": _list_of(_str), "lrs": _list_of(_optional(_number)), "steps": _count,
+    "passes": _dict_of(_count), "updates": _dict_of(_list_of(_number)), "dtypes": _dict_of(_str),
+    "max_ratio": _magnitude, "scaled_steps": _list_of(_list_of(lambda v, path: v if isinstance(v, str) or v is None
+                                                               else _number(v, path)))})
 
 _scalar = _record(ScalarRecord, {
     "name": _name, "value": _number, "pass_name": _optional(_str), "history": _list_of(_number)})
@@ -465,7 +476,8 @@ _TOP = {
     "tensors": _list_of(_tensor_record), "scalars": _list_of(_scalar), "cuts": _list_of(_cut),
     "inner_products": _optional(_list_of(_inner_product)),
     "rank_coverage": _optional(_dict_of(_dict_of(_list_of(_str), key=_rank))),
-    "rank_figures": _optional(_dict_of(_dict_of(_dict_of(_list_of(_number)), key=_rank)))}
+    "rank_figures": _optional(_dict_of(_dict_of(_dict_of(_list_of(_number)), key=_rank))),
+    "optimizers": _optional(_list_of(_optimizer))}
 _TOP_REQUIRED = ("params", "passes", "tensors", "scalars", "cuts")
 
 
@@ -485,7 +497,8 @@ def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
     return {"params": params, "param_shapes": top.get("param_shapes") or {}, "meta": top.get("meta") or {},
             "passes": passes, "tensors": top["tensors"], "scalars": top["scalars"], "cuts": top["cuts"],
             "inner_products": top.get("inner_products") or [], "rank_coverage": top.get("rank_coverage"),
-            "rank_figures": top.get("rank_figures")}
+            "rank_figures": top.get("rank_figures"),
+            "optimizers": _unique(top.get("optimizers") or [], "optimizers", lambda o: o.name)}
 
 
 def _pass(raw: Any, path: str, params: tuple) -> PassTrace:

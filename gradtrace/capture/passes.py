@@ -30,6 +30,7 @@ class PassState:
         self.keep_grads = keep_grads
         self.step_start = step_start
         self.read_at = read_at
+        self.accumulate = False  # the pass adds to gradients earlier passes left on purpose: never stale
         self.runs = 0
         self.kinds: List[str] = []
         self.hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)

@@ -158,6 +158,11 @@ class Recorder:
             nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
+            state = run.pass_state
+            if self.optimizer_stepped and state.auto and state.runs == 1 and not state.hits:
+                # The first unlabelled run after an optimizer step begins the next step: stale .grad is
+                # judged there (a loop that never calls zero_grad()).
+                state.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
@@ -242,15 +247,18 @@ class Recorder:
         # unlabelled run is its own pass: accumulating microbatches without a
         # label is legitimate, and a copy per parameter per run would be the
         # price, so it reports .grad as the run left it.
-        if state.auto or index in state.bases or index in state.backward_params:
+        if (state.auto and not state.step_start) or state.accumulate or index in state.bases \
+                or index in state.backward_params:
             return
         state.bases[index] = grad.detach().clone()
 
     # ---- passes ----------------------------------------------------------
-    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end") -> PassState:
-        # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
+    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end",
+                   accumulate: bool = False) -> PassState:
+        # The first pass after an optimizer step (torch.optim's global step hooks) starts a step.
         state = PassState(name, auto=False, keep_grads=self.keep_grads,
                           step_start=step_start or self.optimizer_stepped, read_at=read_at)
+        state.accumulate = accumulate
         self.optimizer_stepped = False
         self.passes.active = state
         return state
@@ -305,6 +313,8 @@ class PendingPass:
     changed: set  # indices whose .grad was changed in place after their last run: zero means cleared
     tensor_stats: Dict[str, torch.Tensor]
     empty: set  # indices whose local gradient has no element (an empty FSDP shard): never "exactly zero"
+    # The forwards the pass differentiated, set by the live trace when it ends (CutLog.take_window).
+    forwards: Optional[tuple] = None
 
     @classmethod
     def build(cls, recorder: Recorder, state: PassState) -> "PendingPass":
@@ -357,7 +367,9 @@ class PendingPass:
         state = self.state
         names, hits, via, order = self.names, self.hits, self.via, self.order
         stale = set()
-        if state.step_start:  # accumulating into .grad is legitimate anywhere else
+        # Judged where a step begins (an error), and in labelled passes (a warning: a forgotten zero_grad(),
+        # unless the pass says it accumulates); an unlabelled run inside an accumulation loop is not judged.
+        if self.stale_candidates:
             base_rows = self.bases.to_host()
             stale = {i for i, row in zip(self.stale_candidates, base_rows) if row[1] != 0.0 or row[2] != 0.0}
         max_abs, bad = grid[:, 1], grid[:, 2]

@@ -1,0 +1,268 @@
+"""Optimizer steps, seen without being told: torch.optim's global step hooks.
+
+``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``_post_hook`` run
+around every ``Optimizer.step`` in the process (any optimizer class built on
+``torch.optim.Optimizer``); ``watch`` registers one of each and removes them on
+exit. From them:
+
+* step boundaries: the first pass after a step begins an optimizer step, where
+  stale ``.grad`` is judged (a loop that never calls ``zero_grad()``);
+* which optimizer stepped on which pass's gradients, and which watched
+  parameters are in its param groups (alternating optimizers, NOT_IN_OPTIMIZER);
+* what the step did to the weights, measured on a fixed sample of each stepped
+  parameter's elements (``SAMPLE`` evenly spaced elements of the flattened
+  tensor): the sampled weight and gradient are copied on the device before the
+  step (one ``torch.cat`` per device), compared with the weight after it, and
+  reduced per parameter with one ``index_add_``: how many sampled elements with
+  a nonzero gradient the step left bitwise unchanged, and ||update||^2 and
+  ||weight||^2 of the sample. Nothing is read on the host until the trace is
+  read (``take``), so a step costs no host synchronisation. ``watch(updates=False)``
+  skips the measurement;
+* under a ``torch.amp.GradScaler`` (found on the stack: ``GradScaler._maybe_opt_step``
+  calls the step), its scale and the total norm of the gradients handed to the
+  step, for CLIP_BEFORE_UNSCALE.
+
+An optimizer gradtrace does not know is read through ``param_groups`` alone: a
+list of dicts with ``"params"`` (and ``"lr"`` when it has one).
+"""
+from __future__ import annotations
+
+import itertools
+import numbers
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.optim.optimizer as optimizer_hooks
+
+from .._torch_compat import foreach_norm
+from ..records import OptimizerRecord
+
+SAMPLE = 16  # elements sampled per parameter, evenly spaced over its flattened values
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A strided view of up to SAMPLE elements (a view: no copy until the caller concatenates)."""
+    flat = t.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE]
+
+
+def _lr(value: Any) -> Optional[float]:
+    """A param group's lr as a float: a number, or a tensor on the host; None for anything else."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu":
+        return float(value)
+    return None
+
+
+def _scaler_on_stack(depth: int = 2, limit: int = 6):
+    """The GradScaler whose ``step`` is calling this optimizer step, if any (a few frames up)."""
+    frame = sys._getframe(depth)
+    for _ in range(limit):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.amp.GradScaler):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+@dataclass
+class _Optimizer:
+    """What gradtrace knows of one optimizer: its label and its watched parameters (by index)."""
+
+    name: str
+    ref: Any  # a weak reference to the optimizer
+    signature: tuple = ()
+    indices: List[int] = field(default_factory=list)
+
+
+@dataclass
+class _Before:
+    """One step's sample before the step: per device, the weights and gradients sampled."""
+
+    indices: List[int]
+    weights: Dict[torch.device, torch.Tensor]
+    grads: Dict[torch.device, torch.Tensor]
+    segments: Dict[torch.device, Tuple[List[int], torch.Tensor]]  # device -> (indices, segment id per element)
+
+
+@dataclass
+class PendingStep:
+    """One step's figures, still on the device."""
+
+    optimizer: str
+    params: List[str]
+    lrs: List[Optional[float]]
+    pass_name: Optional[str]
+    stepped: List[int] = field(default_factory=list)  # indices measured, in the order of ``stats`` rows
+    stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, 4) float64
+    scale: Optional[torch.Tensor] = None
+    grad_sq: List[torch.Tensor] = field(default_factory=list)
+
+
+class OptimizerObserver:
+    """The global step hooks of one watch, and what they saw (``records``, read with ``take``)."""
+
+    def __init__(self, names: List[str], params: List[torch.Tensor], on_step: Callable[[], None],
+                 pass_of_step: Callable[[], Optional[str]], measure_updates: bool = True):
+        self.names = names
+        self.params = params
+        self.index_of = {id(p): i for i, p in enumerate(params)}
+        self.on_step = on_step
+        self.pass_of_step = pass_of_step
+        self.measure_updates = measure_updates
+        self.known: Dict[int, _Optimizer] = {}
+        self.counter = itertools.count()
+        self.before: Dict[int, _Before] = {}
+        self.pending: List[PendingStep] = []
+        self.segment_cache: Dict[tuple, torch.Tensor] = {}
+
+    def attach(self, handles: List[Any]) -> None:
+        handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self.pre_step))
+        handles.append(optimizer_hooks.register_optimizer_step_post_hook(self.post_step))
+
+    # ---- the hooks ---------------------------------------------------------------
+    def pre_step(self, optimizer, args, kwargs) -> None:
+        seen = self._seen(optimizer)
+        if seen is None:
+            return
+        params = self.params
+        with_grad = [i for i in seen.indices if params[i].grad is not None and type(params[i]) in _PLAIN
+                     and params[i].grad.layout == torch.strided]
+        step = PendingStep(seen.name, [self.names[i] for i in seen.indices], self._lrs(optimizer),
+                           self.pass_of_step())
+        scaler = _scaler_on_stack()
+        if scaler is not None and with_grad and getattr(scaler, "_scale", None) is not None:
+            step.scale = scaler._scale.detach().clone()
+            step.grad_sq = _squares_by_device([params[i].grad for i in with_grad])
+        self.pending.append(step)
+        if self.measure_updates and with_grad:
+            self.before[id(optimizer)] = self._sample_before(with_grad)
+
+    def post_step(self, optimizer, args, kwargs) -> None:
+        before = self.before.pop(id(optimizer), None)
+        seen = self.known.get(id(optimizer))
+        if seen is None:
+            return
+        self.on_step()
+        if before is None:
+            return
+        step = next((s for s in reversed(self.pending) if s.optimizer == seen.name), None)
+        if step is None:
+            return
+        params = self.params
+        for device, (indices, segment) in before.segments.items():
+            after = torch.cat([_sample(params[i]) for i in indices])
+            weight, grad = before.weights[device], before.grads[device]
+            moved = grad != 0
+            unchanged = moved & (after == weight)
+            update = after.to(torch.float64) - weight.to(torch.float64)
+            columns = torch.stack([moved.to(torch.float64), unchanged.to(torch.float64), update * update,
+                                   weight.to(torch.float64).square()], dim=1)
+            stats = torch.zeros(len(indices), 4, dtype=torch.float64, device=columns.device)
+            step.stats.append(stats.index_add_(0, segment, columns))
+            step.stepped.extend(indices)
+
+    # ---- pieces ----------------------------------------------------------------------
+    def _seen(self, optimizer) -> Optional[_Optimizer]:
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, (list, tuple)):
+            return None  # not an optimizer gradtrace can read: no verdict from it
+        seen = self.known.get(id(optimizer))
+        if seen is None or seen.ref() is not optimizer:
+            seen = _Optimizer(f"{type(optimizer).__name__}#{next(self.counter)}", weakref.ref(optimizer))
+            self.known[id(optimizer)] = seen
+        signature = tuple((len(g.get("params", ())), id(g.get("params", [None])[0]) if g.get("params") else 0)
+                          for g in groups if isinstance(g, dict))
+        if signature != seen.signature:  # param groups added or replaced: read them again
+            seen.signature = signature
+            index_of = self.index_of
+            seen.indices = [index_of[id(p)] for g in groups if isinstance(g, dict)
+                            for p in g.get("params", ()) if id(p) in index_of]
+        return seen
+
+    @staticmethod
+    def _lrs(optimizer) -> List[Optional[float]]:
+        return [_lr(g.get("lr")) for g in optimizer.param_groups if isinstance(g, dict)]
+
+    def _sample_before(self, indices: List[int]) -> _Before:
+        params = self.params
+        by_device: Dict[torch.device, List[int]] = {}
+        for i in indices:
+            by_device.setdefault(params[i].device, []).append(i)
+        weights, grads, segments = {}, {}, {}
+        for device, members in by_device.items():
+            weights[device] = torch.cat([_sample(params[i]) for i in members])
+            grads[device] = torch.cat([_sample(params[i].grad) for i in members])
+            segments[device] = (members, self._segments(members, device))
+        return _Before(indices, weights, grads, segments)
+
+    def _segments(self, members: List[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(members), device)
+        segment = self.segment_cache.get(key)
+        if segment is None:
+            counts = [min(SAMPLE, len(range(0, self.params[i].numel(), max(1, self.params[i].numel() // SAMPLE))))
+                      for i in members]
+            segment = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(counts)).to(device)
+            if len(self.segment_cache) > 64:
+                self.segment_cache.clear()
+            self.segment_cache[key] = segment
+        return segment
+
+    # ---- to the host ---------------------------------------------------------------
+    def take(self, records: Dict[str, OptimizerRecord]) -> None:
+        """Move every pending step's figures to the host, into ``records`` (one transfer per step and device)."""
+        pending, self.pending = self.pending, []
+        for step in pending:
+            record = records.get(step.optimizer)
+            if record is None:
+                record = records[step.optimizer] = OptimizerRecord(name=step.optimizer)
+            record.params, record.lrs = step.params, step.lrs
+            record.steps += 1
+            if step.pass_name is not None:
+                record.passes[step.pass_name] = record.passes.get(step.pass_name, 0) + 1
+            _fold_updates(record, step, self.names, self.params)
+            if step.scale is not None:
+                grad_norm = float(sum(float(t) for t in step.grad_sq)) ** 0.5
+                record.scaled_steps.append([step.pass_name, grad_norm, float(step.scale)])
+                del record.scaled_steps[:-SCALED_STEPS_KEPT]
+
+
+SCALED_STEPS_KEPT = 64
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _squares_by_device(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    return [torch.stack(foreach_norm(gs)).to(torch.float64).square().sum() for gs in by_device.values()]
+
+
+def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str], params: List[torch.Tensor]) -> None:
+    if not step.stats:
+        return
+    rows = torch.cat([s.cpu() for s in step.stats]).tolist()
+    total_update = total_weight = 0.0
+    for index, (moved, unchanged, update_sq, weight_sq) in zip(step.stepped, rows):
+        total_update += update_sq
+        total_weight += weight_sq
+        if moved == 0:
+            continue  # no sampled element had a gradient: nothing to judge
+        name = names[index]
+        figures = record.updates.get(name)
+        if figures is None:
+            figures = record.updates[name] = [0.0, 0.0, 0.0, 0.0, 0.0]
+            record.dtypes[name] = str(params[index].dtype).replace("torch.", "")
+        figures[0] += 1
+        figures[1] += float(unchanged == moved)
+        figures[2], figures[3] = update_sq, weight_sq
+        if weight_sq > 0:
+            figures[4] = max(figures[4], (update_sq / weight_sq) ** 0.5)
+    if total_weight > 0:
+        record.max_ratio = max(record.max_ratio, (total_update / total_weight) ** 0.5)

@@ -123,7 +123,7 @@ class LiveTrace(Trace):
         for name, item in pending.items():
             record, tensor_facts = item.materialize(self.params)
             if item.forwards is not None:
-                record.forward_modules, record.forward_carried = map(list, item.forwards)
+                record.forward_modules, record.forward_carried, record.forward_cuts = map(list, item.forwards)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None

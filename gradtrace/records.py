@@ -96,6 +96,7 @@ class PassTrace:
     # and those of them whose output required grad.
     forward_modules: Optional[List[str]] = None
     forward_carried: Optional[List[str]] = None
+    forward_cuts: Optional[List[int]] = None  # cuts seen outside any pass in that time (Cut.seq)
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)

@@ -397,7 +397,8 @@ _PASS = {
     "name": _name, "runs": _count, "kinds": _list_of(_str), "expected": _optional(_list_of(_str)),
     "expected_partial": _bool, "auto": _bool, "kept_grads": _bool, "step_start": _bool,
     "failed": _optional(_str), "scope": _str, "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record),
-    "forward_modules": _optional(_list_of(_str)), "forward_carried": _optional(_list_of(_str))}
+    "forward_modules": _optional(_list_of(_str)), "forward_carried": _optional(_list_of(_str)),
+    "forward_cuts": _optional(_list_of(_count))}
 
 _value_stats = _record(ValueStats, {
     "numel": _count, "min": _number, "max": _number, "mean": _number, "std": _magnitude, "zeros": _count,

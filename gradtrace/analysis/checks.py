@@ -228,12 +228,14 @@ def check_graph_cuts(trace, passes, tensors, cuts):
     reached = _reached_by_comparable(trace, passes)
     for p in passes.values():
         compared = _lost_coverage(reached[p.name], p)
+        window = set(p.forward_cuts or ())
         for cut in cuts:
             if cut.pass_name not in (p.name, None):
                 continue
             # Unlabelled cuts (generation, logging) must explain a real loss; a cut
-            # inside the pass may explain whatever the pass missed.
-            lost = compared if compared or cut.pass_name is None else p.missing
+            # inside the pass, or in the forward it differentiated, may explain whatever the pass missed.
+            inside = cut.pass_name == p.name or cut.seq in window
+            lost = compared if compared or not inside else p.missing
             if cut.kind not in OUTPUT_CUTS and cut.params == 0:
                 continue
             hit = explainable(cut, lost, p)
@@ -248,7 +250,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
             if cut is not None and cut.seq not in explained and cut.params > 0:
                 explained[cut.seq] = {"cut": cut, "passes": list(t.passes), "lost": set(), "tensor": t.name}
     out = []
-    for entry in explained.values():
+    for entry in _without_weak_cuts(explained, passes, reached, trace.params):
         cut: Cut = entry["cut"]
         lost = entry["lost"]
         passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
@@ -261,6 +263,23 @@ def check_graph_cuts(trace, passes, tensors, cuts):
                             "passes": entry["passes"], "lost": sorted(lost), "cut": cut.seq,
                             **({"tensor": entry["tensor"]} if "tensor" in entry else {})}))
     return out
+
+
+def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, universe) -> List[Dict[str, Any]]:
+    """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
+    loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
+    an op-level cut, or a module whose output carried a gradient that never came back."""
+    strong: Set[str] = set()
+    for entry in explained.values():
+        cut = entry["cut"]
+        if cut.params or cut.op is not None:
+            strong |= entry["lost"]
+    for p in passes.values():
+        for params in carried_unreached(p, _lost_coverage(reached[p.name], p) | p.missing, universe).values():
+            strong.update(params)
+    kept = [entry for entry in explained.values()
+            if entry["cut"].params or entry["cut"].op is not None or not entry["lost"] or not entry["lost"] <= strong]
+    return sorted(kept, key=lambda entry: (entry["cut"].params == 0 and entry["cut"].op is None, entry["cut"].seq))
 
 
 def _cut_fix(cut: Cut) -> str:
@@ -612,8 +631,8 @@ def check_detached_output(trace, passes, tensors, cuts):
     never = set(trace.params) - set().union(*(p.covered for p in passes.values()))
     by_module: Dict[str, Verdict] = {}
     for p in passes.values():
-        if p.forward_carried is None or p.failed:
-            continue
+        if p.forward_carried is None or (p.failed and p.runs):
+            continue  # a backward cut short by an exception: its figures are partial
         lost = never | (_lost_coverage(reached[p.name], p) if "backward" in p.kinds else set())
         candidates = carried_unreached(p, lost, trace.params)
         if not candidates:
@@ -625,6 +644,7 @@ def check_detached_output(trace, passes, tensors, cuts):
             found.evidence["passes"].append(p.name)
             continue
         params = candidates[cut_at]
+        shown = repr(cut_at) if cut_at else "the model (its root module)"
         upstream = [m for m in candidates if m != cut_at and order.get(m, -1) < order.get(cut_at, -1)]
         victims = sorted(q for m in upstream for q in candidates[m])
         op_cut = next((c for c in cuts if c.op is not None and c.kind in OUTPUT_CUTS
@@ -640,8 +660,8 @@ def check_detached_output(trace, passes, tensors, cuts):
             evidence.update({"op": op_cut.op, "location": op_cut.location})
         by_module[cut_at] = Verdict(
             "DETACHED_OUTPUT", "warning",
-            f"pass {p.name!r}: the output of {cut_at!r} never received a gradient: it ran with grad and its output "
-            f"required grad, yet none of its {len(params)} parameter(s) got one; it was cut after {cut_at!r} (a "
+            f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its output "
+            f"required grad, yet none of its {len(params)} parameter(s) got one; it was cut after it (a "
             f".detach() / .data, argmax, a comparison or an integer cast) or not used by the loss{also}{where}",
             evidence)
     return list(by_module.values())
@@ -775,9 +795,18 @@ def check_no_passes(trace, passes, tensors, cuts):
     seen = [f"{forwards} forward call(s) of the model"] if forwards else []
     if trainable_cuts:
         seen.append(f"{len(trainable_cuts)} graph cut(s) of trainable parameters")
-    likely = trainable_cuts[0] if trainable_cuts else None
-    because = f"; likely cause: {describe_cut(likely)}. {_cut_fix(likely)}" if likely else (
-        " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)")
+    likely = trainable_cuts[-1] if trainable_cuts else None
+    carried = [m for m in trace.meta.get("ran_with_grad") or () if isinstance(m, str)]
+    if likely is not None:
+        because = f"; likely cause: {describe_cut(likely)}. {_cut_fix(likely)}"
+    elif carried:
+        outer = min(carried, key=lambda m: (m.count(".") + bool(m), m))
+        shown = repr(outer) if outer else "the model"
+        because = (f"; {shown} ran with grad and its output required grad, so the loss was cut from it before "
+                   "backward: .item() / float() / torch.tensor(...) rebuilt it, a .detach() or .data, or backward "
+                   "never ran (an exception, a skipped step)")
+    else:
+        because = " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)"
     evidence = {"forward_calls": forwards, "cuts": len(trainable_cuts)}
     if likely is not None:
         evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})

@@ -113,7 +113,8 @@ def _explains(cause: Verdict, effect: Verdict) -> bool:
         if "finished reduction" in error:
             return c in ("UNUSED_PARAMS", "DETACHED_OUTPUT", "GRAPH_CUT", "RANK_DIVERGENCE", "FROZEN_WHILE_WATCHED")
         if "does not require grad" in error:
-            return c in ("GRAPH_CUT", "TENSOR_NO_GRAD", "DETACHED_OUTPUT", "FROZEN_WHILE_WATCHED") \
+            named = c == "NO_COVERAGE" and any(k in cause.evidence for k in ("module", "adapters", "kind"))
+            return (named or c in ("GRAPH_CUT", "TENSOR_NO_GRAD", "DETACHED_OUTPUT", "FROZEN_WHILE_WATCHED")) \
                 and _same_pass(cause, effect)
         return False
     # 4. What the optimizer saw.
@@ -121,6 +122,10 @@ def _explains(cause: Verdict, effect: Verdict) -> bool:
         return _shares_params(cause, effect)
     if c == "CLIP_BEFORE_UNSCALE" and e == "TINY_UPDATES":
         return cause.evidence.get("optimizer") == effect.evidence.get("optimizer")
+    # float32 weights that did not move under a tiny (not zero) learning rate: the lr is the cause.
+    if c == "TINY_UPDATES" and e == "WEIGHTS_UNCHANGED":
+        return cause.evidence.get("optimizer") == effect.evidence.get("optimizer") \
+            and not effect.evidence.get("low_precision") and not effect.evidence.get("lr_zero")
     return False
 
 

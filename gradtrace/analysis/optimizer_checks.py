@@ -90,11 +90,11 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
         every = len(frozen) == len(o.updates)
         out.append(Verdict("WEIGHTS_UNCHANGED", "error",
                            f"optimizer {o.name} stepped {o.steps} time(s) on nonzero gradients, yet left "
-                           f"{'every one of the' if every else ''} {len(frozen)} parameter(s) "
+                           f"{'every one of the ' if every else ''}{len(frozen)} parameter(s) "
                            f"({describe_params(frozen, universe=trace.params)}) bitwise unchanged "
                            f"({', '.join(dtypes)}, {_lr_text(o)}): {why}",
                            {"optimizer": o.name, "parameters": sorted(frozen), "dtypes": dtypes, "lrs": o.lrs,
-                            "steps": o.steps}))
+                            "steps": o.steps, "low_precision": bool(low), "lr_zero": lr_zero}))
     return out
 
 

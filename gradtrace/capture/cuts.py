@@ -182,18 +182,20 @@ class CutLog:
         """Modules that ran with grad and gave an output that requires grad (in their latest call)."""
         return sorted(name for name, tick in self.grad_forwards.items() if tick > 0)
 
-    def take_window(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    def take_window(self) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
         """The forwards of the pass that just finished: those since the previous pass finished.
 
-        (modules that ran with grad enabled, in forward order; those whose output required grad).
-        A pass's forwards usually run before it (an unlabelled backward) or inside it (a label).
+        (modules that ran with grad enabled, in forward order; those whose output required grad;
+        cuts seen outside any pass in that time, by seq). A pass's forwards usually run before it
+        (an unlabelled backward) or inside it (a label).
         """
         start = self.window_start
         self.window_start = self.tick()
         stamped = sorted((abs(tick), name) for name, tick in self.grad_forwards.items() if abs(tick) > start)
         ran = tuple(name for _, name in stamped)
         carried = tuple(name for name in ran if self.grad_forwards[name] > 0)
-        return ran, carried
+        outside = tuple(seq for seq in self.by_pass.get(None, ()) if self.last_event.get(seq, 0) > start)
+        return ran, carried, outside
 
     def ran_with_grad_after(self, seq: int) -> bool:
         """Did the cut's module run again with grad enabled after this cut was last seen?"""

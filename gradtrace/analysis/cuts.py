@@ -8,12 +8,15 @@ from .names import in_module
 
 
 def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
-    """One cut per region: drop module-level cuts inside another cut of the same kind and pass."""
+    """One cut per region: drop module-level cuts inside another cut of the same kind and pass.
+
+    Cuts of the same module at different lines stay apart (a rollout and the bug's own forward).
+    """
     kept: List[Cut] = []
     ordered = sorted(cuts, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
     for cut in ordered:
         if cut.op is None and any(
-                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name
+                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name and k.module != cut.module
                 and (k.module == "" or cut.module.startswith(k.module + ".")) for k in kept):
             continue
         kept.append(cut)

@@ -33,6 +33,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _MODULE_PY = nn.Module.__call__.__code__.co_filename
 _GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+_THIS_FILE = __file__
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 is_grad_enabled = torch.is_grad_enabled
@@ -112,7 +113,9 @@ def checkpoint_caller(segment):
 def _caller_frame():
     """The frame that called the module (skipping torch's Module.__call__ machinery)."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename == _MODULE_PY:
+    # (The root module's hook is called through on_root_forward, a frame of this file: skip it too,
+    # or every call of the root would share one call site and two lines would merge into one cut.)
+    while frame is not None and frame.f_code.co_filename in (_MODULE_PY, _THIS_FILE):
         frame = frame.f_back
     return frame
 

@@ -56,6 +56,11 @@ def check_not_in_optimizer(trace, passes, tensors, cuts):
                      "modules": list(group_by_module(outside, trace.params))})]
 
 
+def _lr_zero(o: OptimizerRecord) -> bool:
+    known = [lr for lr in o.lrs if lr is not None]
+    return bool(known) and all(lr == 0.0 for lr in known)
+
+
 def _lr_text(o: OptimizerRecord) -> str:
     lrs = [lr for lr in o.lrs if lr is not None]
     if not lrs:
@@ -73,8 +78,7 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
         if not frozen:
             continue
         judged = max(int(o.updates[n][0]) for n in frozen)
-        lr_zero = bool(o.lrs) and all(lr == 0.0 for lr in o.lrs if lr is not None) and any(
-            lr is not None for lr in o.lrs)
+        lr_zero = _lr_zero(o)
         if lr_zero and judged < 2:
             continue  # one step at lr 0 is a warmup schedule's first step
         dtypes = sorted({o.dtypes.get(n, "?") for n in frozen})
@@ -114,13 +118,16 @@ def group_ratios(o: OptimizerRecord, universe) -> Dict[str, float]:
 def check_tiny_updates(trace, passes, tensors, cuts):
     out = []
     for o in _stepped(trace):
-        if not o.updates or o.max_ratio == 0.0 or o.max_ratio >= TINY_RATIO:
-            continue  # 0: nothing moved (WEIGHTS_UNCHANGED's), or no sample
+        if not o.updates or o.max_ratio >= TINY_RATIO or _lr_zero(o):
+            continue
+        if o.max_ratio == 0.0 and any(d in ("bfloat16", "float16") for d in o.dtypes.values()):
+            continue  # low-precision weights that never moved: WEIGHTS_UNCHANGED says why
         ratios = group_ratios(o, trace.params)
         shown = ", ".join(f"{module} {ratio:.1e}" for module, ratio in list(ratios.items())[:4])
         out.append(Verdict("TINY_UPDATES", "warning",
                            f"optimizer {o.name}: in each of its {o.steps} step(s) the weights moved by at most "
-                           f"{o.max_ratio:.1e} of their norm (usual: ~1e-3), {_lr_text(o)}; per module: {shown}. "
+                           f"{o.max_ratio:.1e} of their norm{' (below their float resolution)' if not o.max_ratio else ''}"
+                           f" (usual: ~1e-3), {_lr_text(o)}; per module: {shown}. "
                            "The learning rate (or its schedule) is far too small for anything to train",
                            {"optimizer": o.name, "max_ratio": o.max_ratio, "ratios": ratios, "lrs": o.lrs,
                             "steps": o.steps}))

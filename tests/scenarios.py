@@ -531,6 +531,82 @@ def llama_hook_detaches_a_layer(fixed):
     return trace
 
 
+# ---- TRL's GRPOTrainer (a real GRPO loop: generation, rewards, group advantages, LoRA) ------------------------
+
+
+def grpo_run(fixed_kwargs, bug_kwargs, fixed, reward=None, freeze_at=None):
+    """A real trl.GRPOTrainer run on a tiny random Llama with LoRA; A and the completion mask registered."""
+    import tempfile
+    import warnings
+
+    from gradtrace.integrations.transformers import GradtraceCallback
+    from tiny_trainer import characters, grpo_trainer, make_llama, make_tokenizer, with_lora
+
+    def register(trace, inputs):
+        trace.tensor("A", inputs["advantages"])
+        trace.tensor("completion_mask", inputs["completion_mask"])
+
+    tokenizer = make_tokenizer()
+    callbacks = [FreezeAdapters(freeze_at)] if freeze_at is not None and not fixed else []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = grpo_trainer(tmp, with_lora(make_llama(len(tokenizer))), tokenizer, callbacks,
+                               **(fixed_kwargs if fixed else bug_kwargs))
+        if reward is not None and not fixed:
+            trainer.reward_funcs = [reward]
+        callback = GradtraceCallback(register=register, print_errors=False).attach(trainer)
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            trainer.train()
+    del characters
+    return callback.trace
+
+
+def _freeze_adapters_class():
+    import transformers
+
+    class _FreezeAdapters(transformers.TrainerCallback):
+        """A user callback meant to freeze the base model; its loop also freezes the adapters."""
+
+        def __init__(self, at):
+            self.at = at
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == self.at:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+    return _FreezeAdapters
+
+
+def FreezeAdapters(at):
+    return _freeze_adapters_class()(at)
+
+
+def constant_reward(completions, **kwargs):
+    """A reward that cannot tell completions apart (a parser that always fails): every group's std is 0."""
+    return [1.0 for _ in completions]
+
+
+@scenario("ALL_ZERO_VALUES", ("'A'",), "TRL issues: 'GRPO loss is always 0' (a reward with no variance)", slow=True)
+def trl_grpo_constant_reward(fixed):
+    return grpo_run({}, {}, fixed, reward=constant_reward)
+
+
+@scenario("WEIGHTS_UNCHANGED", ("learning rate is 0",), "TRL/transformers: learning_rate=0 in the config", slow=True)
+def trl_grpo_lr_zero(fixed):
+    return grpo_run({}, {"learning_rate": 0.0}, fixed)
+
+
+@scenario("TINY_UPDATES", ("lr",), "TRL issues: 'LoRA weights do not change' -- learning_rate=1e-9", slow=True)
+def trl_grpo_lr_tiny(fixed):
+    return grpo_run({}, {"learning_rate": 1e-9}, fixed)
+
+
+@scenario("FROZEN_WHILE_WATCHED", ("lora",), "peft/TRL: a callback freezing 'the base model' froze the adapters",
+          slow=True)
+def trl_grpo_adapters_frozen(fixed):
+    return grpo_run({"max_steps": 3}, {"max_steps": 3}, fixed, freeze_at=1)
+
+
 # ---- running the suite --------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from ..records import OptimizerRecord, Verdict
-from .names import describe_params, group_by_module
+from .names import describe_params, display_name, group_by_module
 from .registry import verdict
 
 # An update-to-weight ratio ||dw|| / ||w|| per step: ~1e-3 is usual, 1e-5..1e-2 healthy. Below this in
@@ -123,7 +123,9 @@ def check_tiny_updates(trace, passes, tensors, cuts):
         if o.max_ratio == 0.0 and any(d in ("bfloat16", "float16") for d in o.dtypes.values()):
             continue  # low-precision weights that never moved: WEIGHTS_UNCHANGED says why
         ratios = group_ratios(o, trace.params)
-        shown = ", ".join(f"{module} {ratio:.1e}" for module, ratio in list(ratios.items())[:4])
+        # A group that starts at zero (LoRA B) moves relative to nothing: show the groups that stand still.
+        still = {m: r for m, r in ratios.items() if r < TINY_RATIO} or ratios
+        shown = ", ".join(f"{display_name(module)} {ratio:.1e}" for module, ratio in list(still.items())[:4])
         out.append(Verdict("TINY_UPDATES", "warning",
                            f"optimizer {o.name}: in each of its {o.steps} step(s) the weights moved by at most "
                            f"{o.max_ratio:.1e} of their norm{' (below their float resolution)' if not o.max_ratio else ''}"

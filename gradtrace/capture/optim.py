@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.optim.optimizer as optimizer_hooks
 
-from .._torch_compat import foreach_norm
+from .._torch_compat import flatten_dense_tensors, foreach_norm
 from ..records import OptimizerRecord
 
 SAMPLE = 16  # elements sampled per parameter, evenly spaced over its flattened values
@@ -45,8 +45,12 @@ SAMPLE = 16  # elements sampled per parameter, evenly spaced over its flattened 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
     """A strided view of up to SAMPLE elements (a view: no copy until the caller concatenates)."""
+    n = t.numel()
+    stride = max(1, n // SAMPLE)
+    if t.is_contiguous():  # one op instead of three: the same elements as the reshape-and-slice below
+        return t.detach().as_strided((len(range(0, n, stride)[:SAMPLE]),), (stride,))
     flat = t.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE]
+    return flat[::stride][:SAMPLE]
 
 
 def _lr(value: Any) -> Optional[float]:
@@ -79,16 +83,30 @@ class _Optimizer:
     ref: Any  # a weak reference to the optimizer
     signature: tuple = ()
     indices: List[int] = field(default_factory=list)
+    plain: List[int] = field(default_factory=list)  # of ``indices``, the dense plain tensors
+
+
+@dataclass
+class _Group:
+    """Parameters of one device and dtype, sampled together: the small ones whole (one flatten), then
+    a strided view of each large one; ``segment`` gives each sampled element's row."""
+
+    small: List[int]
+    large: List[int]
+    segment: torch.Tensor
+
+    @property
+    def order(self) -> List[int]:
+        return self.small + self.large
 
 
 @dataclass
 class _Before:
-    """One step's sample before the step: per device, the weights and gradients sampled."""
+    """One step's sample before the step: per group, the weights and gradients sampled."""
 
-    indices: List[int]
-    weights: Dict[torch.device, torch.Tensor]
-    grads: Dict[torch.device, torch.Tensor]
-    segments: Dict[torch.device, Tuple[List[int], torch.Tensor]]  # device -> (indices, segment id per element)
+    groups: List[_Group]
+    weights: List[torch.Tensor]
+    grads: List[torch.Tensor]
 
 
 @dataclass
@@ -120,7 +138,10 @@ class OptimizerObserver:
         self.counter = itertools.count()
         self.before: Dict[int, _Before] = {}
         self.pending: List[PendingStep] = []
-        self.segment_cache: Dict[tuple, torch.Tensor] = {}
+        self.group_cache: Dict[tuple, List[_Group]] = {}
+        # Each parameter's sample view, made once: optimizers update weights in place, so the view keeps
+        # showing the current values (made again if the parameter's storage was replaced).
+        self.weight_views: Dict[int, Tuple[torch.Tensor, int]] = {}
 
     def attach(self, handles: List[Any]) -> None:
         handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self.pre_step))
@@ -132,8 +153,7 @@ class OptimizerObserver:
         if seen is None:
             return
         params = self.params
-        with_grad = [i for i in seen.indices if params[i].grad is not None and type(params[i]) in _PLAIN
-                     and params[i].grad.layout == torch.strided]
+        with_grad = [i for i in seen.plain if params[i].grad is not None]
         step = PendingStep(seen.name, [self.names[i] for i in seen.indices], self._lrs(optimizer),
                            self.pass_of_step())
         scaler = _scaler_on_stack()
@@ -142,7 +162,8 @@ class OptimizerObserver:
             step.grad_sq = _squares_by_device([params[i].grad for i in with_grad])
         self.pending.append(step)
         if self.measure_updates and with_grad:
-            self.before[id(optimizer)] = self._sample_before(with_grad)
+            with torch.no_grad():  # the hooks run outside the step's own no_grad
+                self.before[id(optimizer)] = self._sample_before(with_grad)
 
     def post_step(self, optimizer, args, kwargs) -> None:
         before = self.before.pop(id(optimizer), None)
@@ -155,18 +176,17 @@ class OptimizerObserver:
         step = next((s for s in reversed(self.pending) if s.optimizer == seen.name), None)
         if step is None:
             return
-        params = self.params
-        for device, (indices, segment) in before.segments.items():
-            after = torch.cat([_sample(params[i]) for i in indices])
-            weight, grad = before.weights[device], before.grads[device]
-            moved = grad != 0
-            unchanged = moved & (after == weight)
-            update = after.to(torch.float64) - weight.to(torch.float64)
-            columns = torch.stack([moved.to(torch.float64), unchanged.to(torch.float64), update * update,
-                                   weight.to(torch.float64).square()], dim=1)
-            stats = torch.zeros(len(indices), 4, dtype=torch.float64, device=columns.device)
-            step.stats.append(stats.index_add_(0, segment, columns))
-            step.stepped.extend(indices)
+        with torch.no_grad():
+            for group, weight, grad in zip(before.groups, before.weights, before.grads):
+                after = self._sample_weights(group)
+                moved = grad != 0
+                unchanged = moved & (after == weight)
+                update = after.to(torch.float64) - weight.to(torch.float64)
+                columns = torch.stack([moved.to(torch.float64), unchanged.to(torch.float64), update * update,
+                                       weight.to(torch.float64).square()], dim=1)
+                stats = torch.zeros(len(group.order), 4, dtype=torch.float64, device=columns.device)
+                step.stats.append(stats.index_add_(0, group.segment, columns))
+                step.stepped.extend(group.order)
 
     # ---- pieces ----------------------------------------------------------------------
     def _seen(self, optimizer) -> Optional[_Optimizer]:
@@ -184,6 +204,9 @@ class OptimizerObserver:
             index_of = self.index_of
             seen.indices = [index_of[id(p)] for g in groups if isinstance(g, dict)
                             for p in g.get("params", ()) if id(p) in index_of]
+            # Plain dense tensors only are sampled (a DTensor shard or a sparse weight is not).
+            seen.plain = [i for i in seen.indices if type(self.params[i]) in _PLAIN
+                          and self.params[i].layout == torch.strided]
         return seen
 
     @staticmethod
@@ -191,28 +214,51 @@ class OptimizerObserver:
         return [_lr(g.get("lr")) for g in optimizer.param_groups if isinstance(g, dict)]
 
     def _sample_before(self, indices: List[int]) -> _Before:
+        groups = self._groups(indices)
         params = self.params
-        by_device: Dict[torch.device, List[int]] = {}
-        for i in indices:
-            by_device.setdefault(params[i].device, []).append(i)
-        weights, grads, segments = {}, {}, {}
-        for device, members in by_device.items():
-            weights[device] = torch.cat([_sample(params[i]) for i in members])
-            grads[device] = torch.cat([_sample(params[i].grad) for i in members])
-            segments[device] = (members, self._segments(members, device))
-        return _Before(indices, weights, grads, segments)
+        grads = []
+        for group in groups:
+            parts = [flatten_dense_tensors([params[i].grad for i in group.small])] if group.small else []
+            parts += [_sample(params[i].grad) for i in group.large]
+            grads.append(torch.cat(parts))
+        return _Before(groups, [self._sample_weights(g) for g in groups], grads)
 
-    def _segments(self, members: List[int], device: torch.device) -> torch.Tensor:
-        key = (tuple(members), device)
-        segment = self.segment_cache.get(key)
-        if segment is None:
-            counts = [min(SAMPLE, len(range(0, self.params[i].numel(), max(1, self.params[i].numel() // SAMPLE))))
-                      for i in members]
-            segment = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(counts)).to(device)
-            if len(self.segment_cache) > 64:
-                self.segment_cache.clear()
-            self.segment_cache[key] = segment
-        return segment
+    def _sample_weights(self, group: _Group) -> torch.Tensor:
+        """A copy of the group's sampled weights (small parameters whole, one strided view per large one)."""
+        params = self.params
+        parts = [flatten_dense_tensors([params[i] for i in group.small])] if group.small else []
+        parts += [self._weights(i) for i in group.large]
+        return torch.cat(parts)
+
+    def _weights(self, index: int) -> torch.Tensor:
+        param = self.params[index]
+        cached = self.weight_views.get(index)
+        pointer = param.data_ptr()
+        if cached is None or cached[1] != pointer:
+            cached = self.weight_views[index] = (_sample(param), pointer)
+        return cached[0]
+
+    def _groups(self, indices: List[int]) -> List[_Group]:
+        """How ``indices`` are sampled: by device and dtype, small parameters first (cached per list)."""
+        key = tuple(indices)
+        groups = self.group_cache.get(key)
+        if groups is not None:
+            return groups
+        params = self.params
+        by_kind: Dict[tuple, Tuple[List[int], List[int]]] = {}
+        for i in indices:
+            p = params[i]
+            small, large = by_kind.setdefault((p.device, p.dtype), ([], []))
+            (small if p.numel() <= SAMPLE and p.is_contiguous() else large).append(i)
+        groups = []
+        for (device, _), (small, large) in by_kind.items():
+            counts = [params[i].numel() for i in small] + [_sample(params[i]).numel() for i in large]
+            segment = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+            groups.append(_Group(small, large, segment))
+        if len(self.group_cache) > 64:
+            self.group_cache.clear()
+        self.group_cache[key] = groups
+        return groups
 
     # ---- to the host ---------------------------------------------------------------
     def take(self, records: Dict[str, OptimizerRecord]) -> None:

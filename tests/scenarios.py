@@ -15,7 +15,6 @@ Only public gradtrace API is used here, so an older gradtrace runs it too.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -607,6 +606,100 @@ def trl_grpo_adapters_frozen(fixed):
     return grpo_run({"max_steps": 3}, {"max_steps": 3}, fixed, freeze_at=1)
 
 
+# ---- healthy runs that must stay clean (no error, no warning) ------------------------------------------------
+
+HEALTHY: List[Tuple[str, Callable[[], "gradtrace.Trace"]]] = []
+
+
+def healthy(fn):
+    HEALTHY.append((fn.__name__, fn))
+    return fn
+
+
+@healthy
+def trl_grpo_beta_kl_and_accumulation():
+    """beta > 0: the reference forward runs with the adapters disabled under no_grad, every step."""
+    return grpo_run({"beta": 0.04, "gradient_accumulation_steps": 2}, {}, True)
+
+
+@healthy
+def trl_grpo_gradient_checkpointing():
+    return grpo_run({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+                    {}, True)
+
+
+@healthy
+def trainer_warmup_from_zero():
+    """A linear warmup starts at lr 0: the first step moves nothing, by design."""
+    import tempfile
+    import warnings
+
+    import transformers
+
+    from gradtrace.integrations.transformers import GradtraceCallback
+    from tiny_trainer import lm_data, make_llama, make_tokenizer, training_args, with_lora
+    tokenizer = make_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=with_lora(make_llama(len(tokenizer))),
+                                       args=training_args(tmp, warmup_steps=2, max_steps=3, max_grad_norm=1.0),
+                                       train_dataset=lm_data(tokenizer), data_collator=transformers.default_data_collator)
+        callback = GradtraceCallback(print_errors=False).attach(trainer)
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            trainer.train()
+    return callback.trace
+
+
+@healthy
+def bf16_autocast_with_float32_weights():
+    seeded()
+    model = Tower()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            x, y = batch()
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+    return trace
+
+
+@healthy
+def actor_critic_two_optimizers():
+    seeded()
+    actor, critic = nn.Linear(4, 2), nn.Linear(4, 1)
+    both = nn.ModuleDict({"actor": actor, "critic": critic})
+    opt_a, opt_c = torch.optim.Adam(actor.parameters(), 1e-3), torch.optim.Adam(critic.parameters(), 1e-3)
+    with gradtrace.watch(both) as trace:
+        for _ in range(3):
+            s, r = torch.randn(6, 4), torch.randn(6)
+            value = critic(s).squeeze(-1)
+            opt_c.zero_grad()
+            F.mse_loss(value, r).backward()
+            opt_c.step()
+            logp = torch.log_softmax(actor(s), -1)[:, 0]
+            opt_a.zero_grad()
+            (-(logp * (r - critic(s).squeeze(-1)).detach()).mean()).backward()
+            opt_a.step()
+    return trace
+
+
+@healthy
+def sparse_embedding_rows_with_adam():
+    """Most embedding rows get no gradient in a step: Adam leaves them alone, that is not WEIGHTS_UNCHANGED."""
+    seeded()
+    model = nn.Sequential(nn.Embedding(1000, 8), nn.Flatten(), nn.Linear(24, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randint(0, 5, (4, 3))), torch.randint(0, 2, (4,))).backward()
+            opt.step()
+    return trace
+
+
 # ---- running the suite --------------------------------------------------------------------------------------
 
 
@@ -645,7 +738,22 @@ def accuracy(include_slow: bool = True) -> Tuple[int, int, int, int]:
     return named, total, clean, total
 
 
+def healthy_runs() -> Tuple[int, int]:
+    """(healthy runs with no error or warning, healthy runs); prints each finding."""
+    clean = 0
+    for name, run in HEALTHY:
+        try:
+            found = [str(v)[:160] for v in serious(run())]
+        except Exception as e:
+            found = [f"raised {type(e).__name__}: {e}"]
+        clean += not found
+        print(f"{'clean' if not found else 'NOISY'} {name}: {found}")
+    return clean, len(HEALTHY)
+
+
 if __name__ == "__main__":
     named, total, clean, twins = accuracy(include_slow="--fast" not in sys.argv)
-    print(f"\nfirst line names the cause: {named}/{total}; fixed twins with no error or warning: {clean}/{twins}")
+    quiet, runs = healthy_runs() if "--fast" not in sys.argv else (0, 0)
+    print(f"\nfirst line names the cause: {named}/{total}; fixed twins with no error or warning: {clean}/{twins}; "
+          f"other healthy runs clean: {quiet}/{runs}")
     print(f"gradtrace from {os.path.dirname(gradtrace.__file__)}")

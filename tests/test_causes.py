@@ -107,7 +107,7 @@ def test_a_tensor_built_after_a_rollout_by_a_detach_is_not_linked_to_the_rollout
             x = torch.randn(3, 4)
             with torch.no_grad():
                 model(x)  # rollout
-            S = trace.tensor("S", model(x).sum(-1).detach(), expect_grad=True)
+            trace.tensor("S", model(x).sum(-1).detach(), expect_grad=True)
     v = next(v for v in trace.verdicts() if v.code == "TENSOR_NO_GRAD")
     assert "kind" not in v.evidence and ".detach()" in v.message  # no cut named: the rollout is off the path
 

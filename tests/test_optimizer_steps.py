@@ -77,7 +77,7 @@ def test_accumulation_between_steps_is_not_stale():
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradtrace.watch(model) as trace:
-        for step in range(2):
+        for _ in range(2):
             opt.zero_grad()
             for _ in range(3):  # three microbatches per step, each its own unlabelled pass
                 model(torch.randn(5, 6)).sum().backward()

@@ -7,7 +7,7 @@ PYTHONPATH).
 """
 import pytest
 
-from scenarios import SCENARIOS, judge, serious
+from scenarios import HEALTHY, SCENARIOS, judge, serious
 
 
 def marks(s):
@@ -34,3 +34,13 @@ def test_the_fixed_twin_has_no_error_or_warning(s):
 def test_the_suite_covers_many_codes():
     assert len(SCENARIOS) >= 20
     assert len({s.expect for s in SCENARIOS}) >= 12
+
+
+HEALTHY_CASES = [pytest.param(run, id=name, marks=[pytest.mark.slow] if "trl" in name or "trainer" in name else [])
+                 for name, run in HEALTHY]
+
+
+@pytest.mark.parametrize("run", HEALTHY_CASES)
+def test_healthy_runs_give_no_error_or_warning(run):
+    found = serious(run())
+    assert found == [], [str(v) for v in found]

@@ -333,6 +333,13 @@ class OptimizerRecord:
     max_ratio: float = 0.0  # the largest whole-step ||update|| / ||weight|| of any step seen
     # Steps under a torch.amp.GradScaler: [pass, total norm of the gradients handed to the step, the scale].
     scaled_steps: List[List[Any]] = field(default_factory=list)
+    # Steps that had no nonzero gradient to apply (every .grad None, or every sampled one zero), and the
+    # passes they followed (the newest 64).
+    empty_steps: int = 0
+    empty_passes: List[Optional[str]] = field(default_factory=list)
+    # Parameters whose sampled weights its latest step changed although no sampled gradient element was
+    # nonzero (momentum or weight decay acting on a zero or stale .grad): a frozen layer that still moves.
+    drift: List[str] = field(default_factory=list)
 
 
 @dataclass

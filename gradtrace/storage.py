@@ -427,7 +427,8 @@ _optimizer = _record(OptimizerRecord, {
     "name": _name, "params": _list_of(_str), "lrs": _list_of(_optional(_number)), "steps": _count,
     "passes": _dict_of(_count), "updates": _dict_of(_list_of(_number)), "dtypes": _dict_of(_str),
     "max_ratio": _magnitude, "scaled_steps": _list_of(_list_of(lambda v, path: v if isinstance(v, str) or v is None
-                                                               else _number(v, path)))})
+                                                               else _number(v, path))),
+    "empty_steps": _count, "empty_passes": _list_of(_optional(_str)), "drift": _list_of(_str)})
 
 _scalar = _record(ScalarRecord, {
     "name": _name, "value": _number, "pass_name": _optional(_str), "history": _list_of(_number)})

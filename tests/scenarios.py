@@ -278,6 +278,41 @@ def optimizer_of_another_copy(fixed):
     return train_steps(model, opt=opt)
 
 
+@scenario("WEIGHTS_UNCHANGED", ("zero_grad", "between backward() and step()"),
+          "forum: 'model not learning' -- optimizer.zero_grad() between loss.backward() and optimizer.step()")
+def zero_grad_between_backward_and_step(fixed):
+    seeded()
+    model = Tower()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            x, y = batch()
+            if fixed:
+                opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if not fixed:
+                opt.zero_grad()
+            opt.step()
+    return trace
+
+
+@scenario("FROZEN_WHILE_WATCHED", ("embed", "momentum"),
+          "forum: 'frozen layers still update' -- requires_grad=False with SGD momentum and zeroed grads")
+def frozen_layer_still_updates(fixed):
+    seeded()
+    model = Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with gradtrace.watch(model) as trace:
+        for step in range(3):
+            x, y = batch()
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if step == 0 and not fixed:
+                model.embed.requires_grad_(False)  # stage 2: freeze the embedding
+    return trace
+
+
 @scenario("WEIGHTS_UNCHANGED", ("lr", "0"), "forum: 'weights do not change' -- LambdaLR returning 0")
 def scheduler_stuck_at_zero(fixed):
     seeded()

@@ -266,3 +266,36 @@ def test_optimizer_records_survive_save_and_load(tmp_path):
     loaded = gradtrace.load(tmp_path / "t.json")
     assert loaded.optimizers == trace.optimizers
     assert [str(v) for v in loaded.verdicts()] == [str(v) for v in trace.verdicts()]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_between_backward_and_step_leaves_the_weights_unchanged(set_to_none):
+    model = net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            model(torch.randn(5, 6)).sum().backward()
+            opt.zero_grad(set_to_none=set_to_none)  # the bug: clears what backward just made
+            opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    v = trace.verdicts()[0]
+    assert v.code == "WEIGHTS_UNCHANGED" and v.evidence["cleared_before_step"]
+    assert "between backward() and step()" in v.message
+
+
+def test_a_layer_frozen_with_zeroed_grads_that_momentum_still_moves_is_said():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with gradtrace.watch(model) as trace:
+        for step in range(3):
+            opt.zero_grad(set_to_none=False)
+            model(torch.randn(5, 6)).sum().backward()
+            opt.step()
+            if step == 0:
+                model[0].requires_grad_(False)  # "freeze the first layer" -- its .grad stays a zero tensor
+    frozen_weight = model[0].weight.detach().clone()
+    v = next(v for v in trace.verdicts() if v.code == "FROZEN_WHILE_WATCHED")
+    assert set(v.evidence["still_updated"]) == {"0.weight", "0.bias"} and "momentum" in v.message
+    opt.step()
+    assert not torch.equal(frozen_weight, model[0].weight)  # the fault is real: it still moves

@@ -778,10 +778,14 @@ def check_frozen_while_watched(trace, passes, tensors, cuts):
     if not isinstance(frozen, list) or not frozen:
         return []
     names = [n for n in frozen if isinstance(n, str)]
+    moving = sorted({n for o in (getattr(trace, "optimizers", None) or {}).values() for n in o.drift} & set(names))
+    still = (f"; yet the optimizer still changes {describe_params(moving)} (momentum or weight decay acting on a "
+             "zero .grad left by zero_grad(set_to_none=False)): set their .grad to None, or take them out of the "
+             "optimizer" if moving else "")
     return [Verdict("FROZEN_WHILE_WATCHED", "error",
                     f"{len(names)} parameter(s) stopped requiring grad while watched ({describe_params(names)}): "
-                    "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)",
-                    {"parameters": names})]
+                    "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)"
+                    + still, {"parameters": names, **({"still_updated": moving} if moving else {})})]
 
 
 @verdict("NO_PASSES", rank=85, severities=("error",),

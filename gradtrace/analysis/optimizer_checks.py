@@ -72,7 +72,7 @@ def _lr_text(o: OptimizerRecord) -> str:
 @verdict("WEIGHTS_UNCHANGED", rank=13, severities=("error",),
          meaning="optimizer steps with nonzero gradients left parameter values bitwise unchanged (bf16/fp16 weights where lr x update is below half an ulp; lr 0): parameters, dtype, lr")
 def check_weights_unchanged(trace, passes, tensors, cuts):
-    out = []
+    out = empty_steps(trace, passes)
     for o in _stepped(trace):
         frozen = [n for n, f in o.updates.items() if f[0] > 0 and f[1] == f[0]]
         if not frozen:
@@ -99,6 +99,31 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
                            f"({', '.join(dtypes)}, {_lr_text(o)}): {why}",
                            {"optimizer": o.name, "parameters": sorted(frozen), "dtypes": dtypes, "lrs": o.lrs,
                             "steps": o.steps, "low_precision": bool(low), "lr_zero": lr_zero}))
+    return out
+
+
+def empty_steps(trace, passes) -> List[Verdict]:
+    """Every step of an optimizer came right after a pass that reached its parameters, yet had no gradient
+    to apply: zero_grad() ran between backward() and step()."""
+    out = []
+    for o in _stepped(trace):
+        if not o.empty_steps or o.empty_steps < o.steps:
+            continue
+        owned = set(o.params)
+        reached = [(name, sorted((passes[name].covered - passes[name].zero) & owned))
+                   for name in o.empty_passes if name in passes]
+        reached = [(name, params) for name, params in reached if params]
+        if not reached:
+            continue
+        name, params = reached[-1]
+        out.append(Verdict("WEIGHTS_UNCHANGED", "error",
+                           f"optimizer {o.name} stepped {o.steps} time(s) with no gradient to apply, although pass "
+                           f"{name!r} had just given {len(params)} of its parameters nonzero gradients "
+                           f"({describe_params(params, universe=trace.params)}): their .grad was cleared between "
+                           "backward() and step() (optimizer.zero_grad() in the wrong place); call it before "
+                           "backward(), or after step()",
+                           {"optimizer": o.name, "parameters": params, "pass": name, "steps": o.steps,
+                            "cleared_before_step": True}))
     return out
 
 

@@ -121,6 +121,7 @@ class PendingStep:
     stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, 4) float64
     scale: Optional[torch.Tensor] = None
     grad_sq: List[torch.Tensor] = field(default_factory=list)
+    any_grad: bool = True  # some watched parameter it owns had a .grad
 
 
 class OptimizerObserver:
@@ -155,7 +156,7 @@ class OptimizerObserver:
         params = self.params
         with_grad = [i for i in seen.plain if params[i].grad is not None]
         step = PendingStep(seen.name, [self.names[i] for i in seen.indices], self._lrs(optimizer),
-                           self.pass_of_step())
+                           self.pass_of_step(), any_grad=bool(with_grad))
         scaler = _scaler_on_stack()
         if scaler is not None and with_grad and getattr(scaler, "_scale", None) is not None:
             step.scale = scaler._scale.detach().clone()
@@ -272,7 +273,11 @@ class OptimizerObserver:
             record.steps += 1
             if step.pass_name is not None:
                 record.passes[step.pass_name] = record.passes.get(step.pass_name, 0) + 1
-            _fold_updates(record, step, self.names, self.params)
+            moved = _fold_updates(record, step, self.names, self.params)
+            if not step.any_grad or moved == 0:  # nothing to apply: the step cannot change a weight
+                record.empty_steps += 1
+                record.empty_passes.append(step.pass_name)
+                del record.empty_passes[:-SCALED_STEPS_KEPT]
             if step.scale is not None:
                 grad_norm = float(sum(float(t) for t in step.grad_sq)) ** 0.5
                 record.scaled_steps.append([step.pass_name, grad_norm, float(step.scale)])
@@ -290,15 +295,22 @@ def _squares_by_device(grads: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.stack(foreach_norm(gs)).to(torch.float64).square().sum() for gs in by_device.values()]
 
 
-def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str], params: List[torch.Tensor]) -> None:
+def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
+                  params: List[torch.Tensor]) -> Optional[float]:
+    """Fold one step's sampled figures into ``record``; the sampled elements with a nonzero gradient (None:
+    not measured)."""
     if not step.stats:
-        return
+        return None
     rows = torch.cat([s.cpu() for s in step.stats]).tolist()
-    total_update = total_weight = 0.0
+    total_update = total_weight = moved_total = 0.0
+    drift = []
     for index, (moved, unchanged, update_sq, weight_sq) in zip(step.stepped, rows):
         total_update += update_sq
         total_weight += weight_sq
+        moved_total += moved
         if moved == 0:
+            if update_sq > 0:
+                drift.append(names[index])
             continue  # no sampled element had a gradient: nothing to judge
         name = names[index]
         figures = record.updates.get(name)
@@ -312,3 +324,5 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str], 
             figures[4] = max(figures[4], (update_sq / weight_sq) ** 0.5)
     if total_weight > 0:
         record.max_ratio = max(record.max_ratio, (total_update / total_weight) ** 0.5)
+    record.drift = drift
+    return moved_total

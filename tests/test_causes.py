@@ -405,3 +405,18 @@ def test_a_loss_that_needs_no_grad_with_a_frozen_model_is_explained_by_the_freez
             with trace.pass_("step"):
                 F.mse_loss(model(torch.randn(2, 4)), torch.zeros(2, 2)).backward()
     assert codes(trace)[:2] == ["FROZEN_WHILE_WATCHED", "PASS_FAILED"]
+
+
+@pytest.mark.parametrize("bad,says", [
+    (lambda m, x: m(x).backward(), "not a scalar"),
+    (lambda m, x: m.embed.weight.add_(1.0), "under torch.no_grad()"),
+    (lambda m, x: torch.autograd.grad(m.head(torch.randn(3, 8)).sum(), [m.embed.weight]), "allow_unused=True"),
+], ids=["non_scalar_loss", "in_place_on_a_parameter", "unused_input"])
+def test_a_failed_pass_says_what_its_error_means(bad, says):
+    model = Tower()
+    with gradtrace.watch(model) as trace:
+        with contextlib.suppress(RuntimeError):
+            with trace.pass_("X"):
+                bad(model, torch.randn(3, 4))
+    v = next(v for v in trace.verdicts() if v.code == "PASS_FAILED")
+    assert says in v.message

@@ -737,6 +737,14 @@ FAILURE_HINTS = (
     ("backward through the graph a second time",
      "a graph was reused after backward freed it: a tensor carried over from a previous step (a hidden state "
      "or a running loss) needs .detach(), or the first backward retain_graph=True"),
+    ("grad can be implicitly created only for scalar outputs",
+     "backward() was called on a loss that is not a scalar: reduce it (.mean() / .sum()) or pass gradient="),
+    ("leaf Variable that requires grad is being used in an in-place operation",
+     "a parameter (a leaf that requires grad) was changed in place with grad enabled: do manual updates "
+     "under torch.no_grad()"),
+    ("appears to not have been used in the graph",
+     "autograd.grad was asked for an input the loss does not depend on (unused, cut or detached): pass "
+     "allow_unused=True and read which ones came back None; the coverage here lists them"),
     ("Inference tensors cannot be saved for backward",
      "a tensor made under torch.inference_mode() (a cache filled during validation or generation) was used in "
      "a forward with grad"),

@@ -77,6 +77,7 @@ class Recording:
     origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
     cuts_mode: str = "off"  # watch's cuts=: "off" records no forwards
     optim: Any = None  # the OptimizerObserver: torch.optim's global step hooks
+    last_forwards: Optional[tuple] = None  # the newest pass's forward lists, shared with equal later ones
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
@@ -123,7 +124,7 @@ class LiveTrace(Trace):
         for name, item in pending.items():
             record, tensor_facts = item.materialize(self.params)
             if item.forwards is not None:
-                record.forward_modules, record.forward_carried, record.forward_cuts = map(list, item.forwards)
+                record.forward_modules, record.forward_carried, record.forward_cuts = self._shared(item.forwards)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None
@@ -161,6 +162,16 @@ class LiveTrace(Trace):
         if active is not None:
             return active.name
         return recording.finished[-1] if recording.finished else None
+
+    def _shared(self, forwards: tuple) -> tuple:
+        """The pass's forward lists, the previous pass's own objects when they are equal (a training loop
+        runs the same forward every step: thousands of kept passes then share one list each)."""
+        recording = self._recording
+        previous = recording.last_forwards
+        out = tuple(old if old is not None and tuple(old) == new else list(new)
+                    for old, new in zip(previous or (None, None, None), forwards))
+        recording.last_forwards = out
+        return (out[0], out[1], out[2] or None)
 
     def _tensor_pass_facts(self, tensor: str, pass_name: str, values: Dict[str, float],
                            rows: Optional[Dict[str, float]]) -> None:

@@ -299,3 +299,23 @@ def test_a_layer_frozen_with_zeroed_grads_that_momentum_still_moves_is_said():
     assert set(v.evidence["still_updated"]) == {"0.weight", "0.bias"} and "momentum" in v.message
     opt.step()
     assert not torch.equal(frozen_weight, model[0].weight)  # the fault is real: it still moves
+
+
+def test_a_step_with_a_closure_is_measured_after_the_closure_made_the_gradients():
+    """LBFGS and Lightning's automatic optimization run forward and backward inside step(closure)."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            opt.step(closure)
+    (record,) = trace.optimizers.values()
+    assert record.empty_steps == 0 and record.max_ratio > 0
+    assert set(record.updates) == {n for n, _ in model.named_parameters()}
+    assert codes(trace) == []

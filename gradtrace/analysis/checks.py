@@ -269,6 +269,9 @@ def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, un
     """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
     loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
     an op-level cut, or a module whose output carried a gradient that never came back."""
+    weak = [entry for entry in explained.values() if not entry["cut"].params and entry["cut"].op is None]
+    if not weak:
+        return sorted(explained.values(), key=lambda entry: entry["cut"].seq)
     strong: Set[str] = set()
     for entry in explained.values():
         cut = entry["cut"]

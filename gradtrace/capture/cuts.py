@@ -170,6 +170,7 @@ class CutLog:
         # did not require grad). Only modules that own trainable parameters are stamped.
         self.grad_forwards: Dict[str, int] = {}
         self.window_start = 0  # tick at which the current pass window began (see take_window)
+        self.window_outside: Dict[int, None] = {}  # cuts seen outside any pass since then (seq, in order)
 
     @property
     def cuts(self) -> list:
@@ -197,7 +198,7 @@ class CutLog:
         stamped = sorted((abs(tick), name) for name, tick in self.grad_forwards.items() if abs(tick) > start)
         ran = tuple(name for _, name in stamped)
         carried = tuple(name for name in ran if self.grad_forwards[name] > 0)
-        outside = tuple(seq for seq in self.by_pass.get(None, ()) if self.last_event.get(seq, 0) > start)
+        outside, self.window_outside = tuple(self.window_outside), {}
         return ran, carried, outside
 
     def ran_with_grad_after(self, seq: int) -> bool:
@@ -217,6 +218,8 @@ class CutLog:
         if seq is not None:
             self.by_seq[seq].count += 1
             self.last_event[seq] = tick
+            if pass_name is None:
+                self.window_outside[seq] = None
             return
         seq = self.next_seq
         self.next_seq += 1
@@ -229,6 +232,8 @@ class CutLog:
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
         self.last_event[seq] = tick
+        if pass_name is None:
+            self.window_outside[seq] = None
 
     def since(self, event: int) -> list:
         """Seqs of cuts seen after the mark ``event``, in the order of their latest sighting."""

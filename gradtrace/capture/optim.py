@@ -106,7 +106,7 @@ class _Before:
 
     groups: List[_Group]
     weights: List[torch.Tensor]
-    grads: List[torch.Tensor]
+    grads: Optional[List[torch.Tensor]]  # None: a closure makes them inside the step, sampled after it
 
 
 @dataclass
@@ -154,17 +154,23 @@ class OptimizerObserver:
         if seen is None:
             return
         params = self.params
-        with_grad = [i for i in seen.plain if params[i].grad is not None]
+        # A closure (LBFGS, Lightning's automatic optimization) runs forward and backward inside the
+        # step: the gradients exist only after it, so they are sampled then.
+        closure = kwargs.get("closure") if kwargs else None
+        rest = args[1:] if args and args[0] is optimizer else args  # the hook is handed (self, closure, ...)
+        if closure is None and rest and callable(rest[0]):
+            closure = rest[0]
+        with_grad = list(seen.plain) if closure is not None else [i for i in seen.plain if params[i].grad is not None]
         step = PendingStep(seen.name, [self.names[i] for i in seen.indices], self._lrs(optimizer),
                            self.pass_of_step(), any_grad=bool(with_grad))
         scaler = _scaler_on_stack()
-        if scaler is not None and with_grad and getattr(scaler, "_scale", None) is not None:
+        if scaler is not None and closure is None and with_grad and getattr(scaler, "_scale", None) is not None:
             step.scale = scaler._scale.detach().clone()
             step.grad_sq = _squares_by_device([params[i].grad for i in with_grad])
         self.pending.append(step)
         if self.measure_updates and with_grad:
             with torch.no_grad():  # the hooks run outside the step's own no_grad
-                self.before[id(optimizer)] = self._sample_before(with_grad)
+                self.before[id(optimizer)] = self._sample_before(with_grad, grads_now=closure is None)
 
     def post_step(self, optimizer, args, kwargs) -> None:
         before = self.before.pop(id(optimizer), None)
@@ -177,8 +183,13 @@ class OptimizerObserver:
         step = next((s for s in reversed(self.pending) if s.optimizer == seen.name), None)
         if step is None:
             return
+        if before.grads is None:  # a closure made them during the step
+            step.any_grad = any(self.params[i].grad is not None for g in before.groups for i in g.order)
+            if not step.any_grad:
+                return
         with torch.no_grad():
-            for group, weight, grad in zip(before.groups, before.weights, before.grads):
+            grads = before.grads if before.grads is not None else [self._sample_grads(g) for g in before.groups]
+            for group, weight, grad in zip(before.groups, before.weights, grads):
                 after = self._sample_weights(group)
                 moved = grad != 0
                 unchanged = moved & (after == weight)
@@ -214,15 +225,20 @@ class OptimizerObserver:
     def _lrs(optimizer) -> List[Optional[float]]:
         return [_lr(g.get("lr")) for g in optimizer.param_groups if isinstance(g, dict)]
 
-    def _sample_before(self, indices: List[int]) -> _Before:
+    def _sample_before(self, indices: List[int], grads_now: bool = True) -> _Before:
         groups = self._groups(indices)
-        params = self.params
-        grads = []
-        for group in groups:
-            parts = [flatten_dense_tensors([params[i].grad for i in group.small])] if group.small else []
-            parts += [_sample(params[i].grad) for i in group.large]
-            grads.append(torch.cat(parts))
+        grads = [self._sample_grads(g) for g in groups] if grads_now else None
         return _Before(groups, [self._sample_weights(g) for g in groups], grads)
+
+    def _sample_grads(self, group: _Group) -> torch.Tensor:
+        """The group's sampled gradients; a parameter without one reads as zeros (never judged)."""
+        params = self.params
+        grads = [params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])
+                 for i in group.order]
+        small = len(group.small)
+        parts = [flatten_dense_tensors(grads[:small])] if small else []
+        parts += [_sample(g) for g in grads[small:]]
+        return torch.cat(parts)
 
     def _sample_weights(self, group: _Group) -> torch.Tensor:
         """A copy of the group's sampled weights (small parameters whole, one strided view per large one)."""

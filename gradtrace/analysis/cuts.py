@@ -1,10 +1,9 @@
-"""Cuts as the analysis sees them: one per region, what each can explain, how to say it and fix it."""
+"""Cuts as the analysis sees them: one per region, how to say each and fix it (what each can explain: paths.py)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Set
+from typing import List
 
 from ..records import Cut
-from .names import in_module
 
 
 def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
@@ -21,13 +20,6 @@ def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
             continue
         kept.append(cut)
     return sorted(kept, key=lambda c: c.seq)
-
-
-def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
-    """Parameters a cut can explain losing: those inside the module (and, for a detach, anything)."""
-    if cut.kind in ("detach", "non_differentiable"):
-        return set(params)
-    return {p for p in params if in_module(p, cut.module)}
 
 
 CUT_PHRASES = {

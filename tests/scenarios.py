@@ -524,6 +524,41 @@ def lora_policy_with_adapters_disabled(fixed):
     return trace
 
 
+@scenario("NOT_IN_OPTIMIZER", ("lora_A", "lora_B"),
+          "peft issues: 'LoRA weights not updating' -- the optimizer was built before get_peft_model", slow=True)
+def lora_optimizer_built_before_peft(fixed):
+    base = tiny_llama()
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-3)
+    model = lora(base)  # freezes the base, adds adapters the optimizer has never seen
+    if fixed:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            ids = torch.randint(0, 64, (2, 6))
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    return trace
+
+
+@scenario("WEIGHTS_UNCHANGED", ("step() called before backward()",),
+          "forum: 'loss does not decrease' -- optimizer.step() before loss.backward()")
+def step_before_backward(fixed):
+    seeded()
+    model = Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            x, y = batch()
+            opt.zero_grad()
+            if not fixed:
+                opt.step()
+            F.cross_entropy(model(x), y).backward()
+            if fixed:
+                opt.step()
+    return trace
+
+
 @scenario("FROZEN_WHILE_WATCHED", ("lora",), "peft issues: 'LoRA weights not updating' -- a callback froze the adapters",
           slow=True)
 def lora_frozen_by_callback(fixed):

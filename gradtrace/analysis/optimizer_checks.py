@@ -25,14 +25,15 @@ def _stepped(trace) -> List[OptimizerRecord]:
 
 
 def params_in_no_optimizer(trace) -> List[str]:
-    """Parameters that got a gradient but are in no param group of any optimizer that stepped."""
+    """Parameters that got a gradient (exactly zero included: LoRA A beside a zero B) but are in no param
+    group of any optimizer that stepped."""
     stepped = _stepped(trace)
     if not stepped:
         return []
     owned = set().union(*(o.params for o in stepped))
     got = set()
     for p in trace.passes.values():
-        got |= p.covered - p.zero
+        got |= p.covered
     return [n for n in trace.params if n in got and n not in owned]
 
 
@@ -45,7 +46,8 @@ def check_not_in_optimizer(trace, passes, tensors, cuts):
     stepped = _stepped(trace)
     names = ", ".join(o.name for o in stepped)
     none_watched = all(not o.params for o in stepped)
-    why = (" (it holds none of the watched parameters: built from another copy of the model?)" if none_watched else
+    why = (" (it holds none of the watched parameters: built before they existed or were unfrozen -- before "
+           "get_peft_model(), say -- or from another copy of the model)" if none_watched else
            " (built before they were unfrozen, or from a filtered list?)")
     return [Verdict("NOT_IN_OPTIMIZER", "error",
                     f"{len(outside)} parameter(s) received gradients but are in no param group of the optimizer(s) "
@@ -119,9 +121,9 @@ def empty_steps(trace, passes) -> List[Verdict]:
         out.append(Verdict("WEIGHTS_UNCHANGED", "error",
                            f"optimizer {o.name} stepped {o.steps} time(s) with no gradient to apply, although pass "
                            f"{name!r} had just given {len(params)} of its parameters nonzero gradients "
-                           f"({describe_params(params, universe=trace.params)}): their .grad was cleared between "
-                           "backward() and step() (optimizer.zero_grad() in the wrong place); call it before "
-                           "backward(), or after step()",
+                           f"({describe_params(params, universe=trace.params)}): their .grad was cleared before "
+                           "step() used it (optimizer.zero_grad() between backward() and step(), or step() called "
+                           "before backward()); the order is zero_grad(), backward(), step()",
                            {"optimizer": o.name, "parameters": params, "pass": name, "steps": o.steps,
                             "cleared_before_step": True}))
     return out

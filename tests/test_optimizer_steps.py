@@ -319,3 +319,23 @@ def test_a_step_with_a_closure_is_measured_after_the_closure_made_the_gradients(
     assert record.empty_steps == 0 and record.max_ratio > 0
     assert set(record.updates) == {n for n, _ in model.named_parameters()}
     assert codes(trace) == []
+
+
+def test_a_step_the_grad_scaler_skips_on_overflowed_gradients_is_not_an_error():
+    """The scale starts too high: the first step's gradients overflow and GradScaler skips it, as designed."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -120)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = 1e4 * F.cross_entropy(model(torch.randn(5, 6)), torch.randint(0, 3, (5,)))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    (record,) = trace.optimizers.values()
+    assert record.steps == 2 and "backward-1" not in record.passes  # the first step was skipped
+    assert trace.passes["backward-1"].nonfinite > 0
+    v = next(v for v in trace.verdicts() if v.code == "NONFINITE")
+    assert v.severity == "info" and v.evidence["skipped_step"]
+    assert [v for v in trace.verdicts() if v.severity != "info"] == []

@@ -37,13 +37,20 @@ def verdicts(trace) -> List[Verdict]:
     return order(found)
 
 
-@verdict("NONFINITE", rank=10, severities=("error",),
-         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite")
+@verdict("NONFINITE", rank=10, severities=("error", "info"),
+         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite; info where the optimizer step was skipped on them and later steps went on (a GradScaler settling its scale)")
 def check_nonfinite(trace, passes, tensors, cuts):
     out = []
+    skipped = _skipped_steps(trace, passes)
     for p in passes.values():
         bad = [r for r in p.in_backward_order() if r.nonfinite]
-        if bad:
+        if bad and p.name in skipped:
+            out.append(Verdict("NONFINITE", "info",
+                               f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s), and no optimizer "
+                               "step was taken on them while later passes stepped: a GradScaler skipped this step "
+                               "(expected while its scale settles), or the loop skipped it on purpose",
+                               {"pass": p.name, "parameters": [r.name for r in bad], "skipped_step": True}))
+        elif bad:
             first = bad[0]
             ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
             evidence = _with_ranks({"pass": p.name, "parameter": first.name,
@@ -64,6 +71,21 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    f"{facts.nonfinite} NaN/Inf values",
                                    {"tensor": t.name, "pass": pass_name, "count": facts.nonfinite}))
     return out
+
+
+def _skipped_steps(trace, passes: Dict[str, PassTrace]) -> Set[str]:
+    """Passes no optimizer step took, followed by a pass whose gradients were finite and that one stepped."""
+    steps = stepped_by(trace)
+    if not steps:
+        return set()
+    skipped: Set[str] = set()
+    later_ok = False
+    for p in reversed(list(passes.values())):
+        if p.name in steps:
+            later_ok = later_ok or not p.nonfinite
+        elif later_ok:
+            skipped.add(p.name)
+    return skipped
 
 
 def _nonfinite_origin(trace, p: PassTrace) -> str:

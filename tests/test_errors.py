@@ -244,7 +244,7 @@ WRONG_FIELDS = {
     "values-not-object": (_set(["tensors", 0, "values"], [1, 2]), r"tensors\[0\]\.values: expected a ValueStats"),
     "unknown-top-field": (_set(["extra"], 1), r"top level: unknown trace field\(s\): 'extra'"),
     "inner-without-dot": (_set(["inner_products"], [{"a": "X", "b": "Y", "preconditioned": False}]),
-                          r"inner_products\[0\]: inner product lacks field\(s\) dot"),
+                          r"inner_products\[0\]: InnerProduct lacks field\(s\) dot"),
     "meta-too-deep": (_set(["meta", "deep"], [[[[[[[[[[1]]]]]]]]]]), r"meta\['deep'\].*: nested deeper than 8"),
 }
 

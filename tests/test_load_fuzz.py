@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -31,7 +32,9 @@ from hypothesis import strategies as st
 
 import gradtrace
 from gradtrace import GradtraceError, cli, storage
+from gradtrace.records import NonfiniteOrigin
 from test_storage import make_trace
+from test_typed_records import LEGACY
 
 EXAMPLES = int(os.environ.get("GRADTRACE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -104,16 +107,24 @@ def check_file(path, scratch) -> bool:
 
 def make_rich_trace():
     """test_storage's trace (two passes, a no_grad cut, tensors, a scalar, an inner product), plus
-    a preconditioned inner product and per-rank coverage, so that every part of the format is there."""
+    a preconditioned inner product, a NaN origin, typed meta beside a free-form key, and per-rank
+    coverage and figures, so that every part of the format is there."""
     trace = make_trace()
     plain = trace.inner_products[0]
-    trace.inner_products.append({**plain, "preconditioned": True, "cosine": None, "norm_a_pre": 3.0,
-                                 "norm_b_pre": 1e-3, "optimizer": "Adam"})
+    trace.inner_products.append(dataclasses.replace(plain, preconditioned=True, cosine=None, norm_a_pre=3.0,
+                                                    norm_b_pre=1e-3, optimizer="Adam"))
+    trace.passes["X"].nonfinite_origin = NonfiniteOrigin(op="div", location="model.py:3", node="DivBackward0",
+                                                         module="0", forward="finite", pass_name="X")
     trace.rank_coverage = {"X": {0: sorted(trace.passes["X"].covered), 1: ["0.weight"]}}
+    trace.rank_figures = {"X": {0: {"0.weight": [1.0, 0.5, 0.0, 0.0]}, 1: {"0.weight": [2.0, 1.0, 1.0, 0.0]}}}
+    trace.meta.update(world_size=2, wrapper="DDP", name_prefix="module.", find_unused_parameters=False,
+                      error="ValueError: boom", note={"free": ["form", 1.5, None]})
     return trace
 
 
-BASE = storage.to_dict(make_rich_trace())
+# Two traces to mutate: today's richest, and one saved by gradtrace at commit d1a6055 (before typed records).
+BASES = [storage.to_dict(make_rich_trace()), json.loads(LEGACY.read_text())]
+BASE = BASES[0]
 
 
 def paths_in(value, prefix=()):
@@ -127,7 +138,7 @@ def paths_in(value, prefix=()):
             yield from paths_in(v, prefix + (i,))
 
 
-BASE_PATHS = list(paths_in(BASE))[1:]
+BASE_PATHS = [list(paths_in(base))[1:] for base in BASES]
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.floats()
                 | st.text(max_size=12) | st.sampled_from(NASTY_TEXT))
@@ -165,10 +176,11 @@ def reach(doc, path):
 @st.composite
 def mutated_trace_text(draw) -> bytes:
     """The base trace with 1-3 fields removed, retyped or replaced, serialised; raw splices allowed."""
-    doc = copy.deepcopy(BASE)
+    which = draw(st.sampled_from(range(len(BASES))))
+    doc = copy.deepcopy(BASES[which])
     raw = {}
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(BASE_PATHS))
+        path = draw(st.sampled_from(BASE_PATHS[which]))
         parent = reach(doc, path[:-1])
         if parent is None or path[-1] not in (parent if isinstance(parent, dict) else range(len(parent))):
             continue  # an earlier mutation removed or retyped an ancestor
@@ -216,9 +228,10 @@ def random_documents():
 # ---- the fuzz tests --------------------------------------------------------------------
 
 
-def test_the_base_trace_loads_and_shows(tmp_path):
+@pytest.mark.parametrize("base", BASES, ids=["rich", "d1a6055"])
+def test_the_base_traces_load_and_show(tmp_path, base):
     path = tmp_path / "base.json"
-    path.write_text(json.dumps(BASE))
+    path.write_text(json.dumps(base))
     assert check_file(path, tmp_path)
 
 

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from ..analysis.cuts import outermost_cuts
 from ..analysis.registry import SEVERITY_RANK
-from ..records import Verdict
+from ..records import ReadsLikeADict, Verdict
 from .report import diagnosis, sci
 
 FAIL_ON = ("error", "warning", "never")
@@ -36,6 +36,8 @@ def _plain(value: Any) -> Any:
         return repr(value)
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, ReadsLikeADict):  # InnerProduct, NonfiniteOrigin: the keys a trace file stores
+        return {k: _plain(value[k]) for k in value.keys()}
     if isinstance(value, (set, frozenset)):
         return [_plain(v) for v in sorted(value, key=str)]
     if isinstance(value, (list, tuple)):

@@ -242,7 +242,7 @@ def _inner(Figure, trace) -> "Figure":
     if not summaries:
         raise GradtraceError("the trace has no inner products to plot: open it with "
                              "gradtrace.watch(model, keep_grads=True) and call trace.diff('X', 'Y')")
-    rows = max(len(s["top"]) for s in summaries)
+    rows = max(len(s.top) for s in summaries)
     figure = Figure(figsize=(9, 0.6 + len(summaries) * (1.0 + 0.3 * rows)), layout="constrained")
     for i, s in enumerate(summaries):
         _inner_axes(figure.add_subplot(len(summaries), 1, i + 1), s)
@@ -250,9 +250,9 @@ def _inner(Figure, trace) -> "Figure":
 
 
 def _inner_axes(ax, s) -> None:
-    top = s["top"]
-    names = [t["param"] for t in top]
-    values = [t["contribution"] for t in top]
+    top = s.top
+    names = [t.param for t in top]
+    values = [t.contribution for t in top]
     y = list(range(len(top)))
     ax.barh(y, values, color=["#1f77b4" if v >= 0 else "#9467bd" for v in values])
     ax.set_yticks(y)
@@ -260,12 +260,12 @@ def _inner_axes(ax, s) -> None:
     ax.invert_yaxis()  # largest contribution on top
     ax.axvline(0.0, color="black", linewidth=0.8)
     for yi, t in zip(y, top):
-        ax.annotate(f"{t['share']:.1%}", (t["contribution"], yi), xytext=(4 if t["contribution"] >= 0 else -4, 0),
-                    textcoords="offset points", va="center", ha="left" if t["contribution"] >= 0 else "right",
+        ax.annotate(f"{t.share:.1%}", (t.contribution, yi), xytext=(4 if t.contribution >= 0 else -4, 0),
+                    textcoords="offset points", va="center", ha="left" if t.contribution >= 0 else "right",
                     fontsize=8)
     ax.margins(x=0.15)
-    pre = f", preconditioned by {s.get('optimizer')}" if s.get("preconditioned") else ""
-    cosine = f", cosine {s['cosine']:.3e}" if s.get("cosine") is not None else ""
-    ax.set_title(f"<{s['a']}, {s['b']}>{pre}: dot {s['dot']:.3e}{cosine}; per-parameter contributions "
+    pre = f", preconditioned by {s.optimizer}" if s.preconditioned else ""
+    cosine = f", cosine {s.cosine:.3e}" if s.cosine is not None else ""
+    ax.set_title(f"<{s.a}, {s.b}>{pre}: dot {s.dot:.3e}{cosine}; per-parameter contributions "
                  f"(share of the dot product)", fontsize=9)
     ax.set_xlabel("contribution to the inner product", fontsize=8)

@@ -192,10 +192,11 @@ def _emit(args, verdicts, table, markdown, as_json) -> int:
 
 
 def _plot(args) -> int:
+    from .render.plot import image_path
     from .trace import load
 
     load(args.trace).plot(args.output, kind=args.kind, passes=args.passes)
-    print(f"wrote {args.output}")
+    print(safe(f"wrote {image_path(args.output)}"))  # matplotlib adds .png to a name without an extension
     return 0
 
 

@@ -34,24 +34,46 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Union
 from .fields import FINITE_NON_NEGATIVE, NON_EMPTY, NON_NEGATIVE, Constraint, Items, stored, stored_name
 
 __all__ = ["Bad", "Check", "check_for", "fields_check", "object_check", "array", "free_form", "show", "label",
-           "MAX_COUNT", "MAX_FREE_DEPTH"]
+           "MAX_COUNT", "MAX_FREE_DEPTH", "MAX_TEXT"]
 
 MAX_COUNT = 2 ** 63 - 1  # counts are int64 on the device
+# Every string a record holds (names, locations, messages) and every object key: far above a real name or a
+# file path (PATH_MAX is 4096), far below what makes rendering slow (a 1 MB name took 28 s to lay out in a table).
+MAX_TEXT = 4096 + 64
 # Free-form values (``meta``'s own keys) nest at most this deep; every other field's depth is fixed by its type.
 MAX_FREE_DEPTH = 8
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
-Check = Callable[[Any, str], Any]  # (value, path in the file) -> the checked value, or raise Bad
+Check = Callable[[Any], Any]  # value -> the checked value, or raise Bad
 
 
 class Bad(Exception):
-    """A field that fails its check; the loader adds the file name."""
+    """A field that fails its check. Where it is (``passes[0].records['w'].norm``) is added on the way
+    out, one container at a time, so a file that passes builds no path strings; the loader adds the
+    file name."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message, self.where = message, []  # path parts, innermost first
+
+    def within(self, part: str) -> "Bad":
+        self.where.append(part)
+        return self
+
+    @property
+    def path(self) -> str:
+        return "".join(reversed(self.where)).lstrip(".")
+
+    def __str__(self) -> str:
+        return f"{self.path or 'top level'}: {self.message}"
 
 
 def show(value: Any) -> str:
     """A short description of a bad value: the file is untrusted, so never echo much of it."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return f"a string of {len(value)} characters"
     if isinstance(value, (dict, list)):
         return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
     if isinstance(value, int) and abs(value) > MAX_COUNT:
@@ -65,76 +87,89 @@ def label(name: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _fail(path: str, expected: str, value: Any):
-    raise Bad(f"{path}: expected {expected}, got {show(value)}")
+def _fail(expected: str, value: Any):
+    raise Bad(f"expected {expected}, got {show(value)}")
 
 
 # ---- scalars -----------------------------------------------------------------------------
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, "true or false", value)
+def _bool(value: Any) -> bool:
+    if value is not True and value is not False:
+        _fail("true or false", value)
     return value
 
 
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        _fail(path, "a string", value)
+def _str(value: Any) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT:
+        _fail(f"a string of at most {MAX_TEXT} characters (gradtrace.schema.MAX_TEXT)", value)
     return value
 
 
-def _name(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        _fail(path, "a non-empty string", value)
+def _name(value: Any) -> str:
+    if type(value) is not str or not value or len(value) > MAX_TEXT:
+        _fail(f"a non-empty string of at most {MAX_TEXT} characters (gradtrace.schema.MAX_TEXT)", value)
     return value
 
 
-def _int(value: Any, path: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_COUNT:
-        _fail(path, "an integer of at most 64 bits", value)
+def _int(value: Any) -> int:
+    if type(value) is not int or abs(value) > MAX_COUNT:  # type(): bool is an int subclass
+        _fail("an integer of at most 64 bits", value)
     return value
 
 
-def _count(value: Any, path: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
-        _fail(path, f"an integer from 0 to {MAX_COUNT}", value)
+def _count(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        _fail(f"an integer from 0 to {MAX_COUNT}", value)
     return value
 
 
-def _number(value: Any, path: str) -> float:
+def _number(value: Any) -> float:
     """Any float; "nan", "inf", "-inf" are how ``save`` writes the non-finite ones."""
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is float:
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2 ** 1023:
+    if kind is int and abs(value) <= 2 ** 1023:
         return float(value)  # JSON has one number type: 0 for 0.0
-    return _fail(path, "a number", value)
+    if kind is str and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    return _fail("a number", value)
 
 
-def _magnitude(value: Any, path: str) -> float:
-    x = _number(value, path)
+def _magnitude(value: Any) -> float:
+    x = _number(value)
     if x < 0:
-        _fail(path, "a number >= 0", value)
+        _fail("a number >= 0", value)
     return x
 
 
-def _amount(value: Any, path: str) -> float:
-    x = _number(value, path)
+def _amount(value: Any) -> float:
+    x = _number(value)
     if not 0 <= x < math.inf:
-        _fail(path, "a finite number >= 0", value)
+        _fail("a finite number >= 0", value)
     return x
 
 
-def free_form(value: Any, path: str, depth: int = 0) -> Any:
+def free_form(value: Any, depth: int = 1) -> Any:
     """Free-form JSON (scalars, arrays, objects), nested at most MAX_FREE_DEPTH."""
     if depth > MAX_FREE_DEPTH:
-        raise Bad(f"{path}: nested deeper than {MAX_FREE_DEPTH}")
+        raise Bad(f"nested deeper than {MAX_FREE_DEPTH}")
     if isinstance(value, list):
-        return [free_form(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(free_form(v, depth + 1))
+            except Bad as e:
+                raise e.within(f"[{i}]") from None
+        return out
     if isinstance(value, dict):
-        return {k: free_form(v, f"{path}[{label(k)}]", depth + 1) for k, v in value.items()}
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
-        _fail(path, "an integer of at most 64 bits", value)
+        checked = {}
+        for k, v in value.items():
+            try:
+                checked[k] = free_form(v, depth + 1)
+            except Bad as e:
+                raise e.within(f"[{label(k)}]") from None
+        return checked
+    if type(value) is int and abs(value) > MAX_COUNT:
+        _fail("an integer of at most 64 bits", value)
     return value
 
 
@@ -145,48 +180,69 @@ _CONSTRAINED: Dict[tuple, Check] = {(int, NON_NEGATIVE): _count, (float, NON_NEG
 
 # ---- composite types -----------------------------------------------------------------------
 def _optional(check: Check) -> Check:
-    return lambda value, path: None if value is None else check(value, path)
+    return lambda value: None if value is None else check(value)
 
 
-def _array(check: Check, build: Callable[[Iterable], Any] = list) -> Check:
-    def checked(value: Any, path: str):
-        if not isinstance(value, list):
-            _fail(path, "an array", value)
-        return build(check(item, f"{path}[{i}]") for i, item in enumerate(value))
+def _array(check: Check, build: Callable[[list], Any] = list) -> Check:
+    def checked(value: Any):
+        if type(value) is not list:
+            _fail("an array", value)
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(check(item))
+            except Bad as e:
+                raise e.within(f"[{i}]") from None
+        return out if build is list else build(out)
     return checked
 
 
 def _counted(check: Check, items: Items) -> Check:
     expected = f"an array of {items.at_least} to {items.at_most} items"
 
-    def checked(value: Any, path: str):
-        if not isinstance(value, list) or not items.at_least <= len(value) <= items.at_most:
-            _fail(path, expected, value if not isinstance(value, list) else f"{len(value)} items")
-        return check(value, path)
+    def checked(value: Any):
+        if type(value) is not list or not items.at_least <= len(value) <= items.at_most:
+            _fail(expected, value if type(value) is not list else f"{len(value)} items")
+        return check(value)
     return checked
 
 
-def _decimal_key(value: str, path: str) -> int:
+def _decimal_key(value: str) -> int:
     """JSON object keys are strings: rank 3 was written as "3"."""
     if not re.fullmatch(r"[0-9]{1,18}", value):
-        _fail(f"{path} key", "a decimal number", value)
+        _fail("a decimal number", value)
     return int(value)
 
 
 def _object(check: Check, key: Optional[Check]) -> Check:
-    def checked(value: Any, path: str) -> dict:
-        if not isinstance(value, dict):
-            _fail(path, "an object", value)
-        return {(key(k, path) if key else k): check(v, f"{path}[{label(k)}]") for k, v in value.items()}
+    def checked(value: Any) -> dict:
+        if type(value) is not dict:
+            _fail("an object", value)
+        out = {}
+        for k, v in value.items():
+            try:
+                name = _str(k) if key is None else key(k)
+            except Bad as e:
+                raise e.within(" key") from None
+            try:
+                out[name] = check(v)
+            except Bad as e:
+                raise e.within(f"[{label(k)}]") from None
+        return out
     return checked
 
 
 def _literal(words: tuple) -> Check:
     expected = "one of " + ", ".join(repr(w) for w in words)
+    allowed = frozenset((type(w), w) for w in words)
 
-    def checked(value: Any, path: str):
-        if not any(type(value) is type(w) and value == w for w in words):
-            _fail(path, expected, value)
+    def checked(value: Any):
+        try:
+            known = (type(value), value) in allowed
+        except TypeError:  # unhashable: an array or object
+            known = False
+        if not known:
+            _fail(expected, value)
         return value
     return checked
 
@@ -240,41 +296,48 @@ def _build(tp: Any) -> Check:
 def _key_check(key: Any) -> Check:
     if key is int or key == typing.Annotated[int, NON_NEGATIVE]:
         return _decimal_key
-    if key == typing.Annotated[str, NON_EMPTY]:
-        return _name
     raise TypeError(f"gradtrace.schema cannot check object keys of type {key!r} (str or int keys only)")
 
 
 # ---- records -----------------------------------------------------------------------------------
 def object_check(what: str, checks: Dict[str, Check], required: Iterable[str] = (),
-                 free: Optional[str] = None, names: Optional[Dict[str, str]] = None) -> Callable:
-    """A check ``(value, path) -> {name: checked value}`` of an object, key by key with ``checks``:
-    none of ``required`` missing; an unknown key is refused, or with ``free`` gathered free-form
-    under that name. ``names`` maps a stored key to the name it gets (default: the key)."""
-    required, names = list(required), names or {}
+                 free: Optional[str] = None, names: Optional[Dict[str, str]] = None) -> Check:
+    """A check ``value -> {name: checked value}`` of an object, key by key with ``checks``: none of
+    ``required`` missing; an unknown key is refused, or with ``free`` gathered free-form under that
+    name. ``names`` maps a stored key to the name it gets (default: the key)."""
+    required, names = frozenset(required), names or {}
+    known = checks.keys()
 
-    def checked(value: Any, path: str) -> Dict[str, Any]:
-        where = path or "top level"  # the top-level object's fields are named bare: "passes[0].norm"
-        if not isinstance(value, dict):
-            _fail(where, f"a {what} object", value)
-        unknown = [k for k in value if k not in checks]
-        if unknown and free is None:
-            raise Bad(f"{where}: unknown {what} field(s): {', '.join(label(k) for k in sorted(unknown))}")
-        missing = [k for k in required if k not in value]
-        if missing:
-            raise Bad(f"{where}: {what} lacks field(s) {', '.join(missing)}")
+    def checked(value: Any) -> Dict[str, Any]:
+        if type(value) is not dict:
+            _fail(f"a {what} object", value)
+        keys = value.keys()
+        if free is None and not keys <= known:
+            unknown = sorted(k for k in keys if k not in known)
+            raise Bad(f"unknown {what} field(s): {', '.join(label(k) for k in unknown)}")
+        if not keys >= required:
+            raise Bad(f"{what} lacks field(s) {', '.join(k for k in checks if k in required and k not in keys)}")
         out: Dict[str, Any] = {}
-        for key, item in value.items():
-            check = checks.get(key)
-            if check is not None:
-                out[names.get(key, key)] = check(item, f"{path}.{key}" if path else key)
-            else:
-                out.setdefault(free, {})[key] = free_form(item, f"{path}[{label(key)}]", 1)
+        key = None
+        try:
+            if plain:  # the common case, kept to one dict store per field
+                for key, item in value.items():
+                    out[key] = checks[key](item)
+                return out
+            for key, item in value.items():
+                check = checks.get(key)
+                if check is not None:
+                    out[names.get(key, key)] = check(item)
+                else:
+                    out.setdefault(free, {})[key] = free_form(item)
+        except Bad as e:
+            raise e.within(f".{key}" if key in checks else f"[{label(key)}]") from None
         return out
+    plain = free is None and not names
     return checked
 
 
-def fields_check(cls: type, extra: Optional[Dict[str, Any]] = None) -> Callable:
+def fields_check(cls: type, extra: Optional[Dict[str, Any]] = None) -> Check:
     """The ``object_check`` of dataclass ``cls``'s stored fields, plus ``extra`` (``{key: type}``) for
     what a file holds beside them; the result is keyed by field name, ready for ``cls(**result)``."""
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -297,12 +360,12 @@ def _record(cls: type) -> Check:
     (records refer to one another, and a class may be declared after the first that names it)."""
     built: List[Callable] = []
 
-    def checked(value: Any, path: str):
+    def checked(value: Any):
         if not built:
             built.append(fields_check(cls))
-        values = built[0](value, path)
+        values = built[0](value)
         try:
             return cls(**values)
         except ValueError as e:  # an invariant the record keeps (InnerProduct: preconditioned figures)
-            raise Bad(f"{path or 'top level'}: {e}") from None
+            raise Bad(str(e)) from None
     return checked

@@ -7,6 +7,11 @@ field of every record against the schema read off the records' type hints
 (``schema.py``), so that whatever it returns, ``report``, ``verdicts`` and
 ``diff`` can read. Anything else is a GradtraceError naming the file and the field.
 
+``save`` writes a regular file and nothing else: a new file in an existing
+folder, or a regular file replaced atomically (through a symlink, the file it
+points to is replaced and the link kept). A device, FIFO, socket or folder at
+the path, or a link to one, is refused, never renamed over.
+
 Non-finite floats are stored as the strings "nan", "inf", "-inf" (JSON has no
 NaN). That is unambiguous because decoding is typed: only a field the schema
 declares a number turns such a string back into a float, so a pass, tensor or
@@ -41,6 +46,52 @@ MAX_FILE_BYTES = 256 * 2 ** 20
 # A trace nests 6 deep; the JSON parser recurses once per level, and would overflow
 # the C stack long before Python's recursion limit if that limit had been raised.
 MAX_DEPTH = 64
+# What reading and reporting a trace may cost, in work units (see LoadWork): about 1.5 s of CPU
+# where the costs were measured, so a trace that loads is reported in under 2 s. Its size in
+# bytes does not bound that: 240 KB can hold 10,000 parameters whose coverage changes in each of
+# 1,000 passes. A module constant, like MAX_FILE_BYTES, for a caller with a larger trace.
+MAX_LOAD_WORK = 1_500_000
+
+
+@dataclasses.dataclass
+class LoadWork:
+    """What reading a trace costs, in work units of about a microsecond of CPU.
+
+    Each count is weighted by what it cost in ``benchmarks/load_work.py`` (CPython
+    3.11 on a 2-core runner): a JSON value is parsed, checked and built (0.5); a
+    byte is scanned before parsing and may be rendered (1/32), and the brackets
+    are scanned again for each level they nest (1/500 a byte); the coverage-gap
+    check groups every parameter for each pair of passes whose coverage differs
+    (10); cuts are compared pairwise to find the outermost (0.5 a pair) and with
+    every registered tensor (0.3 a pair). The counts before parsing come from the
+    bytes (values: commas and brackets outside strings), the rest from the
+    checked records, before any analysis runs.
+    """
+
+    values: int = 0
+    text: int = 0  # bytes
+    scanned: int = 0  # bytes scanned to find how deep the file nests (once per level)
+    coverage: int = 0  # parameters x pairs of passes whose coverage differs
+    cuts: int = 0
+    tensors: int = 0
+
+    def parts(self) -> Dict[str, int]:
+        return {"JSON values": self.values // 2, "bytes": self.text // 32, "nesting": self.scanned // 500,
+                "parameters x coverage changes": 10 * self.coverage,
+                "cut pairs": self.cuts * self.cuts // 4, "tensors x cuts": self.tensors * self.cuts * 3 // 10}
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def check(self, where: str) -> None:
+        total = self.total
+        if total > MAX_LOAD_WORK:
+            part, size = max(self.parts().items(), key=lambda item: item[1])
+            raise GradtraceError(
+                f"{where!r} would take too long to read and report: about {total:,} work units (~{total / 1e6:.1f} s "
+                f"of CPU), most of it for {part} ({size:,}); gradtrace.storage.MAX_LOAD_WORK is {MAX_LOAD_WORK:,}. "
+                "Raise that limit if you trust this trace to be this large.")
 
 
 # ---- saving -----------------------------------------------------------------
@@ -97,13 +148,60 @@ def to_dict(trace) -> Dict[str, Any]:
 
 
 def save(trace, path) -> None:
-    """Write ``trace`` to ``path`` atomically: readers see the previous file or the whole new one."""
+    """Write ``trace`` to ``path`` atomically: readers see the previous file or the whole new one.
+
+    ``path`` is a new file in an existing folder or a regular file (through a
+    symlink: the file it points to, the link kept); anything else is refused.
+    """
+    target = _path_argument(path, "trace.save")
     data = to_dict(trace)
-    target = os.fspath(path)
     try:
-        _write_atomically(target, data)
+        _write_atomically(_destination(target), data)
     except OSError as e:
         raise GradtraceError(f"cannot write trace to {target!r}: {e.strerror or e}") from e
+
+
+def _path_argument(path: Any, what: str) -> str:
+    """``path`` as a str, or a GradtraceError saying why it is not a file name."""
+    try:
+        name = os.fspath(path)
+    except TypeError:
+        raise GradtraceError(f"{what}(path) takes a file name (str or os.PathLike), got "
+                             f"{type(path).__name__}") from None
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if "\0" in name or not name:
+        raise GradtraceError(f"{what}(path): {name!r} is not a usable file name"
+                             + (" (it holds a NUL character)" if name else " (it is empty)"))
+    return name
+
+
+def _destination(target: str) -> str:
+    """The path to rename the new file onto: ``target``, or the regular file a symlink at ``target`` names."""
+    try:
+        link = os.lstat(target)
+    except FileNotFoundError:
+        return target  # a new file (a missing folder fails in mkstemp, with the OS's words)
+    if not stat.S_ISLNK(link.st_mode):
+        _refuse_unless_regular(target, link.st_mode)
+        return target
+    try:
+        pointed = os.stat(target)
+    except FileNotFoundError:
+        raise GradtraceError(f"cannot write trace to {target!r}: it is a symlink to a missing file "
+                             f"({os.readlink(target)!r}); remove the link or save to another path") from None
+    _refuse_unless_regular(target, pointed.st_mode, "it is a symlink to")
+    return os.path.realpath(target)
+
+
+def _refuse_unless_regular(target: str, mode: int, what: str = "it is") -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "something other than a file")
+    raise GradtraceError(f"cannot write trace to {target!r}: {what} {kind}, not a regular file; trace.save "
+                         "writes a new file or replaces a regular one, nothing else")
 
 
 def _write_atomically(target: str, data: Dict[str, Any]) -> None:
@@ -119,12 +217,22 @@ def _write_atomically(target: str, data: Dict[str, Any]) -> None:
             json.dump(data, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        _still_replaceable(target)  # writing took time: what is at the name now?
         os.replace(tmp, target)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _still_replaceable(target: str) -> None:
+    """Right before the rename: never rename over something that is not a regular file (or nothing)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    _refuse_unless_regular(target, mode)
 
 
 def _new_file_mode(target: str) -> int:
@@ -165,8 +273,10 @@ def read(path, factory):
 
     Raises GradtraceError for anything else; never runs code from the file.
     """
-    where = os.fspath(path)
-    return from_dict(_parse(_read(where), where), factory, where)
+    where = _path_argument(path, "gradtrace.load")
+    raw = _read(where)
+    work = LoadWork(text=len(raw))
+    return from_dict(_parse(raw, where, work), factory, where, work)
 
 
 def _read(where: str) -> bytes:
@@ -191,9 +301,15 @@ def _too_big(where: str) -> GradtraceError:
                           f"({MAX_FILE_BYTES} bytes); raise that limit if this really is a trace")
 
 
-def _parse(raw: bytes, where: str) -> Any:
+def _parse(raw: bytes, where: str, work: LoadWork) -> Any:
+    """The JSON document in ``raw``; counts its values into ``work`` and checks the limit before parsing."""
     not_trace = f"{where!r} is not a gradtrace trace"
-    if _nesting_bound(raw) > MAX_DEPTH:  # before the parser recurses, not after
+    skeleton = _skeleton(raw)
+    # Before the parser builds them: every value costs a Python object, a check and a record. Commas and
+    # brackets count every value of a valid document (an empty array or object twice: an upper bound).
+    work.values = skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{") + 1
+    work.check(where)
+    if _nesting_bound(skeleton.replace(b",", b""), work, where) > MAX_DEPTH:  # before the parser recurses
         raise GradtraceError(f"{not_trace}: arrays and objects nested deeper than {MAX_DEPTH}")
     try:
         text = raw.decode("utf-8")
@@ -211,43 +327,63 @@ def _parse(raw: bytes, where: str) -> Any:
         raise GradtraceError(f"{not_trace}: too large to parse in the memory available") from None
 
 
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
-_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}",')
 
 
-def _nesting_bound(raw: bytes) -> int:
-    """How deep arrays and objects nest (exact for valid JSON; an upper bound otherwise), at C speed.
+def _skeleton(raw: bytes) -> bytes:
+    """The brackets and commas of ``raw`` that lie outside strings, at C speed.
 
-    Escaped backslashes and quotes go first, then everything but brackets and
-    quotes; splitting at the quotes leaves what lies outside strings. Each pass
-    deletes the innermost pairs, so valid JSON nested d deep is empty after d
-    passes; what never pairs up (invalid JSON) counts in full: ``[`` 100,000
-    times is as deep as it looks.
+    Escaped backslashes and quotes go first, then everything but brackets,
+    commas and quotes; splitting at the quotes leaves what lies outside strings.
     """
     skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
     # Two quotes side by side (an empty string, or one string ending where the next begins) hide
     # nothing outside strings: dropping them first leaves few quotes for the split.
-    skeleton = b"".join(skeleton.replace(b'""', b"").split(b'"')[::2])
+    return b"".join(skeleton.replace(b'""', b"").split(b'"')[::2])
+
+
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+
+
+def _nesting_bound(skeleton: bytes, work: Optional["LoadWork"] = None, where: str = "") -> int:
+    """How deep the brackets of ``skeleton`` nest (exact for valid JSON; an upper bound otherwise).
+
+    Braces become brackets (the parser recurses into both alike; a brace closed
+    by a bracket is invalid JSON the parser stops at), then each pass deletes the
+    innermost pairs: ``bytes.replace`` does not rescan what it wrote, so a pass
+    takes exactly one level off, and valid JSON nested d deep is empty after d
+    passes. What never pairs up counts in full: ``[`` 100,000 times is as deep
+    as it looks. Each pass scans what is left: with ``work``, that is counted,
+    and a file deep and wide at once is refused before the passes add up.
+    """
+    skeleton = skeleton.translate(_ONE_BRACKET)
     passes = 0
     while skeleton and passes <= MAX_DEPTH:
-        shorter = _INNERMOST.sub(b"", skeleton)
+        if work is not None:
+            work.scanned += len(skeleton)
+            work.check(where)
+        shorter = skeleton.replace(b"[]", b"")
         if len(shorter) == len(skeleton):
             break
         skeleton, passes = shorter, passes + 1
-    return passes + skeleton.count(b"[") + skeleton.count(b"{")
+    return passes + skeleton.count(b"[")
 
 
-def from_dict(data: Any, factory, where: str):
+def from_dict(data: Any, factory, where: str, work: Optional[LoadWork] = None):
     """A trace (built by ``factory``, the plain ``Trace``) holding the checked contents of ``data``."""
-    c = contents_of(data, where)
+    c = contents_of(data, where, work)
     return factory(c["params"], c["param_shapes"], c["meta"], passes={p.name: p for p in c["passes"]},
                    tensors={t.name: t for t in c["tensors"]}, scalars={s.name: s for s in c["scalars"]},
                    cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"],
                    rank_figures=c["rank_figures"])
 
 
-def contents_of(data: Any, where: str) -> Dict[str, Any]:
-    """Check ``data`` field by field; return plain records: params, passes, tensors, scalars, cuts, ..."""
+def contents_of(data: Any, where: str, work: Optional[LoadWork] = None) -> Dict[str, Any]:
+    """Check ``data`` field by field; return plain records: params, passes, tensors, scalars, cuts, ...
+
+    ``work`` is what reading the file cost so far; with what analysing these records will cost, it
+    must stay under MAX_LOAD_WORK.
+    """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GradtraceError(f"{where!r} is not a gradtrace trace (no \"format\": \"{FORMAT}\" field); "
                              "write one with trace.save(path)")
@@ -256,9 +392,21 @@ def contents_of(data: Any, where: str) -> Dict[str, Any]:
         raise GradtraceError(f"{where!r} is trace format version {schema.show(version)}; this gradtrace reads "
                              f"version {VERSION}. Upgrade gradtrace or re-save the trace.")
     try:
-        return _contents(data)
+        contents = _contents(data)
     except Bad as e:
         raise GradtraceError(f"{where!r} is a damaged gradtrace trace: {e}") from None
+    _add_analysis_work(work or LoadWork(), contents).check(where)
+    return contents
+
+
+def _add_analysis_work(work: LoadWork, contents: Dict[str, Any]) -> LoadWork:
+    """Adds the parts of LoadWork that grow faster than the file: pairs of what the analysis compares."""
+    covered = [frozenset(p.records) for p in contents["passes"] if p.records]
+    changes = sum(1 for a, b in zip(covered, covered[1:]) if a != b)
+    distinct = min(len(set(covered)), 6)  # a few passes are compared pairwise, a long run neighbour to neighbour
+    work.coverage = len(contents["params"]) * (changes + distinct * (distinct - 1) // 2)
+    work.cuts, work.tensors = len(contents["cuts"]), len(contents["tensors"])
+    return work
 
 
 # ---- the file's layout (each record's fields come from its type hints: schema.py) ------------------
@@ -279,7 +427,7 @@ _top_fields = schema.object_check(
 
 
 def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
-    top = _top_fields(data, "")
+    top = _top_fields(data)
     params = _unique(top["params"], "params", lambda name: name)
     passes = [_pass(values, f"passes[{i}]", tuple(params)) for i, values in enumerate(top["passes"])]
     _unique(passes, "passes", lambda p: p.name)
@@ -290,7 +438,7 @@ def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
     for i, t in enumerate(top["tensors"]):
         bad = [c for c in t.cuts if c not in seqs]
         if bad:  # a live trace only records cuts it holds (max_passes drops a pass's cuts and their links)
-            raise Bad(f"tensors[{i}].cuts: cut {bad[0]} is not among the trace's {len(seqs)} cut(s)")
+            raise Bad(f"cut {bad[0]} is not among the trace's {len(seqs)} cut(s)").within(f"tensors[{i}].cuts")
     return {"params": params, "param_shapes": top.get("param_shapes") or {},
             "meta": top.get("meta") or TraceMeta(), "passes": passes, "tensors": top["tensors"],
             "scalars": top["scalars"], "cuts": top["cuts"], "inner_products": top.get("inner_products") or [],
@@ -301,7 +449,8 @@ def _pass(values: Dict[str, Any], path: str, params: tuple) -> PassTrace:
     records: Dict[str, GradRecord] = values.pop("records", {})
     for key, record in records.items():
         if record.name != key:  # analysis reads names from both places
-            raise Bad(f"{path}.records[{label(key)}].name is {label(record.name)}")
+            raise Bad(f"{label(record.name)} is not the name it is stored under").within(
+                f"{path}.records[{label(key)}].name")
     p = PassTrace(params=params, **values)
     p.records = records
     return p
@@ -312,6 +461,6 @@ def _unique(items: List[Any], path: str, name_of: Callable[[Any], str]) -> List[
     for item in items:
         name = name_of(item)
         if name in seen:  # a live trace cannot hold two of anything under one name
-            raise Bad(f"{path}: {label(name)} appears twice")
+            raise Bad(f"{label(name)} appears twice").within(path)
         seen.add(name)
     return items

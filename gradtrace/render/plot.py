@@ -14,6 +14,7 @@ Written against the read API only (``params``, ``passes``,
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.names import describe_params, module_of
@@ -47,11 +48,22 @@ def plot(trace, path=None, kind: str = "flow", passes: Optional[Sequence[str]] =
         figure = (_flow if kind == "flow" else _coverage)(figure_class, trace, chosen)
     canvas_class(figure)  # attaches itself: savefig and draw work without pyplot
     if path is not None:
+        named = isinstance(path, (str, bytes, os.PathLike))  # else a file object: matplotlib writes PNG to it
+        written = image_path(path) if named else path
         try:
-            figure.savefig(path, dpi=DPI)
+            figure.savefig(written, dpi=DPI, format=os.path.splitext(written)[1][1:].lower() if named else None)
         except (OSError, ValueError) as e:
-            raise GradtraceError(f"cannot write the plot to {str(path)!r}: {e}") from None
+            raise GradtraceError(f"cannot write the plot to {str(written)!r}: {e}") from None
     return figure
+
+
+def image_path(path) -> str:
+    """Where ``plot(trace, path)`` writes: ``path``, with ``.png`` added when it has no extension
+    (matplotlib's own default), so callers can say which file they wrote."""
+    name = os.fspath(path)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name if os.path.splitext(name)[1] not in ("", ".") else name.rstrip(".") + ".png"
 
 
 def _matplotlib():

@@ -1,15 +1,19 @@
 """Fuzzing the loader: whatever a trace file holds, ``load`` and ``show`` fail cleanly or work.
 
-Hypothesis writes random JSON documents and mutations of a real saved trace
-(a field removed, retyped, set to an extreme, nested 50,000 deep, a 5,000-digit
-number, NaN/Infinity literals, names full of terminal escapes, non-UTF-8
-bytes, truncation). The invariant:
+Hypothesis writes random JSON documents and mutations of two real saved traces
+(today's richest, with typed meta, inner products and a NaN origin; and one
+saved by commit d1a6055, before the records were typed): a field removed,
+retyped, set to an extreme, nested 50,000 deep, a 5,000-digit number,
+NaN/Infinity literals, names full of terminal escapes or of Markdown that
+breaks out of a code span or a table row, indices ``int()`` cannot read,
+strings past ``schema.MAX_TEXT``, non-UTF-8 bytes, truncation. The invariant:
 
 * ``gradtrace.load`` raises ``GradtraceError`` or returns a trace on which every
   read works (``read_everything``), and which saves and loads back unchanged;
 * ``gradtrace show FILE`` exits 2 with one line on stderr when the file does
-  not load, 0 with an empty stderr when it does, and never prints a control
-  character (anything in Unicode's Cc/Cf/Cs/Zl/Zp but newline).
+  not load, 0 with an empty stderr when it does (in every ``--format``), and
+  never prints a control character (anything in Unicode's Cc/Cf/Cs/Zl/Zp but
+  newline).
 
 The default run takes a few seconds; ``GRADTRACE_FUZZ_EXAMPLES=5000`` sets the
 number of examples of each fuzz test for a longer run.
@@ -43,7 +47,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 # Strings a crafted trace would use: terminal escapes, bidi overrides, C1 CSI, a lone
 # surrogate (JSON can spell one), a BOM, and names the old decoder turned into floats.
 NASTY_TEXT = ["\x1b[31mred\x1b[0m", "\x1b]0;title\x07", "\x9b2J", "a\u202eb", "\u2066x\u2069", "\r\n",
-              "\ud800", "\ufeff", "\x00", "nan", "inf", "-inf", "", "x" * 300]
+              "\ud800", "\ufeff", "\x00", "nan", "inf", "-inf", "", "x" * 300,
+              # issue 24: Markdown that breaks out of a code span or a table row, indices int() cannot read
+              "a`b", "x\n| forged |", "[l](https://e.x)", "![i](https://e.x/i.png)", "<b>", "m.\u00b2.w",
+              "layers." + "7" * 4100 + ".w", "y" * 5000]
 # Raw JSON text spliced where a value goes: what json.dumps cannot write.
 RAW = ["1" + "0" * 5000, "NaN", "Infinity", "-Infinity", "1e400", "-1e400", "-0.0", "1e-400",
        "[" * 50000 + "]" * 50000, "{\"a\":" * 20000 + "0" + "}" * 20000, '"\\ud800"', '"\\u001b[2J"']
@@ -73,11 +80,11 @@ def control_characters(text: str) -> list:
     return [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
 
 
-def show(path) -> tuple:
+def show(path, *options) -> tuple:
     """``gradtrace show path`` in-process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["show", str(path)])
+        code = cli.main(["show", str(path), *options])
     return code, out.getvalue(), err.getvalue()
 
 
@@ -98,6 +105,9 @@ def check_file(path, scratch) -> bool:
         assert err.startswith("gradtrace: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     else:
         assert code == 0 and err == "" and out == trace.report() + "\n"
+        for fmt in ("markdown", "json"):  # the other formats render whatever loads, too
+            code, formatted, err = show(path, "--format", fmt)
+            assert code == 0 and err == "" and control_characters(formatted) == [], (fmt, err[:200])
     assert control_characters(out) == [] and control_characters(err) == [], (out[:200], err[:200])
     return trace is not None
 

@@ -28,6 +28,7 @@ MAX_LINES = len(PASS_COLORS)  # passes drawn in a flow plot (the newest)
 MAX_ROWS = 40  # passes drawn in a coverage map (the newest)
 MAX_COLUMNS = 60  # more parameters than this: the coverage map shows modules
 MAX_TICKS = 40  # tick labels per axis, at most (evenly spaced)
+MAX_LABEL = 60  # characters of a tick label: longer names keep their ends (a name from a file can be 4,000 long)
 MAX_INNER = 4  # inner products drawn
 MAX_BARS = 48  # modules x passes up to which the flow plot uses grouped bars
 DPI = 100
@@ -124,7 +125,12 @@ def _ticks(axis_set_ticks, axis_set_labels, labels: Sequence[str], rotation: flo
     if positions[-1] != len(labels) - 1:  # always name the last one (often the head)
         positions[-1 if len(labels) - 1 - positions[-1] < step / 2 else len(positions):] = [len(labels) - 1]
     axis_set_ticks(positions)
-    axis_set_labels([labels[i] for i in positions], rotation=rotation, fontsize=8)
+    axis_set_labels([_shortened(labels[i]) for i in positions], rotation=rotation, fontsize=8)
+
+
+def _shortened(label: str) -> str:
+    half = (MAX_LABEL - 1) // 2
+    return label if len(label) <= MAX_LABEL else label[:half] + "\u2026" + label[-half:]
 
 
 def _width(columns: int) -> float:
@@ -196,16 +202,23 @@ def _compress(modules: List[str]) -> str:
 
     for m in modules:
         head, _, tail = m.rpartition(".")
-        if tail.isdigit() and run and run[-1][0] == head + "." and run[-1][1] + 1 == int(tail):
-            run.append((head + ".", int(tail)))
+        index = _index(tail)
+        if index is not None and run and run[-1][0] == head + "." and run[-1][1] + 1 == index:
+            run.append((head + ".", index))
             continue
         close()
-        if tail.isdigit():
-            run.append((head + "." if head else "", int(tail)))
+        if index is not None:
+            run.append((head + "." if head else "", index))
         else:
             items.append(m)
     close()
     return ", ".join(items[:4]) + (f", +{len(items) - 4} more" if len(items) > 4 else "")
+
+
+def _index(part: str) -> Optional[int]:
+    """A module path component that is a list index, as an int (a name from a trace file may be any text:
+    superscript digits pass ``isdigit`` but not ``int``, and 5,000 digits are past what ``int`` converts)."""
+    return int(part) if part.isascii() and part.isdigit() and len(part) <= 18 else None
 
 
 def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen: set) -> None:
@@ -234,7 +247,8 @@ def _coverage(Figure, trace, chosen) -> "Figure":
     columns = {n: [n] for n in trace.params} if by_param else _modules(trace.params)
     labels = list(columns)
     grid = [[_state(p, columns[c]) for c in labels] for p in chosen]
-    figure = Figure(figsize=(_width(len(labels)), 2.8 + 0.25 * len(chosen) + 0.06 * max(map(len, labels))),
+    longest = min(max(map(len, labels)), MAX_LABEL)
+    figure = Figure(figsize=(_width(len(labels)), 2.8 + 0.25 * len(chosen) + 0.06 * longest),
                     layout="constrained")
     ax = figure.add_subplot()
     ax.imshow(grid, cmap=ListedColormap([OK_COLOR, ZERO_COLOR, MISSING_COLOR]), vmin=0, vmax=2,
@@ -268,7 +282,7 @@ def _inner_axes(ax, s) -> None:
     y = list(range(len(top)))
     ax.barh(y, values, color=["#1f77b4" if v >= 0 else "#9467bd" for v in values])
     ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=8)
+    ax.set_yticklabels([_shortened(n) for n in names], fontsize=8)
     ax.invert_yaxis()  # largest contribution on top
     ax.axvline(0.0, color="black", linewidth=0.8)
     for yi, t in zip(y, top):

@@ -1,4 +1,4 @@
-"""Plots of a trace (optional extra: ``pip install "gradtrace[plot]"``).
+"""Plots of a trace (needs matplotlib: ``pip install matplotlib``, or the ``plot`` extra of a checkout).
 
 * ``flow``: gradient norm per module (log axis), one line per pass, in model
   order; modules that got nothing are marked along the bottom, not left blank.
@@ -72,8 +72,8 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise GradtraceError('Trace.plot needs matplotlib: pip install "gradtrace[plot]" '
-                             "(or pip install matplotlib)") from None
+        raise GradtraceError("Trace.plot needs matplotlib: pip install matplotlib (from a checkout of gradtrace, "
+                             'pip install -e ".[plot]" installs it too)') from None
     return Figure, FigureCanvasAgg
 
 

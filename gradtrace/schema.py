@@ -2,18 +2,19 @@
 
 A record field is declared once, in ``records.py``, with a type from
 ``fields.py``; ``check_for(type)`` turns that type into a check
-``(value, path) -> value`` that accepts what ``storage.save`` writes for it and
-raises ``Bad`` naming the path for anything else. A field someone adds to a
+``value -> value`` that accepts what ``storage.save`` writes for it and raises
+``Bad`` for anything else (the path to the field is added as it unwinds). A field someone adds to a
 record is saved and checked on load with no change here; a type this module
 cannot check fails when its check is first built (any test that loads a trace
 finds it), never silently.
 
 How types map to JSON:
 
-* ``bool``, ``str``, ``float`` (also ``"nan"``, ``"inf"``, ``"-inf"``, how NaN/Inf
-  are saved) and ``int`` (64 bits); ``Count``, ``Magnitude``, ``Name`` add their
-  ``Constraint``; ``Literal[...]`` one of its words; ``Any`` free-form JSON
-  (nested at most ``MAX_FREE_DEPTH``);
+* ``bool``, ``str`` (at most ``MAX_TEXT`` characters), ``float`` (also ``"nan"``,
+  ``"inf"``, ``"-inf"``, how NaN/Inf are saved) and ``int`` (64 bits); ``Count``,
+  ``Magnitude``, ``Amount``, ``Name`` add their ``Constraint``, ``RankFigures`` its
+  ``Items``; ``Literal[...]`` one of its words; ``Any`` free-form JSON (nested at
+  most ``MAX_FREE_DEPTH``);
 * ``Optional[X]``: null or X; ``List``/``Sequence``/``Tuple[X, ...]``/sets: an array;
   ``Dict[K, V]``: an object (``int`` keys are written as decimal strings);
 * a dataclass: an object with its stored fields (``fields.stored``), required

@@ -1,7 +1,9 @@
 """JSON save and load. Loading never runs code: plain JSON, checked field by field.
 
 A trace file is untrusted input: traces are mailed around and attached to bug
-reports. ``load`` reads at most ``MAX_FILE_BYTES``, turns a parser that runs
+reports. ``load`` reads at most ``MAX_FILE_BYTES``, estimates the work of
+reading and reporting it (``LoadWork``, before the parser runs and before any
+analysis) and refuses more than ``MAX_LOAD_WORK``, turns a parser that runs
 out of stack (deep nesting) or digits into a GradtraceError, and checks every
 field of every record against the schema read off the records' type hints
 (``schema.py``), so that whatever it returns, ``report``, ``verdicts`` and
@@ -25,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import stat
 import tempfile
 from typing import Any, Callable, Dict, List, Optional

@@ -131,6 +131,15 @@ class Trace:
         return self._tensors
 
     @property
+    def meta(self) -> TraceMeta:
+        """How the trace was recorded: attributes for what gradtrace reads, and a dict for anything else."""
+        return self._meta
+
+    @meta.setter
+    def meta(self, value) -> None:
+        self._meta = value if isinstance(value, TraceMeta) else TraceMeta.of(value)  # a plain dict stays usable
+
+    @property
     def cuts(self) -> List[Cut]:
         return self._cuts
 

@@ -57,6 +57,8 @@ def test_only_demo_imports_torch_and_it_still_lists_the_bugs():
     assert all(f"  {name:<21} {line}" in proc.stdout for name, line in BUGS.items())
 
 
-def test_an_unknown_bug_is_a_usage_error():
+def test_an_unknown_bug_is_a_usage_error(capsys):
     from gradtrace import cli
     assert cli.main(["demo", "--bug", "no_such_bug"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --bug: invalid choice: 'no_such_bug' (choose from tiny_lr, " in err

@@ -98,6 +98,13 @@ def test_trace_meta_is_a_mutable_mapping_with_typed_fields():
     assert dict(TraceMeta.of(meta)) == dict(meta)
 
 
+def test_a_dict_assigned_to_meta_becomes_a_trace_meta():
+    trace = gradtrace.load(LEGACY)
+    trace.meta = {"cuts": "ops", "world_size": 3, "mine": 1}
+    assert isinstance(trace.meta, TraceMeta) and trace.meta.world_size == 3 and trace.meta["mine"] == 1
+    assert "on rank(s) 0, 1, 2" in trace.report()  # the analysis reads the attribute
+
+
 def test_a_users_own_meta_keys_are_saved_and_must_be_json(tmp_path):
     trace = gradtrace.load(LEGACY)
     trace.meta["run"] = {"id": 7, "tags": ["a"]}

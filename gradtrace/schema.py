@@ -15,7 +15,8 @@ How types map to JSON:
   ``Magnitude``, ``Amount``, ``Name`` add their ``Constraint``, ``RankFigures`` its
   ``Items``; ``Literal[...]`` one of its words; ``Any`` free-form JSON (nested at
   most ``MAX_FREE_DEPTH``);
-* ``Optional[X]``: null or X; ``List``/``Sequence``/``Tuple[X, ...]``/sets: an array;
+* ``Optional[X]``: null or X; ``Union[X, Y, ...]``: the first that accepts it;
+  ``List``/``Sequence``/``Tuple[X, ...]``/sets: an array;
   ``Dict[K, V]``: an object (``int`` keys are written as decimal strings);
 * a dataclass: an object with its stored fields (``fields.stored``), required
   when they have no default; a ``ValueError`` from its constructor (an invariant,
@@ -233,6 +234,22 @@ def _object(check: Check, key: Optional[Check]) -> Check:
     return checked
 
 
+def _first_of(checks: List[Check], optional: bool) -> Check:
+    """``Union[A, B, ...]``: the first check that accepts the value (order matters: ``Union[float, str]``
+    reads "nan" as a number, ``Union[str, float]`` as a string)."""
+    def checked(value: Any):
+        if value is None and optional:
+            return None
+        failures = []
+        for check in checks:
+            try:
+                return check(value)
+            except Bad as e:
+                failures.append(e.message)
+        raise Bad(" or ".join(failures))
+    return checked
+
+
 def _literal(words: tuple) -> Check:
     expected = "one of " + ", ".join(repr(w) for w in words)
     allowed = frozenset((type(w), w) for w in words)
@@ -284,6 +301,8 @@ def _build(tp: Any) -> Check:
         return _literal(args)
     elif origin is Union and type(None) in args and len(args) == 2:
         return _optional(check_for(next(a for a in args if a is not type(None))))
+    elif origin is Union:
+        return _first_of([check_for(a) for a in args if a is not type(None)], type(None) in args)
     elif origin in _SEQUENCES and (len(args) == 1 or (origin is tuple and len(args) == 2 and args[1] is ...)):
         return _array(check_for(args[0]), _SEQUENCES[origin])
     elif origin in _MAPPINGS and len(args) == 2:

@@ -141,6 +141,7 @@ class Everything:
     nested: Optional[Inner] = None
     items: List[Inner] = field(default_factory=list)
     renamed: str = field(default="", metadata=stored_as("class"))
+    mixed: List[typing.Union[str, float, None]] = field(default_factory=list)
     anything: typing.Any = None
     _private: int = 0
 
@@ -151,7 +152,7 @@ def check(value, cls=Everything):
 
 def test_a_new_record_type_is_checked_from_its_hints_alone():
     full = Everything(3, True, "t", -9, float("inf"), "b", 2.0, ["n"], {4: [1.0]}, Inner("i", 1.0), [Inner("j")],
-                      "r", {"free": [1]})
+                      "r", ["nan", 1.5, None], {"free": [1]})
     encoded = json.loads(json.dumps(storage._encode(full, "x")))
     assert encoded["ratio"] == "inf" and encoded["class"] == "r" and "_private" not in encoded
     assert encoded["by_rank"] == {"4": [1.0]}
@@ -167,6 +168,7 @@ def test_a_new_record_type_is_checked_from_its_hints_alone():
         ({"required_count": 1, "nested": {"label": ""}}, "^nested.label: expected a non-empty string"),
         ({"required_count": 1, "items": [{"label": "l", "weight": "heavy"}]}, r"^items\[0\].weight: expected a number"),
         ({"required_count": 1, "renamed": "r"}, "unknown Everything field\\(s\\): 'renamed'"),
+        ({"required_count": 1, "mixed": [[1]]}, r"^mixed\[0\]: expected a string .* or expected a number, got a JSON array"),
         ({"required_count": 1, "_private": 1}, "unknown Everything field\\(s\\): '_private'"),
         ({"required_count": 1, "anything": [[[[[[[[[[1]]]]]]]]]]}, "nested deeper than 8"),
     ]:

@@ -34,6 +34,7 @@ def run_in_fresh_interpreter(commands):
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow  # a fresh interpreter (and matplotlib for plot)
 def test_help_version_show_diff_and_plot_do_not_import_torch(tmp_path):
     trace = str(LEGACY)
     commands = [["--help"], ["--version"], ["show", "--help"], ["show", trace], ["show", trace, "--format", "json"],

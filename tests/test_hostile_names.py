@@ -142,9 +142,15 @@ def test_parameter_names_with_long_or_odd_indices_report(tmp_path, capsys, digit
     assert cli.main(["show", str(path)]) == 0
     out = capsys.readouterr()
     assert out.err == "" and "Traceback" not in out.out
+
+
+@pytest.mark.parametrize("digits", [pytest.param(4100, marks=pytest.mark.slow), 50])  # 4,100: ~10 s of layout
+def test_parameter_names_with_long_or_odd_indices_plot(tmp_path, digits):
     pytest.importorskip("matplotlib")
+    trace = gradtrace.load(file_with_indices(tmp_path, digits))
     for kind in ("flow", "coverage"):
-        trace.plot(tmp_path / f"{kind}.png", kind=kind)
+        assert trace.plot(tmp_path / f"{kind}.png", kind=kind) is not None
+        assert (tmp_path / f"{kind}.png").stat().st_size > 0
 
 
 def test_a_file_with_a_5000_digit_parameter_name_is_a_gradtrace_error(tmp_path, capsys):

@@ -182,6 +182,7 @@ def test_load_refuses_what_is_not_a_file_name(path):
         gradtrace.load(path)
 
 
+@pytest.mark.slow  # runs the demo probe
 def test_demo_save_to_a_fifo_exits_2(tmp_path, capsys):
     """`demo --save /dev/stdout` as root would have replaced the device; a FIFO stands in for it here."""
     fifo = tmp_path / "stdout"

@@ -143,7 +143,7 @@ class LiveTrace(Trace):
             else:
                 self._tensor_pass_facts(item.tensor, item.pass_name, host, rows)
         if recording.cuts_mode != "off":
-            self.meta["ran_with_grad"] = recording.cut_log.ran_with_grad
+            self.meta.ran_with_grad = recording.cut_log.ran_with_grad
         if recording.optim is not None:
             recording.optim.take(self._optimizers)
             for record in self._optimizers.values():  # steps attributed to a pass dropped meanwhile
@@ -177,7 +177,10 @@ class LiveTrace(Trace):
                            rows: Optional[Dict[str, float]]) -> None:
         if pass_name not in self._passes:
             return  # its pass was dropped (max_passes) before the facts reached the host
-        facts = self._tensors[tensor].by_pass.setdefault(pass_name, TensorPassFacts())
+        record = self._tensors[tensor]
+        if record.by_pass is None:
+            record.by_pass = {}
+        facts = record.by_pass.setdefault(pass_name, TensorPassFacts())
         facts.calls += 1
         facts.values.merge(values)
         if rows is not None:
@@ -202,7 +205,7 @@ class LiveTrace(Trace):
         summary = inner.inner_products(a, b, kept[a], kept[b], precondition, params)
         result.inner = summary
         self.inner_products = [s for s in self.inner_products
-                               if (s["a"], s["b"], s["preconditioned"]) != (a, b, summary["preconditioned"])]
+                               if (s.a, s.b, s.preconditioned) != (a, b, summary.preconditioned)]
         self.inner_products.append(summary)
         return result
 
@@ -371,12 +374,13 @@ class LiveTrace(Trace):
         gone = set(recording.cut_log.drop_pass(name))
         for record in self._tensors.values():
             record.grads.pop(name, None)
-            record.by_pass.pop(name, None)
+            if record.by_pass:
+                record.by_pass.pop(name, None)
             if gone and record.cuts:
                 record.cuts = [seq for seq in record.cuts if seq not in gone]
         for optimizer in self._optimizers.values():
             optimizer.passes.pop(name, None)
-        self.meta["dropped_passes"] += 1
+        self.meta.dropped_passes += 1
 
     def _close(self, error: Optional[BaseException] = None) -> None:
         """On exit: no hook records any more; runs cut short by an exception still land in their pass."""
@@ -391,13 +395,12 @@ class LiveTrace(Trace):
         for handle in recording.tensor_handles:
             handle.remove()
         recording.tensor_handles.clear()
-        self.meta["forward_calls"] = recording.cut_log.root_calls
+        self.meta.forward_calls = recording.cut_log.root_calls
         if recording.cuts_mode != "off":
-            self.meta["ran_with_grad"] = recording.cut_log.ran_with_grad
-        self.meta["frozen_while_watched"] = [n for n, p in zip(recorder.names, recorder.params)
-                                             if not p.requires_grad]
+            self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+        self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
         if error is not None:
-            self.meta["error"] = _describe_error(error)
+            self.meta.error = _describe_error(error)
 
 
 def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
@@ -626,7 +629,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
         ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id).attach(batch)
-        trace.meta["ran_with_grad"] = []  # kept current on every read (CutLog.ran_with_grad)
+        trace.meta.ran_with_grad = set()  # kept current on every read (CutLog.ran_with_grad)
     recording.cuts_mode = cuts
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for

@@ -22,7 +22,7 @@ MASK_ROLES = ("mask", "attention_mask", "completion_mask")
 
 def facts_by_pass(t: TensorRecord, passes) -> Iterator[Tuple[Optional[str], ValueStats, Dict[str, float]]]:
     """``(pass name or None, values, row facts)``: per pass where the trace keeps them, else the whole watch."""
-    kept = [(name, facts) for name, facts in t.by_pass.items() if name in passes]
+    kept = [(name, facts) for name, facts in (t.by_pass or {}).items() if name in passes]
     if not kept:
         yield None, t.values, t.row_facts
         return
@@ -123,7 +123,7 @@ def check_empty_rows(trace, passes, tensors, cuts):
             rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
             if not empty or "selected_sum" not in facts:
                 continue
-            fraction = empty / rows
+            fraction = empty / rows if rows else 1.0  # a crafted file can hold empty rows without rows
             with_tokens = facts.get("empty_with_tokens") or 0
             hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
                     f"{ALIGN_HINT}" if with_tokens else "")

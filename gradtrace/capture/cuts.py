@@ -182,9 +182,9 @@ class CutLog:
         return self.tick()
 
     @property
-    def ran_with_grad(self) -> List[str]:
+    def ran_with_grad(self) -> set:
         """Modules that ran with grad and gave an output that requires grad (in their latest call)."""
-        return sorted(name for name, tick in self.grad_forwards.items() if tick > 0)
+        return {name for name, tick in self.grad_forwards.items() if tick > 0}
 
     def take_window(self) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
         """The forwards of the pass that just finished: those since the previous pass finished.

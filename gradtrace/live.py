@@ -14,17 +14,18 @@ import contextlib
 import gc
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, modules, stats, wrappers
+from .capture import hook_state, inner, modules, stats, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
-from .capture.passes import READ_AT, PassState
+from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
-from .capture.recorder import PendingPass, Recorder
+from .capture.reading import READ_AT
+from .capture.recorder import Recorder
 from .errors import GradtraceError
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
 from .trace import Trace
@@ -56,7 +57,7 @@ class Recording:
     cut_log: CutLog
     names_by_id: Dict[int, str]
     max_passes: Optional[int]
-    pending: Dict[str, PendingPass] = field(default_factory=dict)  # finished, not yet read (insertion order)
+    pending: Dict[str, Pass] = field(default_factory=dict)  # finished, not yet read (insertion order)
     finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
     pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
@@ -67,24 +68,24 @@ class Recording:
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
-
-    @property
-    def kept(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        return self.recorder.kept
+    kept: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # keep_grads: each pass's, by name
 
 
 class LiveTrace(Trace):
-    """What ``watch`` yields: a trace that records while the ``with`` block runs."""
+    """What ``watch`` yields: a trace that records while the ``with`` block runs.
+
+    It is its passes' event sink (``capture.passes.PassEvents``): ``name_taken`` and
+    ``pass_finished`` are how a pass reaches the trace.
+    """
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
-                 max_passes: Optional[int], backward_scope: Callable[[], str] = lambda: "local"):
+                 max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
+                 reduction: stats.Reduction = stats.HOST):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready,
-                            backward_scope)
-        recorder.passes.taken_names = self._passes.__contains__
+        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
+        recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
         self._recording = Recording(
-            recorder=recorder,
-            cut_log=CutLog(lambda: recorder.active.name if recorder.active is not None else None),
+            recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
             names_by_id={id(p): n for n, p in named}, max_passes=max_passes)
 
     # ---- reading: move pending statistics to the host first ----------------------
@@ -108,7 +109,7 @@ class LiveTrace(Trace):
             recording.recorder.flush_orphan()
         pending, recording.pending = recording.pending, {}
         for name, item in pending.items():
-            record, tensor_facts = item.materialize(self.params)
+            record, tensor_facts = item.to_trace(self.params)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None
@@ -180,8 +181,8 @@ class LiveTrace(Trace):
         self._recording.cut_mark = self._recording.cut_log.events
         try:
             yield  # the PassTrace is ready once the block exits: read trace.passes[name]
-        except Exception as e:  # a backward that raised is a finding, and the error still propagates
-            state.failed = _describe_error(e)
+        except BaseException as e:  # a backward that raised (or Ctrl-C) is a finding; the error propagates as it is
+            state.fail(_describe_error(e))
             raise
         finally:
             recorder.end_pass(state)
@@ -217,7 +218,7 @@ class LiveTrace(Trace):
             if seq not in record.cuts:
                 record.cuts.append(seq)
         recording.cut_mark = recording.cut_log.events
-        recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
+        recording.pending_values.append(PendingValues(name, values.value_stats(t)))
         if role is not None:
             record.role = role
         if facts is not None:
@@ -226,7 +227,7 @@ class LiveTrace(Trace):
             self._hook_tensor(name, t, active)
         return t
 
-    def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[PassState]) -> None:
+    def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[Pass]) -> None:
         recording = self._recording
         recording.hooks_before.note(t)
         recording.tensor_handles.append(t.register_hook(recording.recorder.tensor_hook(name)))
@@ -240,8 +241,7 @@ class LiveTrace(Trace):
         record.reach_partial = record.reach_partial or partial
         record.trainable_upstream = bool(record.reachable)
         if active is not None:
-            active.expected = (active.expected or set()) | found
-            active.expected_partial = active.expected_partial or partial
+            active.expect(found, partial)
 
     def scalar(self, name: str, value: Any) -> float:
         """Record a float at full precision (``deltaH1``); flags values that print as 0.000000."""
@@ -276,13 +276,19 @@ class LiveTrace(Trace):
             raise GradtraceError(f"trace.{what}() was called after `watch` exited; call it inside the "
                                  "`with gradtrace.watch(...)` block")
 
-    # ---- the recorder's callbacks and exit -----------------------------------------
-    def _pass_ready(self, state: PassState, pending: PendingPass) -> None:
-        if state.auto:
-            self._passes[state.name] = None
+    # ---- the passes' events and exit ---------------------------------------------
+    def name_taken(self, name: str) -> bool:
+        return name in self._passes
+
+    def pass_finished(self, pass_: Pass) -> None:
+        if pass_.auto:
+            self._passes[pass_.name] = None
         recording = self._recording
-        recording.pending[state.name] = pending
-        recording.finished.append(state.name)
+        recording.pending[pass_.name] = pass_
+        recording.finished.append(pass_.name)
+        kept = pass_.take_kept()
+        if kept is not None:
+            recording.kept[pass_.name] = kept
         if recording.max_passes is not None:
             while len(recording.finished) > recording.max_passes:
                 self._drop(recording.finished.popleft())
@@ -306,7 +312,7 @@ class LiveTrace(Trace):
         recording.open = False
         recorder = recording.recorder
         recorder.enabled = False
-        recorder.close_open_runs()
+        recorder.close_open_runs(_describe_error(error) if error is not None else None)
         for label in list(recorder.passes.labels.values()):  # labels still open in any thread
             recorder.end_pass(label)
         recorder.flush_orphan()
@@ -335,14 +341,14 @@ def _describe_error(e: BaseException) -> str:
 
 
 def _row_facts(name: str, t, role: Optional[str], attention_mask):
-    """``stats.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
+    """``values.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
     if role is not None and role not in TENSOR_ROLES:
         raise GradtraceError(f"trace.tensor({name!r}, ..., role={role!r}): role is one of {', '.join(TENSOR_ROLES)}")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...) takes a torch.Tensor, got "
                              f"{type(attention_mask).__name__}")
     try:
-        return stats.row_facts(t, role, attention_mask)
+        return values.row_facts(t, role, attention_mask)
     except ValueError as e:
         raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...): {e}") from None
 
@@ -406,7 +412,10 @@ def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in named if p.requires_grad]
 
 
-def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any) -> None:
+def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
+                   statistics: str) -> None:
+    if not isinstance(statistics, str) or statistics not in stats.REDUCTIONS:
+        raise GradtraceError(f"statistics={statistics!r} is not one of {', '.join(stats.REDUCTIONS)}")
     if cuts not in CUT_MODES:
         raise GradtraceError(f"cuts={cuts!r} is not one of {', '.join(CUT_MODES)}")
     if not isinstance(keep_grads, bool):
@@ -428,7 +437,8 @@ DEFAULT_MAX_PASSES = 256
 
 @contextlib.contextmanager
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
-          max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None) -> Iterator[LiveTrace]:
+          max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None,
+          statistics: str = "auto") -> Iterator[LiveTrace]:
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -441,9 +451,13 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     ``trace.meta["dropped_passes"]``. None keeps every pass.
     ``optimizer``: a torch optimizer; the first pass after each of its steps
     begins an optimizer step, where stale ``.grad`` is judged.
+    ``statistics``: where pass-end figures are reduced: "auto" (numpy for values on
+    the CPU, the device for an accelerator's) or "device" (on the device everywhere,
+    never reading a value back before the pass's one transfer: an accelerator's
+    path, here to test it on a CPU). Both give the same figures.
     Every hook is removed on exit, whether or not the block raised.
     """
-    _check_options(cuts, keep_grads, max_passes, optimizer)
+    _check_options(cuts, keep_grads, max_passes, optimizer, statistics)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root, module_walk = _resolve_target(target)
     wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
@@ -461,7 +475,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     meta.update(wrapper.meta())
     if wrapper.kind == "FSDP1":
         named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
-    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper.backward_scope)
+    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics))
     if wrapper.kind == "FSDP1":
         shapes = wrappers.fsdp1_shapes(wrapper)
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
@@ -471,7 +485,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
             _register(stack, trace, [p for _, p in named], root, module_walk, cuts, optimizer, wrapper)
         try:
             yield trace
-        except Exception as e:  # the trace keeps what was recorded, and says how the block ended
+        except BaseException as e:  # the trace keeps what was recorded, and says how the block ended
             trace._close(e)
             raise
     finally:

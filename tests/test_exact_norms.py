@@ -277,3 +277,21 @@ def test_extreme_float64_gradients_raise_no_numpy_warning(code_path):
         rows = host_rows(code_path, grads)
     for row, g in zip(rows, grads):
         assert_exact(row, g)
+
+
+@pytest.mark.parametrize("dtype,value", CASES, ids=[f"{str(d)[6:]}-{v:.3g}" for d, v in CASES])
+def test_chunked_large_gradients_stay_exact(dtype, value, code_path):
+    """Above ``CHUNK_NUMEL`` elements a converted copy is made a chunk at a time (bounded memory):
+    the chunks' norms combine to the whole tensor's, at every extreme, NaN/Inf counted across chunks."""
+    n = 2 * stats.CHUNK_NUMEL + 3
+    g = torch.full((n,), value, dtype=dtype)
+    g[1::2] = -g[1::2]
+    exact = float(torch.tensor(value, dtype=dtype).double()) * math.sqrt(n)  # |v| sqrt(n), no sum taken
+    norm, top, bad = host_rows(code_path, [g])[0]
+    assert top == float(torch.tensor(value, dtype=dtype).double()) and bad == 0
+    assert math.isclose(norm, exact, rel_tol=rel_tol(g), abs_tol=1e-322), f"{norm!r} != {exact!r}"
+    g[3] = math.nan
+    g[stats.CHUNK_NUMEL + 5] = math.inf
+    g[n - 1] = -math.inf
+    norm, top, bad = host_rows(code_path, [g])[0]
+    assert bad == 3 and math.isnan(top) and math.isnan(norm)

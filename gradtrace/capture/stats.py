@@ -50,9 +50,9 @@ FIGURES = ("norm", "max_abs", "nonfinite")
 # Gradients up to this many elements are concatenated and reduced together.
 SMALL_NUMEL = 1 << 16
 # At most this many elements go into one concatenated buffer (its float64 copies bound the memory).
-BATCH_NUMEL = 1 << 20
+BATCH_NUMEL = 1 << 18
 # A large gradient that needs a converted copy is converted this many elements at a time.
-CHUNK_NUMEL = 1 << 19
+CHUNK_NUMEL = 1 << 18
 
 # Where a sum of squares is exact (to rounding) in the dtype it is accumulated in: squares stay
 # normal, and 2**32 of them stay finite. Outside it, float64 1e-200 squares to 0 and 1e160 to inf.
@@ -286,13 +286,16 @@ class HostReduction(Reduction):
 
     @staticmethod
     def _large(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """A float32 norm where it is exact, float64 (scaled for float64 values) for the rows that need it."""
+        """The tensors' own-dtype norm where it is exact, float64 (scaled for float64 values) for the rows
+        that need it; bfloat16/float16 in float64, a chunk at a time (no float32 copy of the whole)."""
         amax = torch.stack([_max_abs(t) for t in tensors]).to(torch.float64)
-        if dtype in (torch.float32, torch.float64):
-            norms = torch.stack(foreach_norm(tensors)).to(torch.float64)
-        else:  # bfloat16 / float16: a float32 norm of each chunk, combined in float64
-            norms = torch.stack([_combined(foreach_norm(_chunks(t), 2, dtype=torch.float32)) for t in tensors])
-        lo, hi = SAFE_RANGE[torch.float64 if dtype == torch.float64 else torch.float32]
+        if dtype not in (torch.float32, torch.float64):  # bfloat16 / float16: a chunk at a time, in float64
+            norms = torch.stack([_combined(foreach_norm(_chunks(t), 2, dtype=torch.float64)) for t in tensors])
+            bad = [float(_nonfinite_count(t)) if not math.isfinite(top) else 0.0
+                   for t, top in zip(tensors, amax.tolist())]
+            return torch.stack([norms, amax, torch.tensor(bad, dtype=torch.float64)], dim=1)
+        norms = torch.stack(foreach_norm(tensors)).to(torch.float64)
+        lo, hi = SAFE_RANGE[dtype]
         bad = [0.0] * len(tensors)
         for i, (norm, top) in enumerate(zip(norms.tolist(), amax.tolist())):
             if not math.isfinite(top):

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import gc
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -36,6 +37,9 @@ CUT_MODES = ("modules", "ops", "off")
 # parameters would double-count every gradient. This is the one piece of
 # state shared between traces; entries live exactly as long as their watch.
 _WATCHED: Dict[int, str] = {}
+# Checking for a clash and claiming the parameters is one step: two threads entering watch(m) on
+# one model at once must not both succeed.
+_WATCHED_LOCK = threading.Lock()
 
 
 @dataclass
@@ -205,6 +209,9 @@ class LiveTrace(Trace):
         if t.is_meta:
             raise GradtraceError(f"trace.tensor({name!r}, ...) got a meta tensor: it has a shape but no values "
                                  "to record. Register the tensor the computation really produced.")
+        if t.is_nested:
+            raise GradtraceError(f"trace.tensor({name!r}, ...) got a nested tensor (rows of different lengths): "
+                                 "register a padded tensor (t.to_padded_tensor(0)) and its mask, or each row.")
         if expect_grad not in (None, True, False):
             raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
         facts = _row_facts(name, t, role, attention_mask)
@@ -248,14 +255,7 @@ class LiveTrace(Trace):
         self._require_open("scalar")
         if not isinstance(name, str) or not name:
             raise GradtraceError(f"scalar names are non-empty strings, got {name!r}")
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise GradtraceError(f"trace.scalar({name!r}, ...) takes one number, got a tensor of shape "
-                                     f"{tuple(value.shape)}")
-            value = value.detach().reshape(()).to(torch.float64).item()
-        if not isinstance(value, numbers.Real):
-            raise GradtraceError(f"trace.scalar({name!r}, ...) takes a real number, got {type(value).__name__}")
-        value = float(value)
+        value = _real_number(name, value)
         active = self._recording.recorder.active
         record = self.scalars.get(name)
         if record is None:
@@ -324,6 +324,32 @@ class LiveTrace(Trace):
                                              if not p.requires_grad]
         if error is not None:
             self.meta["error"] = _describe_error(error)
+
+
+def _real_number(name: str, value: Any) -> float:
+    """``trace.scalar``'s value as a float: a real number, or a one-element real tensor with values."""
+    what = f"trace.scalar({name!r}, ...)"
+    if isinstance(value, torch.Tensor):
+        if value.is_meta or value.is_nested:
+            raise GradtraceError(f"{what} got a {'meta' if value.is_meta else 'nested'} tensor, which has no "
+                                 "value to read. Pass the number the computation really produced.")
+        if value.numel() != 1:
+            raise GradtraceError(f"{what} takes one number, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise GradtraceError(f"{what} takes a real number, got a complex tensor: record its .real and .imag "
+                                 "(or abs()) under two names")
+        value = value.detach()
+        value = (value.to_dense() if value.layout != torch.strided else value).reshape(()).to(torch.float64).item()
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        raise GradtraceError(f"{what} takes a real number, got a complex one ({value!r:.60}): record its real and "
+                             "imaginary parts (or its modulus) under two names")
+    if not isinstance(value, numbers.Real):
+        raise GradtraceError(f"{what} takes a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise GradtraceError(f"{what}: the {type(value).__name__} does not fit a float ({type(e).__name__}: {e}); "
+                             "record it scaled, or its logarithm") from None
 
 
 def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
@@ -435,10 +461,9 @@ PENDING_BATCH = 64
 DEFAULT_MAX_PASSES = 256
 
 
-@contextlib.contextmanager
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
           max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None,
-          statistics: str = "auto") -> Iterator[LiveTrace]:
+          statistics: str = "auto") -> "Watch":
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -455,20 +480,38 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     the CPU, the device for an accelerator's) or "device" (on the device everywhere,
     never reading a value back before the pass's one transfer: an accelerator's
     path, here to test it on a CPU). Both give the same figures.
-    Every hook is removed on exit, whether or not the block raised.
+    Every hook is removed on exit, whether or not the block raised. A watch is entered once.
     """
+    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics))
+
+
+class Watch:
+    """What ``watch(...)`` returns: a context manager entered once (it yields the ``LiveTrace``)."""
+
+    def __init__(self, manager: contextlib.AbstractContextManager):
+        self._manager = manager
+        self._entered = False
+
+    def __enter__(self) -> LiveTrace:
+        if self._entered:
+            raise GradtraceError("this gradtrace.watch(...) was already entered: a watch records one block. "
+                                 "Call gradtrace.watch(model) again for a new one.")
+        self._entered = True
+        return self._manager.__enter__()
+
+    def __exit__(self, *exc_info) -> Optional[bool]:
+        return self._manager.__exit__(*exc_info)
+
+
+@contextlib.contextmanager
+def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
+              statistics: str) -> Iterator[LiveTrace]:
     _check_options(cuts, keep_grads, max_passes, optimizer, statistics)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root, module_walk = _resolve_target(target)
     wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
     if cuts != "off" and root is None:
         cuts = "off"  # module hooks need the module; parameters alone give coverage only
-    clashes = [n for n, p in named if id(p) in _WATCHED]
-    if clashes:
-        raise GradtraceError(
-            f"{len(clashes)} of these parameters ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''}) "
-            "are already watched by another gradtrace.watch that is still open. Close it first, "
-            "or watch a different set of parameters.")
     meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
             "model": type(root).__name__ if root is not None else None,
             "max_passes": max_passes, "dropped_passes": 0}
@@ -481,6 +524,7 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     stack = contextlib.ExitStack()
     try:
+        _claim(stack, named)
         with _gc_paused():
             _register(stack, trace, [p for _, p in named], root, module_walk, cuts, optimizer, wrapper)
         try:
@@ -521,9 +565,6 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     recording.hooks_before.hold(params)
     # Registered first, so it runs last: after every handle (and every tensor hook) is removed.
     stack.callback(hook_state.restore, recording.hooks_before)
-    for p in params:
-        _WATCHED[id(p)] = "watch"
-    stack.callback(_unwatch, params)
     stack.callback(_close_once, trace)
     stack.callback(_remove_all, handles)
     written = recorder.post_accumulate_hook()
@@ -572,6 +613,22 @@ def _remove_all(handles: List[Any]) -> None:
     handles.clear()
 
 
+def _claim(stack: contextlib.ExitStack, named: List[Tuple[str, torch.Tensor]]) -> None:
+    """Mark the parameters watched, released by ``stack``; GradtraceError when an open watch holds any."""
+    with _WATCHED_LOCK:
+        clashes = [n for n, p in named if id(p) in _WATCHED]
+        if not clashes:
+            for _, p in named:
+                _WATCHED[id(p)] = "watch"
+    if clashes:
+        raise GradtraceError(
+            f"{len(clashes)} of these parameters ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''}) "
+            "are already watched by another gradtrace.watch that is still open. Close it first, "
+            "or watch a different set of parameters.")
+    stack.callback(_unwatch, [p for _, p in named])
+
+
 def _unwatch(params: List[torch.Tensor]) -> None:
-    for p in params:
-        _WATCHED.pop(id(p), None)
+    with _WATCHED_LOCK:
+        for p in params:
+            _WATCHED.pop(id(p), None)

@@ -162,8 +162,10 @@ class Pass:
         self.expected_partial = self.expected_partial or partial
 
     def fail(self, description: str) -> None:
-        """The pass's block (or a backward in it) raised: a finding, kept in the record."""
-        if self.failed is None:
+        """The pass's block (or a backward in it) raised: a finding, kept in the record (the first one).
+
+        Allowed until the record is built: a run cut short may be closed after its pass finished."""
+        if self.failed is None and self.phase is not Phase.ON_HOST:
             self.failed = description
 
     def end_run(self, run, written: List[int], scope: Optional[str], read: bool) -> None:
@@ -172,8 +174,11 @@ class Pass:
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
-        is finishing right now anyway).
+        is finishing right now anyway). A run cut short that is closed after its pass
+        finished (at exit) adds nothing.
         """
+        if self.phase is not Phase.OPEN:
+            return
         reached = self._hits[run.start:]  # an outer run's slice includes its nested runs': harmless
         if run.accumulates:
             self._backward.update(reached)
@@ -302,8 +307,8 @@ class Pass:
                 reading.unknown(param, index)
             parts.append(handback.total)
             how.append("grad")
-        if not parts:
-            return torch.zeros_like(param), "backward"
+        if not parts:  # reached by a run that never ended (cut short by an exception): nothing to read
+            return reading.unknown(param, index), "backward"
         total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return total, "both" if len(how) == 2 else how[0]
 

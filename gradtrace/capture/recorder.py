@@ -189,10 +189,13 @@ class Recorder:
         return False
 
     def close_open_runs(self, error: Optional[str] = None) -> None:
-        """At exit: runs cut short (by ``error``, when it is known) still land in their pass."""
+        """At exit: runs cut short still land in their pass, which failed (by ``error``, when it is known).
+
+        The engine closes every run that finishes, so a run still open here was cut short by an
+        exception inside backward (a hook's, an op's, Ctrl-C), caught somewhere or still on its way out.
+        """
         for run in list(self.open_runs.values()):
-            if error is not None:
-                run.pass_.fail(error)
+            run.pass_.fail(error or "a backward was cut short by an exception (caught before watch exited)")
             self.close_run(run)
 
     # ---- passes ----------------------------------------------------------
@@ -208,6 +211,9 @@ class Recorder:
 
     def end_pass(self, pass_: Pass) -> None:
         self.passes.release(pass_)
+        if pass_.failed is not None:  # its block raised: a run of it still open was cut short; what it wrote counts
+            for run in [r for r in list(self.open_runs.values()) if r.pass_ is pass_]:
+                self.close_run(run)
         written = self.drain_written()  # writes no tensor hook announced (FSDP2) land in the labelled pass
         if written:
             pass_.note_written(written)

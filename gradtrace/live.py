@@ -23,6 +23,7 @@ from torch import nn
 from . import _torch_compat, analysis, render
 from .capture import hook_state, inner, modules, stats, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
+from .capture.identity import ParamIdentity
 from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
 from .capture.reading import READ_AT
@@ -61,6 +62,7 @@ class Recording:
     cut_log: CutLog
     names_by_id: Dict[int, str]
     max_passes: Optional[int]
+    identity: Optional[ParamIdentity]  # are the watched parameters still the tensors hooked?
     pending: Dict[str, Pass] = field(default_factory=dict)  # finished, not yet read (insertion order)
     finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
@@ -84,13 +86,13 @@ class LiveTrace(Trace):
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
                  max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
-                 reduction: stats.Reduction = stats.HOST):
+                 reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
         watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
         recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
         self._recording = Recording(
             recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
-            names_by_id={id(p): n for n, p in named}, max_passes=max_passes)
+            names_by_id={id(p): n for n, p in named}, max_passes=max_passes, identity=identity)
 
     # ---- reading: move pending statistics to the host first ----------------------
     @property
@@ -112,6 +114,8 @@ class LiveTrace(Trace):
         if not recording.open:
             recording.recorder.flush_orphan()
         pending, recording.pending = recording.pending, {}
+        if pending and recording.open:
+            self._note_replaced()
         for name, item in pending.items():
             record, tensor_facts = item.to_trace(self.params)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
@@ -293,6 +297,14 @@ class LiveTrace(Trace):
             while len(recording.finished) > recording.max_passes:
                 self._drop(recording.finished.popleft())
 
+    def _note_replaced(self) -> None:
+        """Parameters replaced or swapped while watched, named in ``meta["replaced_params"]`` (how, by name)."""
+        identity = self._recording.identity
+        changed = identity.changed() if identity is not None else None
+        if changed:
+            names = self._recording.recorder.names
+            self.meta["replaced_params"] = {names[i]: how for i, how in sorted(changed.items())}
+
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""
         recording = self._recording
@@ -320,6 +332,7 @@ class LiveTrace(Trace):
             handle.remove()
         recording.tensor_handles.clear()
         self.meta["forward_calls"] = recording.cut_log.root_calls
+        self._note_replaced()
         self.meta["frozen_while_watched"] = [n for n, p in zip(recorder.names, recorder.params)
                                              if not p.requires_grad]
         if error is not None:
@@ -518,7 +531,8 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
     meta.update(wrapper.meta())
     if wrapper.kind == "FSDP1":
         named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
-    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics))
+    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
+                      ParamIdentity.of(named, module_walk, wrapper.kind))
     if wrapper.kind == "FSDP1":
         shapes = wrappers.fsdp1_shapes(wrapper)
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})

@@ -452,6 +452,7 @@ _META_KNOWN: Dict[str, Check] = {
     "keep_grads": _bool, "find_unused_parameters": _bool,
     "dropped_passes": _count, "forward_calls": _count, "world_size": _count, "max_passes": _count,
     "ran_with_grad": _list_of(_str), "frozen_while_watched": _list_of(_str),
+    "replaced_params": _dict_of(_str),
 }
 
 

@@ -116,6 +116,7 @@ class Reduction:
 
     name = ""
 
+    @torch.no_grad()  # create_graph=True gradients: the figures never join their graph
     def figures(self, grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple, Layout]] = None,
                 key: Optional[Tuple] = None) -> Figures:
         """Per gradient: (norm, max |g|, NaN/Inf count), still on the device.
@@ -124,14 +125,10 @@ class Reduction:
         the grouping by (device, dtype, size) is cached under ``key``; a gradient
         that no longer fits its cached group sends the call down the full path.
         """
-        with torch.no_grad():  # create_graph=True gradients: the figures never join their graph
-            return Figures(self._figures(grads, layout_cache, key), len(grads))
-
-    def _figures(self, grads, layout_cache, key):
         layout = layout_cache.get(key) if layout_cache is not None and key is not None else None
         if layout is not None:
             try:
-                return self._reduce(list(grads), layout)
+                return Figures(self._reduce(list(grads), layout), len(grads))
             except (RuntimeError, TypeError, ValueError):
                 pass  # a gradient changed dtype, device or layout since: group again
         values = [g if _is_plain(g) else dense(g) for g in grads]
@@ -142,15 +139,15 @@ class Reduction:
             if len(layout_cache) >= 8:
                 layout_cache.pop(next(iter(layout_cache)))
             layout_cache[key] = layout
-        return self._reduce(values, layout)
+        return Figures(self._reduce(values, layout), len(grads))
 
+    @torch.no_grad()
     def tensor_figures(self, grad: torch.Tensor) -> torch.Tensor:
         """The (3,) float64 figures of one gradient (a registered tensor's), on its device."""
-        with torch.no_grad():
-            g = dense(grad)
-            if g.numel() == 0:
-                return torch.zeros(3, dtype=torch.float64, device=g.device)
-            return self._group(g.device, g.dtype, False, [g], None)[0]
+        g = dense(grad)
+        if g.numel() == 0:
+            return torch.zeros(3, dtype=torch.float64, device=g.device)
+        return self._large([g], g.dtype)[0]
 
     def _layout(self, values: List[torch.Tensor]) -> Layout:
         groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
@@ -173,12 +170,16 @@ class Reduction:
                 raise TypeError("cached layout no longer matches")
             positions, parts = per_device.setdefault(device, ([], []))
             positions.extend(idx)
-            parts.append(self._group(device, dtype, small, tensors, segments))
+            parts.append(self._small(tensors, segments) if small else self._large(tensors, dtype))
         return {dev: (pos, parts[0] if len(parts) == 1 else torch.cat(parts))
                 for dev, (pos, parts) in per_device.items()}
 
-    def _group(self, device: torch.device, dtype: torch.dtype, small: bool, tensors: List[torch.Tensor],
-               segments: Optional["Segments"]) -> torch.Tensor:
+    # What a reduction defines: the (n, 3) figures of a batch of small gradients (concatenated,
+    # ``segments`` says where each lies) and of large gradients of one dtype.
+    def _small(self, tensors: List[torch.Tensor], segments: "Segments") -> torch.Tensor:
+        raise NotImplementedError
+
+    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -266,14 +267,10 @@ class HostReduction(Reduction):
 
     name = "host"
 
-    def _group(self, device, dtype, small, tensors, segments):
-        if device.type != "cpu":
-            return DEVICE._group(device, dtype, small, tensors, segments)
-        return self._small(tensors, segments) if small else self._large(tensors, dtype)
-
-    @staticmethod
-    def _small(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
+    def _small(self, tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
         """One concatenation in torch, the segment reductions in numpy (about 1 us a call, not a few)."""
+        if tensors[0].device.type != "cpu":
+            return DEVICE._small(tensors, segments)
         n = segments.count
         if segments.total == 0:
             return torch.zeros(n, 3, dtype=torch.float64)
@@ -284,10 +281,11 @@ class HostReduction(Reduction):
         with np.errstate(all="ignore"):  # float64 squares of extreme float64 gradients overflow: redone below
             return _segment_figures_host(x, segments, n)
 
-    @staticmethod
-    def _large(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The tensors' own-dtype norm where it is exact, float64 (scaled for float64 values) for the rows
         that need it; bfloat16/float16 in float64, a chunk at a time (no float32 copy of the whole)."""
+        if tensors[0].device.type != "cpu":
+            return DEVICE._large(tensors, dtype)
         amax = torch.stack([_max_abs(t) for t in tensors]).to(torch.float64)
         if dtype not in (torch.float32, torch.float64):  # bfloat16 / float16: a chunk at a time, in float64
             norms = torch.stack([_combined(foreach_norm(_chunks(t), 2, dtype=torch.float64)) for t in tensors])
@@ -371,11 +369,7 @@ class DeviceReduction(Reduction):
 
     name = "device"
 
-    def _group(self, device, dtype, small, tensors, segments):
-        return self._small(tensors, segments) if small else self._large(tensors, dtype)
-
-    @staticmethod
-    def _small(tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
+    def _small(self, tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
         n = segments.count
         if segments.total == 0:
             return torch.zeros(n, 3, device=tensors[0].device, dtype=torch.float64)
@@ -396,8 +390,7 @@ class DeviceReduction(Reduction):
                                    initial=0)
         return torch.stack([norms, amax, bad], dim=1)
 
-    @staticmethod
-    def _large(tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         amax = torch.stack([_max_abs(t) for t in tensors]).to(torch.float64)
         if dtype == torch.float64:
             factors = _power_of_two_scale(amax)

@@ -40,6 +40,15 @@ def _assert_figures(pt, names, grads):
         assert not record.zero and not record.cleared and record.nonfinite == 0, name
 
 
+def _first_order():
+    """A model, an identical oracle copy, the names, a batch, and the oracle's first-order gradients."""
+    model = _model()
+    oracle = copy.deepcopy(model)
+    x = _batch()
+    want = torch.autograd.grad(oracle(x).pow(2).mean(), list(oracle.parameters()))
+    return model, oracle, [n for n, _ in model.named_parameters()], x, want
+
+
 @pytest.fixture(params=["auto", "device"])
 def statistics(request):
     return request.param
@@ -47,11 +56,7 @@ def statistics(request):
 
 def test_autograd_grad_with_create_graph_is_recorded(statistics):
     """MAML's inner step: gradients handed back with their graph, then differentiated again."""
-    model = _model()
-    oracle = copy.deepcopy(model)
-    names = [n for n, _ in model.named_parameters()]
-    x = _batch()
-    want = torch.autograd.grad(oracle(x).pow(2).mean(), list(oracle.parameters()))
+    model, oracle, names, x, want = _first_order()
     with gradtrace.watch(model, statistics=statistics) as trace:
         with trace.pass_("inner"):
             params = list(model.parameters())
@@ -75,11 +80,7 @@ def test_autograd_grad_with_create_graph_is_recorded(statistics):
 
 def test_backward_with_create_graph_is_recorded(statistics):
     """``.backward(create_graph=True)`` leaves a ``.grad`` that requires grad."""
-    model = _model()
-    oracle = copy.deepcopy(model)
-    names = [n for n, _ in model.named_parameters()]
-    x = _batch()
-    want = torch.autograd.grad(oracle(x).pow(2).mean(), list(oracle.parameters()))
+    model, oracle, names, x, want = _first_order()
     with gradtrace.watch(model, statistics=statistics) as trace:
         with trace.pass_("X"):
             model(x).pow(2).mean().backward(create_graph=True)

@@ -114,8 +114,6 @@ class LiveTrace(Trace):
         if not recording.open:
             recording.recorder.flush_orphan()
         pending, recording.pending = recording.pending, {}
-        if pending and recording.open:
-            self._note_replaced()
         for name, item in pending.items():
             record, tensor_facts = item.to_trace(self.params)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
@@ -130,6 +128,14 @@ class LiveTrace(Trace):
         rows, recording.pending_rows = recording.pending_rows, []
         for name, (keys, vector) in rows:
             self._tensors[name].merge_row_facts(dict(zip(keys, vector.tolist())))
+
+    def verdicts(self):
+        self._note_replaced()  # judged on what the watch sees now (and at exit), never per pass in a hook
+        return super().verdicts()
+
+    def save(self, path) -> None:
+        self._note_replaced()
+        super().save(path)
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
         """As ``Trace.diff``; with ``keep_grads=True`` also the inner product of the two passes.
@@ -333,6 +339,7 @@ class LiveTrace(Trace):
         recording.tensor_handles.clear()
         self.meta["forward_calls"] = recording.cut_log.root_calls
         self._note_replaced()
+        recording.identity = None  # what happens to the model after exit is not the watch's
         self.meta["frozen_while_watched"] = [n for n, p in zip(recorder.names, recorder.params)
                                              if not p.requires_grad]
         if error is not None:

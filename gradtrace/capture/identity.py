@@ -11,7 +11,7 @@ what happens to the new one is invisible to gradtrace:
   ``torch.__future__.set_swap_module_params_on_conversion(True)``): the hooks
   stayed with the old implementation.
 
-Checked in C-level loops when finished passes are read and at exit, never in a hook.
+Checked in C-level loops when the live trace is judged or saved and at exit, never in a hook.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ class ParamIdentity:
     def __init__(self, params: List[torch.Tensor], slots: Optional[List[Slot]] = None):
         self.params = params
         self.impls = tensor_impls(params)
-        self.slots = slots
+        # The slots as two parallel lists: compared with C-level map() calls, no Python frame per parameter.
+        self.holders = [holder for holder, _ in slots] if slots is not None else None
+        self.keys = [key for _, key in slots] if slots is not None else None
         self.found: Dict[int, str] = {}  # index -> REPLACED / SWAPPED; once seen, kept
 
     @classmethod
@@ -47,10 +49,10 @@ class ParamIdentity:
 
     def changed(self) -> Dict[int, str]:
         """Every parameter replaced or swapped so far, by index."""
-        if self.slots is not None:
-            holders = list(map(dict.get, map(operator.itemgetter(0), self.slots), map(operator.itemgetter(1), self.slots)))
-            if not all(map(operator.is_, holders, self.params)):
-                self._note(REPLACED, [i for i, (h, p) in enumerate(zip(holders, self.params)) if h is not p])
+        if self.holders is not None:
+            now_held = list(map(dict.get, self.holders, self.keys))
+            if not all(map(operator.is_, now_held, self.params)):
+                self._note(REPLACED, [i for i, (h, p) in enumerate(zip(now_held, self.params)) if h is not p])
         now = tensor_impls(self.params)
         if now != self.impls:
             self._note(SWAPPED, [i for i, (a, b) in enumerate(zip(now, self.impls)) if a != b])

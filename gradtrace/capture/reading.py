@@ -43,13 +43,16 @@ AS_LEFT, CHANGED, CLEARED = "as_left", "changed", "cleared"
 
 
 class PassView(Protocol):
-    """What a strategy may ask of its pass (read-only)."""
+    """What a strategy may use of its pass: read the parameters, reduce gradients, and (a strategy
+    that finds the reached parameters itself) report a parameter reached."""
 
     params: List[torch.Tensor]
 
     def gain(self, index: int, grad: torch.Tensor) -> torch.Tensor: ...
 
     def figures(self, grads: List[torch.Tensor], key: Optional[tuple] = None) -> Figures: ...
+
+    def hit(self, index: int) -> None: ...
 
 
 class GradReading(Protocol):

@@ -44,9 +44,6 @@ import torch
 
 from .._torch_compat import flatten_dense_tensors, foreach_norm
 
-# (norm, max |g|, NaN/Inf count): the columns of every figures row.
-FIGURES = ("norm", "max_abs", "nonfinite")
-
 # Gradients up to this many elements are concatenated and reduced together.
 SMALL_NUMEL = 1 << 16
 # At most this many elements go into one concatenated buffer (its float64 copies bound the memory).
@@ -86,7 +83,9 @@ def _chunks(t: torch.Tensor) -> List[torch.Tensor]:
 
 
 class Figures:
-    """The figures of ``count`` gradients, still where they were computed; ``to_host`` reads them once."""
+    """The figures of ``count`` gradients, still where they were computed; ``to_host`` reads them once.
+
+    A row per gradient: (norm, max |g|, NaN/Inf count), float64."""
 
     __slots__ = ("per_device", "count")
 

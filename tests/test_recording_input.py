@@ -87,7 +87,7 @@ def test_two_threads_entering_watch_on_one_model_never_both_succeed():
             start = threading.Barrier(2)
             entered, refused = [], []
 
-            def enter():
+            def enter(start=start, entered=entered, refused=refused):
                 start.wait()
                 watching = gradtrace.watch(model, cuts="off")
                 try:

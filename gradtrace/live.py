@@ -296,9 +296,8 @@ class LiveTrace(Trace):
         recording = self._recording
         recording.pending[pass_.name] = pass_
         recording.finished.append(pass_.name)
-        kept = pass_.take_kept()
-        if kept is not None:
-            recording.kept[pass_.name] = kept
+        if pass_.kept is not None:
+            recording.kept[pass_.name] = pass_.take_kept()
         if recording.max_passes is not None:
             while len(recording.finished) > recording.max_passes:
                 self._drop(recording.finished.popleft())

@@ -260,6 +260,8 @@ class Pass:
     def _pieces(self, order: List[int]) -> Tuple[List[Tuple[List[int], Figures]], List[int]]:
         """Figures taken before the pass ended, and the parameters still to read now."""
         pieces = list(self._reading.pieces())
+        if not pieces and not self._handback_pieces:  # the common case: everything is read now
+            return pieces, order
         final: Set[int] = {i for indices, _ in pieces for i in indices} - self._handbacks.keys()
         handbacks = self._handbacks
         for indices, figures in self._handback_pieces:

@@ -115,7 +115,6 @@ class Reduction:
 
     name = ""
 
-    @torch.no_grad()  # create_graph=True gradients: the figures never join their graph
     def figures(self, grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple, Layout]] = None,
                 key: Optional[Tuple] = None) -> Figures:
         """Per gradient: (norm, max |g|, NaN/Inf count), still on the device.
@@ -140,10 +139,9 @@ class Reduction:
             layout_cache[key] = layout
         return Figures(self._reduce(values, layout), len(grads))
 
-    @torch.no_grad()
     def tensor_figures(self, grad: torch.Tensor) -> torch.Tensor:
         """The (3,) float64 figures of one gradient (a registered tensor's), on its device."""
-        g = dense(grad)
+        g = dense(grad.detach() if grad.requires_grad else grad)
         if g.numel() == 0:
             return torch.zeros(3, dtype=torch.float64, device=g.device)
         return self._large([g], g.dtype)[0]
@@ -169,7 +167,10 @@ class Reduction:
                 raise TypeError("cached layout no longer matches")
             positions, parts = per_device.setdefault(device, ([], []))
             positions.extend(idx)
-            parts.append(self._small(tensors, segments) if small else self._large(tensors, dtype))
+            rows = self._small(tensors, segments) if small else self._large(tensors, dtype)
+            # create_graph=True gradients require grad: their figures never join the graph (checked per
+            # group, not per gradient; torch.no_grad() around every call cost more on small models).
+            parts.append(rows.detach() if rows.requires_grad else rows)
         return {dev: (pos, parts[0] if len(parts) == 1 else torch.cat(parts))
                 for dev, (pos, parts) in per_device.items()}
 
@@ -276,7 +277,9 @@ class HostReduction(Reduction):
         flat = segments.concatenated(tensors)
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()  # bfloat16 and float16 values are exact in float32
-        x = flat.numpy()
+        x = (flat.detach() if flat.requires_grad else flat).numpy()
+        if x.dtype != np.float64:  # float32 squares in float64 cannot overflow: no warning to silence
+            return _segment_figures_host(x, segments, n)
         with np.errstate(all="ignore"):  # float64 squares of extreme float64 gradients overflow: redone below
             return _segment_figures_host(x, segments, n)
 

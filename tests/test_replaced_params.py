@@ -109,3 +109,18 @@ def test_conversions_that_keep_the_tensor_are_not_replacements(convert):
     assert "replaced_params" not in trace.meta
     assert trace.passes["step-2"].covered == set(trace.params)
     assert trace.report().splitlines()[0].startswith("gradtrace: no problems found")
+
+
+def test_a_file_with_a_bad_replacement_is_refused(tmp_path):
+    import json
+
+    model = _model()
+    with gradtrace.watch(model) as trace:
+        _step(model, trace, "step-1")
+    path = tmp_path / "t.json"
+    trace.save(path)
+    data = json.loads(path.read_text())
+    data["meta"]["replaced_params"] = {"0.weight": "\x1b[31mstolen"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(gradtrace.GradtraceError, match="replaced_params"):
+        gradtrace.load(path)

@@ -4,7 +4,7 @@ gradtrace's hooks live on the tensors ``watch`` found. A parameter replaced
 afterwards (a new ``nn.Parameter`` in the module, or a ``swap_tensors`` by
 ``.to()`` under swap-on-conversion) is seen no more: its "no gradient" is
 gradtrace's blindness, not the model's. The live trace names them in
-``meta["replaced_params"]`` (``{name: "replaced" | "swapped"}``).
+``meta.replaced_params`` (``{name: "replaced" | "swapped"}``, type-checked when a trace is loaded).
 """
 from __future__ import annotations
 
@@ -23,10 +23,7 @@ _HOW = {
 
 def replaced_params(trace) -> Dict[str, str]:
     """``{parameter: "replaced" | "swapped"}`` for the watched parameters gradtrace lost track of."""
-    found = trace.meta.get("replaced_params")
-    if not isinstance(found, dict):
-        return {}
-    return {n: how for n, how in found.items() if isinstance(n, str) and how in _HOW}
+    return dict(trace.meta.replaced_params or {})
 
 
 @verdict("PARAMS_REPLACED", rank=14, severities=("warning",),

@@ -180,8 +180,15 @@ class Recorder:
         written = self.drain_written(state)
         finished_now = state.auto and not run.nested and state is not self.passes.orphan
         if (run.accumulates or written) and not finished_now:
-            self.note_run_end(state, list(dict.fromkeys(itertools.chain(reached, written))),
-                              all_backward=bool(run.accumulates))  # then every index is in backward_params
+            indices = list(dict.fromkeys(itertools.chain(reached, written)))
+            all_backward = bool(run.accumulates)  # then every index is in backward_params
+            if in_engine and state.read_at == "run_end":
+                # Read .grad only after every other end-of-run callback of this run: DDP queues its
+                # finalize_backward (which writes the averaged gradient) after ours, when its last
+                # bucket is ready; a callback queued from a callback runs after all of them.
+                at_run_end(lambda: self.note_run_end(state, indices, all_backward))
+            else:
+                self.note_run_end(state, indices, all_backward)
         for index, grad in run.captured:
             if not hook_state.keep_last(self.params[index], self.hook_ids[index]):
                 # A hook registered after ours ran after it and may have changed the gradient handed

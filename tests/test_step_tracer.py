@@ -168,3 +168,18 @@ def test_an_unwatchable_model_is_said_and_training_goes_on():
     assert tracer.end_step() is None
     assert tracer.printed[0].startswith("gradtrace: not tracing this run: ") and "no trainable parameter" in \
         tracer.printed[0]
+
+
+@pytest.mark.slow
+def test_the_step_tracer_benchmark_measures_every_variant(capsys):
+    """benchmarks/step_tracer.py (what an unjudged step costs): every variant timed, finite positive figures."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from benchmarks import step_tracer
+    step_tracer.main(["--rounds", "2", "--warmup", "0", "--workloads", "lora"])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in step_tracer.VARIANTS}
+    assert set(rows) == set(step_tracer.VARIANTS)
+    for figures in rows.values():
+        assert len(figures) == 4 and all(float(f) > 0 for f in figures)
+    assert rows["baseline"][2:] == ["1.000", "1.000"]

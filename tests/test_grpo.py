@@ -133,6 +133,25 @@ def test_healthy_configuration(name, tmp_path, tokenizer):
         assert all(ratio > 0 for ratio in run.logged("completions/clipped_ratio").values())
 
 
+def test_training_is_bitwise_the_same_with_and_without_the_callback(tmp_path, tokenizer):
+    """attach() wraps methods and registers tensors; it never changes a gradient, a weight or the RNG."""
+    def final_state(traced: bool):
+        net = MODELS["llama-lora"](len(tokenizer))
+        collector = LogCollector()
+        trainer = grpo_trainer(tmp_path / str(traced), net, tokenizer, [collector], per_device_train_batch_size=4,
+                               beta=0.1)
+        if traced:
+            GradtraceCallback().attach(trainer)
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+        return weights, collector.grad_norms(), torch.get_rng_state()
+
+    plain, traced = final_state(False), final_state(True)
+    assert plain[0].keys() == traced[0].keys()
+    assert all(torch.equal(plain[0][n], traced[0][n]) for n in plain[0])
+    assert plain[1] == traced[1] and torch.equal(plain[2], traced[2])
+
+
 def test_groups_match_trls_frac_reward_zero_std(tmp_path, tokenizer):
     """Half the prompts get one reward for every completion: CONSTANT_ROWS is TRL's frac_reward_zero_std."""
     def half_constant(prompts, completions, **kwargs):
@@ -252,14 +271,16 @@ def test_logps_detached_are_named_at_their_line_with_op_cuts(tmp_path, tokenizer
     assert first.startswith("gradtrace step 1: TENSOR_NO_GRAD: tensor 'S' ") and f"{HERE}:{line}" in first, first
 
 
-def test_a_crashed_step_is_recorded_and_named(tmp_path, tokenizer):
+@pytest.mark.parametrize("trainer_cls, cuts, marker", [(LogpsUnderNoGrad, "modules", "the model runs here"),
+                                                        (LogpsDetached, "ops", "logps.detach()")],
+                         ids=["no_grad", "detach-ops"])
+def test_a_crashed_step_is_recorded_and_its_cause_named_at_its_line(trainer_cls, cuts, marker, tmp_path, tokenizer):
     """Until ranking is causal the crash leads; the cause is printed in the same step, at its line."""
-    run = train(tmp_path, tokenizer, trainer_cls=LogpsUnderNoGrad)
-    assert isinstance(run.error, RuntimeError)
+    run = train(tmp_path, tokenizer, trainer_cls=trainer_cls, cuts=cuts)
+    assert isinstance(run.error, RuntimeError)  # backward has nothing to differentiate
     assert run.trace.passes["step-1"].failed.startswith("RuntimeError")
-    line = _line_of(LogpsUnderNoGrad, "the model runs here")
     named = [p for p in run.printed if p.startswith("gradtrace step 1: TENSOR_NO_GRAD: tensor 'S' ")]
-    assert named and f"{HERE}:{line}" in named[0], run.printed
+    assert named and f"{HERE}:{_line_of(trainer_cls, marker)}" in named[0], run.printed
     assert any(p.startswith("gradtrace step 1: PASS_FAILED: ") for p in run.printed)
     # data tensors registered beside it are not blamed for the crash
     assert not any("TENSOR_NO_GRAD: tensor 'rewards" in p or "TENSOR_NO_GRAD: tensor 'A'" in p for p in run.printed)

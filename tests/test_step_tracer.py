@@ -143,6 +143,8 @@ def test_identity_ignores_counts_and_pass_names():
     e = Verdict("ZERO_GRADS", "error", "y", {"pass": "step-4", "parameters": ["a", "b"]})
     assert identity(a) == identity(b) != identity(c)
     assert identity(d) == identity(e)
+    worse = Verdict("CONSTANT_ROWS", "error", "x: 4 of 4", {"tensor": "A", "fraction": 1.0})
+    assert identity(worse) != identity(a)  # a warning that became an error is news
 
 
 def test_printed_names_are_escaped(capsys):
@@ -183,3 +185,27 @@ def test_the_step_tracer_benchmark_measures_every_variant(capsys):
     for figures in rows.values():
         assert len(figures) == 4 and all(float(f) > 0 for f in figures)
     assert rows["baseline"][2:] == ["1.000", "1.000"]
+
+
+def test_a_tensor_it_cannot_record_is_said_once_and_skipped():
+    tracer = StepTracer(StepOptions())
+    tracer.start(TwoHeads())
+    tracer.begin_step(1)
+    tracer.observe("mask", "not a tensor")
+    tracer.observe("mask", "not a tensor")
+    tracer.observe("ok", torch.ones(2, 3), expect_grad=False, role="mask")
+    tracer.end_step()
+    tracer.stop()
+    said = [line for line in tracer.printed if "not recording" in line]
+    assert said == ["gradtrace: not recording tensor 'mask': trace.tensor('mask', ...) takes a torch.Tensor, got str"]
+    assert "ok" in tracer.trace.tensors and "mask" not in tracer.trace.tensors
+
+
+def test_a_save_that_fails_is_said_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    tracer = StepTracer(StepOptions(save_dir=str(blocker), save_every=1))
+    loop(tracer, TwoHeads(), steps=2)
+    said = [line for line in tracer.printed if line.startswith("gradtrace: could not save ")]
+    assert len(said) == 3 and str(blocker / "step-1.json") in said[0]  # two steps, then the run's trace
+    assert list(tracer.trace.passes) == ["step-1", "step-2"]

@@ -48,6 +48,8 @@ import torch
 from .patching import InstancePatches
 from .steps import StepTracer
 
+__all__ = ["GRPOWiring", "is_grpo_like", "TRUNCATION_FLAGS"]
+
 REQUIRED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
             "num_generations")
 
@@ -92,9 +94,8 @@ class GRPOWiring:
         if step is None or self.latest is None or self.registered_for == step:
             return
         self.registered_for = step
-        trace = self.tracer.trace
         for name, tensor, options in self.latest.tensors:
-            trace.tensor(name, tensor, **options)
+            self.tracer.observe(name, tensor, **options)
 
     @contextlib.contextmanager
     def loss(self) -> Iterator[None]:
@@ -131,7 +132,7 @@ class GRPOWiring:
             if self.patches.active and self.in_loss and self.tracer.open_step is not None:
                 logps = result[0] if isinstance(result, tuple) else result
                 if isinstance(logps, torch.Tensor):
-                    self.tracer.trace.tensor("S", logps, expect_grad=True)
+                    self.tracer.observe("S", logps, expect_grad=True)
             return result
         return per_token_logps_with_gradtrace
 

@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Optional
 from ..errors import GradtraceError
 from .steps import StepOptions, StepTracer
 
+__all__ = ["GradtraceCallback"]
+
 try:  # the unified package first; the standalone one has its own, distinct Callback class
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - depends on what is installed
@@ -101,5 +103,7 @@ class GradtraceCallback(Callback):
         self._steps.stop()  # a step cut short (the run ended between microbatches) keeps what it recorded
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._steps.fail_step(exception)
-        self._steps.stop(merge=False)  # never leave hooks on the model after a failed run
+        try:
+            self._steps.fail_step(exception)
+        finally:
+            self._steps.stop(merge=False)  # never leave hooks on the model after a failed run

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
+__all__ = ["InstancePatches"]
+
 _MISSING = object()
 
 

@@ -34,8 +34,8 @@ it the microbatches they see. So the options mean the same everywhere:
 * ``print_errors``: after each judged step, print each new error or warning
   verdict about that step once, ``gradtrace step <n>: <CODE>: <message>``
   (``[rank k] `` in front when the world has more than one rank). A finding is
-  printed once per identity (its code and what it names: tensor, parameters,
-  module, location), not again when only its counts change;
+  printed once per identity (its code, severity and what it names: tensor,
+  parameters, module, location), not again when only its counts change;
 * ``prefix`` / ``per_module``: of the metrics (``Trace.metrics``);
 * a step that raises is recorded as failed (``PASS_FAILED``) and its findings
   are printed before the exception goes on.
@@ -53,12 +53,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..analysis.metrics import _concerns as concerns_passes
 from ..analysis.metrics import safe_key
 from ..errors import GradtraceError
+from ..live import CUT_MODES, watch
 from ..records import Verdict
 from ..render.text import safe
 
-CUT_MODES = ("modules", "ops", "off")  # gradtrace.watch's; checked here so a bad one fails at construction
+__all__ = ["StepOptions", "StepTracer", "World", "identity", "unscale_pass"]
 
-# What makes two verdicts the same finding: the code and what it names (never counts or pass names).
+
+# What makes two verdicts the same finding: the code, the severity and what it names (never counts or pass
+# names).
 IDENTITY_KEYS = ("tensor", "parameters", "parameter", "only_a", "only_b", "kind", "module", "location", "error")
 
 PRINTED_SEVERITIES = ("error", "warning")
@@ -135,7 +138,11 @@ class World:
 
 
 def identity(v: Verdict) -> Tuple:
-    """A verdict's code and what it names; two verdicts with the same identity are one finding."""
+    """A verdict's code, severity and what it names; two verdicts with the same identity are one finding.
+
+    Counts and pass names are left out (the same finding on the next step is not news); the severity is
+    kept in (a warning that becomes an error, half the groups then all of them, is).
+    """
     evidence = v.evidence or {}
     named = []
     for key in IDENTITY_KEYS:
@@ -145,7 +152,7 @@ def identity(v: Verdict) -> Tuple:
         elif value is not None and not isinstance(value, (str, int, float, bool)):
             value = repr(value)
         named.append(value)
-    return (v.code, *named)
+    return (v.code, v.severity, *named)
 
 
 def about_step(v: Verdict, name: str) -> bool:
@@ -166,7 +173,6 @@ class StepTracer:
         self.metrics: Dict[str, float] = {}  # the newest judged step's metrics
         self.world = World()
         self.open_step: Optional[int] = None  # the step whose pass is open
-        self.last_step: Optional[int] = None  # the newest step whose pass ended
         self.printed: List[str] = []  # every line printed, in order
         self.on_step_closed: List[Callable[[str], None]] = []  # adapters' fix-ups of a finished pass
         self._seen: set = set()
@@ -182,8 +188,6 @@ class StepTracer:
     def start(self, model) -> None:
         """Open the run's watch on ``model`` (a watch left open by a run that raised is closed first)."""
         self.stop(merge=False)
-        from ..live import watch
-
         self.world = World.current()
         self._seen = set()
         stack = contextlib.ExitStack()
@@ -202,7 +206,7 @@ class StepTracer:
         # the interpreter exits. Pass first, then watch.
         self._finalizer = weakref.finalize(self, _close_stacks, pass_stack, stack)
         self.merged = None
-        self.open_step = self.last_step = None
+        self.open_step = None
 
     def stop(self, merge: bool = True) -> None:
         """End the open pass and the watch (no hook stays on the model); save; merge the ranks' traces.
@@ -219,7 +223,11 @@ class StepTracer:
         if self.options.save_dir is not None:
             self._save(self.trace, self.world.file_name("gradtrace"))
         if merge and self.options.gather and self.world.size > 1:
-            self.merged = self.trace.gather()
+            try:
+                self.merged = self.trace.gather()
+            except GradtraceError as e:  # a rank that never came: each rank's own trace is still saved
+                self._say(f"gradtrace: the ranks' traces were not merged: {e}")
+                return
             if self.options.save_dir is not None and self.world.rank == 0:
                 self._save(self.merged, "gradtrace.json")
 
@@ -258,12 +266,23 @@ class StepTracer:
         if self.options.register is not None and self.open_step is not None:
             self.options.register(self.trace, inputs)
 
+    def observe(self, name: str, t: Any, **options) -> None:
+        """``trace.tensor(name, t, **options)`` for a tensor gradtrace registers by itself (GRPO's, a batch's).
+
+        Training must never fail because of it: a tensor it cannot record is said once, and skipped.
+        """
+        try:
+            self.trace.tensor(name, t, **options)
+        except GradtraceError as e:
+            if ("observe", name) not in self._seen:
+                self._seen.add(("observe", name))
+                self._say(f"gradtrace: not recording tensor {name!r}: {e}")
+
     def judged(self, step: int) -> bool:
         return step == 1 or step % self.options.every == 0
 
     # ---- inside ------------------------------------------------------------------
     def _closed(self, step: int, judge: bool = False) -> None:
-        self.last_step = step
         name = step_name(step)
         for fix in self.on_step_closed:
             fix(name)
@@ -305,8 +324,12 @@ class StepTracer:
         print(line, file=sys.stdout, flush=True)
 
     def _save(self, trace, filename: str) -> None:
-        os.makedirs(self.options.save_dir, exist_ok=True)
-        trace.save(os.path.join(self.options.save_dir, filename))
+        path = os.path.join(self.options.save_dir, filename)
+        try:
+            os.makedirs(self.options.save_dir, exist_ok=True)
+            trace.save(path)
+        except (GradtraceError, OSError) as e:  # a full disk must not end the training run
+            self._say(f"gradtrace: could not save {path}: {e}")
 
 
 def _one_line(text: str) -> str:

@@ -51,6 +51,8 @@ from . import grpo
 from .patching import InstancePatches
 from .steps import StepOptions, StepTracer, unscale_pass
 
+__all__ = ["GradtraceCallback"]
+
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
@@ -143,7 +145,7 @@ class GradtraceCallback(TrainerCallback):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
-            self._steps.fail_step(exc)
+            self._failed(exc)
         self.close()
 
     # ---- Trainer events ------------------------------------------------------------
@@ -204,6 +206,14 @@ class GradtraceCallback(TrainerCallback):
             return None
         return float(scaler.get_scale())
 
+    def _failed(self, error: BaseException) -> None:
+        """The open step raised: record it, without ever hiding the error behind one of gradtrace's own."""
+        try:
+            self._steps.fail_step(error)
+        except Exception as own:  # pragma: no cover - a gradtrace bug must not replace the user's error
+            warnings.warn(f"gradtrace could not record the failed step: {type(own).__name__}: {own}",
+                          RuntimeWarning, stacklevel=2)
+
     def _unscale(self, name: str) -> None:
         if self._scale is not None:
             unscale_pass(self.trace, name, self._scale)
@@ -222,7 +232,7 @@ class GradtraceCallback(TrainerCallback):
         if self._grpo is not None:
             self._grpo.before_loss()
         elif isinstance(inputs, Mapping):
-            _register_batch(steps.trace, inputs)
+            _register_batch(steps, inputs)
         steps.register(inputs)
 
     def _wrap_log(self, log: Callable) -> Callable:
@@ -252,16 +262,16 @@ class GradtraceCallback(TrainerCallback):
                 return training_step(*args, **kwargs)
             except Exception as e:
                 if self._patches is not None and self._patches.active:
-                    self._steps.fail_step(e)
+                    self._failed(e)
                 raise
         return training_step_with_gradtrace
 
 
-def _register_batch(trace, inputs: Mapping) -> None:
+def _register_batch(steps: StepTracer, inputs: Mapping) -> None:
     """A Trainer batch's own facts: which tokens carry a label, which ones are attended to."""
     labels = inputs.get("labels")
     if isinstance(labels, torch.Tensor) and labels.dim() >= 1 and not labels.is_floating_point():
-        trace.tensor(f"labels != {IGNORE_INDEX}", labels != IGNORE_INDEX, expect_grad=False, role="mask")
+        steps.observe(f"labels != {IGNORE_INDEX}", labels != IGNORE_INDEX, expect_grad=False, role="mask")
     attention = inputs.get("attention_mask")
     if isinstance(attention, torch.Tensor) and attention.dim() == 2:
-        trace.tensor("attention_mask", attention, expect_grad=False, role="attention_mask")
+        steps.observe("attention_mask", attention, expect_grad=False, role="attention_mask")

@@ -58,6 +58,7 @@ def test_trainer_figures_are_the_reduced_gradients_on_every_rank(ranks):
             assert r["traced"][f"step-{step}"] == pytest.approx(logged, rel=REL)
         assert r["logged_total_norm"] == pytest.approx(list(r["grad_norm"].values()), rel=REL)
         assert r["scopes"] == ["reduced"] and r["wrapper"] == "DDP"
+        assert r["find_unused_parameters"] == r["ddp_find_unused_parameters"]  # read from the wrapper watched
         assert r["runs"] == [2, 2]  # both microbatches (the first under no_sync) in the step's pass
         assert r["errors"] == [] and r["printed"] == []
     assert seen[0]["grad_norm"] == seen[1]["grad_norm"]  # the oracle itself agrees across ranks

@@ -65,6 +65,7 @@ def trainer_norms(rank, world, out):
             "runs": [p.runs for p in trace.passes.values()],
             "wrapper": trace.meta.get("wrapper"),
             "find_unused_parameters": trace.meta.get("find_unused_parameters"),
+            "ddp_find_unused_parameters": bool(trainer.model_wrapped.find_unused_parameters),
             "logged_total_norm": [logs.get("gradtrace/total_norm") for _, logs in collector.logs if "grad_norm" in logs],
             "errors": [str(v) for v in trace.verdicts() if v.severity in ("error", "warning")],
             "printed": printed,

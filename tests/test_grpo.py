@@ -68,9 +68,19 @@ class Run:
         return {step: logs[key] for step, logs in self.collector.logs if key in logs}
 
 
+def _saved(make, tmp_path, vocab):
+    """A model TRL loads by path itself (as it must to build a separate reference model): saved locally."""
+    path = tmp_path / "model"
+    make(vocab).save_pretrained(path)
+    return str(path)
+
+
 def train(tmp_path, tokenizer, model="llama-lora", trainer_cls=None, reward=characters, cuts="modules",
           freeze=None, **config) -> Run:
-    net = MODELS[model](len(tokenizer))
+    if model == "qwen2-full-by-path":
+        net = _saved(make_qwen2, tmp_path, len(tokenizer))
+    else:
+        net = MODELS[model](len(tokenizer))
     if freeze is not None:
         for name, p in net.named_parameters():
             if freeze(name):
@@ -96,6 +106,8 @@ HEALTHY = {
     "dora-bnpo-beta0.1": dict(model="llama-dora", loss_type="bnpo", beta=0.1),
     "qwen2-lora-dapo-beta0.1": dict(model="qwen2-lora", loss_type="dapo", beta=0.1),
     "qwen2-full-grpo": dict(model="qwen2-full"),
+    # beta > 0 without peft: TRL loads a separate reference model from the model's path
+    "qwen2-full-ref-model": dict(model="qwen2-full-by-path", beta=0.04),
     "accumulation-2": dict(gradient_accumulation_steps=2),
     "reentrant-checkpointing": dict(gradient_checkpointing=True,
                                     gradient_checkpointing_kwargs={"use_reentrant": True}),
@@ -132,6 +144,8 @@ def test_healthy_configuration(name, tmp_path, tokenizer):
     assert {"A", "S", "completion_mask", "rewards/characters"} <= set(trace.tensors)
     assert trace.tensors["A"].shape[-1] == 2 and trace.tensors["A"].role == "group"
     assert trace.tensors["S"].requires_grad and all(f.reached for f in trace.tensors["S"].grads.values())
+    if name == "qwen2-full-ref-model":  # the reference log-probs came from a separate model
+        assert run.trainer.ref_model is not None and run.trainer.ref_model is not run.trainer.model
     if name == "mask-truncated-completions":  # TRL emptied some rows by design: counted, not a finding
         flags = trace.tensors[TRUNCATION_FLAGS].values
         assert 0 < flags.zeros < flags.numel

@@ -318,3 +318,15 @@ def test_a_step_that_raises_is_pass_failed_and_printed(tmp_path):
     callback.close()
     with gradtrace.watch(trainer.model):  # the hooks are gone
         pass
+
+
+def test_attach_checks_what_it_is_given(tmp_path):
+    with pytest.raises(gradtrace.GradtraceError, match="attach\\(\\) takes a transformers.Trainer"):
+        GradtraceCallback().attach(object())
+    tokenizer = make_tokenizer()
+    trainer, _ = _trainer(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer)
+    callback = GradtraceCallback().attach(trainer)
+    with pytest.raises(gradtrace.GradtraceError, match="already attached"):
+        callback.attach(trainer)
+    callback.close()
+    assert "compute_loss" not in vars(trainer) and callback.attach(trainer) is callback  # given back, attachable again

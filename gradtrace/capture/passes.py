@@ -24,7 +24,7 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import numpy as np
 import torch
@@ -168,13 +168,16 @@ class Pass:
         if self.failed is None and self.phase is not Phase.ON_HOST:
             self.failed = description
 
-    def end_run(self, run, written: List[int], scope: Optional[str], read: bool) -> None:
+    def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
+                later: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
-        is finishing right now anyway). A run cut short that is closed after its pass
+        is finishing right now anyway). ``later``: queues a callback after the run's other
+        end-of-run callbacks; a run-end reading waits for them (DDP's ``finalize_backward``
+        writes the averaged gradient there). A run cut short that is closed after its pass
         finished (at exit) adds nothing.
         """
         if self.phase is not Phase.OPEN:
@@ -189,7 +192,10 @@ class Pass:
             indices = list(dict.fromkeys(itertools.chain(reached, written)))
             if not run.accumulates:
                 indices = [i for i in indices if i in self._backward]
-            self._reading.run_ended(self, indices)
+            if later is not None and self._reading.reads_values:
+                later(lambda: self._reading.run_ended(self, indices))
+            else:
+                self._reading.run_ended(self, indices)
         if run.captured:
             self._add_handbacks(run.captured)
         for name, row in run.tensor_grads:

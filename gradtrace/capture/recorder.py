@@ -169,7 +169,11 @@ class Recorder:
             run.captured = [(i, g) for i, g in run.captured if self._saw_last(pass_, i)]
         pass_.end_run(run, self.drain_written(),
                       scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
-                      read=not finished_now)
+                      read=not finished_now,
+                      # Under read_at="run_end", read .grad only after every other end-of-run callback of
+                      # this run: DDP queues its finalize_backward (which writes the averaged gradient)
+                      # after ours; a callback queued from a callback runs after all of them.
+                      later=at_run_end if in_engine else None)
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's

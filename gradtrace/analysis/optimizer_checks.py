@@ -180,7 +180,7 @@ def _clip_before_unscale(trace, o: OptimizerRecord) -> Optional[list]:
     return None
 
 
-@verdict("CLIP_BEFORE_UNSCALE", rank=14, severities=("error",),
+@verdict("CLIP_BEFORE_UNSCALE", rank=11, severities=("error",),
          meaning="gradients clipped (clip_grad_norm_) while still multiplied by a GradScaler's scale, before scaler.unscale_(optimizer): the clip sees norms ~scale x true and cuts nearly everything")
 def check_clip_before_unscale(trace, passes, tensors, cuts):
     out = []

@@ -379,13 +379,17 @@ def check_tensor_not_reached(trace, passes, tensors, cuts):
         else:
             report = targets if missed == targets else []
         if report:
+            unreached = [n for n in report if not passes[n].covered] if t.reachable else []
             why = ("none of the requested inputs is reachable through it (reentrant checkpointing hides "
                    "the segment's parameters from autograd.grad)" if t.reach_partial
+                   else f"{len(t.reachable)} trainable parameter(s) are upstream of it and none got a gradient: "
+                        "the loss was cut after it (a .detach() / .data or a tensor rebuilt from its values, "
+                        ".item(), an integer op) or does not use it" if unreached
                    else "the loss does not depend on it, or no requested input is upstream of it")
             out.append(Verdict("TENSOR_NOT_REACHED", "error",
                                f"tensor {t.name!r} requires grad but backward never reached it in pass(es) "
                                f"{', '.join(repr(n) for n in report)}: {why}",
-                               {"tensor": t.name, "passes": report}))
+                               {"tensor": t.name, "passes": report, "upstream": list(t.reachable or ())}))
     return out
 
 
@@ -436,7 +440,7 @@ def check_no_coverage(trace, passes, tensors, cuts):
         no_grad = [t.name for t in tensors.values() if p.name in t.passes and t.requires_grad_calls < t.calls
                    and t.role not in DATA_ROLES]
         if no_grad:  # e.g. every trainable parameter was bypassed (adapters disabled): nothing carries grad
-            because += (f"; tensor(s) {', '.join(repr(n) for n in no_grad)} registered in this pass do not "
+            because = because.rstrip(".") + (f"; tensor(s) {', '.join(repr(n) for n in no_grad)} registered in this pass do not "
                         "require grad: nothing trainable took part in computing them")
         runs = f"{p.runs} engine run(s)" if p.runs else "no engine run that reached a watched tensor"
         out.append(Verdict("NO_COVERAGE", "error",

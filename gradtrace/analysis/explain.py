@@ -92,8 +92,16 @@ def _explains(cause: Verdict, effect: Verdict) -> bool:
             return _same_pass(cause, effect)
         return False
     # 2. A cut, a module whose output was cut, a freeze: coverage lost in the same pass / parameters.
+    # A registered tensor that requires grad, with trainable parameters upstream, never reached: the cut
+    # lies between it and the loss, so what lost its gradient upstream of it is the effect.
+    if c == "TENSOR_NOT_REACHED" and e in ("DETACHED_OUTPUT", "NO_COVERAGE", "UNUSED_PARAMS", "COVERAGE_GAP"):
+        upstream = set(cause.evidence.get("upstream") or ())
+        return bool(upstream) and _same_pass(cause, effect) and (
+            e == "NO_COVERAGE" or bool(upstream & subject_params(effect)))
     if c in ("GRAPH_CUT", "DETACHED_OUTPUT", "FROZEN_WHILE_WATCHED"):
         if e in ("NO_COVERAGE", "TENSOR_NOT_REACHED"):
+            if c == "DETACHED_OUTPUT" and e == "TENSOR_NOT_REACHED":
+                return False  # the tensor requires grad: it is downstream of the module, the cut after it
             return _same_pass(cause, effect) and (c != "DETACHED_OUTPUT" or subject_passes(cause) & subject_passes(effect)
                                                   or _shares_params(cause, effect))
         if e in ("COVERAGE_GAP", "UNUSED_PARAMS") or (c == "GRAPH_CUT" and e == "DETACHED_OUTPUT"):

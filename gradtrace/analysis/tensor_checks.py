@@ -4,7 +4,7 @@ A live trace keeps each registered tensor's value and row facts per pass
 (``TensorRecord.by_pass``): a mask that comes back empty at step 3 is found at
 step 3, not diluted into the counts of every other step. Each finding is one
 verdict per identity (code, tensor, severity): its message describes the first
-pass where it held, so it reads the same however many later passes repeat it
+pass where it held (and ends by naming it), so it reads the same however many later passes repeat it
 (``evidence["passes"]`` lists them all). A trace without per-pass facts (saved
 by an older gradtrace, or a tensor registered after the last pass) is judged
 on its whole-watch figures, as before.
@@ -42,11 +42,13 @@ class Findings:
         key = (code, tensor, severity)
         found = self.by_identity.get(key)
         if found is None:
-            where = f"pass {pass_name!r}: " if pass_name is not None else ""
+            # The message starts with the tensor (a callback prints "step <n>: CODE: tensor ..."); the pass
+            # where it first held closes it.
+            where = f" (in pass {pass_name!r})" if pass_name is not None else ""
             evidence = {"tensor": tensor, **evidence}
             if pass_name is not None:
                 evidence.update({"pass": pass_name, "passes": [pass_name]})
-            self.by_identity[key] = Verdict(code, severity, where + message, evidence)
+            self.by_identity[key] = Verdict(code, severity, message + where, evidence)
         elif pass_name is not None:
             found.evidence["passes"].append(pass_name)
 

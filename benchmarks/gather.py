@@ -82,11 +82,11 @@ def gather_rows(rank, world, params, passes_list, repeats):
     for passes in passes_list:
         for identical in (False, True):
             trace = synthetic_trace(params, passes, rank, identical)
-            ms = timed(lambda: trace.gather(), repeats)
+            ms = timed(lambda trace=trace: trace.gather(), repeats)
             received = world * (2 * 32 + (0 if identical else passes * params * WIDTH * 8))
             as_dict = storage.to_dict(trace)
             pickled = len(pickle.dumps(as_dict))
-            old_ms = timed(lambda: old_gather(as_dict, world), repeats)
+            old_ms = timed(lambda as_dict=as_dict: old_gather(as_dict, world), repeats)
             rows.append({"ranks": world, "params": params, "passes": passes,
                          "figures": "identical" if identical else "differ", "gather_ms": ms,
                          "ms_per_pass": ms / passes, "bytes_received": received,

@@ -147,7 +147,7 @@ TORCH_PRIVATE_ATTRIBUTES = ("_backward_hooks", "_post_accumulate_grad_hooks", "_
 def test_every_private_torch_attribute_used_has_a_probe():
     probed = " ".join(p.name for p in _torch_compat.PROBES)
     used = set()
-    for name, path in modules().items():
+    for path in modules().values():
         code = path.read_text()
         used |= {attribute for attribute in TORCH_PRIVATE_ATTRIBUTES if re.search(rf"\b{attribute}\b", code)}
     assert used and all(attribute in probed for attribute in used), sorted(a for a in used if a not in probed)
@@ -282,3 +282,14 @@ def test_reading_changes_nothing_that_report_or_save_show(tmp_path):
     assert trace.report() == first_report
     trace.save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_every_package_declares_all_and_every_name_in_it_resolves():
+    import importlib
+
+    packages = sorted(str(init.parent.relative_to(ROOT)).replace("/", ".") for init in PACKAGE.rglob("__init__.py"))
+    assert "gradtrace.capture" in packages and "gradtrace.integrations" in packages
+    for name in packages:
+        package = importlib.import_module(name)
+        assert isinstance(getattr(package, "__all__", None), list), f"{name} has no __all__"
+        assert all(getattr(package, attribute, None) is not None for attribute in package.__all__), name

@@ -107,14 +107,14 @@ def test_watch_entry_on_a_3000_deep_model_is_fast():
     sys.setrecursionlimit(max(limit, 20_000))  # the model itself: building it recurses
     try:
         model = deep(3000)
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time of this thread: a busy machine does not fail it
         with gradtrace.watch(model) as trace:
             pass
-        elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - start
     finally:
         sys.setrecursionlimit(limit)
     assert len(trace.params) == 6000
-    assert elapsed < 1.0 * 3, elapsed  # the goal is 1 s on an idle machine; x3 for a shared one
+    assert cpu < 3.0, cpu  # ~0.5 s of CPU; the cubic walk took ~250 s
 
 
 @pytest.mark.slow  # 20,000 training steps
@@ -124,9 +124,9 @@ def test_report_after_20000_passes_is_fast():
     with gradtrace.watch(lin, max_passes=None) as trace:
         for _ in range(20_000):
             lin(torch.ones(1, 2)).sum().backward()
-    start = time.perf_counter()
+    start = time.thread_time()
     report = trace.report()
-    assert time.perf_counter() - start < 5.0
+    assert time.thread_time() - start < 5.0  # ~1.3 s of CPU; the quadratic report took ~445 s
     assert len(trace.passes) == 20_000 and len(report.splitlines()) < 60
 
 
@@ -138,9 +138,9 @@ def test_report_on_a_flat_1000_module_model_is_fast():
             with trace.pass_(f"p{i}"):
                 flat(torch.randn(1, 2)).sum().backward()
             flat.zero_grad()
-    start = time.perf_counter()
+    start = time.thread_time()
     trace.report()
-    assert time.perf_counter() - start < 2.0
+    assert time.thread_time() - start < 2.0  # ~0.15 s of CPU
 
 
 def test_a_hook_registered_after_watch_that_changes_the_gradient_is_never_recorded_wrong():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
 
 import gradtrace  # noqa: E402

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 

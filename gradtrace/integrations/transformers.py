@@ -38,7 +38,7 @@ import functools
 import os
 import re
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from transformers import TrainerCallback

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..analysis.names import describe_params, module_of
+from ..analysis.names import module_of
 from ..errors import GradtraceError
 
 KINDS = ("flow", "coverage", "inner")
@@ -120,7 +120,7 @@ def _width(columns: int) -> float:
 
 
 # ---- flow -------------------------------------------------------------------------------
-def _flow(Figure, trace, chosen) -> "Figure":
+def _flow(Figure, trace, chosen):
     modules = _modules(trace.params)
     names = list(modules)
     figure = Figure(figsize=(_width(len(names)) + 2.5, 5.5), layout="constrained")
@@ -214,7 +214,7 @@ def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen:
 
 
 # ---- coverage -----------------------------------------------------------------------------
-def _coverage(Figure, trace, chosen) -> "Figure":
+def _coverage(Figure, trace, chosen):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -237,7 +237,7 @@ def _coverage(Figure, trace, chosen) -> "Figure":
 
 
 # ---- inner products --------------------------------------------------------------------------
-def _inner(Figure, trace) -> "Figure":
+def _inner(Figure, trace):
     summaries = list(trace.inner_products)[-MAX_INNER:]
     if not summaries:
         raise GradtraceError("the trace has no inner products to plot: open it with "

@@ -199,3 +199,38 @@ def test_torch_compile_after_an_eager_run_inside_the_watch(cuts, backend, when):
     assert passes["compiled1"].total_norm == pytest.approx(passes["eager"].total_norm, rel=1e-6)
     assert trace.verdicts() == [] and trace.report().startswith("gradtrace: no problems found")
     torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor compiles C++: tens of seconds
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_op_mode_stays_out_of_compiled_graphs(backend):
+    """Issue 24: torch.compile(inductor) under cuts="ops" fell back to eager with graph breaks (the mode's
+    frame walks and grad_fn reads were traced). The mode steps aside while dynamo traces: no graph
+    break, the eager gradients; cuts in eager code are still found op by op."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    with gradtrace.watch(model, cuts="ops") as trace:
+        with trace.pass_("eager"):
+            model(x).sum().backward()
+        eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+        compiled = torch.compile(model, backend=backend)
+        counters.clear()
+        for i in range(2):
+            model.zero_grad(set_to_none=True)
+            with trace.pass_(f"compiled{i}"):
+                compiled(x).sum().backward()
+        breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, eager[n], rtol=1e-5, atol=1e-6), n
+        with trace.pass_("eager-cut"):  # the mode still works in eager code after compiling
+            h = model[0](x)
+            model[2](h.detach()).sum().backward()
+    assert breaks == {} and graphs >= 1  # compiled, without a break (a recompile on the 2nd call is fine)
+    assert trace.passes["compiled1"].covered == trace.passes["eager"].covered == set(eager)
+    assert [(c.kind, c.op, c.pass_name) for c in trace.cuts] == [("detach", "detach", "eager-cut")]
+    torch._dynamo.reset()

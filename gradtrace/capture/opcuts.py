@@ -67,6 +67,7 @@ __all__ = ["OpCutMode", "NonfiniteOrigins", "op_name"]
 _Tensor = torch.Tensor
 _Size = torch.Size
 _THIS_FILE = __file__
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 is_grad_enabled = torch.is_grad_enabled
 is_inference_mode_enabled = torch.is_inference_mode_enabled
 
@@ -206,6 +207,10 @@ class _CutMode(TorchFunctionMode):
         self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _dynamo_compiling():
+            # True only while torch.compile traces this call: the mode stays out of compiled graphs
+            # (recording at trace time would be wrong, and its frame walks would break the graph).
+            return func(*args, **kwargs) if kwargs else func(*args)
         owner = self.owner
         if owner.pending:
             return owner.follow(func, args, kwargs or {})

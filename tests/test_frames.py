@@ -144,3 +144,16 @@ def test_a_nested_engine_run_is_seen_under_a_custom_function_backward():
 
     Nested.apply(torch.ones(1, requires_grad=True)).sum().backward()
     assert seen == [True] and not frames.function_backward_on_stack(sys._getframe())
+
+
+def test_locations_name_installed_files_from_their_package_not_the_machine(monkeypatch, tmp_path):
+    """A location never depends on where gradtrace or a library is installed, or on the working
+    directory: the demo's lines read gradtrace/demo.py:N (the README shows them)."""
+    from gradtrace import demo
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: the demo's file is outside the working directory
+    assert frames.short_path(demo.__file__) == os.path.join("gradtrace", "demo.py")
+    assert frames.short_path(os.path.join(SITE, "transformers", "trainer.py")) == "transformers/trainer.py"
+    assert frames.short_path(str(tmp_path / "train.py")) == "train.py"
+    elsewhere = os.path.join(os.sep, "opt", "jobs", "train.py")
+    assert frames.short_path(elsewhere) == elsewhere  # the user's own file outside: as it is

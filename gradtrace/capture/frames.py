@@ -91,9 +91,17 @@ def is_machinery(filename: str) -> bool:
 
 
 def short_path(filename: str) -> str:
-    """A file under the working directory as a relative path (``example.py``), any other as it is."""
+    """How a location names a file: relative to the working directory (``example.py``); a file of
+    gradtrace or of an installed distribution from its package (``gradtrace/demo.py``,
+    ``transformers/trainer.py``), wherever it is installed; any other as it is."""
     cwd = os.getcwd() + os.sep
-    return filename[len(cwd):] if filename.startswith(cwd) else filename
+    if filename.startswith(cwd):
+        return filename[len(cwd):]
+    if filename.startswith(_GRADTRACE_DIR):
+        return os.path.relpath(filename, os.path.dirname(_GRADTRACE_DIR.rstrip(os.sep)))
+    if any(marker in filename for marker in _LIBRARY_DIRS):
+        return _library_path(filename)
+    return filename
 
 
 def _library_path(filename: str) -> str:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from .analysis import Diff
 from .errors import GradtraceError
-from .records import Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord, ValueStats, Verdict
+from .records import (Contribution, Cut, GradRecord, InnerProduct, NonfiniteOrigin, PassTrace, ScalarRecord,
+                      TensorGradFacts, TensorRecord, TraceMeta, ValueStats, Verdict)
 from .trace import Trace, load
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts", "ValueStats",
-    "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__",
+    "ScalarRecord", "Cut", "Diff", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
+    "GradtraceError", "__version__",
 ]
 
 

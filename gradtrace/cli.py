@@ -4,6 +4,10 @@ Every failure gradtrace can explain (a missing or damaged trace file, an
 unknown pass name) prints one line to stderr and exits with status 2.
 ``show`` and ``diff`` exit with status 1 when ``--fail-on`` finds a verdict
 at or above its severity (for CI).
+
+Only ``demo`` imports torch (the probe is a torch model): ``--help``,
+``--version``, ``show``, ``diff`` and ``plot`` read trace files without it, so
+the demo's list of bugs is looked up when ``demo`` runs or shows its help.
 """
 from __future__ import annotations
 
@@ -34,9 +38,31 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
                         help="exit with status 1 when a verdict of this severity or worse exists (default never)")
 
 
+_BUG_LIST = "{bugs}"  # in the demo's help epilog: filled in only when that help is shown
+
+
+class _DemoHelp(argparse.RawDescriptionHelpFormatter):
+    """Writes the demo's bug list into its help; built only for ``demo --help`` (the list imports torch)."""
+
+    def add_text(self, text):
+        if text and _BUG_LIST in text:
+            from .demo import BUGS
+            text = text.replace(_BUG_LIST, "\n".join(f"  {name:<21} {line}" for name, line in BUGS.items()))
+        super().add_text(text)
+
+
+def _bug_name(name: str) -> str:
+    """``--bug``'s choices, looked up only when ``--bug`` is given (the list imports torch)."""
+    from .demo import BUGS
+
+    choices = [*BUGS, "all", "none"]
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(choices)})")
+    return name
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .demo import BUGS
     from .render.plot import KINDS
 
     parser = argparse.ArgumentParser(
@@ -49,17 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,show,diff,plot}")
     sub.required = True
 
-    bug_lines = "\n".join(f"  {name:<21} {text}" for name, text in BUGS.items())
     demo = sub.add_parser(
-        "demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo", formatter_class=_DemoHelp,
         help="run the built-in entropy probe on a tiny LoRA policy and print its report",
         description="Run the built-in entropy probe on a tiny LoRA policy and print gradtrace's report.\n"
                     "  X pass: token entropy H, .backward() over microbatches\n"
                     "  Y pass: torch.autograd.grad of a GRPO loss on sequence log-probs S\n"
                     "  deltaH1 = -lr * sum(g_X * g_Y / (sqrt(v_hat) + eps)), v_hat from Adam",
-        epilog=f"bugs (--bug NAME):\n{bug_lines}\n\n--bug all runs every scenario and prints, "
+        epilog=f"bugs (--bug NAME):\n{_BUG_LIST}\n\n--bug all runs every scenario and prints, "
                "per bug, the verdict gradtrace ranks first.")
-    demo.add_argument("--bug", metavar="NAME", choices=[*BUGS, "all", "none"],
+    demo.add_argument("--bug", metavar="NAME", type=_bug_name,
                       help="inject one bug (see below), 'none' for the healthy probe, or 'all' for a "
                            "one-line summary of each; without it the demo shows deltaH1 printing as "
                            "-0.000000 and what gradtrace finds")
@@ -192,10 +217,11 @@ def _emit(args, verdicts, table, markdown, as_json) -> int:
 
 
 def _plot(args) -> int:
+    from .render.plot import image_path
     from .trace import load
 
     load(args.trace).plot(args.output, kind=args.kind, passes=args.passes)
-    print(f"wrote {args.output}")
+    print(safe(f"wrote {image_path(args.output)}"))  # matplotlib adds .png to a name without an extension
     return 0
 
 

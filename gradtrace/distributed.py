@@ -148,7 +148,7 @@ class LocalView:
     """This rank's passes as fixed-size rows over the normalised parameter names."""
 
     def __init__(self, trace):
-        prefix = trace.meta.get("name_prefix") or ""
+        prefix = trace.meta.name_prefix or ""
         self.names = [normalised_name(n, prefix) for n in trace.params]
         self.shapes = [list(trace.param_shapes.get(n, [])) for n in trace.params]
         self.local_names = list(trace.params)
@@ -298,7 +298,8 @@ def _merged(trace, factory, local: LocalView, figures: torch.Tensor, differing: 
         passes[pass_name] = _merged_pass(p, rows, names)
         reached = (_unpack(rows[..., 3])[0] > 0).tolist()
         coverage[pass_name] = {r: [n for n, hit in zip(names, reached[r]) if hit] for r in range(world)}  # model order
-    meta = dict(trace.meta, world_size=world, name_prefix="")
+    meta = trace.meta.copy()
+    meta.world_size, meta.name_prefix = world, ""
     shapes = dict(zip(names, local.shapes))
     return factory(names, shapes, meta, passes=passes, tensors=dict(trace.tensors), scalars=dict(trace.scalars),
                    cuts=list(trace.cuts), inner_products=list(trace.inner_products), rank_coverage=coverage,

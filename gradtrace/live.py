@@ -144,7 +144,7 @@ class LiveTrace(Trace):
         summary = inner.inner_products(a, b, kept[a], kept[b], precondition, params)
         result.inner = summary
         self.inner_products = [s for s in self.inner_products
-                               if (s["a"], s["b"], s["preconditioned"]) != (a, b, summary["preconditioned"])]
+                               if (s.a, s.b, s.preconditioned) != (a, b, summary.preconditioned)]
         self.inner_products.append(summary)
         return result
 
@@ -301,7 +301,7 @@ class LiveTrace(Trace):
             record.grads.pop(name, None)
             if gone and record.cuts:
                 record.cuts = [seq for seq in record.cuts if seq not in gone]
-        self.meta["dropped_passes"] += 1
+        self.meta.dropped_passes += 1
 
     def _close(self, error: Optional[BaseException] = None) -> None:
         """On exit: no hook records any more; runs cut short by an exception still land in their pass."""
@@ -316,11 +316,10 @@ class LiveTrace(Trace):
         for handle in recording.tensor_handles:
             handle.remove()
         recording.tensor_handles.clear()
-        self.meta["forward_calls"] = recording.cut_log.root_calls
-        self.meta["frozen_while_watched"] = [n for n, p in zip(recorder.names, recorder.params)
-                                             if not p.requires_grad]
+        self.meta.forward_calls = recording.cut_log.root_calls
+        self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
         if error is not None:
-            self.meta["error"] = _describe_error(error)
+            self.meta.error = _describe_error(error)
 
 
 def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
@@ -537,7 +536,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
         ModuleCutDetector(root, recording.cut_log, module_walk, trainable).attach(batch)
-        trace.meta["ran_with_grad"] = recording.cut_log.ran_with_grad  # saved as a sorted list
+        trace.meta.ran_with_grad = recording.cut_log.ran_with_grad  # saved as a sorted list
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)

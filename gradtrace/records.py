@@ -2,23 +2,62 @@
 
 Everything here is a dataclass of Python numbers and strings, so the analysis
 and the renderer work the same on a live trace and on one loaded from JSON.
+Each field is declared once, with a type from ``fields.py``: the storage
+schema (``schema.py``) is read off these declarations, so a field added here is
+saved, loaded and checked with no other change.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
-SEVERITIES = ("error", "warning", "info")
+from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, ForwardValues, Magnitude,
+                     Name, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as, stored_name)
 
-# What ``trace.tensor(name, t, role=...)`` accepts: masks get row lengths, attention masks their
-# padding side, completion masks their alignment with an attention mask, groups a per-row std histogram.
-TENSOR_ROLES = ("mask", "attention_mask", "completion_mask", "group")
+__all__ = [
+    "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "Cut",
+    "ScalarRecord", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
+    "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
+]
 
 # What ``capture.stats.value_stats`` computes for a registered tensor, in order;
 # ``ValueStats.merge`` reads them by name.
 VALUE_FIELDS = ("numel", "sum", "sumsq", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
+
+
+class ReadsLikeADict:
+    """``record["field"]``, ``record.get("field")``, ``"field" in record``, ``dict(record)``.
+
+    These records were dicts before they were typed, and callers still read
+    them that way (``trace.inner_products[0]["dot"]``,
+    ``p.nonfinite_origin["location"]``); keys are the names the file stores.
+    gradtrace's own code reads attributes.
+    """
+
+    def keys(self) -> List[str]:
+        return [stored_name(f) for f in dataclasses.fields(self) if stored(f)]
+
+    def _attribute(self, key: Any) -> str:
+        for f in dataclasses.fields(self):
+            if stored(f) and stored_name(f) == key:
+                return f.name
+        raise KeyError(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        return getattr(self, self._attribute(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.keys()
 
 
 @dataclass
@@ -31,13 +70,13 @@ class GradRecord:
     """
 
     name: str
-    hits: int = 0  # engine deliveries: hook fires, one per run that reached it
-    norm: float = 0.0
-    max_abs: float = 0.0
+    hits: Count = 0  # engine deliveries: hook fires, one per run that reached it
+    norm: Magnitude = 0.0
+    max_abs: Magnitude = 0.0
     zero: bool = False  # reached, and every element exactly zero
-    nonfinite: int = 0  # NaN/Inf elements
-    via: str = "backward"  # "backward" (.grad written), "grad" (handed back), "both"
-    order: int = 0  # position in backward order within the pass (0 = first reached)
+    nonfinite: Count = 0  # NaN/Inf elements
+    via: Via = "backward"  # "backward" (.grad written), "grad" (handed back), "both"
+    order: Count = 0  # position in backward order within the pass (0 = first reached)
     stale: bool = False  # .grad held nonzero values when the pass first reached it
     # The gradient was cleared (set to None, or zeroed in place) before gradtrace could read it:
     # norm and max_abs are unknown (stored as 0), and it is not an exact zero.
@@ -74,23 +113,23 @@ class PassColumns:
 class PassTrace:
     """Everything recorded for one labelled pass (or one unlabelled engine run)."""
 
-    name: str
-    params: Tuple[str, ...]  # every trainable parameter watched, in model order
-    runs: int = 0  # top-level engine runs (nested reentrant runs are not counted)
-    kinds: List[str] = field(default_factory=list)  # "backward" and/or "grad"
+    name: Name
+    # every trainable parameter watched, in model order (a file stores them once, for every pass)
+    params: Tuple[str, ...] = field(metadata=NOT_STORED)
+    runs: Count = 0  # top-level engine runs (nested reentrant runs are not counted)
+    kinds: List[RunKind] = field(default_factory=list)  # "backward" and/or "grad"
     expected: Optional[List[str]] = None  # parameters reachable from registered tensors
     expected_partial: bool = False  # a checkpoint node hid part of the graph
     auto: bool = False  # named automatically (run outside any pass_)
     kept_grads: bool = False  # the live trace kept this pass's gradients
     step_start: bool = False  # the pass began an optimizer step: stale .grad is judged here only
     failed: Optional[str] = None  # the exception the pass's block ended with, if any
-    # cuts="ops": where the first NaN/Inf gradient was born: {"op", "node", "module", "location",
-    # "forward": "finite" | "nonfinite" | "unknown"} (see capture.opcuts.NonfiniteOrigins)
-    nonfinite_origin: Optional[Dict[str, Any]] = None
+    # cuts="ops": where the first NaN/Inf gradient was born (see capture.opcuts.NonfiniteOrigins)
+    nonfinite_origin: Optional[NonfiniteOrigin] = None
     # What the figures are: "local" (this process's gradients: autograd.grad, no wrapper, DDP's
     # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
     # global only after gather()).
-    scope: str = "local"
+    scope: Scope = "local"
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -161,10 +200,10 @@ class PassTrace:
 class TensorGradFacts:
     """What backward did at a registered tensor during one pass."""
 
-    hits: int = 0  # how many times backward reached it (one per microbatch and run)
-    norm: float = 0.0  # sqrt of the summed squares of every incoming gradient
-    max_abs: float = 0.0
-    nonfinite: int = 0
+    hits: Count = 0  # how many times backward reached it (one per microbatch and run)
+    norm: Magnitude = 0.0  # sqrt of the summed squares of every incoming gradient
+    max_abs: Magnitude = 0.0
+    nonfinite: Count = 0
 
     @property
     def reached(self) -> bool:
@@ -179,15 +218,15 @@ class TensorGradFacts:
 class ValueStats:
     """Value facts of a registered tensor, aggregated over every call with its name."""
 
-    numel: int = 0
+    numel: Count = 0
     min: float = 0.0
     max: float = 0.0
     mean: float = 0.0
-    std: float = 0.0
-    zeros: int = 0  # elements exactly zero
-    nonfinite: int = 0
-    rows: int = 0  # rows along the last dim (only when that dim has >= 2 elements)
-    constant_rows: int = 0  # rows whose elements are all equal (zero variance)
+    std: Magnitude = 0.0
+    zeros: Count = 0  # elements exactly zero
+    nonfinite: Count = 0
+    rows: Count = 0  # rows along the last dim (only when that dim has >= 2 elements)
+    constant_rows: Count = 0  # rows whose elements are all equal (zero variance)
 
     def merge(self, row: Mapping[str, float]) -> None:
         """Fold in one call's figures (``VALUE_FIELDS``: counts and sums, as ``value_stats`` computes them)."""
@@ -222,28 +261,28 @@ class ValueStats:
 class TensorRecord:
     """A tensor the user named with ``trace.tensor(name, t)``."""
 
-    name: str
-    calls: int = 0
+    name: Name
+    calls: Count = 0
     requires_grad: bool = False  # on every call
-    requires_grad_calls: int = 0  # calls on which it required grad
+    requires_grad_calls: Count = 0  # calls on which it required grad
     grad_fn: Optional[str] = None  # name of the first grad_fn seen
     is_leaf: bool = True
     inference: bool = False  # an inference-mode tensor
-    shape: List[int] = field(default_factory=list)  # shape of the first call
+    shape: List[Count] = field(default_factory=list)  # shape of the first call
     dtype: str = ""
     device: str = ""
     expect_grad: Optional[bool] = None
     values: ValueStats = field(default_factory=ValueStats)
     grads: Dict[str, TensorGradFacts] = field(default_factory=dict)  # per pass
     passes: List[str] = field(default_factory=list)  # passes open when it was registered
-    cuts: List[int] = field(default_factory=list)  # Cut.seq of the cuts seen while it was built
+    cuts: List[Count] = field(default_factory=list)  # Cut.seq of the cuts seen while it was built
     reachable: Optional[List[str]] = None  # trainable parameters its graph reaches
     reach_partial: bool = False  # a checkpoint node hid part of its graph
     trainable_upstream: bool = False  # its graph reaches at least one watched parameter
-    role: Optional[str] = None  # what the user said it is: TENSOR_ROLES
+    role: Optional[TensorRole] = None  # what the user said it is
     # Per-row facts summed over calls (``capture.stats.row_facts``): "rows", "empty_rows",
     # "selected_min/max/sum", "left_padded", "right_padded", "on_padding", "empty_with_tokens", "std ..." bins.
-    row_facts: Dict[str, float] = field(default_factory=dict)
+    row_facts: Dict[str, Amount] = field(default_factory=dict)
 
     def merge_row_facts(self, facts: Mapping[str, float]) -> None:
         for key, value in facts.items():
@@ -271,7 +310,7 @@ class TensorRecord:
 class Cut:
     """A place where the autograd graph was cut upstream of something trainable."""
 
-    kind: str  # no_grad, inference_mode, detach, non_differentiable, checkpoint
+    kind: CutKind
     module: str  # module path as named_modules() gives it ("" is the root)
     op: Optional[str] = None  # the op, when op-level detection saw it
     location: str = ""  # file:line of the user's code
@@ -279,14 +318,14 @@ class Cut:
     inputs_require_grad: Optional[bool] = None  # checkpoint cuts: did any input of the segment require grad?
     pass_name: Optional[str] = None  # pass open when it happened (None: outside any pass)
     module_type: str = ""
-    count: int = 1  # how many times the same cut was seen
-    params: int = 0  # trainable parameters inside the module
-    seq: int = 0  # order of recording
+    count: Count = 1  # how many times the same cut was seen
+    params: Count = 0  # trainable parameters inside the module
+    seq: Count = 0  # order of recording
 
 
 @dataclass
 class ScalarRecord:
-    name: str
+    name: Name
     value: float
     pass_name: Optional[str] = None
     history: List[float] = field(default_factory=list)  # every value recorded under this name
@@ -300,9 +339,129 @@ class ScalarRecord:
 @dataclass
 class Verdict:
     code: str
-    severity: str  # "error", "warning" or "info"
+    severity: Severity
     message: str
     evidence: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.code}: {self.message}"
+
+
+@dataclass
+class NonfiniteOrigin(ReadsLikeADict):
+    """Where a pass's first NaN/Inf gradient was born (``watch(cuts="ops")``): the op whose backward made it."""
+
+    op: str  # the op as the forward called it ("div", "__truediv__")
+    location: str  # file:line of the call
+    node: str = ""  # its backward node ("DivBackward0")
+    module: str = ""  # the module it ran in ("" is the root module or top-level code)
+    forward: ForwardValues = "unknown"  # were its forward values already NaN/Inf?
+    pass_name: Optional[str] = field(default=None, metadata=stored_as("pass"))
+
+
+@dataclass
+class Contribution(ReadsLikeADict):
+    """One parameter's share of an inner product: ``sum(g_a * g_b)`` over its elements."""
+
+    param: str
+    contribution: float
+    share: float  # contribution / |dot|, with the contribution's sign
+
+
+@dataclass
+class InnerProduct(ReadsLikeADict):
+    """``<g_a, g_b>`` of two passes' gradients (``watch(keep_grads=True)`` and ``trace.diff``),
+    optionally preconditioned by Adam's second moment."""
+
+    a: str
+    b: str
+    preconditioned: bool
+    dot: float
+    cosine: Optional[float]  # None when a gradient is zero, and for a preconditioned product
+    norm_a: Magnitude
+    norm_b: Magnitude
+    top: List[Contribution]  # the parameters that dominate the dot, largest |contribution| first
+    numel_b: Optional[Count] = None  # elements of b's gradient over the parameters both passes reached
+    norm_a_pre: Optional[Magnitude] = None  # norms of the preconditioned gradients
+    norm_b_pre: Optional[Magnitude] = None
+    optimizer: Optional[str] = None  # the optimizer whose state preconditioned it ("AdamW")
+
+    def __post_init__(self) -> None:
+        if self.preconditioned and None in (self.norm_a_pre, self.norm_b_pre, self.optimizer):
+            raise ValueError("a preconditioned inner product needs norm_a_pre, norm_b_pre and optimizer")
+
+
+@dataclass(eq=False)
+class TraceMeta(collections.abc.MutableMapping):
+    """How a trace was recorded: the watch's options, what happened outside the passes, the merge.
+
+    Known fields are attributes (``trace.meta.dropped_passes``); None means not
+    recorded. It also reads and writes like the dict it used to be:
+    ``trace.meta["dropped_passes"]``, ``trace.meta.get("world_size")``, and keys
+    of your own (``trace.meta["run_id"] = ...``, saved with the trace as free-form
+    JSON). As a mapping it holds the known fields that are set, then your keys.
+    """
+
+    FREE_FORM_FIELD: ClassVar[str] = "_extra"  # the schema puts a file's unknown keys here
+    _KNOWN: ClassVar[Tuple[str, ...]] = ()  # the stored fields, in order (set below the class)
+
+    torch: Optional[str] = None  # torch.__version__ of the recording process
+    model: Optional[str] = None  # type of the watched module
+    cuts: Optional[CutsMode] = None  # watch(cuts=...)
+    keep_grads: Optional[bool] = None
+    max_passes: Optional[Count] = None
+    dropped_passes: Optional[Count] = None  # passes dropped by max_passes
+    wrapper: Optional[Wrapper] = None  # the distributed wrapper the model was in
+    name_prefix: Optional[str] = None  # what the wrapper adds to parameter names ("module." under DDP)
+    find_unused_parameters: Optional[bool] = None  # DDP's option
+    forward_calls: Optional[Count] = None  # forward calls of the watched module
+    frozen_while_watched: Optional[List[str]] = None  # parameters frozen by the time the watch closed
+    ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
+    error: Optional[str] = None  # the exception the watched block ended with
+    world_size: Optional[Count] = None  # ranks merged by gather()
+    _extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, meta: Optional[Mapping[str, Any]]) -> "TraceMeta":
+        """A new TraceMeta from a mapping (a dict, or another TraceMeta: copied)."""
+        out = cls()
+        out.update(meta or {})
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._KNOWN:
+            value = getattr(self, key)
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self._extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._KNOWN:
+            setattr(self, key, value)
+        else:
+            self._extra[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in self._KNOWN:
+            if getattr(self, key) is None:
+                raise KeyError(key)
+            setattr(self, key, None)
+        else:
+            del self._extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (name for name in self._KNOWN if getattr(self, name) is not None)
+        yield from self._extra
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def copy(self) -> "TraceMeta":
+        return TraceMeta.of(self)
+
+    def __repr__(self) -> str:
+        return f"TraceMeta({dict(self)!r})"
+
+
+TraceMeta._KNOWN = tuple(f.name for f in dataclasses.fields(TraceMeta) if stored(f))

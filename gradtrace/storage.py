@@ -1,11 +1,18 @@
 """JSON save and load. Loading never runs code: plain JSON, checked field by field.
 
 A trace file is untrusted input: traces are mailed around and attached to bug
-reports. ``load`` reads at most ``MAX_FILE_BYTES``, turns a parser that runs
+reports. ``load`` reads at most ``MAX_FILE_BYTES``, estimates the work of
+reading and reporting it (``LoadWork``, before the parser runs and before any
+analysis) and refuses more than ``MAX_LOAD_WORK``, turns a parser that runs
 out of stack (deep nesting) or digits into a GradtraceError, and checks every
-field of every record against a schema (type and bounds), so that whatever it
-returns, ``report``, ``verdicts`` and ``diff`` can read. Anything else is a
-GradtraceError naming the file and the field.
+field of every record against the schema read off the records' type hints
+(``schema.py``), so that whatever it returns, ``report``, ``verdicts`` and
+``diff`` can read. Anything else is a GradtraceError naming the file and the field.
+
+``save`` writes a regular file and nothing else: a new file in an existing
+folder, or a regular file replaced atomically (through a symlink, the file it
+points to is replaced and the link kept). A device, FIFO, socket or folder at
+the path, or a link to one, is refused, never renamed over.
 
 Non-finite floats are stored as the strings "nan", "inf", "-inf" (JSON has no
 NaN). That is unambiguous because decoding is typed: only a field the schema
@@ -14,19 +21,21 @@ scalar named "nan" stays a string.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
 import stat
 import tempfile
 from typing import Any, Callable, Dict, List, Optional
 
+from . import schema
 from .errors import GradtraceError
-from .records import (Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord,
-                      ValueStats)
+from .fields import Count, RankFigures, stored, stored_name
+from .records import Cut, GradRecord, InnerProduct, PassTrace, ScalarRecord, TensorRecord, TraceMeta
+from .schema import Bad, label
 
 FORMAT = "gradtrace-trace"
 VERSION = 1
@@ -38,10 +47,52 @@ MAX_FILE_BYTES = 256 * 2 ** 20
 # A trace nests 6 deep; the JSON parser recurses once per level, and would overflow
 # the C stack long before Python's recursion limit if that limit had been raised.
 MAX_DEPTH = 64
-# The schema fixes the depth of every field but ``meta``, whose values are free-form.
-MAX_META_DEPTH = 8
-MAX_COUNT = 2 ** 63 - 1  # counts are int64 on the device
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# What reading and reporting a trace may cost, in work units (see LoadWork): about 1.5 s of CPU
+# where the costs were measured, so a trace that loads is reported in under 2 s. Its size in
+# bytes does not bound that: 240 KB can hold 10,000 parameters whose coverage changes in each of
+# 1,000 passes. A module constant, like MAX_FILE_BYTES, for a caller with a larger trace.
+MAX_LOAD_WORK = 1_500_000
+
+
+@dataclasses.dataclass
+class LoadWork:
+    """What reading a trace costs, in work units of about a microsecond of CPU.
+
+    Each count is weighted by what it cost in ``benchmarks/load_work.py`` (CPython
+    3.11 on a 2-core runner): a JSON value is parsed, checked and built (0.5); a
+    byte is scanned before parsing and may be rendered (1/32), and the brackets
+    are scanned again for each level they nest (1/500 a byte); the coverage-gap
+    check groups every parameter for each pair of passes whose coverage differs
+    (10); cuts are compared pairwise to find the outermost (0.5 a pair) and with
+    every registered tensor (0.3 a pair). The counts before parsing come from the
+    bytes (values: commas and brackets outside strings), the rest from the
+    checked records, before any analysis runs.
+    """
+
+    values: int = 0
+    text: int = 0  # bytes
+    scanned: int = 0  # bytes scanned to find how deep the file nests (once per level)
+    coverage: int = 0  # parameters x pairs of passes whose coverage differs
+    cuts: int = 0
+    tensors: int = 0
+
+    def parts(self) -> Dict[str, int]:
+        return {"JSON values": self.values // 2, "bytes": self.text // 32, "nesting": self.scanned // 500,
+                "parameters x coverage changes": 10 * self.coverage,
+                "cut pairs": self.cuts * self.cuts // 4, "tensors x cuts": self.tensors * self.cuts * 3 // 10}
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def check(self, where: str) -> None:
+        total = self.total
+        if total > MAX_LOAD_WORK:
+            part, size = max(self.parts().items(), key=lambda item: item[1])
+            raise GradtraceError(
+                f"{where!r} would take too long to read and report: about {total:,} work units (~{total / 1e6:.1f} s "
+                f"of CPU), most of it for {part} ({size:,}); gradtrace.storage.MAX_LOAD_WORK is {MAX_LOAD_WORK:,}. "
+                "Raise that limit if you trust this trace to be this large.")
 
 
 # ---- saving -----------------------------------------------------------------
@@ -52,23 +103,31 @@ def _encode_float(x: float) -> Any:
     return x
 
 
-def _encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        items = sorted(value) if isinstance(value, set) else value
-        return [_encode(v) for v in items]
+def _encode(value: Any, path: str) -> Any:
+    """JSON for a record (its stored fields, under their stored names), a container or a scalar."""
+    if isinstance(value, collections.abc.Mapping):  # dicts, and TraceMeta (its fields that are set, its own keys)
+        return {str(k): _encode(v, f"{path}[{label(k)}]") for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A field at its default None is left out: readers fill it in, and so did gradtrace before the
+        # records were typed (which refused null for some of them: older readers keep reading new files).
+        return {stored_name(f): _encode(getattr(value, f.name), f"{path}.{f.name}")
+                for f in dataclasses.fields(value)
+                if stored(f) and not (f.default is None and getattr(value, f.name) is None)}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        return [_encode(v, path) for v in sorted(value)]
     if isinstance(value, float):
         return _encode_float(value)
-    return value
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    raise GradtraceError(f"cannot save {path} = {type(value).__name__}: a trace holds JSON values only "
+                         "(str, int, float, bool, None, lists and dicts of them)")
 
 
-def _encode_pass(p: PassTrace) -> Dict[str, Any]:
-    out = {f.name: _encode(getattr(p, f.name)) for f in dataclasses.fields(p)
-           if not f.name.startswith("_") and f.name != "params"}  # params are stored once, at the top
-    out["records"] = {name: _encode(r) for name, r in p.records.items()}
+def _encode_pass(p: PassTrace, path: str) -> Dict[str, Any]:
+    out = _encode(p, path)  # params are stored once, at the top
+    out["records"] = {name: _encode(r, f"{path}.records[{label(name)}]") for name, r in p.records.items()}
     return out
 
 
@@ -76,27 +135,74 @@ def to_dict(trace) -> Dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
-        "meta": _encode(trace.meta),
+        "meta": _encode(trace.meta, "trace.meta"),
         "params": list(trace.params),
-        "param_shapes": _encode(trace.param_shapes),
-        "passes": [_encode_pass(p) for p in trace.passes.values()],
-        "tensors": [_encode(t) for t in trace.tensors.values()],
-        "scalars": [_encode(s) for s in trace.scalars.values()],
-        "cuts": [_encode(c) for c in trace.cuts],
-        "inner_products": _encode(trace.inner_products),
-        "rank_coverage": _encode(getattr(trace, "rank_coverage", None)),
-        "rank_figures": _encode(getattr(trace, "rank_figures", None) or None),
+        "param_shapes": _encode(trace.param_shapes, "trace.param_shapes"),
+        "passes": [_encode_pass(p, f"trace.passes[{label(p.name)}]") for p in trace.passes.values()],
+        "tensors": [_encode(t, f"trace.tensors[{label(t.name)}]") for t in trace.tensors.values()],
+        "scalars": [_encode(s, f"trace.scalars[{label(s.name)}]") for s in trace.scalars.values()],
+        "cuts": _encode(trace.cuts, "trace.cuts"),
+        "inner_products": _encode(trace.inner_products, "trace.inner_products"),
+        "rank_coverage": _encode(getattr(trace, "rank_coverage", None), "trace.rank_coverage"),
+        "rank_figures": _encode(getattr(trace, "rank_figures", None) or None, "trace.rank_figures"),
     }
 
 
 def save(trace, path) -> None:
-    """Write ``trace`` to ``path`` atomically: readers see the previous file or the whole new one."""
+    """Write ``trace`` to ``path`` atomically: readers see the previous file or the whole new one.
+
+    ``path`` is a new file in an existing folder or a regular file (through a
+    symlink: the file it points to, the link kept); anything else is refused.
+    """
+    target = _path_argument(path, "trace.save")
     data = to_dict(trace)
-    target = os.fspath(path)
     try:
-        _write_atomically(target, data)
+        _write_atomically(_destination(target), data)
     except OSError as e:
         raise GradtraceError(f"cannot write trace to {target!r}: {e.strerror or e}") from e
+
+
+def _path_argument(path: Any, what: str) -> str:
+    """``path`` as a str, or a GradtraceError saying why it is not a file name."""
+    try:
+        name = os.fspath(path)
+    except TypeError:
+        raise GradtraceError(f"{what}(path) takes a file name (str or os.PathLike), got "
+                             f"{type(path).__name__}") from None
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if "\0" in name or not name:
+        raise GradtraceError(f"{what}(path): {name!r} is not a usable file name"
+                             + (" (it holds a NUL character)" if name else " (it is empty)"))
+    return name
+
+
+def _destination(target: str) -> str:
+    """The path to rename the new file onto: ``target``, or the regular file a symlink at ``target`` names."""
+    try:
+        link = os.lstat(target)
+    except FileNotFoundError:
+        return target  # a new file (a missing folder fails in mkstemp, with the OS's words)
+    if not stat.S_ISLNK(link.st_mode):
+        _refuse_unless_regular(target, link.st_mode)
+        return target
+    try:
+        pointed = os.stat(target)
+    except FileNotFoundError:
+        raise GradtraceError(f"cannot write trace to {target!r}: it is a symlink to a missing file "
+                             f"({os.readlink(target)!r}); remove the link or save to another path") from None
+    _refuse_unless_regular(target, pointed.st_mode, "it is a symlink to")
+    return os.path.realpath(target)
+
+
+def _refuse_unless_regular(target: str, mode: int, what: str = "it is") -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "something other than a file")
+    raise GradtraceError(f"cannot write trace to {target!r}: {what} {kind}, not a regular file; trace.save "
+                         "writes a new file or replaces a regular one, nothing else")
 
 
 def _write_atomically(target: str, data: Dict[str, Any]) -> None:
@@ -112,12 +218,22 @@ def _write_atomically(target: str, data: Dict[str, Any]) -> None:
             json.dump(data, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        _still_replaceable(target)  # writing took time: what is at the name now?
         os.replace(tmp, target)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _still_replaceable(target: str) -> None:
+    """Right before the rename: never rename over something that is not a regular file (or nothing)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    _refuse_unless_regular(target, mode)
 
 
 def _new_file_mode(target: str) -> int:
@@ -158,8 +274,10 @@ def read(path, factory):
 
     Raises GradtraceError for anything else; never runs code from the file.
     """
-    where = os.fspath(path)
-    return from_dict(_parse(_read(where), where), factory, where)
+    where = _path_argument(path, "gradtrace.load")
+    raw = _read(where)
+    work = LoadWork(text=len(raw))
+    return from_dict(_parse(raw, where, work), factory, where, work)
 
 
 def _read(where: str) -> bytes:
@@ -184,9 +302,15 @@ def _too_big(where: str) -> GradtraceError:
                           f"({MAX_FILE_BYTES} bytes); raise that limit if this really is a trace")
 
 
-def _parse(raw: bytes, where: str) -> Any:
+def _parse(raw: bytes, where: str, work: LoadWork) -> Any:
+    """The JSON document in ``raw``; counts its values into ``work`` and checks the limit before parsing."""
     not_trace = f"{where!r} is not a gradtrace trace"
-    if _nesting_bound(raw) > MAX_DEPTH:  # before the parser recurses, not after
+    skeleton = _skeleton(raw)
+    # Before the parser builds them: every value costs a Python object, a check and a record. Commas and
+    # brackets count every value of a valid document (an empty array or object twice: an upper bound).
+    work.values = skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{") + 1
+    work.check(where)
+    if _nesting_bound(skeleton.replace(b",", b""), work, where) > MAX_DEPTH:  # before the parser recurses
         raise GradtraceError(f"{not_trace}: arrays and objects nested deeper than {MAX_DEPTH}")
     try:
         text = raw.decode("utf-8")
@@ -204,275 +328,109 @@ def _parse(raw: bytes, where: str) -> Any:
         raise GradtraceError(f"{not_trace}: too large to parse in the memory available") from None
 
 
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
-_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}",')
 
 
-def _nesting_bound(raw: bytes) -> int:
-    """How deep arrays and objects nest (exact for valid JSON; an upper bound otherwise), at C speed.
+def _skeleton(raw: bytes) -> bytes:
+    """The brackets and commas of ``raw`` that lie outside strings, at C speed.
 
-    Escaped backslashes and quotes go first, then everything but brackets and
-    quotes; splitting at the quotes leaves what lies outside strings. Each pass
-    deletes the innermost pairs, so valid JSON nested d deep is empty after d
-    passes; what never pairs up (invalid JSON) counts in full: ``[`` 100,000
-    times is as deep as it looks.
+    Escaped backslashes and quotes go first, then everything but brackets,
+    commas and quotes; splitting at the quotes leaves what lies outside strings.
     """
     skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
     # Two quotes side by side (an empty string, or one string ending where the next begins) hide
     # nothing outside strings: dropping them first leaves few quotes for the split.
-    skeleton = b"".join(skeleton.replace(b'""', b"").split(b'"')[::2])
+    return b"".join(skeleton.replace(b'""', b"").split(b'"')[::2])
+
+
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+
+
+def _nesting_bound(skeleton: bytes, work: Optional["LoadWork"] = None, where: str = "") -> int:
+    """How deep the brackets of ``skeleton`` nest (exact for valid JSON; an upper bound otherwise).
+
+    Braces become brackets (the parser recurses into both alike; a brace closed
+    by a bracket is invalid JSON the parser stops at), then each pass deletes the
+    innermost pairs: ``bytes.replace`` does not rescan what it wrote, so a pass
+    takes exactly one level off, and valid JSON nested d deep is empty after d
+    passes. What never pairs up counts in full: ``[`` 100,000 times is as deep
+    as it looks. Each pass scans what is left: with ``work``, that is counted,
+    and a file deep and wide at once is refused before the passes add up.
+    """
+    skeleton = skeleton.translate(_ONE_BRACKET)
     passes = 0
     while skeleton and passes <= MAX_DEPTH:
-        shorter = _INNERMOST.sub(b"", skeleton)
+        if work is not None:
+            work.scanned += len(skeleton)
+            work.check(where)
+        shorter = skeleton.replace(b"[]", b"")
         if len(shorter) == len(skeleton):
             break
         skeleton, passes = shorter, passes + 1
-    return passes + skeleton.count(b"[") + skeleton.count(b"{")
+    return passes + skeleton.count(b"[")
 
 
-def from_dict(data: Any, factory, where: str):
+def from_dict(data: Any, factory, where: str, work: Optional[LoadWork] = None):
     """A trace (built by ``factory``, the plain ``Trace``) holding the checked contents of ``data``."""
-    c = contents_of(data, where)
+    c = contents_of(data, where, work)
     return factory(c["params"], c["param_shapes"], c["meta"], passes={p.name: p for p in c["passes"]},
                    tensors={t.name: t for t in c["tensors"]}, scalars={s.name: s for s in c["scalars"]},
                    cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"],
                    rank_figures=c["rank_figures"])
 
 
-def contents_of(data: Any, where: str) -> Dict[str, Any]:
-    """Check ``data`` field by field; return plain records: params, passes, tensors, scalars, cuts, ..."""
+def contents_of(data: Any, where: str, work: Optional[LoadWork] = None) -> Dict[str, Any]:
+    """Check ``data`` field by field; return plain records: params, passes, tensors, scalars, cuts, ...
+
+    ``work`` is what reading the file cost so far; with what analysing these records will cost, it
+    must stay under MAX_LOAD_WORK.
+    """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GradtraceError(f"{where!r} is not a gradtrace trace (no \"format\": \"{FORMAT}\" field); "
                              "write one with trace.save(path)")
     version = data.get("version")
     if version != VERSION or isinstance(version, bool):
-        raise GradtraceError(f"{where!r} is trace format version {_show(version)}; this gradtrace reads version "
-                             f"{VERSION}. Upgrade gradtrace or re-save the trace.")
+        raise GradtraceError(f"{where!r} is trace format version {schema.show(version)}; this gradtrace reads "
+                             f"version {VERSION}. Upgrade gradtrace or re-save the trace.")
     try:
-        return _contents(data)
-    except _Bad as e:
+        contents = _contents(data)
+    except Bad as e:
         raise GradtraceError(f"{where!r} is a damaged gradtrace trace: {e}") from None
+    _add_analysis_work(work or LoadWork(), contents).check(where)
+    return contents
 
 
-# ---- the schema ---------------------------------------------------------------------
-class _Bad(Exception):
-    """A field that fails its check; ``contents_of`` adds the file name."""
+def _add_analysis_work(work: LoadWork, contents: Dict[str, Any]) -> LoadWork:
+    """Adds the parts of LoadWork that grow faster than the file: pairs of what the analysis compares."""
+    covered = [frozenset(p.records) for p in contents["passes"] if p.records]
+    changes = sum(1 for a, b in zip(covered, covered[1:]) if a != b)
+    distinct = min(len(set(covered)), 6)  # a few passes are compared pairwise, a long run neighbour to neighbour
+    work.coverage = len(contents["params"]) * (changes + distinct * (distinct - 1) // 2)
+    work.cuts, work.tensors = len(contents["cuts"]), len(contents["tensors"])
+    return work
 
 
-Check = Callable[[Any, str], Any]  # (value, path in the file) -> the checked value, or raise _Bad
+# ---- the file's layout (each record's fields come from its type hints: schema.py) ------------------
+# A pass is stored with its records beside its fields; its params are stored once, at the top.
+_pass_fields = schema.fields_check(PassTrace, extra={"records": Dict[str, GradRecord]})
 
-
-def _show(value: Any) -> str:
-    """A short description of a bad value: the file is untrusted, so never echo much of it."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, (dict, list)):
-        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
-    if isinstance(value, int) and abs(value) > MAX_COUNT:
-        return f"an integer of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _fail(path: str, expected: str, value: Any):
-    raise _Bad(f"{path}: expected {expected}, got {_show(value)}")
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        _fail(path, "a string", value)
-    return value
-
-
-def _name(value: Any, path: str) -> str:
-    """Pass, tensor and scalar names: non-empty strings, as the live API requires."""
-    if not isinstance(value, str) or not value:
-        _fail(path, "a non-empty string", value)
-    return value
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, "true or false", value)
-    return value
-
-
-def _count(value: Any, path: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
-        _fail(path, f"an integer from 0 to {MAX_COUNT}", value)
-    return value
-
-
-def _number(value: Any, path: str) -> float:
-    """Any float; "nan", "inf", "-inf" are how ``save`` writes the non-finite ones."""
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
-    if isinstance(value, float):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2 ** 1023:
-        return float(value)  # JSON has one number type: 0 for 0.0
-    return _fail(path, "a number", value)
-
-
-def _magnitude(value: Any, path: str) -> float:
-    """A norm or a max |g|: not negative (NaN allowed: a NaN gradient has a NaN norm)."""
-    x = _number(value, path)
-    if x < 0:
-        _fail(path, "a number >= 0", value)
-    return x
-
-
-def _optional(check: Check) -> Check:
-    return lambda value, path: None if value is None else check(value, path)
-
-
-def _list_of(check: Check) -> Check:
-    def checked(value: Any, path: str) -> list:
-        if not isinstance(value, list):
-            _fail(path, "an array", value)
-        return [check(item, f"{path}[{i}]") for i, item in enumerate(value)]
-    return checked
-
-
-def _dict_of(check: Check, key: Optional[Check] = None) -> Check:
-    def checked(value: Any, path: str) -> dict:
-        if not isinstance(value, dict):
-            _fail(path, "an object", value)
-        return {(key(k, path) if key else k): check(v, f"{path}[{_label(k)}]") for k, v in value.items()}
-    return checked
-
-
-def _rank(value: str, path: str) -> int:
-    """JSON object keys are strings: rank 3 was written as "3"."""
-    if not re.fullmatch(r"[0-9]{1,9}", value):
-        _fail(f"{path} key", "a rank number", value)
-    return int(value)
-
-
-def _label(name: str) -> str:
-    text = repr(name)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _plain(value: Any, path: str, depth: int = 0) -> Any:
-    """A free-form ``meta`` value: JSON scalars, arrays and objects, nested at most MAX_META_DEPTH."""
-    if depth > MAX_META_DEPTH:
-        raise _Bad(f"{path}: nested deeper than {MAX_META_DEPTH}")
-    if isinstance(value, list):
-        return [_plain(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {k: _plain(v, f"{path}[{_label(k)}]", depth + 1) for k, v in value.items()}
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
-        _fail(path, "an integer of at most 64 bits", value)
-    return value
-
-
-def _fields(value: Any, path: str, what: str, schema: Dict[str, Check], required=()) -> Dict[str, Any]:
-    """Check an object field by field: no unknown field, none of ``required`` missing."""
-    where = path or "top level"  # the top-level object's fields are named bare: "passes[0].norm"
-    if not isinstance(value, dict):
-        _fail(where, f"a {what} object", value)
-    unknown = [k for k in value if k not in schema]
-    if unknown:
-        raise _Bad(f"{where}: unknown {what} field(s): {', '.join(_label(k) for k in sorted(unknown))}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise _Bad(f"{where}: {what} lacks field(s) {', '.join(missing)}")
-    return {k: schema[k](v, f"{path}.{k}" if path else k) for k, v in value.items()}
-
-
-def _record(cls, schema: Dict[str, Check]) -> Check:
-    """A check that builds ``cls`` (a records dataclass) from a checked object."""
-    required = [f.name for f in dataclasses.fields(cls) if f.name in schema
-                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    return lambda value, path: cls(**_fields(value, path, cls.__name__, schema, required))
-
-
-_grad_record = _record(GradRecord, {
-    "name": _str, "hits": _count, "norm": _magnitude, "max_abs": _magnitude, "zero": _bool,
-    "nonfinite": _count, "via": _str, "order": _count, "stale": _bool, "cleared": _bool})
-
-_PASS = {
-    "name": _name, "runs": _count, "kinds": _list_of(_str), "expected": _optional(_list_of(_str)),
-    "expected_partial": _bool, "auto": _bool, "kept_grads": _bool, "step_start": _bool,
-    "failed": _optional(_str), "scope": _str, "nonfinite_origin": _optional(_dict_of(_plain)), "records": _dict_of(_grad_record)}
-
-_value_stats = _record(ValueStats, {
-    "numel": _count, "min": _number, "max": _number, "mean": _number, "std": _magnitude, "zeros": _count,
-    "nonfinite": _count, "rows": _count, "constant_rows": _count})
-
-_tensor_grad_facts = _record(TensorGradFacts, {
-    "hits": _count, "norm": _magnitude, "max_abs": _magnitude, "nonfinite": _count})
-
-_tensor_record = _record(TensorRecord, {
-    "name": _name, "calls": _count, "requires_grad": _bool, "requires_grad_calls": _count,
-    "grad_fn": _optional(_str), "is_leaf": _bool, "inference": _bool, "shape": _list_of(_count),
-    "dtype": _str, "device": _str, "expect_grad": _optional(_bool), "values": _value_stats,
-    "grads": _dict_of(_tensor_grad_facts), "passes": _list_of(_str), "cuts": _list_of(_count),
-    "reachable": _optional(_list_of(_str)), "reach_partial": _bool, "trainable_upstream": _bool,
-    "role": _optional(_str), "row_facts": _dict_of(_number)})
-
-_cut = _record(Cut, {
-    "kind": _str, "module": _str, "op": _optional(_str), "location": _str, "library_location": _str,
-    "inputs_require_grad": _optional(_bool), "pass_name": _optional(_str),
-    "module_type": _str, "count": _count, "params": _count, "seq": _count})
-
-_scalar = _record(ScalarRecord, {
-    "name": _name, "value": _number, "pass_name": _optional(_str), "history": _list_of(_number)})
-
-_CONTRIBUTION = {"param": _str, "contribution": _number, "share": _number}
-_INNER = {
-    "a": _str, "b": _str, "preconditioned": _bool, "dot": _number, "cosine": _optional(_number),
-    "norm_a": _magnitude, "norm_b": _magnitude, "numel_b": _count,
-    "top": _list_of(lambda v, path: _fields(v, path, "contribution", _CONTRIBUTION, list(_CONTRIBUTION))),
-    "norm_a_pre": _magnitude, "norm_b_pre": _magnitude, "optimizer": _str}
-_INNER_REQUIRED = ("a", "b", "preconditioned", "dot", "cosine", "norm_a", "norm_b", "top")
-_INNER_PRECONDITIONED = ("norm_a_pre", "norm_b_pre", "optimizer")  # what the report shows for one
-
-
-def _inner_product(value: Any, path: str) -> Dict[str, Any]:
-    summary = _fields(value, path, "inner product", _INNER, _INNER_REQUIRED)
-    if summary["preconditioned"]:
-        _fields(value, path, "preconditioned inner product", _INNER, _INNER_PRECONDITIONED)
-    return summary
-
-
-def _meta(value: Any, path: str) -> Dict[str, Any]:
-    """``meta`` is free-form, except the keys gradtrace itself reads back: those have their types."""
-    meta = _dict_of(_plain)(value, path)
-    for key, check in _META_KNOWN.items():
-        if meta.get(key) is not None:
-            meta[key] = check(meta[key], f"{path}[{key!r}]")
-    return meta
-
-
-# meta keys the analysis and the renderer read (None is always allowed: "not recorded").
-_META_KNOWN: Dict[str, Check] = {
-    "cuts": _str, "wrapper": _str, "name_prefix": _str, "error": _str, "torch": _str, "model": _str,
-    "keep_grads": _bool, "find_unused_parameters": _bool,
-    "dropped_passes": _count, "forward_calls": _count, "world_size": _count, "max_passes": _count,
-    "ran_with_grad": _list_of(_str), "frozen_while_watched": _list_of(_str),
+_TOP_TYPES = {
+    "format": str, "version": int, "meta": Optional[TraceMeta], "params": List[str],
+    "param_shapes": Optional[Dict[str, List[Count]]], "tensors": List[TensorRecord],
+    "scalars": List[ScalarRecord], "cuts": List[Cut], "inner_products": Optional[List[InnerProduct]],
+    "rank_coverage": Optional[Dict[str, Dict[Count, List[str]]]],  # {pass: {rank: [covered parameters]}}
+    "rank_figures": Optional[Dict[str, Dict[Count, Dict[str, RankFigures]]]],  # {pass: {rank: {param: figures}}}
 }
-
-
-def _checked_later(value: Any, path: str) -> Any:
-    return value  # a pass needs the checked params list: _contents checks passes after it
-
-
-_TOP = {
-    "format": _str, "version": _count, "meta": _optional(_meta), "params": _list_of(_str),
-    "param_shapes": _optional(_dict_of(_list_of(_count))), "passes": _list_of(_checked_later),
-    "tensors": _list_of(_tensor_record), "scalars": _list_of(_scalar), "cuts": _list_of(_cut),
-    "inner_products": _optional(_list_of(_inner_product)),
-    "rank_coverage": _optional(_dict_of(_dict_of(_list_of(_str), key=_rank))),
-    "rank_figures": _optional(_dict_of(_dict_of(_dict_of(_list_of(_number)), key=_rank)))}
-_TOP_REQUIRED = ("params", "passes", "tensors", "scalars", "cuts")
+_top_fields = schema.object_check(
+    "trace", {**{key: schema.check_for(tp) for key, tp in _TOP_TYPES.items()},
+              "passes": schema.array(_pass_fields)},  # built into PassTrace once params are checked
+    required=("params", "passes", "tensors", "scalars", "cuts"))
 
 
 def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
-    top = _fields(data, "", "trace", _TOP, _TOP_REQUIRED)
+    top = _top_fields(data)
     params = _unique(top["params"], "params", lambda name: name)
-    passes = [_pass(raw, f"passes[{i}]", tuple(params)) for i, raw in enumerate(top["passes"])]
+    passes = [_pass(values, f"passes[{i}]", tuple(params)) for i, values in enumerate(top["passes"])]
     _unique(passes, "passes", lambda p: p.name)
     _unique(top["tensors"], "tensors", lambda t: t.name)
     _unique(top["scalars"], "scalars", lambda s: s.name)
@@ -481,19 +439,19 @@ def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
     for i, t in enumerate(top["tensors"]):
         bad = [c for c in t.cuts if c not in seqs]
         if bad:  # a live trace only records cuts it holds (max_passes drops a pass's cuts and their links)
-            raise _Bad(f"tensors[{i}].cuts: cut {bad[0]} is not among the trace's {len(seqs)} cut(s)")
-    return {"params": params, "param_shapes": top.get("param_shapes") or {}, "meta": top.get("meta") or {},
-            "passes": passes, "tensors": top["tensors"], "scalars": top["scalars"], "cuts": top["cuts"],
-            "inner_products": top.get("inner_products") or [], "rank_coverage": top.get("rank_coverage"),
-            "rank_figures": top.get("rank_figures")}
+            raise Bad(f"cut {bad[0]} is not among the trace's {len(seqs)} cut(s)").within(f"tensors[{i}].cuts")
+    return {"params": params, "param_shapes": top.get("param_shapes") or {},
+            "meta": top.get("meta") or TraceMeta(), "passes": passes, "tensors": top["tensors"],
+            "scalars": top["scalars"], "cuts": top["cuts"], "inner_products": top.get("inner_products") or [],
+            "rank_coverage": top.get("rank_coverage"), "rank_figures": top.get("rank_figures")}
 
 
-def _pass(raw: Any, path: str, params: tuple) -> PassTrace:
-    values = _fields(raw, path, "PassTrace", _PASS, ("name",))
+def _pass(values: Dict[str, Any], path: str, params: tuple) -> PassTrace:
     records: Dict[str, GradRecord] = values.pop("records", {})
     for key, record in records.items():
         if record.name != key:  # analysis reads names from both places
-            raise _Bad(f"{path}.records[{_label(key)}].name is {_label(record.name)}")
+            raise Bad(f"{label(record.name)} is not the name it is stored under").within(
+                f"{path}.records[{label(key)}].name")
     p = PassTrace(params=params, **values)
     p.records = records
     return p
@@ -504,6 +462,6 @@ def _unique(items: List[Any], path: str, name_of: Callable[[Any], str]) -> List[
     for item in items:
         name = name_of(item)
         if name in seen:  # a live trace cannot hold two of anything under one name
-            raise _Bad(f"{path}: {_label(name)} appears twice")
+            raise Bad(f"{label(name)} appears twice").within(path)
         seen.add(name)
     return items

@@ -24,6 +24,7 @@ from torch import nn
 
 from .analysis.names import describe_params
 from .errors import GradtraceError
+from .render.text import safe
 
 PASS = "grads_flow"
 
@@ -47,6 +48,9 @@ def assert_grads_flow(model: nn.Module, loss_fn: Callable[..., torch.Tensor], *a
 
     if not isinstance(model, nn.Module):
         raise GradtraceError(f"assert_grads_flow takes an nn.Module first, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise GradtraceError(f"assert_grads_flow(model, loss_fn, ...): loss_fn is called as loss_fn(model, *args, "
+                             f"**kwargs) and returns the loss; got {type(loss_fn).__name__}")
     named = dict(model.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
     frozen_names = _matching(named, frozen, "frozen")
@@ -63,7 +67,8 @@ def assert_grads_flow(model: nn.Module, loss_fn: Callable[..., torch.Tensor], *a
     failures = _failures(trace.passes[PASS], checked, frozen_names & set(trainable),
                          _matching(named, allow_zero, "allow_zero"))
     if failures:
-        raise AssertionError(_message(failures, len(checked), trace))
+        # Parameter names and cut locations can hold anything a ModuleDict key can: escaped as report() does.
+        raise AssertionError(safe(_message(failures, len(checked), trace)))
     return trace
 
 
@@ -112,8 +117,8 @@ def _check_loss(loss, trace) -> None:
         raise GradtraceError(f"loss_fn(model, *args, **kwargs) must return a scalar loss tensor, got {what}")
     if not loss.requires_grad:
         cuts = "; ".join(_describe_cuts(trace)) or "no cut was seen at a module boundary"
-        raise AssertionError(f"gradients do not flow: the loss does not require grad, so no parameter can "
-                             f"receive a gradient ({cuts})")
+        raise AssertionError(safe(f"gradients do not flow: the loss does not require grad, so no parameter can "
+                                  f"receive a gradient ({cuts})"))
 
 
 def _describe_cuts(trace) -> List[str]:

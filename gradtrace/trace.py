@@ -8,12 +8,12 @@ imports the capture code, so loading and analysing a trace needs none of it.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from . import analysis, render, storage
 from .analysis import metrics
 from .errors import GradtraceError
-from .records import Cut, PassTrace, ScalarRecord, TensorRecord, Verdict
+from .records import Cut, InnerProduct, PassTrace, ScalarRecord, TensorRecord, TraceMeta, Verdict
 
 
 class PassTable(dict):
@@ -101,20 +101,20 @@ class Trace:
     """Gradients recorded while ``watch`` was open: passes, tensors, scalars, cuts."""
 
     def __init__(self, params: Iterable[str], param_shapes: Optional[Dict[str, List[int]]] = None,
-                 meta: Optional[Dict[str, Any]] = None, *, passes: Optional[Dict[str, PassTrace]] = None,
+                 meta: Optional[Mapping[str, Any]] = None, *, passes: Optional[Dict[str, PassTrace]] = None,
                  tensors: Optional[Dict[str, TensorRecord]] = None,
                  scalars: Optional[Dict[str, ScalarRecord]] = None, cuts: Optional[List[Cut]] = None,
-                 inner_products: Optional[List[Dict[str, Any]]] = None,
+                 inner_products: Optional[List[InnerProduct]] = None,
                  rank_coverage: Optional[Dict[str, Dict[int, List[str]]]] = None,
                  rank_figures: Optional[Dict[str, Dict[int, Dict[str, List[float]]]]] = None):
         self.params = tuple(params)
         self.param_shapes: Dict[str, List[int]] = dict(param_shapes or {})
-        self.meta: Dict[str, Any] = dict(meta or {})
+        self.meta = TraceMeta.of(meta)
         self._passes = PassTable(passes or {})
         self._tensors: Dict[str, TensorRecord] = dict(tensors or {})
         self.scalars: Dict[str, ScalarRecord] = dict(scalars or {})
         self._cuts: List[Cut] = list(cuts or [])
-        self.inner_products: List[Dict[str, Any]] = list(inner_products or [])
+        self.inner_products: List[InnerProduct] = list(inner_products or [])
         self.rank_coverage = rank_coverage  # {pass: {rank: [covered parameters]}}, filled by gather()
         # {pass: {rank: {parameter: [norm, max |g|, non-finite, stale]}}} for passes whose figures differ across
         # ranks (local gradients, shards); a pass absent here had the same figures on every rank.
@@ -131,6 +131,15 @@ class Trace:
         return self._tensors
 
     @property
+    def meta(self) -> TraceMeta:
+        """How the trace was recorded: attributes for what gradtrace reads, and a dict for anything else."""
+        return self._meta
+
+    @meta.setter
+    def meta(self, value) -> None:
+        self._meta = value if isinstance(value, TraceMeta) else TraceMeta.of(value)  # a plain dict stays usable
+
+    @property
     def cuts(self) -> List[Cut]:
         return self._cuts
 
@@ -143,7 +152,7 @@ class Trace:
                                  "gradtrace.watch(model, keep_grads=True)")
         result = render.rendered(analysis.diff(passes[a], passes[b]))
         result.inner = next((s for s in self.inner_products
-                             if s["a"] == a and s["b"] == b and not s["preconditioned"]), None)
+                             if s.a == a and s.b == b and not s.preconditioned), None)
         return result
 
     def verdicts(self) -> List[Verdict]:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_public_names():
     assert set(gradtrace.__all__) == {
         "watch", "load", "Trace", "PassTrace", "GradRecord", "TensorRecord", "TensorGradFacts", "ValueStats",
-        "ScalarRecord", "Cut", "Diff", "Verdict", "GradtraceError", "__version__"}
+        "ScalarRecord", "Cut", "Diff", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
+        "GradtraceError", "__version__"}
     for name in gradtrace.__all__:
         assert getattr(gradtrace, name) is not None
     assert issubclass(gradtrace.GradtraceError, Exception)

@@ -26,8 +26,8 @@ PRIVATE = re.compile(r"torch\._C\b|_execution_engine|_foreach_|_flatten_dense|_w
 
 # Lower layers never import higher ones: records, capture, analysis, render/storage, the plain trace, the live one, tools.
 LAYERS = [
-    {"gradtrace.errors", "gradtrace._torch_compat"},
-    {"gradtrace.records"},
+    {"gradtrace.errors", "gradtrace._torch_compat", "gradtrace.fields"},
+    {"gradtrace.records", "gradtrace.schema"},
     {"gradtrace.capture"},
     {"gradtrace.analysis"},
     {"gradtrace.render", "gradtrace.storage", "gradtrace.distributed"},
@@ -103,7 +103,8 @@ def test_imports_only_flow_downwards():
 
 def test_analysis_and_render_never_import_torch_or_capture():
     for name, path in modules().items():
-        if name.startswith(("gradtrace.analysis", "gradtrace.render", "gradtrace.records", "gradtrace.storage")) \
+        if name.startswith(("gradtrace.analysis", "gradtrace.render", "gradtrace.records", "gradtrace.storage",
+                            "gradtrace.fields", "gradtrace.schema")) \
                 or name == "gradtrace.trace":
             source = path.read_text()
             assert not re.search(r"^\s*(import torch|from torch)", source, flags=re.M), name

@@ -230,7 +230,7 @@ WRONG_FIELDS = {
                   r"passes\[0\]\.records\['0\.weight'\]\.norm: expected a number, got null"),
     "rank-coverage-list": (_set(["rank_coverage"], ["not", "a", "dict"]),
                            r"rank_coverage: expected an object, got a JSON array"),
-    "rank-not-a-number": (_set(["rank_coverage"], {"X": {"zero": []}}), r"rank_coverage\['X'\] key"),
+    "rank-not-a-number": (_set(["rank_coverage"], {"X": {"zero": []}}), r"rank_coverage\['X'\] key: expected a decimal number, got 'zero'"),
     "hits-string": (_set(["passes", 0, "records", "0.weight", "hits"], "3"), r"passes\[0\]\.records\['0\.weight'\]\.hits: expected an integer from 0 to \d+, got '3'"),
     "count-bool": (_set(["passes", 0, "runs"], True), r"passes\[0\]\.runs: expected an integer"),
     "negative-count": (_set(["tensors", 0, "calls"], -1), r"tensors\[0\]\.calls: expected an integer from 0"),
@@ -239,12 +239,12 @@ WRONG_FIELDS = {
     "name-number": (_set(["scalars", 0, "name"], 5), r"scalars\[0\]\.name: expected a non-empty string"),
     "empty-pass-name": (_set(["passes", 1, "name"], ""), r"passes\[1\]\.name: expected a non-empty string"),
     "duplicate-pass": (_set(["passes", 1, "name"], "X"), r"passes: 'X' appears twice"),
-    "record-name-mismatch": (_set(["passes", 0, "records", "0.weight", "name"], "other"), r"passes\[0\]\.records\['0\.weight'\]\.name is 'other'"),
+    "record-name-mismatch": (_set(["passes", 0, "records", "0.weight", "name"], "other"), r"passes\[0\]\.records\['0\.weight'\]\.name: 'other' is not the name it is stored under"),
     "cut-index-out-of-range": (_set(["tensors", 0, "cuts"], [7]), r"tensors\[0\]\.cuts: cut 7 is not among"),
     "values-not-object": (_set(["tensors", 0, "values"], [1, 2]), r"tensors\[0\]\.values: expected a ValueStats"),
     "unknown-top-field": (_set(["extra"], 1), r"top level: unknown trace field\(s\): 'extra'"),
     "inner-without-dot": (_set(["inner_products"], [{"a": "X", "b": "Y", "preconditioned": False}]),
-                          r"inner_products\[0\]: inner product lacks field\(s\) dot"),
+                          r"inner_products\[0\]: InnerProduct lacks field\(s\) dot"),
     "meta-too-deep": (_set(["meta", "deep"], [[[[[[[[[[1]]]]]]]]]]), r"meta\['deep'\].*: nested deeper than 8"),
 }
 

@@ -1,15 +1,19 @@
 """Fuzzing the loader: whatever a trace file holds, ``load`` and ``show`` fail cleanly or work.
 
-Hypothesis writes random JSON documents and mutations of a real saved trace
-(a field removed, retyped, set to an extreme, nested 50,000 deep, a 5,000-digit
-number, NaN/Infinity literals, names full of terminal escapes, non-UTF-8
-bytes, truncation). The invariant:
+Hypothesis writes random JSON documents and mutations of two real saved traces
+(today's richest, with typed meta, inner products and a NaN origin; and one
+saved by commit d1a6055, before the records were typed): a field removed,
+retyped, set to an extreme, nested 50,000 deep, a 5,000-digit number,
+NaN/Infinity literals, names full of terminal escapes or of Markdown that
+breaks out of a code span or a table row, indices ``int()`` cannot read,
+strings past ``schema.MAX_TEXT``, non-UTF-8 bytes, truncation. The invariant:
 
 * ``gradtrace.load`` raises ``GradtraceError`` or returns a trace on which every
   read works (``read_everything``), and which saves and loads back unchanged;
 * ``gradtrace show FILE`` exits 2 with one line on stderr when the file does
-  not load, 0 with an empty stderr when it does, and never prints a control
-  character (anything in Unicode's Cc/Cf/Cs/Zl/Zp but newline).
+  not load, 0 with an empty stderr when it does (in every ``--format``), and
+  never prints a control character (anything in Unicode's Cc/Cf/Cs/Zl/Zp but
+  newline).
 
 The default run takes a few seconds; ``GRADTRACE_FUZZ_EXAMPLES=5000`` sets the
 number of examples of each fuzz test for a longer run.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -31,7 +36,9 @@ from hypothesis import strategies as st
 
 import gradtrace
 from gradtrace import GradtraceError, cli, storage
+from gradtrace.records import NonfiniteOrigin
 from test_storage import make_trace
+from test_typed_records import LEGACY
 
 EXAMPLES = int(os.environ.get("GRADTRACE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -40,7 +47,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 # Strings a crafted trace would use: terminal escapes, bidi overrides, C1 CSI, a lone
 # surrogate (JSON can spell one), a BOM, and names the old decoder turned into floats.
 NASTY_TEXT = ["\x1b[31mred\x1b[0m", "\x1b]0;title\x07", "\x9b2J", "a\u202eb", "\u2066x\u2069", "\r\n",
-              "\ud800", "\ufeff", "\x00", "nan", "inf", "-inf", "", "x" * 300]
+              "\ud800", "\ufeff", "\x00", "nan", "inf", "-inf", "", "x" * 300,
+              # issue 24: Markdown that breaks out of a code span or a table row, indices int() cannot read
+              "a`b", "x\n| forged |", "[l](https://e.x)", "![i](https://e.x/i.png)", "<b>", "m.\u00b2.w",
+              "layers." + "7" * 4100 + ".w", "y" * 5000]
 # Raw JSON text spliced where a value goes: what json.dumps cannot write.
 RAW = ["1" + "0" * 5000, "NaN", "Infinity", "-Infinity", "1e400", "-1e400", "-0.0", "1e-400",
        "[" * 50000 + "]" * 50000, "{\"a\":" * 20000 + "0" + "}" * 20000, '"\\ud800"', '"\\u001b[2J"']
@@ -70,11 +80,11 @@ def control_characters(text: str) -> list:
     return [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
 
 
-def show(path) -> tuple:
+def show(path, *options) -> tuple:
     """``gradtrace show path`` in-process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["show", str(path)])
+        code = cli.main(["show", str(path), *options])
     return code, out.getvalue(), err.getvalue()
 
 
@@ -95,6 +105,9 @@ def check_file(path, scratch) -> bool:
         assert err.startswith("gradtrace: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     else:
         assert code == 0 and err == "" and out == trace.report() + "\n"
+        for fmt in ("markdown", "json"):  # the other formats render whatever loads, too
+            code, formatted, err = show(path, "--format", fmt)
+            assert code == 0 and err == "" and control_characters(formatted) == [], (fmt, err[:200])
     assert control_characters(out) == [] and control_characters(err) == [], (out[:200], err[:200])
     return trace is not None
 
@@ -104,16 +117,24 @@ def check_file(path, scratch) -> bool:
 
 def make_rich_trace():
     """test_storage's trace (two passes, a no_grad cut, tensors, a scalar, an inner product), plus
-    a preconditioned inner product and per-rank coverage, so that every part of the format is there."""
+    a preconditioned inner product, a NaN origin, typed meta beside a free-form key, and per-rank
+    coverage and figures, so that every part of the format is there."""
     trace = make_trace()
     plain = trace.inner_products[0]
-    trace.inner_products.append({**plain, "preconditioned": True, "cosine": None, "norm_a_pre": 3.0,
-                                 "norm_b_pre": 1e-3, "optimizer": "Adam"})
+    trace.inner_products.append(dataclasses.replace(plain, preconditioned=True, cosine=None, norm_a_pre=3.0,
+                                                    norm_b_pre=1e-3, optimizer="Adam"))
+    trace.passes["X"].nonfinite_origin = NonfiniteOrigin(op="div", location="model.py:3", node="DivBackward0",
+                                                         module="0", forward="finite", pass_name="X")
     trace.rank_coverage = {"X": {0: sorted(trace.passes["X"].covered), 1: ["0.weight"]}}
+    trace.rank_figures = {"X": {0: {"0.weight": [1.0, 0.5, 0.0, 0.0]}, 1: {"0.weight": [2.0, 1.0, 1.0, 0.0]}}}
+    trace.meta.update(world_size=2, wrapper="DDP", name_prefix="module.", find_unused_parameters=False,
+                      error="ValueError: boom", note={"free": ["form", 1.5, None]})
     return trace
 
 
-BASE = storage.to_dict(make_rich_trace())
+# Two traces to mutate: today's richest, and one saved by gradtrace at commit d1a6055 (before typed records).
+BASES = [storage.to_dict(make_rich_trace()), json.loads(LEGACY.read_text())]
+BASE = BASES[0]
 
 
 def paths_in(value, prefix=()):
@@ -127,7 +148,7 @@ def paths_in(value, prefix=()):
             yield from paths_in(v, prefix + (i,))
 
 
-BASE_PATHS = list(paths_in(BASE))[1:]
+BASE_PATHS = [list(paths_in(base))[1:] for base in BASES]
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.floats()
                 | st.text(max_size=12) | st.sampled_from(NASTY_TEXT))
@@ -165,10 +186,11 @@ def reach(doc, path):
 @st.composite
 def mutated_trace_text(draw) -> bytes:
     """The base trace with 1-3 fields removed, retyped or replaced, serialised; raw splices allowed."""
-    doc = copy.deepcopy(BASE)
+    which = draw(st.sampled_from(range(len(BASES))))
+    doc = copy.deepcopy(BASES[which])
     raw = {}
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(BASE_PATHS))
+        path = draw(st.sampled_from(BASE_PATHS[which]))
         parent = reach(doc, path[:-1])
         if parent is None or path[-1] not in (parent if isinstance(parent, dict) else range(len(parent))):
             continue  # an earlier mutation removed or retyped an ancestor
@@ -216,9 +238,10 @@ def random_documents():
 # ---- the fuzz tests --------------------------------------------------------------------
 
 
-def test_the_base_trace_loads_and_shows(tmp_path):
+@pytest.mark.parametrize("base", BASES, ids=["rich", "d1a6055"])
+def test_the_base_traces_load_and_show(tmp_path, base):
     path = tmp_path / "base.json"
-    path.write_text(json.dumps(BASE))
+    path.write_text(json.dumps(base))
     assert check_file(path, tmp_path)
 
 

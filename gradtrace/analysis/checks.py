@@ -69,18 +69,18 @@ def _nonfinite_origin(trace, p: PassTrace) -> str:
     """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
     origin = p.nonfinite_origin
     if not origin:
-        if trace.meta.get("cuts") == "ops":
+        if trace.meta.cuts == "ops":
             return ""
         return ('; to name the op and line where it is born, run the same step under '
                 'gradtrace.watch(model, cuts="ops")')
-    module = f"module {origin['module']!r}" if origin.get("module") else "the root module or top-level code"
+    module = f"module {origin.module!r}" if origin.module else "the root module or top-level code"
     forward = {
         "finite": "its forward values were finite: only the gradient is non-finite (e.g. sqrt or log at 0, "
                   "a norm of zeros)",
         "nonfinite": "its forward values were already NaN/Inf (look at what fed it in the forward)",
-    }.get(origin.get("forward"), "its forward values were not examined")
-    return (f"; it is born in the backward of op {origin['op']} ({origin.get('node')}) in {module} at "
-            f"{origin['location']}: {forward}")
+    }.get(origin.forward, "its forward values were not examined")
+    return (f"; it is born in the backward of op {origin.op} ({origin.node}) in {module} at "
+            f"{origin.location}: {forward}")
 
 
 def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[List[int]]:
@@ -88,7 +88,7 @@ def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[Lis
 
     A pass without per-rank figures had the same figures on every rank.
     """
-    world = trace.meta.get("world_size")
+    world = trace.meta.world_size
     if not world:
         return None
     per_rank = (getattr(trace, "rank_figures", None) or {}).get(pass_name)
@@ -134,7 +134,7 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
         how = "was created in inference mode" if t.inference else "does not require grad"
         because = f": {describe_cut(cut)}" if cut else " (it was expected to)" + (
             "; no module ran without grad, so a .detach() or .data in your code is the likely cut: "
-            "gradtrace.watch(model, cuts=\"ops\") names the op and line" if trace.meta.get("cuts") == "modules"
+            "gradtrace.watch(model, cuts=\"ops\") names the op and line" if trace.meta.cuts == "modules"
             and not t.inference else "")
         evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls}
         if cut is not None:
@@ -312,7 +312,7 @@ def check_empty_rows(trace, passes, tensors, cuts):
         rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
         if not empty or "selected_sum" not in facts:
             continue
-        fraction = empty / rows
+        fraction = empty / rows if rows else 1.0  # a crafted file can hold empty rows without rows
         with_tokens = facts.get("empty_with_tokens") or 0
         hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
                 f"{ALIGN_HINT}" if with_tokens else "")
@@ -497,7 +497,7 @@ def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
          meaning="coverage differs across distributed ranks: parameters, passes, ranks; a warning when DDP was built with `find_unused_parameters=True` (branching was declared)")
 def check_rank_divergence(trace, passes, tensors, cuts):
     out = []
-    declared = bool(trace.meta.get("find_unused_parameters"))
+    declared = bool(trace.meta.find_unused_parameters)
     for pass_name, per_rank in (getattr(trace, "rank_coverage", None) or {}).items():
         union = set().union(*per_rank.values()) if per_rank else set()
         differing = {}
@@ -509,7 +509,7 @@ def check_rank_divergence(trace, passes, tensors, cuts):
             params = sorted(set().union(*map(set, differing.values())))
             note = (" (DDP was built with find_unused_parameters=True: branching was declared)" if declared
                     else "; DDP without find_unused_parameters=True fails on this with 'Expected to have "
-                         "finished reduction in the prior iteration'" if trace.meta.get("wrapper") == "DDP"
+                         "finished reduction in the prior iteration'" if trace.meta.wrapper == "DDP"
                     else "")
             out.append(Verdict("RANK_DIVERGENCE", "warning" if declared else "error",
                                f"pass {pass_name!r}: coverage differs across ranks; rank(s) "
@@ -536,20 +536,20 @@ def check_rounds_to_zero(trace, passes, tensors, cuts):
 
 def _why_small(trace) -> str:
     """Point at the factor that made it small, when an inner product was computed."""
-    summaries = [s for s in trace.inner_products if s.get("preconditioned")]
+    summaries = [s for s in trace.inner_products if s.preconditioned]
     if summaries:
         s = summaries[-1]
-        numel = s.get("numel_b") or 0
-        rms = s.get("norm_b_pre", 0.0) / numel ** 0.5 if numel else None
+        numel = s.numel_b or 0
+        rms = s.norm_b_pre / numel ** 0.5 if numel else None
         if rms is None:  # the two passes share no parameter: the inner product is an empty sum
-            return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is an empty sum: "
+            return (f"; the preconditioned inner product of {s.a!r} and {s.b!r} is an empty sum: "
                     "the two passes reached no parameter in common")
         # Adam-normalised gradients g / (sqrt(v_hat) + eps) are O(1) per element when healthy.
         if rms is not None and rms < 1e-3:
-            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s['b']!r}'s gradient to an RMS of "
-                    f"{rms:.3e} per element (norm {s['norm_b']:.3e} -> {s['norm_b_pre']:.3e}; healthy Adam-normalised "
+            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s.b!r}'s gradient to an RMS of "
+                    f"{rms:.3e} per element (norm {s.norm_b:.3e} -> {s.norm_b_pre:.3e}; healthy Adam-normalised "
                     "gradients are ~1): the second moments are extreme")
-        return (f"; the preconditioned inner product of {s['a']!r} and {s['b']!r} is {s['dot']:.3e} and the "
+        return (f"; the preconditioned inner product of {s.a!r} and {s.b!r} is {s.dot:.3e} and the "
                 f"preconditioned gradients are healthy (RMS {rms:.3e}): the factor that makes it print as zero "
                 "is the scale applied to it (learning rate?)")
     return "; print with scientific notation (e.g. f'{x:.3e}')"
@@ -571,7 +571,7 @@ def check_tiny_grads(trace, passes, tensors, cuts):
 @verdict("DETACHED_OUTPUT", rank=145, severities=("warning",),
          meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in any pass: its output was detached or not used by the loss downstream (op and line with `cuts=\"ops\"`)")
 def check_detached_output(trace, passes, tensors, cuts):
-    ran = set(trace.meta.get("ran_with_grad") or ())
+    ran = set(trace.meta.ran_with_grad or ())
     if not ran or not passes or not any(p.covered for p in passes.values()):
         return []
     reached = set().union(*(p.covered for p in passes.values()))
@@ -632,8 +632,8 @@ def check_pass_failed(trace, passes, tensors, cuts):
                    f"pass {p.name!r} ended with an exception ({p.failed}): its backward did not complete, so "
                    "its figures are partial", {"pass": p.name, "error": p.failed})
            for p in passes.values() if p.failed]
-    error = trace.meta.get("error")
-    if isinstance(error, str) and error and not out:
+    error = trace.meta.error
+    if error and not out:
         out.append(Verdict("PASS_FAILED", "error",
                            f"the watched block ended with an exception ({error}): training did not complete",
                            {"pass": None, "error": error}))
@@ -643,10 +643,9 @@ def check_pass_failed(trace, passes, tensors, cuts):
 @verdict("FROZEN_WHILE_WATCHED", rank=15, severities=("error",),
          meaning="parameters that were trainable when `watch` began stopped requiring grad while watched")
 def check_frozen_while_watched(trace, passes, tensors, cuts):
-    frozen = trace.meta.get("frozen_while_watched")
-    if not isinstance(frozen, list) or not frozen:
+    names = trace.meta.frozen_while_watched
+    if not names:
         return []
-    names = [n for n in frozen if isinstance(n, str)]
     return [Verdict("FROZEN_WHILE_WATCHED", "error",
                     f"{len(names)} parameter(s) stopped requiring grad while watched ({describe_params(names)}): "
                     "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)",
@@ -656,8 +655,7 @@ def check_frozen_while_watched(trace, passes, tensors, cuts):
 @verdict("NO_PASSES", rank=85, severities=("error",),
          meaning="the watch saw the model run (forward calls, graph cuts) but no backward reached a watched parameter")
 def check_no_passes(trace, passes, tensors, cuts):
-    forwards = trace.meta.get("forward_calls")
-    forwards = forwards if isinstance(forwards, int) and not isinstance(forwards, bool) else 0
+    forwards = trace.meta.forward_calls or 0
     trainable_cuts = [c for c in cuts if c.params > 0]
     if passes or not (forwards or trainable_cuts):
         return []

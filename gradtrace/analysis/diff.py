@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set
 
-from ..records import PassTrace
+from ..records import Contribution, InnerProduct, PassTrace
 from .names import group_by_module
 
 
@@ -20,22 +20,22 @@ class Diff:
     ratios: Dict[str, float]  # norm in b / norm in a, for parameters both reached
     norm_a: float = 0.0
     norm_b: float = 0.0
-    inner: Optional[Dict[str, Any]] = None  # dot products, when both passes kept their gradients
+    inner: Optional[InnerProduct] = None  # dot products, when both passes kept their gradients
     # Every parameter the passes knew: with it, module groups read as the verdicts do (``blocks.*``
     # when every block is concerned, ``blocks.{0,3}`` when some are).
     universe: Optional[List[str]] = None
 
     @property
     def dot(self) -> Optional[float]:
-        return self.inner["dot"] if self.inner else None
+        return self.inner.dot if self.inner else None
 
     @property
     def cosine(self) -> Optional[float]:
-        return self.inner["cosine"] if self.inner else None
+        return self.inner.cosine if self.inner else None
 
     @property
-    def top(self) -> List[Dict[str, Any]]:
-        return self.inner["top"] if self.inner else []
+    def top(self) -> List[Contribution]:
+        return self.inner.top if self.inner else []
 
     def by_module(self) -> List[Dict[str, Any]]:
         rows: Dict[str, Dict[str, Any]] = {}

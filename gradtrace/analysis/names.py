@@ -10,7 +10,8 @@ import re
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 # An index followed by more path: ``blocks.3.attn`` repeats, a final ``body.0`` names a role.
-_REPEAT = re.compile(r"(?:(?<=\.)|^)\d+(?=\.)")
+# ASCII digits only: ``\d`` also matches other scripts' digits.
+_REPEAT = re.compile(r"(?:(?<=\.)|^)[0-9]+(?=\.)")
 _LISTED = 4  # more concerned members than this are written as a count
 
 
@@ -42,10 +43,17 @@ def _members(names: Iterable[str]) -> Dict[str, List[Set[str]]]:
     return seen
 
 
+def _numeric(index: str) -> Tuple[int, str, str]:
+    """Sort key for a decimal index in numeric order, without int(): a name from a trace file can hold
+    a 5,000-digit index, past what Python converts."""
+    digits = index.lstrip("0")
+    return len(digits), digits, index
+
+
 def _label(pattern: str, concerned: List[Set[str]], existing: Optional[List[Set[str]]]) -> str:
     parts = []
     for here, every in zip(concerned, existing or [None] * len(concerned)):
-        ordered = sorted(here, key=int)
+        ordered = sorted(here, key=_numeric)
         if len(ordered) == 1:
             parts.append(ordered[0])
         elif (every is not None and here >= every) or len(ordered) > _LISTED:

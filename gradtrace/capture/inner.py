@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import GradtraceError
+from ..records import Contribution, InnerProduct
 
 TOP = 10
 
@@ -49,7 +50,7 @@ def adam_denominators(optimizer: Any, params: Dict[str, torch.Tensor], names: Li
 
 
 def inner_products(a: str, b: str, grads_a: Dict[str, torch.Tensor], grads_b: Dict[str, torch.Tensor],
-                   precondition: Optional[Any], params: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+                   precondition: Optional[Any], params: Dict[str, torch.Tensor]) -> InnerProduct:
     common = [n for n in grads_a if n in grads_b]
     denoms = adam_denominators(precondition, params, common) if precondition is not None else {}
     contributions, sq_a, sq_b, sq_a_pre, sq_b_pre = [], [], [], [], []
@@ -71,18 +72,16 @@ def inner_products(a: str, b: str, grads_a: Dict[str, torch.Tensor], grads_b: Di
     contrib, sq_a, sq_b, sq_a_pre, sq_b_pre = host
     dot = sum(contrib)
     norm_a, norm_b = sum(sq_a) ** 0.5, sum(sq_b) ** 0.5
-    summary = {
-        "a": a, "b": b, "preconditioned": precondition is not None,
-        "dot": dot, "norm_a": norm_a, "norm_b": norm_b,
-        "cosine": dot / (norm_a * norm_b) if norm_a and norm_b and precondition is None else None,
-        "top": [{"param": n, "contribution": c, "share": c / abs(dot) if dot else 0.0}
-                for n, c in sorted(zip(common, contrib), key=lambda x: -abs(x[1]))[:TOP]],
-    }
-    summary["numel_b"] = sum(grads_b[n].numel() for n in common)
-    if precondition is not None:
-        summary["norm_a_pre"], summary["norm_b_pre"] = sum(sq_a_pre) ** 0.5, sum(sq_b_pre) ** 0.5
-        summary["optimizer"] = type(precondition).__name__
-    return summary
+    preconditioned = precondition is not None
+    return InnerProduct(
+        a=a, b=b, preconditioned=preconditioned, dot=dot, norm_a=norm_a, norm_b=norm_b,
+        cosine=dot / (norm_a * norm_b) if norm_a and norm_b and not preconditioned else None,
+        top=[Contribution(n, c, c / abs(dot) if dot else 0.0)
+             for n, c in sorted(zip(common, contrib), key=lambda x: -abs(x[1]))[:TOP]],
+        numel_b=sum(grads_b[n].numel() for n in common),
+        norm_a_pre=sum(sq_a_pre) ** 0.5 if preconditioned else None,
+        norm_b_pre=sum(sq_b_pre) ** 0.5 if preconditioned else None,
+        optimizer=type(precondition).__name__ if preconditioned else None)
 
 
 def _host(*groups: List[torch.Tensor]) -> List[List[float]]:

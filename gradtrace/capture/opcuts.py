@@ -56,10 +56,11 @@ from torch.overrides import TorchFunctionMode
 
 from .._torch_compat import function_mode_stack, pop_function_mode, push_function_mode, current_autograd_node, \
     saved_tensors
+from ..records import NonfiniteOrigin
 from .cuts import CutLog
-from .hook_state import ModuleHook
 from .frames import GRADTRACE, called_by_gradtrace, first_outside_machinery, innermost_module, kind_of, \
     short_path, user_location
+from .hook_state import ModuleHook
 from .modules import named_modules
 
 __all__ = ["OpCutMode", "NonfiniteOrigins", "op_name"]
@@ -509,7 +510,7 @@ class NonfiniteOrigins:
         sums = torch.stack([t.sum(dtype=torch.float64).to(device) for t in (*produced, *incoming, *forward)])
         self.flags.append((self.pass_name(), info, node.name(), (len(produced), len(incoming)), sums))
 
-    def take(self, pass_name: str) -> Optional[dict]:
+    def take(self, pass_name: str) -> Optional[NonfiniteOrigin]:
         """The origin for a finished pass (labelled, or the unlabelled runs so far); forgets their flags."""
         mine = [entry for entry in self.flags if entry[0] in (pass_name, None)]
         self.flags = [entry for entry in self.flags if entry[0] not in (pass_name, None)]
@@ -539,7 +540,7 @@ _ROUTING_OPS = frozenset({
 })
 
 
-def _origin(pass_name, info, node_name: str, forward: str) -> dict:
+def _origin(pass_name, info, node_name: str, forward: str) -> NonfiniteOrigin:
     op, module, filename, line, _ = info
-    return {"pass": pass_name, "op": op, "node": node_name, "module": module,
-            "location": f"{short_path(filename)}:{line}", "forward": forward}
+    return NonfiniteOrigin(op=op, location=f"{short_path(filename)}:{line}", node=node_name, module=module,
+                           forward=forward, pass_name=pass_name)

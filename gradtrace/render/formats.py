@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Dict, List
 
 from tabulate import tabulate
 
 from ..analysis.cuts import outermost_cuts
 from ..analysis.registry import SEVERITY_RANK
-from ..records import Verdict
+from ..records import ReadsLikeADict, Verdict
 from .report import diagnosis, sci
+from .text import safe
 
 FAIL_ON = ("error", "warning", "never")
 FORMATS = ("table", "markdown", "json")
@@ -36,6 +38,8 @@ def _plain(value: Any) -> Any:
         return repr(value)
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, ReadsLikeADict):  # InnerProduct, NonfiniteOrigin: the keys a trace file stores
+        return {k: _plain(value[k]) for k in value.keys()}
     if isinstance(value, (set, frozenset)):
         return [_plain(v) for v in sorted(value, key=str)]
     if isinstance(value, (list, tuple)):
@@ -70,43 +74,65 @@ def diff_json(d, verdicts: List[Verdict]) -> str:
 
 
 # ---- Markdown --------------------------------------------------------------------------------
+# Names, messages and locations come from the trace file: in Markdown a backtick could close a code
+# span, a newline end a table row, and [text](url) / ![](url) / <tag> render as links, images and HTML.
+# Text is escaped (``_text``), names sit in code spans nothing inside can close (``_code``), and a
+# cell never holds a raw newline or an unescaped '|'.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!~&])")
+_BACKTICKS = re.compile(r"`+")
+
+
+def _text(message: Any) -> str:
+    """Plain Markdown text: no emphasis (rolled-up names such as ``blocks.*.fc``), links, images or HTML."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", safe(str(message), newlines=False))
+
+
+def _code(name: Any) -> str:
+    """``name`` as a code span: fenced by more backticks than it holds in a row, padded when it starts or
+    ends with a backtick or a space (Markdown strips one space from each side)."""
+    text = safe(str(name), newlines=False)
+    fence = "`" * (max(map(len, _BACKTICKS.findall(text)), default=0) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _md(rows: List[List[Any]], headers: List[str]) -> str:
-    """A GitHub table; '|' inside a cell is escaped so messages cannot break the table."""
-    clean = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    return tabulate(clean, headers=headers, tablefmt="github", disable_numparse=True)
+    """A GitHub table; '|' inside a cell (code spans too) is escaped so nothing breaks the table."""
+    def cell(c: Any) -> str:
+        return safe(str(c), newlines=False).replace("|", "\\|")
 
-
-def _text(message: str) -> str:
-    """Plain Markdown text: rolled-up names (``blocks.*.fc``) must not turn into emphasis."""
-    return message.replace("*", "\\*")
+    return tabulate([[cell(c) for c in row] for row in rows], headers=[cell(h) for h in headers],
+                    tablefmt="github", disable_numparse=True)
 
 
 def _md_verdicts(verdicts: List[Verdict]) -> str:
     if not verdicts:
         return ""
-    rows = [[i, v.severity, f"`{v.code}`", _text(v.message)] for i, v in enumerate(verdicts, 1)]
+    rows = [[i, v.severity, _code(v.code), _text(v.message)] for i, v in enumerate(verdicts, 1)]
     return "### Verdicts (most likely root cause first)\n\n" + _md(rows, ["#", "severity", "code", "message"])
 
 
 def trace_markdown(trace, verdicts: List[Verdict]) -> str:
     n = len(trace.params)
-    rows = [[f"`{p.name}`", "/".join(p.kinds) or "-", p.runs, f"{len(p.covered)}/{n}", len(p.zero),
+    rows = [[_code(p.name), "/".join(p.kinds) or "-", p.runs, f"{len(p.covered)}/{n}", len(p.zero),
              sci(p.total_norm), sci(p.max_abs), p.nonfinite] for p in trace.passes.values()]
     sections = [f"**{_text(diagnosis(verdicts))}**", "### Passes\n\n" + _md(
-        rows, ["pass", "via", "runs", "covered", "zero", "total norm", "max \\|g\\|", "nonfinite"])]
+        rows, ["pass", "via", "runs", "covered", "zero", "total norm", "max |g|", "nonfinite"])]
     sections.append(_md_verdicts(verdicts))
     cuts = outermost_cuts(list(trace.cuts))
     if cuts:
-        rows = [[c.kind, f"`{c.module or '(root)'}`", c.op or "", c.pass_name or "-", c.count, f"`{c.location}`"]
-                for c in cuts]
+        rows = [[c.kind, _code(c.module or "(root)"), _code(c.op) if c.op else "", _code(c.pass_name or "-"),
+                 c.count, _code(c.location)] for c in cuts]
         sections.append("### Graph cuts\n\n" + _md(rows, ["kind", "module", "op", "pass", "seen", "location"]))
     return "\n\n".join(s for s in sections if s)
 
 
 def diff_markdown(d, verdicts: List[Verdict]) -> str:
-    head = (f"**diff `{d.a}` vs `{d.b}`**: {len(d.both)} reached in both, {len(d.only_a)} only in `{d.a}`, "
-            f"{len(d.only_b)} only in `{d.b}`; total norm {sci(d.norm_a)} vs {sci(d.norm_b)}")
-    rows = [[f"`{r['module']}`", r["only_a"], r["only_b"], r["both"]] for r in d.by_module()]
-    sections = [head, _md(rows, ["module", f"only {d.a}", f"only {d.b}", "both"]) if rows else ""]
+    a, b = _code(d.a), _code(d.b)
+    head = (f"**diff {a} vs {b}**: {len(d.both)} reached in both, {len(d.only_a)} only in {a}, "
+            f"{len(d.only_b)} only in {b}; total norm {sci(d.norm_a)} vs {sci(d.norm_b)}")
+    rows = [[_code(r["module"]), r["only_a"], r["only_b"], r["both"]] for r in d.by_module()]
+    headers = ["module", f"only {_text(d.a)}", f"only {_text(d.b)}", "both"]
+    sections = [head, _md(rows, headers) if rows else ""]
     sections.append(_md_verdicts(verdicts))
     return "\n\n".join(s for s in sections if s)

@@ -1,4 +1,4 @@
-"""Plots of a trace (optional extra: ``pip install "gradtrace[plot]"``).
+"""Plots of a trace (needs matplotlib: ``pip install matplotlib``, or the ``plot`` extra of a checkout).
 
 * ``flow``: gradient norm per module (log axis), one line per pass, in model
   order; modules that got nothing are marked along the bottom, not left blank.
@@ -14,6 +14,7 @@ Written against the read API only (``params``, ``passes``,
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.names import module_of
@@ -27,6 +28,7 @@ MAX_LINES = len(PASS_COLORS)  # passes drawn in a flow plot (the newest)
 MAX_ROWS = 40  # passes drawn in a coverage map (the newest)
 MAX_COLUMNS = 60  # more parameters than this: the coverage map shows modules
 MAX_TICKS = 40  # tick labels per axis, at most (evenly spaced)
+MAX_LABEL = 60  # characters of a tick label: longer names keep their ends (a name from a file can be 4,000 long)
 MAX_INNER = 4  # inner products drawn
 MAX_BARS = 48  # modules x passes up to which the flow plot uses grouped bars
 DPI = 100
@@ -47,11 +49,22 @@ def plot(trace, path=None, kind: str = "flow", passes: Optional[Sequence[str]] =
         figure = (_flow if kind == "flow" else _coverage)(figure_class, trace, chosen)
     canvas_class(figure)  # attaches itself: savefig and draw work without pyplot
     if path is not None:
+        named = isinstance(path, (str, bytes, os.PathLike))  # else a file object: matplotlib writes PNG to it
+        written = image_path(path) if named else path
         try:
-            figure.savefig(path, dpi=DPI)
+            figure.savefig(written, dpi=DPI, format=os.path.splitext(written)[1][1:].lower() if named else None)
         except (OSError, ValueError) as e:
-            raise GradtraceError(f"cannot write the plot to {str(path)!r}: {e}") from None
+            raise GradtraceError(f"cannot write the plot to {str(written)!r}: {e}") from None
     return figure
+
+
+def image_path(path) -> str:
+    """Where ``plot(trace, path)`` writes: ``path``, with ``.png`` added when it has no extension
+    (matplotlib's own default), so callers can say which file they wrote."""
+    name = os.fspath(path)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name if os.path.splitext(name)[1] not in ("", ".") else name.rstrip(".") + ".png"
 
 
 def _matplotlib():
@@ -59,8 +72,8 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise GradtraceError('Trace.plot needs matplotlib: pip install "gradtrace[plot]" '
-                             "(or pip install matplotlib)") from None
+        raise GradtraceError("Trace.plot needs matplotlib: pip install matplotlib (from a checkout of gradtrace, "
+                             'pip install -e ".[plot]" installs it too)') from None
     return Figure, FigureCanvasAgg
 
 
@@ -112,7 +125,12 @@ def _ticks(axis_set_ticks, axis_set_labels, labels: Sequence[str], rotation: flo
     if positions[-1] != len(labels) - 1:  # always name the last one (often the head)
         positions[-1 if len(labels) - 1 - positions[-1] < step / 2 else len(positions):] = [len(labels) - 1]
     axis_set_ticks(positions)
-    axis_set_labels([labels[i] for i in positions], rotation=rotation, fontsize=8)
+    axis_set_labels([_shortened(labels[i]) for i in positions], rotation=rotation, fontsize=8)
+
+
+def _shortened(label: str) -> str:
+    half = (MAX_LABEL - 1) // 2
+    return label if len(label) <= MAX_LABEL else label[:half] + "\u2026" + label[-half:]
 
 
 def _width(columns: int) -> float:
@@ -201,16 +219,23 @@ def _compress(modules: List[str]) -> str:
 
     for m in modules:
         head, _, tail = m.rpartition(".")
-        if tail.isdigit() and run and run[-1][0] == head + "." and run[-1][1] + 1 == int(tail):
-            run.append((head + ".", int(tail)))
+        index = _index(tail)
+        if index is not None and run and run[-1][0] == head + "." and run[-1][1] + 1 == index:
+            run.append((head + ".", index))
             continue
         close()
-        if tail.isdigit():
-            run.append((head + "." if head else "", int(tail)))
+        if index is not None:
+            run.append((head + "." if head else "", index))
         else:
             items.append(m)
     close()
     return ", ".join(items[:4]) + (f", +{len(items) - 4} more" if len(items) > 4 else "")
+
+
+def _index(part: str) -> Optional[int]:
+    """A module path component that is a list index, as an int (a name from a trace file may be any text:
+    superscript digits pass ``isdigit`` but not ``int``, and 5,000 digits are past what ``int`` converts)."""
+    return int(part) if part.isascii() and part.isdigit() and len(part) <= 18 else None
 
 
 def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen: set) -> None:
@@ -239,7 +264,8 @@ def _coverage(Figure, trace, chosen):
     columns = {n: [n] for n in trace.params} if by_param else _modules(trace.params)
     labels = list(columns)
     grid = [[_state(p, columns[c]) for c in labels] for p in chosen]
-    figure = Figure(figsize=(_width(len(labels)), 2.8 + 0.25 * len(chosen) + 0.06 * max(map(len, labels))),
+    longest = min(max(map(len, labels)), MAX_LABEL)
+    figure = Figure(figsize=(_width(len(labels)), 2.8 + 0.25 * len(chosen) + 0.06 * longest),
                     layout="constrained")
     ax = figure.add_subplot()
     ax.imshow(grid, cmap=ListedColormap([OK_COLOR, ZERO_COLOR, MISSING_COLOR]), vmin=0, vmax=2,
@@ -259,7 +285,7 @@ def _inner(Figure, trace):
     if not summaries:
         raise GradtraceError("the trace has no inner products to plot: open it with "
                              "gradtrace.watch(model, keep_grads=True) and call trace.diff('X', 'Y')")
-    rows = max(len(s["top"]) for s in summaries)
+    rows = max(len(s.top) for s in summaries)
     figure = Figure(figsize=(9, 0.6 + len(summaries) * (1.0 + 0.3 * rows)), layout="constrained")
     for i, s in enumerate(summaries):
         _inner_axes(figure.add_subplot(len(summaries), 1, i + 1), s)
@@ -267,22 +293,22 @@ def _inner(Figure, trace):
 
 
 def _inner_axes(ax, s) -> None:
-    top = s["top"]
-    names = [t["param"] for t in top]
-    values = [t["contribution"] for t in top]
+    top = s.top
+    names = [t.param for t in top]
+    values = [t.contribution for t in top]
     y = list(range(len(top)))
     ax.barh(y, values, color=["#1f77b4" if v >= 0 else "#9467bd" for v in values])
     ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=8)
+    ax.set_yticklabels([_shortened(n) for n in names], fontsize=8)
     ax.invert_yaxis()  # largest contribution on top
     ax.axvline(0.0, color="black", linewidth=0.8)
     for yi, t in zip(y, top):
-        ax.annotate(f"{t['share']:.1%}", (t["contribution"], yi), xytext=(4 if t["contribution"] >= 0 else -4, 0),
-                    textcoords="offset points", va="center", ha="left" if t["contribution"] >= 0 else "right",
+        ax.annotate(f"{t.share:.1%}", (t.contribution, yi), xytext=(4 if t.contribution >= 0 else -4, 0),
+                    textcoords="offset points", va="center", ha="left" if t.contribution >= 0 else "right",
                     fontsize=8)
     ax.margins(x=0.15)
-    pre = f", preconditioned by {s.get('optimizer')}" if s.get("preconditioned") else ""
-    cosine = f", cosine {s['cosine']:.3e}" if s.get("cosine") is not None else ""
-    ax.set_title(f"<{s['a']}, {s['b']}>{pre}: dot {s['dot']:.3e}{cosine}; per-parameter contributions "
+    pre = f", preconditioned by {s.optimizer}" if s.preconditioned else ""
+    cosine = f", cosine {s.cosine:.3e}" if s.cosine is not None else ""
+    ax.set_title(f"<{s.a}, {s.b}>{pre}: dot {s.dot:.3e}{cosine}; per-parameter contributions "
                  f"(share of the dot product)", fontsize=9)
     ax.set_xlabel("contribution to the inner product", fontsize=8)

@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from ..analysis import Diff, group_by_module, outermost_cuts
 from ..analysis.names import display_name
+from ..records import InnerProduct
 from .long_runs import LIST_EACH_UP_TO, collapse_verdicts, group_passes, recurrence
 from .text import safe
 
@@ -60,7 +61,7 @@ def _summary(trace, groups) -> str:
     rows = []
     n = len(trace.params)
     # Which figures these are (local / reduced / sharded) is worth a column only where it varies from "local".
-    with_scope = bool(trace.meta.get("world_size")) or any(g.first.scope != "local" for g in groups)
+    with_scope = bool(trace.meta.world_size) or any(g.first.scope != "local" for g in groups)
     for group in groups:
         p, members = group.first, group.passes
         expected = f"{len(p.expected)}{'+' if p.expected_partial else ''}" if p.expected is not None else "-"
@@ -72,12 +73,12 @@ def _summary(trace, groups) -> str:
         if with_scope:
             row.insert(2, _scope(trace, p))
         rows.append(row)
-    dropped = trace.meta.get("dropped_passes")
+    dropped = trace.meta.dropped_passes
     note = (f"\n({dropped} older passes were dropped: watch(max_passes=...) keeps the newest)"
-            if isinstance(dropped, int) and dropped > 0 else "")
+            if dropped else "")
     if not rows:
         return "passes: none recorded" + note
-    world = trace.meta.get("world_size")
+    world = trace.meta.world_size
     title = f"passes (merged over {world} ranks)" if world else "passes"
     headers = ["pass", "via", "runs", "covered", "expected", "zero", "total norm", "max |g|", "nonfinite"]
     if with_scope:
@@ -88,7 +89,7 @@ def _summary(trace, groups) -> str:
 def _scope(trace, p) -> str:
     """What the figures are: a shard's figures are global only once gathered."""
     if p.scope == "sharded":
-        return "global (gathered shards)" if trace.meta.get("world_size") else "shard-local"
+        return "global (gathered shards)" if trace.meta.world_size else "shard-local"
     return p.scope
 
 
@@ -207,8 +208,8 @@ def _row_facts(trace) -> str:
             continue
         n = f.get("rows") or 0
         if "selected_sum" in f:
-            lengths = (f"mean {f['selected_sum'] / n:.1f}, min {f['selected_min']:.0f}, max {f['selected_max']:.0f}"
-                       if n else "-")
+            lengths = (f"mean {f['selected_sum'] / n:.1f}, min {f.get('selected_min', 0):.0f}, "
+                       f"max {f.get('selected_max', 0):.0f}" if n else "-")
             empty = f"{f.get('empty_rows', 0):.0f}/{n:.0f}"
         else:
             lengths, empty = "-", "-"
@@ -237,33 +238,31 @@ def _inner(trace) -> str:
     return "\n\n".join(out)
 
 
-def render_inner(s: Dict[str, Any]) -> str:
-    title = f"inner product <{s['a']}, {s['b']}>" + (f" preconditioned by {s.get('optimizer')}"
-                                                      if s["preconditioned"] else "")
-    rows = [["dot", sci(s["dot"])], ["cosine", sci(s["cosine"])],
-            [f"norm {s['a']}", sci(s["norm_a"])], [f"norm {s['b']}", sci(s["norm_b"])]]
-    if s["preconditioned"]:
-        rows += [[f"norm {s['a']} preconditioned", sci(s.get("norm_a_pre"))],
-                 [f"norm {s['b']} preconditioned", sci(s.get("norm_b_pre"))]]
-    dot = s["dot"]
+def render_inner(s: InnerProduct) -> str:
+    title = f"inner product <{s.a}, {s.b}>" + (f" preconditioned by {s.optimizer}" if s.preconditioned else "")
+    rows = [["dot", sci(s.dot)], ["cosine", sci(s.cosine)],
+            [f"norm {s.a}", sci(s.norm_a)], [f"norm {s.b}", sci(s.norm_b)]]
+    if s.preconditioned:
+        rows += [[f"norm {s.a} preconditioned", sci(s.norm_a_pre)],
+                 [f"norm {s.b} preconditioned", sci(s.norm_b_pre)]]
+    dot = s.dot
     # share from contribution and |dot|, so it has the contribution's sign (also for traces saved before)
-    top = [[t["param"], sci(t["contribution"]), f"{t['contribution'] / abs(dot):.1%}" if dot else "-"]
-           for t in s["top"]]
+    top = [[t.param, sci(t.contribution), f"{t.contribution / abs(dot):.1%}" if dot else "-"] for t in s.top]
     return (title + "\n" + _table(rows, ["", "value"]) + "\n" +
             _table(top, ["dominant parameters", "contribution", "share"]) + "\n" + _inner_legend(s))
 
 
-def _inner_legend(s: Dict[str, Any]) -> str:
+def _inner_legend(s: InnerProduct) -> str:
     """One line per figure of the inner-product table: what it is, and why one may be missing."""
-    pre = s["preconditioned"]
-    dot = (f"dot: sum over parameters of g_{s['a']} * g_{s['b']}"
+    pre = s.preconditioned
+    dot = (f"dot: sum over parameters of g_{s.a} * g_{s.b}"
            + (" / (sqrt(v_hat) + eps), Adam's preconditioner" if pre else ""))
     cosine = ("cosine: not given for a preconditioned product (it is not an inner product of the two "
               "gradients with their own norms); the plain diff gives it" if pre else
-              "cosine: dot / (norm a * norm b)" if s.get("cosine") is not None else
+              "cosine: dot / (norm a * norm b)" if s.cosine is not None else
               "cosine: not defined, one of the gradients is zero")
     share = ("share: a parameter's contribution / |dot|, with the contribution's sign; the shares add up to "
-             f"{'+' if s['dot'] >= 0 else '-'}100%")
+             f"{'+' if s.dot >= 0 else '-'}100%")
     return "\n".join((dot, cosine, share))
 
 

@@ -75,7 +75,6 @@ def test_a_real_cut_in_the_same_files_is_recorded_at_the_users_line():
     (os.path.join(GRADTRACE_DIR, "capture", "opcuts.py"), frames.GRADTRACE),
     (os.path.join(GRADTRACE_DIR, "scratch_demo.py"), frames.GRADTRACE),  # by package, not by name
     (os.path.join(GRADTRACE_DIR, "demo.py"), frames.USER),  # declared: the demo plays the user
-    (os.path.join(GRADTRACE_DIR + "_extras", "demo.py"), frames.USER),  # a sibling of the package
     (contextlib.__file__, frames.PYTHON),
     (os.path.join(sysconfig.get_paths()["stdlib"], "threading.py"), frames.PYTHON),
     ("<frozen importlib._bootstrap>", frames.PYTHON),
@@ -87,6 +86,14 @@ def test_a_real_cut_in_the_same_files_is_recorded_at_the_users_line():
     else os.path.relpath(v, SITE) if v.startswith(SITE) else os.path.basename(v))
 def test_whose_file(filename, kind):
     assert frames.kind_of(filename) == kind
+
+
+def test_a_sibling_of_the_package_is_not_gradtrace_whatever_its_files_are_called():
+    """``gradtrace_extras/demo.py`` beside the package is whatever its directory is (the user's in a
+    checkout, a library's in site-packages): neither gradtrace's nor the demo."""
+    parent = os.path.dirname(GRADTRACE_DIR)
+    assert frames.kind_of(os.path.join(GRADTRACE_DIR + "_extras", "demo.py")) == \
+        frames.kind_of(os.path.join(parent, "anything_else", "module.py")) != frames.GRADTRACE
 
 
 def test_the_demo_is_user_code_by_its_module_name():

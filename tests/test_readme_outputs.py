@@ -110,7 +110,8 @@ def test_readme_cli_diff_and_the_table_names_modules_as_the_verdict_does(tmp_pat
                         "--fail-on", "error", cwd=tmp_path)
     shown = block("README.md", "$ python -m gradtrace diff").split("\n", 1)[1].rsplit("exit 1", 1)[0]
     assert_shows(shown, out)
-    assert "`blocks.*.fc.lora_A`" in out and "blocks.\\*.fc.lora_A (2 params)" in out and "{0,1}" not in out
+    # the table and the verdict (Markdown-escaped) name the same group, blocks.*
+    assert "`blocks.*.fc.lora_A`" in out and "blocks.\\*.fc.lora\\_A \\(2 params\\)" in out and "{0,1}" not in out
 
 
 def test_docs_plain_loop_output(tmp_path):

@@ -4,6 +4,7 @@
 # fmt: off
 
 # Verdict checks: registered by the @verdict decorator and run through the registry.
+check_replaced  # unused function (gradtrace/analysis/replaced.py)
 check_nonfinite  # unused function (gradtrace/analysis/checks.py:36)
 check_tensor_no_grad  # unused function (gradtrace/analysis/checks.py:124)
 check_graph_cuts  # unused function (gradtrace/analysis/checks.py:175)
@@ -28,6 +29,7 @@ check_no_passes  # unused function (gradtrace/analysis/checks.py:656)
 check_cleared  # unused function (gradtrace/analysis/checks.py:678)
 
 # Framework callbacks: transformers.TrainerCallback and Lightning's Callback call these by name.
+_.on_train_start  # Lightning's Callback (gradtrace/integrations/lightning.py)
 check_mask_on_padding  # unused function (gradtrace/analysis/checks.py:327)
 _.on_train_batch_start  # unused method (gradtrace/integrations/lightning.py:63)
 batch_idx  # unused variable (gradtrace/integrations/lightning.py:63)
@@ -64,3 +66,5 @@ gradtrace_flow  # unused function (gradtrace/pytest_plugin.py:13)
 kept_grads  # unused variable (gradtrace/records.py:84)
 trainable_upstream  # unused variable (gradtrace/records.py:242)
 row_options  # unused variable (gradtrace/trace.py:183)
+exc_type  # the context-manager protocol's __exit__ signature (gradtrace/integrations/transformers.py)
+tb  # the same

@@ -15,10 +15,11 @@ Loading and analysing a saved trace uses none of these.
 """
 from __future__ import annotations
 
+import operator
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -228,6 +229,9 @@ PROBES = (
     Probe("torch._C._functorch.is_legacy_batchedtensor",
           "torch.autograd.grad(..., is_grads_batched=True): telling batched gradients apart", "capture",
           lambda: torch._C._functorch.is_legacy_batchedtensor),
+    Probe("torch.Tensor._cdata",
+          "telling a parameter swapped in place (torch.utils.swap_tensors) from the one watch hooked",
+          "capture", lambda: torch.Tensor._cdata),
     Probe("torch.Tensor._backward_hooks",
           "putting parameter hooks on and taking them off without a RemovableHandle each", "capture",
           lambda: torch.Tensor._backward_hooks, _check_backward_hooks_on_a_leaf),
@@ -373,6 +377,15 @@ FUNCTION_BACKWARD_CODES = _find(_BY_NAME["torch.autograd.function.BackwardCFunct
 
 
 _SAVED_NAMES: dict = {}
+
+
+def tensor_impls(tensors: List[torch.Tensor]) -> List[int]:
+    """Each tensor's C++ implementation, as an address (``Tensor._cdata``): ``torch.utils.swap_tensors``
+    changes it under the same Python object."""
+    return list(map(_CDATA, tensors))
+
+
+_CDATA = operator.attrgetter("_cdata")
 
 
 def saved_tensors(node) -> list:

@@ -126,7 +126,9 @@ class CutLog:
 
     def record(self, kind: str, module: str, module_type: str, params: int,
                site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None,
-               upstream: Optional[List[str]] = None) -> None:
+               upstream: Optional[Callable[[], List[str]]] = None,
+               passes_input: Optional[Callable[[], bool]] = None) -> None:
+        """Note a cut; ``upstream`` / ``passes_input`` are asked only the first time its site is seen."""
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
         tick = self.tick()
@@ -143,7 +145,8 @@ class CutLog:
         self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
                                inputs_require_grad=inputs_require_grad, pass_name=pass_name,
                                module_type=module_type, params=params, seq=seq,
-                               upstream=upstream() if callable(upstream) else upstream)
+                               upstream=upstream() if callable(upstream) else upstream,
+                               passes_input=passes_input() if callable(passes_input) else passes_input)
         self.index[key] = seq
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
@@ -263,8 +266,10 @@ class ModuleCutDetector:
             # design) can only explain parameters upstream of it: which ones is asked once per site.
             upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
                 if not trainable and kind in ("detach", "non_differentiable") else None
+            passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
+                if not trainable and kind == "detach" else None
             log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
-                       upstream=upstream)
+                       upstream=upstream, passes_input=passes_input)
 
         if name:
             return on_forward
@@ -286,6 +291,28 @@ def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:
             if isinstance(item, torch.Tensor) and item.requires_grad:
                 found |= reachable_params(item, names_by_id)[0]
     return sorted(found)
+
+
+def _passes_input_through(args, kwargs, output) -> bool:
+    """Does an output share storage with an input that requires grad? (``x.detach()`` and ``x.data`` do;
+    fresh data computed from an input's shape or dtype, like rotary cos/sin, does not.)"""
+    inputs = {t.untyped_storage().data_ptr() for t in _shallow_tensors((args, kwargs)) if t.requires_grad}
+    return any(t.untyped_storage().data_ptr() in inputs for t in _shallow_tensors((output,)))
+
+
+def _shallow_tensors(values) -> List[torch.Tensor]:
+    """Tensors in ``values`` and one level into their tuples, lists and dicts."""
+    found = []
+    for value in values:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list)):
+                found.extend(t for t in item if isinstance(t, torch.Tensor))
+            elif isinstance(item, dict):
+                found.extend(t for t in item.values() if isinstance(t, torch.Tensor))
+    return found
 
 
 def _segment_inputs_require_grad(segment) -> bool:

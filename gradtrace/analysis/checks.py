@@ -21,6 +21,7 @@ from .names import describe_params, group_by_module, in_module
 from .explain import order
 from .registry import ordered, verdict
 from .replaced import replaced_params
+from .steps import consumed_by_step, step_windows, stepped_by
 from .tensor_checks import nonfinite_values
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
@@ -210,15 +211,6 @@ def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
     return (reached | set(p.expected or ())) - p.covered
 
 
-def stepped_by(trace) -> Dict[str, frozenset]:
-    """``{pass: names of the optimizers that stepped on its gradients}`` (empty: none seen)."""
-    out: Dict[str, set] = {}
-    for record in (getattr(trace, "optimizers", None) or {}).values():
-        for pass_name in record.passes:
-            out.setdefault(pass_name, set()).add(record.name)
-    return {name: frozenset(names) for name, names in out.items()}
-
-
 def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
     """Passes that stepped different optimizers (a GAN's generator and discriminator steps, actor and
     critic) reach different parameters by design: they are not compared for coverage."""
@@ -327,16 +319,21 @@ def _cut_fix(cut: Cut) -> str:
 
 
 @verdict("STALE_GRADS", rank=40, severities=("error", "warning"),
-         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step (a forgotten `zero_grad()`, or accumulation across passes: `pass_(name, accumulate=True)` says so)")
+         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step and whose gradients no optimizer step then applied (a forgotten `zero_grad()` before a probe; loss terms backpropagated in passes of their own and applied by one step are accumulation on purpose, as `pass_(name, accumulate=True)` says)")
 def check_stale(trace, passes, tensors, cuts):
     out = []
     outside = set(params_in_no_optimizer(trace))
     steps = stepped_by(trace)
     owned = {o.name: set(o.params) for o in (getattr(trace, "optimizers", None) or {}).values()}
+    windows = step_windows(trace, passes)
     previous: Optional[PassTrace] = None
     for p in passes.values():
         before, previous = previous, p
         stale = sorted(p.stale)
+        if stale and not p.step_start and consumed_by_step(windows, p):
+            # An optimizer step took these gradients as they stood, earlier passes' included, with no
+            # zero_grad() in between: loss terms backpropagated in passes of their own, on purpose.
+            continue
         if stale and steps.get(p.name):
             # Only what the step that took this pass's gradients will apply: in a GAN's generator step the
             # discriminator's .grad still holds its own step's gradients, and nothing steps on them.
@@ -531,7 +528,7 @@ def check_zero_upstream(trace, passes, tensors, cuts):
 
 
 @verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when a zero partner explains it (LoRA A while B is still zero)")
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when an all-zero parameter of the same module explains it (a zero-initialised adapter factor: LoRA B, lora_up, lora_embedding_A, a zero gate)")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -540,20 +537,86 @@ def check_zero_grads(trace, passes, tensors, cuts):
             continue
         every = len(zero) == len(p.covered)
         if every:
+            factors = sorted(_zero_factors(p))
+            why = (f"; {describe_params(factors, universe=trace.params)} "
+                   f"{'is' if len(factors) == 1 else 'are'} all zeros "
+                   f"({_quoted(factors)}): where two factors of a product are both zero, every factor's "
+                   "gradient is zero and none can move. Initialise at most one factor of each pair to zero "
+                   "(LoRA: the up / B matrix), the other randomly" if factors else "")
+            evidence = {"pass": p.name, "parameters": zero, "all": True}
+            if factors:
+                evidence["zero_valued"] = factors
             out.append(Verdict("ZERO_GRADS", "error",
                                f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
-                               "zero gradient", {"pass": p.name, "parameters": zero, "all": True}))
+                               f"zero gradient{why}", evidence))
             continue
-        explained = _zero_partner_explained(p, zero)
-        severity = "info" if explained else "warning"
-        why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
-               "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps"
-               if explained else "")
+        explained = _zero_partners(p, zero, trace.params)
+        severity = "info" if explained is not None else "warning"
+        if explained:
+            one = len(explained) == 1
+            why = (f" because {_quoted(explained)} {'is' if one else 'are'} all zeros ({'its' if one else 'their'} "
+                   "initialisation): a factor that is zero makes the other factor's gradient exactly zero until "
+                   "the first optimizer step moves it. Expected on the first steps")
+        elif explained is not None:
+            why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
+                   "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps")
+        else:
+            why = ""
         out.append(Verdict("ZERO_GRADS", severity,
                            f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
                            f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
-                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained}))
+                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
+                            **({"zero_valued": explained} if explained else {})}))
     return out
+
+
+def _quoted(names: List[str], shown: int = 2) -> str:
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _multiplies(param: str) -> bool:
+    """A bias is added, never multiplies: its being zero explains no other parameter's zero gradient."""
+    return param.rsplit(".", 1)[-1] != "bias"
+
+
+def _zero_factors(p: PassTrace) -> List[str]:
+    """Parameters reached in the pass whose values were all zero when it began (not biases)."""
+    return [n for n in (p.zero_valued or ()) if n in p.covered and _multiplies(n)]
+
+
+def _zero_partners(p: PassTrace, zero: List[str], universe) -> Optional[List[str]]:
+    """What explains every exactly zero gradient of the pass, or None where something does not.
+
+    A zero gradient is explained by an all-zero parameter (not a bias) that got a nonzero gradient in
+    the pass and lies in the nearest module enclosing the zero one that holds such a parameter: a
+    zero-initialised factor (LoRA's B, lora_up, lora_embedding_A, a zero gate or a zero-initialised
+    norm at the end of a residual branch) multiplies the other's contribution, so the other's gradient
+    is zero while the factor's is not, until a step moves it. Returns those parameters (an empty list
+    where only peft's naming explains it: a trace recorded before values were probed).
+    """
+    records = p.records
+    moving = [n for n in _zero_factors(p) if not records[n].zero and not records[n].nonfinite]
+    found: List[str] = []
+    for name in zero:
+        partners = _nearest_enclosing(name, moving)
+        if not partners:
+            if p.zero_valued is None and _lora_b_moves(p, name):
+                continue
+            return None
+        found.extend(q for q in partners if q not in found)
+    return found
+
+
+def _nearest_enclosing(param: str, candidates: List[str]) -> List[str]:
+    """The candidates inside the nearest module enclosing ``param`` that holds any of them."""
+    parts = param.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        module = ".".join(parts[:depth])
+        inside = [c for c in candidates if c != param and in_module(c, module)]
+        if inside:
+            return inside
+    return []
 
 
 def _lora_partner(param: str) -> Optional[str]:
@@ -565,18 +628,12 @@ def _lora_partner(param: str) -> Optional[str]:
     return None
 
 
-def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
-    """Every zero gradient belongs to a LoRA A whose B was reached with a nonzero gradient.
-
-    That is the signature of B == 0: dL/dA = B^T (dL/dy) x^T vanishes while dL/dB = (dL/dy)(A x)^T does not.
-    """
-    records = p.records
-    for name in zero:
-        partner = _lora_partner(name)
-        record = records.get(partner) if partner else None
-        if record is None or record.zero or record.nonfinite:
-            return False
-    return True
+def _lora_b_moves(p: PassTrace, name: str) -> bool:
+    """A LoRA A whose B was reached with a nonzero gradient: the signature of B == 0, read off peft's names
+    (for traces saved before values were probed)."""
+    partner = _lora_partner(name)
+    record = p.records.get(partner) if partner else None
+    return record is not None and not record.zero and not record.nonfinite
 
 
 @verdict("RANK_DIVERGENCE", rank=120, severities=("error", "warning"),

@@ -289,7 +289,8 @@ class OptimizerObserver:
             record.steps += 1
             if step.pass_name is not None:
                 record.passes[step.pass_name] = record.passes.get(step.pass_name, 0) + 1
-            moved = _fold_updates(record, step, self.names, self.params)
+            moved, unchanged, ratio = _fold_updates(record, step, self.names, self.params)
+            _note_step(record, step.lrs, ratio, moved, unchanged)
             if not step.any_grad or moved == 0:  # nothing to apply: the step cannot change a weight
                 record.empty_steps += 1
                 record.empty_passes.append(step.pass_name)
@@ -311,19 +312,33 @@ def _squares_by_device(grads: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.stack(foreach_norm(gs)).to(torch.float64).square().sum() for gs in by_device.values()]
 
 
+def _note_step(record: OptimizerRecord, lrs: List[Optional[float]], ratio: Optional[float],
+               moved: Optional[float], unchanged: Optional[float]) -> None:
+    """One step's lr and measured figures into ``record.history`` (the first steps and the newest kept)."""
+    known = [lr for lr in lrs if lr is not None and lr == lr]
+    lr = max(known) if known else None
+    if lr is not None and lr > record.peak_lr:
+        record.peak_lr = lr
+    record.history.append([record.steps, lr, ratio, moved or 0.0, unchanged or 0.0])
+    head, tail = OptimizerRecord.HISTORY_HEAD, OptimizerRecord.HISTORY_TAIL
+    if len(record.history) > head + tail:
+        del record.history[head]
+
+
 def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
-                  params: List[torch.Tensor]) -> Optional[float]:
-    """Fold one step's sampled figures into ``record``; the sampled elements with a nonzero gradient (None:
-    not measured)."""
+                  params: List[torch.Tensor]) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """Fold one step's sampled figures into ``record``: (sampled elements with a nonzero gradient, those the
+    step left unchanged, the whole-step update-to-weight ratio), each None where not measured."""
     if not step.stats:
-        return None
+        return None, None, None
     rows = torch.cat([s.cpu() for s in step.stats]).tolist()
-    total_update = total_weight = moved_total = 0.0
+    total_update = total_weight = moved_total = unchanged_total = 0.0
     drift = []
     for index, (moved, unchanged, update_sq, weight_sq) in zip(step.stepped, rows):
         total_update += update_sq
         total_weight += weight_sq
         moved_total += moved
+        unchanged_total += unchanged
         if moved == 0:
             if update_sq > 0:
                 drift.append(names[index])
@@ -338,7 +353,8 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
         figures[2], figures[3] = update_sq, weight_sq
         if weight_sq > 0:
             figures[4] = max(figures[4], (update_sq / weight_sq) ** 0.5)
-    if total_weight > 0:
-        record.max_ratio = max(record.max_ratio, (total_update / total_weight) ** 0.5)
+    ratio = (total_update / total_weight) ** 0.5 if total_weight > 0 else None
+    if ratio is not None:
+        record.max_ratio = max(record.max_ratio, ratio)
     record.drift = drift
-    return moved_total
+    return moved_total, unchanged_total, ratio

@@ -1,0 +1,96 @@
+"""Watched parameters whose values are all zero: what explains a sibling's exactly zero gradient.
+
+Low-rank adapters start with one factor at zero so that they begin as the
+identity: peft's ``lora_B`` (and its Embedding LoRA's ``lora_embedding_A``),
+cloneofsimo's ``lora_up``. While that factor is zero, its sibling's gradient is
+exactly zero (dL/dA = B^T (...) with B = 0) in a perfectly healthy first step.
+gradtrace tells that apart from a real fault by the values themselves, not by
+names: when a parameter's gradient is exactly zero and a parameter of the same
+module is all zeros, the zero is that initialisation.
+
+Cost, kept to the parameters that can matter:
+
+* at watch entry, up to ``SAMPLE`` evenly spaced elements of every watched
+  parameter are read once (one host read): a parameter whose sample is not all
+  zero cannot be all zero, and is never looked at again;
+* when a pass begins, the remaining candidates' max |value| is computed on the
+  device (one foreach norm with ord=inf, no host read): the values the
+  pass's forward used, before any optimizer step inside it;
+* only a pass that had exactly zero gradients reads them to the host, once, when
+  its record is built; a candidate read as nonzero is dropped for later passes.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .._torch_compat import foreach_norm
+from .optim import SAMPLE, _sample
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _readable(p: torch.Tensor) -> bool:
+    return type(p) in _PLAIN and p.layout == torch.strided and not p.is_meta and p.numel() > 0
+
+
+class ZeroValued:
+    """The watch's candidates: parameters that may still be all zero (indices into the watched list)."""
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.params = params
+        self.lock = threading.Lock()
+        self.candidates: List[int] = self._sampled_zero(params)
+
+    @staticmethod
+    def _sampled_zero(params: List[torch.Tensor]) -> List[int]:
+        """Indices whose sampled elements are all zero: one reduction per device, one host read."""
+        readable = [i for i, p in enumerate(params) if _readable(p)]
+        if not readable:
+            return []
+        with torch.no_grad():
+            samples = [_sample(params[i]) if params[i].numel() > SAMPLE else params[i].detach().reshape(-1)
+                       for i in readable]
+            by_device: Dict[torch.device, List[int]] = {}
+            for k, i in enumerate(readable):
+                by_device.setdefault(params[i].device, []).append(k)
+            found: List[int] = []
+            for ks in by_device.values():
+                top = torch.stack([m.to(torch.float32) for m in foreach_norm([samples[k] for k in ks], float("inf"))])
+                found.extend(readable[k] for k, zero in zip(ks, (top == 0).tolist()) if zero)
+        return sorted(found)
+
+    def probe(self) -> Optional[Tuple[List[int], List[torch.Tensor]]]:
+        """At a pass's beginning: the candidates' max |value|, still on the device (None: no candidate)."""
+        candidates = self.candidates
+        if not candidates:
+            return None
+        params = self.params
+        with torch.no_grad():
+            tops = foreach_norm([params[i].detach() for i in candidates], float("inf"))
+        return list(candidates), list(tops)
+
+    def read(self, probe: Tuple[List[int], List[torch.Tensor]]) -> List[int]:
+        """The probed parameters that were all zero (one host read); the others are candidates no more."""
+        indices, tops = probe
+        values = to_host(tops)
+        zero = [i for i, v in zip(indices, values) if v == 0.0]
+        gone = {i for i, v in zip(indices, values) if v != 0.0}
+        if gone:
+            with self.lock:
+                self.candidates = [i for i in self.candidates if i not in gone]
+        return zero
+
+
+def to_host(tops: List[torch.Tensor]) -> List[float]:
+    """0-d device tensors as floats: one transfer per device."""
+    by_device: Dict[torch.device, List[int]] = {}
+    for k, t in enumerate(tops):
+        by_device.setdefault(t.device, []).append(k)
+    values = [0.0] * len(tops)
+    for ks in by_device.values():
+        for k, v in zip(ks, torch.stack([tops[k].to(torch.float32) for k in ks]).tolist()):
+            values[k] = v
+    return values

@@ -403,6 +403,9 @@ class OptimizerRecord:
     # killed the updates part-way (an lr of 0 from step k on, a decay to nothing).
     history: List[List[Optional[float]]] = field(default_factory=list)
     peak_lr: Magnitude = 0.0  # the largest lr of any step seen (any param group), kept steps or not
+    # Steps that turned finite weights with finite gradients NaN/Inf (the first 8): [step, pass, the
+    # parameters, sampled elements made non-finite] -- the update itself overflowed (Adam's eps in float16).
+    nonfinite_steps: List[List[Union[None, str, float, List[str]]]] = field(default_factory=list)
 
     HISTORY_HEAD: ClassVar[int] = 16
     HISTORY_TAIL: ClassVar[int] = 240

@@ -207,7 +207,8 @@ def group_ratios(o: OptimizerRecord, universe) -> Dict[str, float]:
 def check_tiny_updates(trace, passes, tensors, cuts):
     out = decayed_part_way(trace)
     for o in _stepped(trace):
-        if not o.updates or o.max_ratio >= TINY_RATIO or _lr_zero(o):
+        if not o.updates or o.max_ratio >= TINY_RATIO or _lr_zero(o) or o.nonfinite_steps \
+                or _stepped_on_nonfinite(trace, o):
             continue
         if o.max_ratio == 0.0 and any(d in ("bfloat16", "float16") for d in o.dtypes.values()):
             continue  # low-precision weights that never moved: WEIGHTS_UNCHANGED says why
@@ -279,6 +280,42 @@ def decayed_part_way(trace) -> List[Verdict]:
                             "peak_lr": peak_lr, "lr": latest_lr, "lrs": o.lrs, "max_ratio": o.max_ratio,
                             "latest_ratio": latest_ratio}))
     return out
+
+
+def nonfinite_updates(trace) -> List[Verdict]:
+    """NONFINITE's share for optimizer steps: finite weights with finite gradients that a step made NaN/Inf."""
+    out = []
+    for o in _stepped(trace):
+        if not o.nonfinite_steps:
+            continue
+        step, pass_name, params, count = o.nonfinite_steps[0]
+        dtypes = sorted({o.dtypes.get(n, "?") for n in params})
+        low = [d for d in dtypes if d in ("float16", "bfloat16")]
+        adam = "adam" in o.name.lower()
+        if low and adam:
+            why = (f"the weights are {'/'.join(low)} and Adam's eps (1e-8 by default) is 0 in float16, so where "
+                   "a gradient is small its second moment underflows and the update divides by zero. Keep float32 "
+                   "master weights (autocast / mixed precision instead of model.half()), or set eps >= 1e-4")
+        elif low:
+            why = (f"the weights are {'/'.join(low)}: the update overflowed their range (keep float32 master "
+                   "weights: autocast / mixed precision instead of model.half())")
+        else:
+            why = f"the update overflowed ({_lr_text(o)}: too large an lr, or a division by ~0 in the optimizer)"
+        after = f" on the gradients of pass {pass_name!r}" if pass_name else ""
+        out.append(Verdict("NONFINITE", "error",
+                           f"optimizer {o.name}: its step {int(step)}{after} turned finite weights NaN/Inf although "
+                           f"their gradients were finite ({int(count)} sampled element(s) of "
+                           f"{describe_params(params, universe=trace.params)}, {', '.join(dtypes)}): {why}; every "
+                           "later gradient is NaN because of it",
+                           {"optimizer": o.name, "step": step, "pass": pass_name, "parameters": list(params),
+                            "dtypes": dtypes, "updates": True}))
+    return out
+
+
+def _stepped_on_nonfinite(trace, o: OptimizerRecord) -> bool:
+    """Did it step on NaN/Inf gradients? Then its weights became NaN: not a tiny update (NONFINITE says it)."""
+    passes = trace.passes
+    return any(name in passes and passes[name].nonfinite for name in o.passes)
 
 
 def _clip_before_unscale(trace, o: OptimizerRecord) -> Optional[list]:

@@ -41,6 +41,9 @@ from .._torch_compat import flatten_dense_tensors, foreach_norm
 from ..records import OptimizerRecord
 
 SAMPLE = 16  # elements sampled per parameter, evenly spaced over its flattened values
+# Per stepped parameter, over its sampled elements: with a nonzero gradient, of those left bitwise
+# unchanged, ||update||^2, ||weight||^2, finite weights (with finite gradients) the step made NaN/Inf.
+STAT_COLUMNS = 5
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class PendingStep:
     lrs: List[Optional[float]]
     pass_name: Optional[str]
     stepped: List[int] = field(default_factory=list)  # indices measured, in the order of ``stats`` rows
-    stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, 4) float64
+    stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, STAT_COLUMNS) float64
     scale: Optional[torch.Tensor] = None
     grad_sq: List[torch.Tensor] = field(default_factory=list)
     any_grad: bool = True  # some watched parameter it owns had a .grad
@@ -193,10 +196,13 @@ class OptimizerObserver:
                 after = self._sample_weights(group)
                 moved = grad != 0
                 unchanged = moved & (after == weight)
+                # Finite weights and gradients the step made NaN/Inf: the update itself overflowed.
+                broken = ~torch.isfinite(after) & torch.isfinite(weight) & torch.isfinite(grad)
                 update = after.to(torch.float64) - weight.to(torch.float64)
+                update = torch.where(broken | ~torch.isfinite(update), 0.0, update)
                 columns = torch.stack([moved.to(torch.float64), unchanged.to(torch.float64), update * update,
-                                       weight.to(torch.float64).square()], dim=1)
-                stats = torch.zeros(len(group.order), 4, dtype=torch.float64, device=columns.device)
+                                       weight.to(torch.float64).square(), broken.to(torch.float64)], dim=1)
+                stats = torch.zeros(len(group.order), STAT_COLUMNS, dtype=torch.float64, device=columns.device)
                 step.stats.append(stats.index_add_(0, group.segment, columns))
                 step.stepped.extend(group.order)
 
@@ -302,6 +308,7 @@ class OptimizerObserver:
 
 
 SCALED_STEPS_KEPT = 64
+NONFINITE_STEPS_KEPT = 8
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -333,8 +340,10 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
         return None, None, None
     rows = torch.cat([s.cpu() for s in step.stats]).tolist()
     total_update = total_weight = moved_total = unchanged_total = 0.0
-    drift = []
-    for index, (moved, unchanged, update_sq, weight_sq) in zip(step.stepped, rows):
+    drift, broken = [], []
+    for index, (moved, unchanged, update_sq, weight_sq, made_nonfinite) in zip(step.stepped, rows):
+        if made_nonfinite:
+            broken.append((names[index], int(made_nonfinite)))
         total_update += update_sq
         total_weight += weight_sq
         moved_total += moved
@@ -353,6 +362,9 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
         figures[2], figures[3] = update_sq, weight_sq
         if weight_sq > 0:
             figures[4] = max(figures[4], (update_sq / weight_sq) ** 0.5)
+    if broken and len(record.nonfinite_steps) < NONFINITE_STEPS_KEPT:
+        record.nonfinite_steps.append([record.steps, step.pass_name, [n for n, _ in broken],
+                                       sum(c for _, c in broken)])
     ratio = (total_update / total_weight) ** 0.5 if total_weight > 0 else None
     if ratio is not None:
         record.max_ratio = max(record.max_ratio, ratio)

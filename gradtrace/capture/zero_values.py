@@ -11,8 +11,8 @@ module is all zeros, the zero is that initialisation.
 Cost, kept to the parameters that can matter:
 
 * at watch entry, up to ``SAMPLE`` evenly spaced elements of every watched
-  parameter are read once (one host read): a parameter whose sample is not all
-  zero cannot be all zero, and is never looked at again;
+  parameter are read once (one host read per device and dtype): a parameter
+  whose sample is not all zero cannot be all zero, and is never looked at again;
 * when a pass begins, the remaining candidates' max |value| is computed on the
   device (one foreach norm with ord=inf, no host read): the values the
   pass's forward used, before any optimizer step inside it;
@@ -46,20 +46,23 @@ class ZeroValued:
 
     @staticmethod
     def _sampled_zero(params: List[torch.Tensor]) -> List[int]:
-        """Indices whose sampled elements are all zero: one reduction per device, one host read."""
-        readable = [i for i, p in enumerate(params) if _readable(p)]
-        if not readable:
-            return []
+        """Indices whose sampled elements are all zero: one concatenation and one segment max per device and
+        dtype, one host read each (no foreach kernel: its first call in a process costs a warm-up)."""
+        by_kind: Dict[tuple, List[int]] = {}
+        for i, p in enumerate(params):
+            if _readable(p):
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
+        found: List[int] = []
         with torch.no_grad():
-            samples = [_sample(params[i]) if params[i].numel() > SAMPLE else params[i].detach().reshape(-1)
-                       for i in readable]
-            by_device: Dict[torch.device, List[int]] = {}
-            for k, i in enumerate(readable):
-                by_device.setdefault(params[i].device, []).append(k)
-            found: List[int] = []
-            for ks in by_device.values():
-                top = torch.stack([m.to(torch.float32) for m in foreach_norm([samples[k] for k in ks], float("inf"))])
-                found.extend(readable[k] for k, zero in zip(ks, (top == 0).tolist()) if zero)
+            for (device, _), indices in by_kind.items():
+                samples = [_sample(params[i]) if params[i].numel() > SAMPLE else params[i].detach().reshape(-1)
+                           for i in indices]
+                values = torch.cat(samples).abs()
+                lengths = torch.tensor([len(x) for x in samples], device=device)
+                segment = torch.repeat_interleave(torch.arange(len(samples), device=device), lengths)
+                top = torch.zeros(len(samples), dtype=values.dtype, device=device)
+                top.scatter_reduce_(0, segment, values, "amax")
+                found.extend(indices[k] for k in (top == 0).nonzero().flatten().tolist())
         return sorted(found)
 
     def probe(self) -> Optional[Tuple[List[int], List[torch.Tensor]]]:

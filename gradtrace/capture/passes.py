@@ -406,8 +406,10 @@ class Pass:
                                        scope=self.scope if "backward" in self.kinds else "local",
                                        grads_reset=self._resets_to_host())
         probe, self._zero_probe = self._zero_probe, None
-        if probe is not None and zero.any():
-            trace.zero_valued = [names[i] for i in self.watched.zero_values.read(probe)]
+        if probe is not None:  # read while candidates last: a candidate read as nonzero is never probed again
+            zero_valued = self.watched.zero_values.read(probe)
+            if zero.any():
+                trace.zero_valued = [names[i] for i in zero_valued]
         if self.expected is not None:
             trace.expected = sorted(self.expected)
             trace.expected_partial = self.expected_partial

@@ -16,8 +16,10 @@ Cost, kept to the parameters that can matter:
 * when a pass begins, the remaining candidates' max |value| is computed on the
   device (one foreach norm with ord=inf, no host read): the values the
   pass's forward used, before any optimizer step inside it;
-* only a pass that had exactly zero gradients reads them to the host, once, when
-  its record is built; a candidate read as nonzero is dropped for later passes.
+* they are read to the host with the pass's record (one small transfer, while
+  candidates last): a candidate read as nonzero is dropped for later passes (a
+  LoRA B after its first step), and only a pass that had exactly zero gradients
+  keeps the names (``PassTrace.zero_valued``).
 """
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ class ZeroValued:
         """The probed parameters that were all zero (one host read); the others are candidates no more."""
         indices, tops = probe
         values = to_host(tops)
-        zero = [i for i, v in zip(indices, values) if v == 0.0]
-        gone = {i for i, v in zip(indices, values) if v != 0.0}
+        zero = [indices[k] for k, v in enumerate(values) if v == 0.0]
+        gone = {indices[k] for k, v in enumerate(values) if v != 0.0}
         if gone:
             with self.lock:
                 self.candidates = [i for i in self.candidates if i not in gone]
@@ -94,6 +96,7 @@ def to_host(tops: List[torch.Tensor]) -> List[float]:
         by_device.setdefault(t.device, []).append(k)
     values = [0.0] * len(tops)
     for ks in by_device.values():
-        for k, v in zip(ks, torch.stack([tops[k].to(torch.float32) for k in ks]).tolist()):
-            values[k] = v
+        read = torch.stack([tops[k].to(torch.float32) for k in ks]).tolist()
+        for position, k in enumerate(ks):
+            values[k] = read[position]
     return values

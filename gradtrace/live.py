@@ -29,6 +29,7 @@ from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
 from .capture.reading import READ_AT
 from .capture.recorder import Recorder
+from .capture.zero_values import ZeroValued
 from .errors import GradtraceError
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorPassFacts, TensorRecord, merge_row_facts
 from .trace import Trace
@@ -108,6 +109,7 @@ class LiveTrace(Trace):
                  reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
         watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
+        watched.zero_values = ZeroValued(watched.params)
         recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
         self._recording = Recording(
             recorder=recorder, cut_log=CutLog(recorder.active_pass_name),

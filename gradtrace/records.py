@@ -139,6 +139,14 @@ class PassTrace:
     forward_modules: Optional[List[str]] = None
     forward_carried: Optional[List[str]] = None
     forward_cuts: Optional[List[Count]] = None  # cuts seen outside any pass in that time (Cut.seq)
+    # Watched parameters whose values were all zero when the pass began (a zero-initialised LoRA B,
+    # lora_up, lora_embedding_A): what explains a sibling's exactly zero gradient. Recorded only for
+    # a pass that had exactly zero gradients (None: not recorded).
+    zero_valued: Optional[List[Name]] = None
+    # Runs of this pass that began after the gradient an earlier run (with no optimizer step in
+    # between) had left in .grad was cleared (set to None or zeroed): zero_grad() inside an
+    # accumulation loop discards what the earlier runs accumulated.
+    grads_reset: Optional[Count] = None  # None: none seen
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -392,6 +400,19 @@ class OptimizerRecord:
     # Parameters whose sampled weights its latest step changed although no sampled gradient element was
     # nonzero (momentum or weight decay acting on a zero or stale .grad): a frozen layer that still moves.
     drift: List[str] = field(default_factory=list)
+    # Step by step: [step number (from 1, over the watch), the largest lr of its param groups (None:
+    # unknown), its whole-step update-to-weight ratio from the sampled elements (None: not measured),
+    # sampled elements with a nonzero gradient, those of them the step left bitwise unchanged]. The first
+    # ``HISTORY_HEAD`` steps and the newest ``HISTORY_TAIL`` are kept: where a learning-rate schedule
+    # killed the updates part-way (an lr of 0 from step k on, a decay to nothing).
+    history: List[List[Optional[float]]] = field(default_factory=list)
+    peak_lr: Magnitude = 0.0  # the largest lr of any step seen (any param group), kept steps or not
+    # Steps that turned finite weights with finite gradients NaN/Inf (the first 8): [step, pass, the
+    # parameters, sampled elements made non-finite] -- the update itself overflowed (Adam's eps in float16).
+    nonfinite_steps: List[List[Union[None, str, float, List[str]]]] = field(default_factory=list)
+
+    HISTORY_HEAD: ClassVar[int] = 16
+    HISTORY_TAIL: ClassVar[int] = 240
 
 
 @dataclass

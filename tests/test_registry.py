@@ -44,6 +44,17 @@ def trace(passes_=None, meta=None, **parts):
                            **parts)
 
 
+def accumulation_reset():
+    """Two optimizer steps of two microbatches each, zero_grad() before every backward: the second run of
+    each step began on cleared gradients."""
+    out = []
+    for i in range(1, 5):
+        p = a_pass(f"backward-{i}", auto=True, **{"head.weight": {"norm": float(i)}})
+        p.grads_reset = 1 if i % 2 == 0 else None
+        out.append(p)
+    return out
+
+
 def data_tensor(name, dtype="float32", **values):
     return TensorRecord(name=name, calls=1, dtype=dtype, values=ValueStats(**values))
 
@@ -95,6 +106,8 @@ SCENARIOS = {
     "TINY_UPDATES": lambda: trace(optimizers={"SGD#0": OptimizerRecord(
         name="SGD#0", params=list(PARAMS), lrs=[1e-9], steps=2, passes={"X": 2}, max_ratio=1e-10,
         updates={p: [2.0, 0.0, 1e-20, 1.0, 1e-10] for p in PARAMS}, dtypes=dict.fromkeys(PARAMS, "float32"))}),
+    "ACCUMULATION_RESET": lambda: trace(passes(*accumulation_reset()), optimizers={"SGD#0": OptimizerRecord(
+        name="SGD#0", params=list(PARAMS), lrs=[0.1], steps=2, passes={"backward-2": 1, "backward-4": 1})}),
     "CLIP_BEFORE_UNSCALE": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e3} for p in PARAMS})),
                                          optimizers={"SGD#0": OptimizerRecord(
         name="SGD#0", params=list(PARAMS), lrs=[0.1], steps=1, passes={"X": 1},

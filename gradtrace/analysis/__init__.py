@@ -9,6 +9,7 @@ code: a loaded trace is analysed exactly like a live one.
 """
 from . import checks as _checks  # noqa: F401  (registers every verdict check)
 from . import optimizer_checks as _optimizer_checks  # noqa: F401
+from . import steps as _steps  # noqa: F401
 from . import tensor_checks as _tensor_checks  # noqa: F401
 from .cuts import outermost_cuts
 from .diff import Diff, diff

@@ -14,13 +14,14 @@ from typing import Any, Dict, List, Optional, Set
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from .cuts import describe_cut, outermost_cuts
-from .optimizer_checks import params_in_no_optimizer
+from .optimizer_checks import nonfinite_updates, params_in_no_optimizer
 from .paths import OUTPUT_CUTS, bypassed_adapters, carried_unreached, explainable, forward_rank, on_path
 from .diff import Diff, diff
 from .names import describe_params, group_by_module, in_module
 from .explain import order
 from .registry import ordered, verdict
 from .replaced import replaced_params
+from .steps import consumed_by_step, step_windows, stepped_by
 from .tensor_checks import nonfinite_values
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
@@ -64,6 +65,7 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
                                f"elements){_nonfinite_origin(trace, p)}", evidence))
     out.extend(nonfinite_values(trace, passes, tensors))
+    out.extend(nonfinite_updates(trace))
     for t in tensors.values():
         for pass_name, facts in t.grads.items():
             if facts.nonfinite:
@@ -210,15 +212,6 @@ def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
     return (reached | set(p.expected or ())) - p.covered
 
 
-def stepped_by(trace) -> Dict[str, frozenset]:
-    """``{pass: names of the optimizers that stepped on its gradients}`` (empty: none seen)."""
-    out: Dict[str, set] = {}
-    for record in (getattr(trace, "optimizers", None) or {}).values():
-        for pass_name in record.passes:
-            out.setdefault(pass_name, set()).add(record.name)
-    return {name: frozenset(names) for name, names in out.items()}
-
-
 def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
     """Passes that stepped different optimizers (a GAN's generator and discriminator steps, actor and
     critic) reach different parameters by design: they are not compared for coverage."""
@@ -332,16 +325,21 @@ def _cut_fix(cut: Cut) -> str:
 
 
 @verdict("STALE_GRADS", rank=40, severities=("error", "warning"),
-         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step (a forgotten `zero_grad()`, or accumulation across passes: `pass_(name, accumulate=True)` says so)")
+         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step and whose gradients no optimizer step then applied (a forgotten `zero_grad()` before a probe; loss terms backpropagated in passes of their own and applied by one step are accumulation on purpose, as `pass_(name, accumulate=True)` says)")
 def check_stale(trace, passes, tensors, cuts):
     out = []
     outside = set(params_in_no_optimizer(trace))
     steps = stepped_by(trace)
     owned = {o.name: set(o.params) for o in (getattr(trace, "optimizers", None) or {}).values()}
+    windows = step_windows(trace, passes)
     previous: Optional[PassTrace] = None
     for p in passes.values():
         before, previous = previous, p
         stale = sorted(p.stale)
+        if stale and not p.step_start and consumed_by_step(windows, p):
+            # An optimizer step took these gradients as they stood, earlier passes' included, with no
+            # zero_grad() in between: loss terms backpropagated in passes of their own, on purpose.
+            continue
         if stale and steps.get(p.name):
             # Only what the step that took this pass's gradients will apply: in a GAN's generator step the
             # discriminator's .grad still holds its own step's gradients, and nothing steps on them.
@@ -357,9 +355,12 @@ def check_stale(trace, passes, tensors, cuts):
                        "they are in no param group of the optimizer that stepped, so its zero_grad() never clears "
                        "them and they are never updated (see NOT_IN_OPTIMIZER)")
         elif p.step_start:
+            stepping = sorted(steps.get(p.name) or ())
+            whose = (f" (the zero_grad() of {', '.join(stepping)}, the optimizer that steps them: zeroing another "
+                     "optimizer's or model's parameters leaves these)" if stepping and len(owned) > 1 else "")
             message = (f"pass {p.name!r}: .grad already held values when the pass began an optimizer step"
                        f"{_on_ranks(ranks)} {which}: gradients were not zeroed after the previous step, so this "
-                       "step adds to them; call optimizer.zero_grad() before the pass")
+                       f"step adds to them; call optimizer.zero_grad() before the pass{whose}")
         else:
             message = (f"pass {p.name!r} began on gradients left in .grad by earlier runs, with no optimizer step "
                        f"in between{_on_ranks(ranks)}, {which}. Either zero_grad() was forgotten before it (its "
@@ -536,7 +537,7 @@ def check_zero_upstream(trace, passes, tensors, cuts):
 
 
 @verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when a zero partner explains it (LoRA A while B is still zero)")
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when an all-zero parameter of the same module explains it (a zero-initialised adapter factor: LoRA B, lora_up, lora_embedding_A, a zero gate)")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -545,20 +546,112 @@ def check_zero_grads(trace, passes, tensors, cuts):
             continue
         every = len(zero) == len(p.covered)
         if every:
+            factors = sorted(_zero_factors(p))
+            why = (f"; {describe_params(factors, universe=trace.params)} "
+                   f"{'is' if len(factors) == 1 else 'are'} all zeros "
+                   f"({_quoted(factors)}): where two factors of a product are both zero, every factor's "
+                   "gradient is zero and none can move. Initialise at most one factor of each pair to zero "
+                   "(LoRA: the up / B matrix), the other randomly" if factors else "")
+            if not factors:
+                why = ("; no parameter passes a gradient, so the loss's derivative is zero where it leaves the "
+                       "model: a step function on the way (torch.round / floor / sign / a threshold turned into "
+                       "float; a straight-through estimator x + (round(x) - x).detach() keeps the gradient), a loss "
+                       "multiplied by 0, or a mask that selects nothing")
+            evidence = {"pass": p.name, "parameters": zero, "all": True}
+            if factors:
+                evidence["zero_valued"] = factors
             out.append(Verdict("ZERO_GRADS", "error",
                                f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
-                               "zero gradient", {"pass": p.name, "parameters": zero, "all": True}))
+                               f"zero gradient{why}", evidence))
             continue
-        explained = _zero_partner_explained(p, zero)
-        severity = "info" if explained else "warning"
-        why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
-               "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps"
-               if explained else "")
+        explained = _zero_partners(p, zero, trace.params)
+        severity = "info" if explained is not None else "warning"
+        if explained:
+            one = len(explained) == 1
+            why = (f" because {_quoted(explained)} {'is' if one else 'are'} all zeros ({'its' if one else 'their'} "
+                   "initialisation): a factor that is zero makes the other factor's gradient exactly zero until "
+                   "the first optimizer step moves it. Expected on the first steps")
+        elif explained is not None:
+            why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
+                   "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps")
+        else:
+            why = _dead_input(p, zero)
         out.append(Verdict("ZERO_GRADS", severity,
                            f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
                            f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
-                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained}))
+                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
+                            **({"zero_valued": explained} if explained else {})}))
     return out
+
+
+def _dead_input(p: PassTrace, zero: List[str]) -> str:
+    """A module whose weight's gradient is exactly zero while its bias's is not saw an all-zero input:
+    dW = dY^T X vanishes, db = sum(dY) does not. Named, the last such module in forward order."""
+    records = p.records
+    dead = []
+    for name in zero:
+        module, _, leaf = name.rpartition(".")
+        bias = records.get(f"{module}.bias" if module else "bias")
+        if leaf == "weight" and bias is not None and not bias.zero and not bias.nonfinite:
+            dead.append(module)
+    if not dead:
+        return ""
+    order = {m: i for i, m in enumerate(p.forward_modules or ())}
+    last = max(dead, key=lambda m: order.get(m, -1))
+    shown = repr(last) if last else "the root module"
+    return (f"; the input of {shown} was all zeros (its weight's gradient is exactly zero while its bias's is "
+            "not), so nothing upstream of it gets a gradient: dead activations before it (a ReLU that outputs 0 "
+            "for every input: biases pushed far negative, too high a learning rate, a bad initialisation), or an "
+            "input that is zero")
+
+
+def _quoted(names: List[str], shown: int = 2) -> str:
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _multiplies(param: str) -> bool:
+    """A bias is added, never multiplies: its being zero explains no other parameter's zero gradient."""
+    return param.rsplit(".", 1)[-1] != "bias"
+
+
+def _zero_factors(p: PassTrace) -> List[str]:
+    """Parameters reached in the pass whose values were all zero when it began (not biases)."""
+    return [n for n in (p.zero_valued or ()) if n in p.covered and _multiplies(n)]
+
+
+def _zero_partners(p: PassTrace, zero: List[str], universe) -> Optional[List[str]]:
+    """What explains every exactly zero gradient of the pass, or None where something does not.
+
+    A zero gradient is explained by an all-zero parameter (not a bias) that got a nonzero gradient in
+    the pass and lies in the nearest module enclosing the zero one that holds such a parameter: a
+    zero-initialised factor (LoRA's B, lora_up, lora_embedding_A, a zero gate or a zero-initialised
+    norm at the end of a residual branch) multiplies the other's contribution, so the other's gradient
+    is zero while the factor's is not, until a step moves it. Returns those parameters (an empty list
+    where only peft's naming explains it: a trace recorded before values were probed).
+    """
+    records = p.records
+    moving = [n for n in _zero_factors(p) if not records[n].zero and not records[n].nonfinite]
+    found: List[str] = []
+    for name in zero:
+        partners = _nearest_enclosing(name, moving)
+        if not partners:
+            if p.zero_valued is None and _lora_b_moves(p, name):
+                continue
+            return None
+        found.extend(q for q in partners if q not in found)
+    return found
+
+
+def _nearest_enclosing(param: str, candidates: List[str]) -> List[str]:
+    """The candidates inside the nearest module enclosing ``param`` that holds any of them."""
+    parts = param.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        module = ".".join(parts[:depth])
+        inside = [c for c in candidates if c != param and in_module(c, module)]
+        if inside:
+            return inside
+    return []
 
 
 def _lora_partner(param: str) -> Optional[str]:
@@ -570,18 +663,12 @@ def _lora_partner(param: str) -> Optional[str]:
     return None
 
 
-def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
-    """Every zero gradient belongs to a LoRA A whose B was reached with a nonzero gradient.
-
-    That is the signature of B == 0: dL/dA = B^T (dL/dy) x^T vanishes while dL/dB = (dL/dy)(A x)^T does not.
-    """
-    records = p.records
-    for name in zero:
-        partner = _lora_partner(name)
-        record = records.get(partner) if partner else None
-        if record is None or record.zero or record.nonfinite:
-            return False
-    return True
+def _lora_b_moves(p: PassTrace, name: str) -> bool:
+    """A LoRA A whose B was reached with a nonzero gradient: the signature of B == 0, read off peft's names
+    (for traces saved before values were probed)."""
+    partner = _lora_partner(name)
+    record = p.records.get(partner) if partner else None
+    return record is not None and not record.zero and not record.nonfinite
 
 
 @verdict("RANK_DIVERGENCE", rank=120, severities=("error", "warning"),
@@ -693,17 +780,38 @@ def check_detached_output(trace, passes, tensors, cuts):
                  if trace.meta.cuts != "ops" else "")
         also = (f"; the modules that fed it lost theirs too ({describe_params(victims, universe=trace.params)})"
                 if victims else "")
+        before = [] if victims else _reached_before(p, cut_at, order)
         evidence = {"module": cut_at, "parameters": params + victims, "pass": p.name, "passes": [p.name],
                     "upstream": upstream}
         if op_cut is not None:
             evidence.update({"op": op_cut.op, "location": op_cut.location})
-        by_module[cut_at] = Verdict(
-            "DETACHED_OUTPUT", "warning",
-            f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its output "
-            f"required grad, yet none of its {len(params)} parameter(s) got one; it was cut after it (a "
-            f".detach() / .data, argmax, a comparison or an integer cast) or not used by the loss{also}{where}",
-            evidence)
+        if before:
+            evidence["reached_before"] = before
+            message = (f"pass {p.name!r}: none of the {len(params)} parameter(s) of {shown} got a gradient, though "
+                       f"it ran with grad, its output required grad and modules that ran before it "
+                       f"({', '.join(repr(m) for m in before[:3])}) got theirs: its parameters were cut from its "
+                       "output inside its forward (a weight re-wrapped in nn.Parameter(...), .detach()ed or read "
+                       "through .data: a new leaf on every call), or its output was cut after it (a .detach() / "
+                       f".data, argmax, a comparison or an integer cast){where}")
+        else:
+            message = (f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its "
+                       f"output required grad, yet none of its {len(params)} parameter(s) got one; it was cut after "
+                       f"it (a .detach() / .data, argmax, a comparison or an integer cast) or not used by the "
+                       f"loss{also}{where}")
+        by_module[cut_at] = Verdict("DETACHED_OUTPUT", "warning", message, evidence)
     return list(by_module.values())
+
+
+def _reached_before(p: PassTrace, module: str, order: Dict[str, int]) -> List[str]:
+    """Modules that ran before ``module`` (not enclosing it) and got gradients while it got none, where no module
+    that ran after it got any: the gradient passed through it to its input, its parameters were cut from its
+    output inside it. (A module after it with gradients means a path around it: its output was cut.)"""
+    here = order.get(module, -1)
+    reached = [m for m in (p.forward_carried or ()) if not in_module(module, m)
+               and any(in_module(q, m) for q in p.covered)]
+    if any(order.get(m, -1) > here for m in reached):
+        return []
+    return [m for m in reached if order.get(m, -1) < here]
 
 
 def _detached_over_the_watch(trace, passes, cuts):
@@ -852,13 +960,21 @@ def check_no_passes(trace, passes, tensors, cuts):
         outer = min(carried, key=lambda m: (m.count(".") + bool(m), m))
         shown = repr(outer) if outer else "the model"
         because = (f"; {shown} ran with grad and its output required grad, so the loss was cut from it before "
-                   "backward: .item() / float() / torch.tensor(...) rebuilt it, a .detach() or .data, or backward "
-                   "never ran (an exception, a skipped step)")
+                   "backward: .item() / float() / .numpy() / torch.tensor(...) rebuilt it (a list of outputs made "
+                   "into a tensor: use torch.stack), a .detach() or .data, argmax / one_hot / a comparison on the "
+                   "way, or backward never ran (an exception, a skipped step, a missing loss.backward())"
+                   + _ops_rerun(trace))
     else:
         because = " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)"
     evidence = {"forward_calls": forwards, "cuts": len(trainable_cuts)}
     if likely is not None:
         evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})
+    stepped = [o for o in (getattr(trace, "optimizers", None) or {}).values() if o.steps]
+    if stepped:
+        steps = sum(o.steps for o in stepped)
+        because += (f". Meanwhile {', '.join(o.name for o in stepped)} stepped {steps} time(s) with no gradient to "
+                    "apply: nothing trained")
+        evidence["optimizer_steps"] = steps
     return [Verdict("NO_PASSES", "error",
                     f"the watch saw {' and '.join(seen)} but no backward reached a watched parameter{because}",
                     evidence)]

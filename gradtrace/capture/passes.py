@@ -32,6 +32,7 @@ import torch
 from ..records import PassColumns, PassTrace, TensorGradFacts
 from .reading import AS_LEFT, CHANGED, GradReading, reading_for
 from .stats import Figures, Reduction
+from .zero_values import ZeroValued, to_host
 
 
 class PassEvents(Protocol):
@@ -55,6 +56,8 @@ class Watched:
     events: PassEvents
     # Reduction.figures's grouping, cached per order of parameters: passes of a loop repeat it.
     layouts: Dict[tuple, list] = field(default_factory=dict)
+    # Parameters that may be all zero (a zero-initialised adapter factor): probed as each pass begins.
+    zero_values: Optional[ZeroValued] = None
 
 
 class Phase(enum.Enum):
@@ -113,6 +116,11 @@ class Pass:
         self._tensor_rows: Dict[str, List[torch.Tensor]] = {}  # registered tensors: (3,) figures per delivery
         self._device: Optional[_DeviceFigures] = None
         self.kept: Optional[Dict[str, torch.Tensor]] = None  # keep_grads: the pass's gradients, by name
+        # The values the pass's forward used, of parameters that may be all zero (read only if a
+        # gradient of the pass is exactly zero: see zero_values.py).
+        zero_values = watched.zero_values
+        self._zero_probe = zero_values.probe() if zero_values is not None else None
+        self.resets: List[Optional[torch.Tensor]] = []  # see note_reset
 
     def __repr__(self) -> str:
         return f"<Pass {self.name!r} {self.phase.value}, {self.runs} runs>"
@@ -125,6 +133,11 @@ class Pass:
     @property
     def hit_count(self) -> int:
         return len(self._hits)
+
+    def hits_from(self, start: int) -> Optional[int]:
+        """The first parameter reached at or after position ``start`` of the hit log (None: none)."""
+        hits = self._hits
+        return hits[start] if len(hits) > start else None
 
     def count_run(self) -> "Pass":
         self.runs += 1
@@ -227,6 +240,18 @@ class Pass:
             # Taken now, while the caller cannot have changed them yet (the engine has not returned):
             # an in-place edit later (``_foreach_mul_``, an optimizer step after ``p.grad = g``) is not the pass's.
             self._handback_pieces.append((first, self.figures(firsts, ("grad",) + tuple(first))))
+
+    def note_reset(self, zeroed: Optional[torch.Tensor]) -> None:
+        """A run of this pass began after the gradient an earlier run left (no optimizer step since) was
+        cleared: set to None (``zeroed`` None), or changed in place, where ``zeroed`` is a device flag that
+        says whether it was zeroed (read with the pass's record)."""
+        self.resets.append(zeroed)
+
+    def _resets_to_host(self) -> Optional[int]:
+        resets, self.resets = self.resets, []
+        flags = [f for f in resets if f is not None]
+        definite = len(resets) - len(flags)
+        return (definite + (int(sum(to_host(flags))) if flags else 0)) or None
 
     # ---- the reading strategy's view -------------------------------------------------
     def gain(self, index: int, grad: torch.Tensor) -> torch.Tensor:
@@ -378,7 +403,13 @@ class Pass:
         trace = PassTrace.from_columns(columns, name=self.name, params=params, runs=self.runs,
                                        kinds=list(self.kinds), auto=self.auto, kept_grads=self.watched.keep_grads,
                                        step_start=self.step_start, failed=self.failed,
-                                       scope=self.scope if "backward" in self.kinds else "local")
+                                       scope=self.scope if "backward" in self.kinds else "local",
+                                       grads_reset=self._resets_to_host())
+        probe, self._zero_probe = self._zero_probe, None
+        if probe is not None:  # read while candidates last: a candidate read as nonzero is never probed again
+            zero_valued = self.watched.zero_values.read(probe)
+            if zero.any():
+                trace.zero_valued = [names[i] for i in zero_valued]
         if self.expected is not None:
             trace.expected = sorted(self.expected)
             trace.expected_partial = self.expected_partial

@@ -14,13 +14,15 @@ a pass's state itself.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List, Optional
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .._torch_compat import is_batched_grad
 from . import hook_state
 from .assign import PassAssigner
+from .optim import _sample
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
 from .wrappers import Wrapper
@@ -42,6 +44,10 @@ class Recorder:
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(watched.params)}
         self.optimizer_stepped = False
         self.hook_ids: List[int] = []  # each parameter's gradtrace tensor hook, by index (RemovableHandle.id)
+        # What the latest .backward() run left in .grad since the last optimizer step, for one parameter
+        # it reached: (index, a weak reference to that .grad, its version). The next run sees from it
+        # whether zero_grad() ran in between (see ``_check_reset``).
+        self.last_written: Optional[Tuple[int, weakref.ref, int]] = None
 
     @property
     def active(self) -> Optional[Pass]:
@@ -156,9 +162,36 @@ class Recorder:
                 pass_.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
+            if not nested and accumulates is not False and self.last_written is not None:
+                self._check_reset(pass_)
             self.open_runs[task] = run
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
+
+    def _check_reset(self, pass_: Pass) -> None:
+        """A run begins: was the gradient the previous run left (no optimizer step since) cleared?
+
+        Set to None is seen at once; changed in place (``zero_grad(set_to_none=False)`` zeroes it, a
+        clip scales it) is told apart by a device flag over a sample of it, read with the pass's record.
+        A .grad replaced by another tensor was the user's own doing: not a reset.
+        """
+        index, ref, version = self.last_written
+        self.last_written = None
+        grad = self.params[index].grad
+        if grad is None:
+            pass_.note_reset(None)
+        elif ref() is grad and grad._version != version:
+            with torch.no_grad():
+                pass_.note_reset(_sample(grad).count_nonzero() == 0)
+
+    def _remember_written(self, run: Run) -> None:
+        """After a .backward() run (and every other end-of-run callback: DDP's reduction writes .grad):
+        what it left in .grad for the first parameter it reached."""
+        index = run.pass_.hits_from(run.start)
+        if index is None:
+            return
+        grad = self.params[index].grad
+        self.last_written = (index, weakref.ref(grad), grad._version) if grad is not None else None
 
     @staticmethod
     def settle_kind(run: Run, accumulates: bool) -> None:
@@ -179,6 +212,8 @@ class Recorder:
                       # this run: DDP queues its finalize_backward (which writes the averaged gradient)
                       # after ours; a callback queued from a callback runs after all of them.
                       later=at_run_end if in_engine else None)
+        if in_engine and run.accumulates and not run.nested:
+            at_run_end(lambda: self._remember_written(run))
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's
@@ -219,6 +254,7 @@ class Recorder:
 
     def on_optimizer_step(self, *args, **kwargs) -> None:
         self.optimizer_stepped = True
+        self.last_written = None  # clearing .grad after a step is how a step ends
 
     def end_pass(self, pass_: Pass) -> None:
         self.passes.release(pass_)

@@ -6,6 +6,7 @@
 code: a loaded trace is analysed exactly like a live one.
 """
 from . import checks as _checks  # noqa: F401  (registers every verdict check)
+from . import forward as _forward  # noqa: F401  (registers UNREGISTERED_MODULE, TIED_FROZEN)
 from .cuts import outermost_cuts
 from .diff import Diff, diff
 from .names import group_by_module

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Set
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
+from . import forward
 from .cuts import cut_params, describe_cut, outermost_cuts
 from .diff import Diff, diff
 from .names import describe_params, group_by_module, in_module
@@ -48,10 +49,13 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    ranks)
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
+            if p.forward_nonfinite:
+                evidence["forward"] = p.forward_nonfinite
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
-                               f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
-                               f"elements){_nonfinite_origin(trace, p)}", evidence))
+                               f"pass {p.name!r}: {forward.forward_lead(p)}NaN/Inf gradients{_on_ranks(ranks)} in "
+                               f"{len(bad)} parameter(s); the first in backward order is {first.name!r} "
+                               f"({first.nonfinite} non-finite elements){forward.forward_finite_note(p)}"
+                               f"{_nonfinite_origin(trace, p)}", evidence))
     for t in tensors.values():
         if t.values.nonfinite:
             out.append(Verdict("NONFINITE", "error",
@@ -69,6 +73,8 @@ def check_nonfinite(trace, passes, tensors, cuts):
 def _nonfinite_origin(trace, p: PassTrace) -> str:
     """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
     origin = p.nonfinite_origin
+    if p.forward_nonfinite and (not origin or origin.forward != "finite"):
+        return ""  # the forward's own first NaN/Inf, named above, is where to look
     if not origin:
         if trace.meta.cuts == "ops":
             return ""
@@ -633,16 +639,30 @@ def check_unused(trace, passes, tensors, cuts):
 @verdict("PASS_FAILED", rank=5, severities=("error",),
          meaning="a pass (or the watched block) ended with an exception: its backward did not complete")
 def check_pass_failed(trace, passes, tensors, cuts):
-    out = [Verdict("PASS_FAILED", "error",
-                   f"pass {p.name!r} ended with an exception ({p.failed}): its backward did not complete, so "
-                   "its figures are partial", {"pass": p.name, "error": p.failed})
-           for p in passes.values() if p.failed]
-    error = trace.meta.error
+    out = []
+    error, error_cause = trace.meta.error, trace.meta.error_cause
+    for p in passes.values():
+        if p.failed:
+            cause = p.failure or (error_cause if p.failed == error else None)
+            culprit = forward.failure_lead(trace, p.name, p.failed, cause, cuts)
+            out.append(Verdict("PASS_FAILED", "error",
+                               f"pass {p.name!r} ended with an exception: {culprit} ({p.failed})" if culprit else
+                               f"pass {p.name!r} ended with an exception ({p.failed}): its backward did not "
+                               "complete, so its figures are partial", _with_cause({"pass": p.name, "error": p.failed},
+                                                                                    cause)))
     if error and not out:
+        culprit = forward.failure_lead(trace, None, error, error_cause, cuts)
         out.append(Verdict("PASS_FAILED", "error",
+                           f"the watched block ended with an exception: {culprit} ({error})" if culprit else
                            f"the watched block ended with an exception ({error}): training did not complete",
-                           {"pass": None, "error": error}))
+                           _with_cause({"pass": None, "error": error}, error_cause)))
     return out
+
+
+def _with_cause(evidence: Dict[str, Any], cause) -> Dict[str, Any]:
+    if cause is not None:
+        evidence["cause"] = cause
+    return evidence
 
 
 @verdict("FROZEN_WHILE_WATCHED", rank=15, severities=("error",),

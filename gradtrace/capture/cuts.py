@@ -227,8 +227,9 @@ class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
-                 trainable: Optional[Iterable[str]] = None):
+                 trainable: Optional[Iterable[str]] = None, forward_values=None):
         self.log = log
+        self.forward_values = forward_values  # a forward_values.ForwardValues, or None
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
@@ -250,9 +251,13 @@ class ModuleCutDetector:
         module_type = type(module).__name__
         # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
         note_ran = log.ran_with_grad.add if trainable else len
+        # forward_values: NaN/Inf flags of this call's output, kept on the device (capture/forward_values.py).
+        check_values = self.forward_values.for_module(name, module) if self.forward_values is not None else None
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
+                if check_values is not None:  # forward_values (see above)
+                    check_values(args, kwargs, output)
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:

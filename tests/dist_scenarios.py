@@ -300,7 +300,8 @@ def expected_reduction(rank: int, world: int) -> Dict:
     except RuntimeError as e:
         error = str(e)
     return {"error": "Expected to have finished reduction" in error,
-            "missing": {name: sorted(p.missing) for name, p in trace.passes.items()}}
+            "missing": {name: sorted(p.missing) for name, p in trace.passes.items()},
+            "first_line": trace.report().splitlines()[0]}
 
 
 def missing_rank(rank: int, world: int) -> Dict:

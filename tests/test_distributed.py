@@ -146,6 +146,10 @@ def test_the_local_trace_survives_ddps_unfinished_reduction_error(ranks):
     for r in result(ranks, "expected_reduction"):
         assert r["error"]
         assert r["missing"] == {"backward-1": ["module.b.bias", "module.b.weight"]}
+        # The first line names what DDP waited for, from the coverage of the iteration before (issue 20).
+        assert r["first_line"].startswith(
+            "gradtrace diagnosis: PASS_FAILED: the watched block ended with an exception: DDP's reduction waited on "
+            "2 parameter(s) that got no gradient in the previous iteration: module.b"), r["first_line"]
 
 
 def test_a_rank_that_never_gathers_is_named_within_the_timeout(ranks):

@@ -95,10 +95,12 @@ class FailureContext:
                         yield name, label, t
 
     def _region(self, module: str) -> str:
-        """Where the watch saw ``module`` (or a module around it) run under inference_mode: the first time."""
+        """Where the watch saw ``module`` run under inference_mode: the call of the outermost module of the
+        region (the user's line inside ``with torch.inference_mode():``), the first time."""
         regions = [c for c in self.cut_log.cuts if c.kind == "inference_mode"
                    and (not c.module or module == c.module or module.startswith(c.module + "."))]
-        return min(regions, key=lambda c: c.seq).location if regions else ""
+        outermost = min(regions, key=lambda c: (c.module.count(".") + bool(c.module), c.seq), default=None)
+        return outermost.location if outermost is not None else ""
 
     # ---- in-place changes --------------------------------------------------------------------
     def _inplace(self, error: BaseException, text: str) -> Optional[FailureCause]:

@@ -22,15 +22,15 @@ a healthy pass's checks are dropped unread.
 
 Cost: about one small reduction per module call (measured in benchmarks/forward_checks.py).
 Not checked: forwards without grad (generation, evaluation), integer outputs, empty tensors.
-Known blind spot: a tensor changed in place after it was checked is not checked again unless
-its version changed, and a tensor that reuses a freed one's id within the same forward may
-be taken for it (an input check skipped, never an output's).
+A tensor is checked once per forward (remembered by a weak reference and its version: changed in
+place, it is checked again).
 """
 from __future__ import annotations
 
 import inspect
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -108,7 +108,16 @@ def _masked_when(module: nn.Module, name: str) -> str:
 
 class _Thread(threading.local):
     def __init__(self):
-        self.seen: Dict[int, int] = {}  # id(tensor) -> _version when checked, in the current forward
+        # id(tensor) -> (weak reference, _version) when checked, in the current forward. Weak, and compared
+        # by identity: a freed activation's id comes back at once for the next one (and holding them would
+        # keep activations alive that the forward frees).
+        self.seen: Dict[int, Tuple[Any, int]] = {}
+
+
+def _checked(seen: Dict[int, Tuple[Any, int]], t: Tensor) -> bool:
+    """Was ``t`` itself checked in this forward, at its current version?"""
+    entry = seen.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version
 
 
 class ForwardValues:
@@ -147,14 +156,14 @@ class ForwardValues:
                 out = output if output.__class__ is Tensor else first_floating(output)
                 x = args[0] if args and args[0].__class__ is Tensor else (
                     first_floating(args) if args else first_floating(kwargs) if kwargs else None)
-                if x is not None and x is not out and x.is_floating_point() and seen.get(id(x)) != x._version:
+                if x is not None and x is not out and x.is_floating_point() and not _checked(seen, x):
                     log(in_site, x, seen)
                 if masks:
                     self._check_masks(masks, args, kwargs, seen)
                 if out is not None and out.is_floating_point():
                     version = out._version
                     outputs.append((name, out.data_ptr(), version, out.requires_grad))
-                    if seen.get(id(out)) != version:
+                    if not _checked(seen, out):
                         log(out_site, out, seen)
             except RuntimeError:
                 pass  # an inference tensor (no version counter), a tensor without storage: not checked
@@ -169,8 +178,8 @@ class ForwardValues:
         if self.enabled and out.is_floating_point():
             self._log(info, out, self.thread.seen)
 
-    def _log(self, site, t: Tensor, seen: Dict[int, int]) -> None:
-        seen[id(t)] = t._version
+    def _log(self, site, t: Tensor, seen: Dict[int, Tuple[Any, int]]) -> None:
+        seen[id(t)] = (weakref.ref(t), t._version)
         if not t.numel():
             return
         low, high = _aminmax(t.detach())  # detached: no graph node holding the tensor for a min and a max
@@ -184,13 +193,16 @@ class ForwardValues:
             m = kwargs.get(arg) if kwargs else None
             if m is None and 0 <= position < len(args):
                 m = args[position]
-            if not isinstance(m, Tensor) or not m.numel() or m.dim() == 0 or id(m) in seen:
+            if not isinstance(m, Tensor) or not m.numel() or m.dim() == 0 or _checked(seen, m):
                 continue
-            seen[id(m)] = m._version
+            seen[id(m)] = (weakref.ref(m), m._version)
             m = m.detach()
             if m.is_floating_point():
-                flag = m.amax(-1).amin()  # -inf exactly when a row is masked everywhere
-            elif site.masked_when == "true":
+                # (the smallest row maximum, the smallest value): an additive mask (negative values) masks a
+                # row everywhere when its maximum is -inf; a 0/1 mask (no negative value) when it is 0.
+                self.pending.append((site, m.dtype, m.amax(-1).amin(), m.amin()))
+                continue
+            if site.masked_when == "true":
                 flag = m.bool().all(-1).any()  # True: some row leaves every position out
             else:
                 flag = (~m.bool().any(-1)).any()  # True: some row keeps no position
@@ -339,10 +351,13 @@ def _context(record: ForwardNonfinite, sites, pairs, values: List[int], first: i
 
 def _fully_masked(sites, pairs, scope: str) -> Optional[str]:
     """A mask argument with a fully masked row, of the module where the NaN was made or one around it."""
-    for (site, dtype), (flag, _) in zip(sites, pairs):
+    for (site, dtype), (flag, smallest) in zip(sites, pairs):
         if site.kind != "mask":
             continue
-        masked = flag == -math.inf if dtype.is_floating_point else flag >= 0.5
+        if dtype.is_floating_point:
+            masked = flag == -math.inf if smallest < 0 else flag == 0.0
+        else:
+            masked = flag >= 0.5
         related = not site.module or not scope or scope == site.module or scope.startswith(site.module + ".") \
             or site.module.startswith(scope + ".")
         if masked and related:

@@ -33,13 +33,15 @@ def tied_parameters(root: nn.Module, walk: Optional[List[Tuple[str, nn.Module]]]
                 names.setdefault(id(p), []).append(prefix + name)
                 tensors[id(p)] = p
 
+    shared = []  # (a module's second path, the module): walked after every first path, as named_parameters does
     for path, module in walk:
         add(path, module)
         prefix = f"{path}." if path else ""
-        for name, child in module._modules.items():
-            if child is not None and first.get(id(child)) != prefix + name:  # a module shared under a 2nd name
-                for sub, m in named_modules(child):
-                    add(prefix + name + (f".{sub}" if sub else ""), m)
+        shared.extend((prefix + name, child) for name, child in module._modules.items()
+                      if child is not None and first.get(id(child)) != prefix + name)
+    for path, child in shared:
+        for sub, m in named_modules(child):
+            add(path + (f".{sub}" if sub else ""), m)
     return [(tensors[key], list(dict.fromkeys(found))) for key, found in names.items() if len(set(found)) > 1]
 
 

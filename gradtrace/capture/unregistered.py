@@ -159,7 +159,8 @@ class UnregisteredModules:
             else:
                 owner = attribute = container = None
                 index = anonymous[(s.module_type, s.called_in)] = anonymous.get((s.module_type, s.called_in), -1) + 1
-                name = f"<{s.module_type} #{index} called in {s.called_in!r}>"
+                where = f"module {s.called_in}" if s.called_in else "the root module"
+                name = f"<{s.module_type} #{index} made in the forward of {where}>"
             in_optimizer = None
             if self.optimizer_params is not None and s.outside:
                 in_optimizer = all(id(p) in self.optimizer_params for p in params) if params else None

@@ -174,7 +174,8 @@ def test_checks_are_read_only_for_a_pass_with_nonfinite_gradients(monkeypatch):
             (model(torch.randn(5, 4)) * float("inf")).sum().backward()
     assert trace.verdicts()[0].code == "NONFINITE"
     assert len(reads) == 1  # the healthy passes' checks were dropped unread: no host transfer for them
-    assert [p.forward_checked for p in trace.passes.values()] == [None, None, None, 4]
+    checked = [p.forward_checked for p in trace.passes.values()]
+    assert checked[:3] == [None, None, None] and checked[3] == 3  # x, the two Linear outputs (Tanh: pass-through)
     assert trace.passes["bad"].forward_nonfinite is None  # the multiply by inf is outside every module
 
 
@@ -267,17 +268,20 @@ def test_checks_kept_while_no_pass_finishes_are_bounded(monkeypatch):
         for _ in range(300):  # forwards with grad that are never differentiated (evaluation without no_grad)
             model(torch.randn(1, 2))
         checks = trace._recording.forward_values
-        assert sum(len(sites) for sites, _ in checks.chunks) <= 3 * forward_values.CHUNK
+        assert sum(len(sites) for sites, _, _ in checks.chunks) <= 3 * forward_values.CHUNK
         assert len(checks.outputs) <= 2 * forward_values.MAX_CHECKS
 
 
-def test_a_check_a_deepcopied_model_carries_is_harmless():
-    """copy.deepcopy of a watched model copies its hooks: the copy's forward still runs."""
+def test_hooks_a_deepcopied_model_carries_are_harmless():
+    """copy.deepcopy of a watched model copies its hooks (a reference model, an EMA copy): the copy's forward
+    runs, is not checked under the original's names, and its layers are not 'unregistered modules'."""
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-    with gradtrace.watch(model):
+    with gradtrace.watch(model) as trace:
         twin = copy.deepcopy(model)
-        twin(torch.randn(3, 2)).sum().backward()
+        (twin(torch.randn(3, 2)) * float("nan")).sum().backward()
+        model(torch.randn(3, 2)).sum().backward()
     assert twin[0].weight.grad is not None
+    assert not trace.meta.unregistered_modules and not trace.verdicts()
 
 
 @pytest.mark.slow
@@ -302,3 +306,14 @@ def test_a_real_llama_in_float16_names_the_attention_whose_scores_overflowed():
         first = trace.report().splitlines()[0]
         assert "NONFINITE" in first and "the forward first went non-finite" in first and expected in first, first
         assert "NllLoss" not in first and "cross_entropy" not in first
+
+
+def test_an_op_check_under_no_grad_leaves_grad_off():
+    """cuts="ops" checks an in-place op's output under no_grad (it still requires grad): grad stays off."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with gradtrace.watch(model, cuts="ops"):
+        h = model[0](torch.randn(2, 3))
+        with torch.no_grad():
+            h.mul_(2)
+            assert not torch.is_grad_enabled()
+        assert torch.is_grad_enabled()

@@ -257,7 +257,7 @@ class ModuleCutDetector:
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
                 if check_values is not None:  # forward_values (see above)
-                    check_values(args, kwargs, output)
+                    check_values(mod, args, kwargs, output)
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:

@@ -6,8 +6,9 @@ backward then blames the loss (its node is the first to see the NaN). This modul
 forward's first non-finite value, in forward order, without a host sync per module call:
 
 * every watched module call with grad enabled reduces its output (the first floating tensor
-  in it) with one ``torch.aminmax`` on a detached view: NaN propagates, an overflow shows as
-  ±inf, and a finite pair says how large the values got. Its first floating input is reduced
+  in it) with one ``torch.aminmax``, grad switched off around it: NaN propagates, an overflow
+  shows as ±inf, and a finite pair says how large the values got. Elementwise activations and
+  dropout (``PASS_THROUGH``) cannot make NaN/Inf from finite values: their outputs are not reduced. Its first floating input is reduced
   too when no check in the same forward saw that tensor: a value made by the code *around*
   the submodules (``q @ k.T`` inside an attention module) is caught at the module it enters;
 * mask arguments (``attention_mask``, ``key_padding_mask``...) of modules that take one are
@@ -37,11 +38,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._torch_compat import set_grad_enabled
 from ..records import ForwardNonfinite
 from .cuts import short_path
 
 Tensor = torch.Tensor
 _aminmax = torch.aminmax
+is_grad_enabled = torch.is_grad_enabled
 
 # Pairs stacked into one device tensor every this many checks (frees the small result tensors).
 CHUNK = 512
@@ -120,24 +123,40 @@ def _checked(seen: Dict[int, Tuple[Any, int]], t: Tensor) -> bool:
     return entry is not None and entry[0]() is t and entry[1] == t._version
 
 
+# Modules that cannot turn finite inputs into NaN/Inf (elementwise activations, dropout, identity): their
+# outputs are not reduced (a NaN past them shows in the next module that is, with the same attribution);
+# they are still logged in ``outputs`` (an in-place ReLU is what changed a saved tensor).
+PASS_THROUGH = frozenset({
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid",
+    "Hardswish", "ELU", "CELU", "SELU", "Mish", "Softsign", "Tanhshrink", "Identity", "Dropout", "Dropout1d",
+    "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+    # transformers' activations (transformers/activations.py)
+    "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation", "SiLUActivation",
+    "GELUTanh", "PytorchGELUTanh", "AccurateGELUActivation", "MishActivation", "ReLUSquaredActivation",
+})
+
+
 class ForwardValues:
     """The NaN/Inf checks of one watch: module hooks call ``for_module``'s checker; passes ``take`` windows."""
 
     def __init__(self):
-        self.pending: List[tuple] = []  # (site, dtype, min, max) per check, not stacked yet
-        self.chunks: List[Tuple[List[Tuple[Site, torch.dtype]], Tensor]] = []  # stacked: sites, (2n,) values
+        # Checks not stacked yet, in three parallel lists (no tuple per call): where, dtype, aminmax's (min, max).
+        self.sites: List[Any] = []
+        self.dtypes: List[torch.dtype] = []
+        self.values: List[Any] = []
+        self.chunks: List[Tuple[List[Any], List[torch.dtype], Tensor]] = []  # stacked: sites, dtypes, (2n,) values
         self.count = 0  # checks in the current window
         self.thread = _Thread()
         self.lock = threading.Lock()
         self.enabled = True
         self.types: Dict[str, str] = {}  # module path -> type name, for the description of what is read
-        # Every checked module call's output since the last take, in forward order: (module, storage address,
+        # Every module call's output since the last take, in forward order: (module, storage address,
         # version, requires grad). What a failed backward's culprit is looked up in (``failures.py``).
         self.outputs: List[Tuple[str, int, int, bool]] = []
 
     # ---- the module hook's side (per call: keep it lean) ---------------------------------------
     def for_module(self, name: str, module: nn.Module):
-        """The checker the module's forward hook calls with grad enabled: ``check(args, kwargs, output)``."""
+        """The checker the module's forward hook calls with grad enabled: ``check(module, args, kwargs, output)``."""
         module_type = self.types[name] = type(module).__name__
         out_site = Site("output", name, module_type)
         in_site = Site("input", name, module_type)
@@ -146,29 +165,41 @@ class ForwardValues:
         thread = self.thread
         log = self._log
         root = not name
-        outputs = self.outputs
+        outputs = self.outputs.append  # the list is cleared in place, never replaced
+        reduce = module_type not in PASS_THROUGH
 
-        def check(args, kwargs, output) -> None:
-            if not self.enabled:
+        def check(mod, args, kwargs, output) -> None:
+            if not self.enabled or mod is not module:  # (a deepcopy of the model carries the hook along)
                 return
             seen = thread.seen
             try:
                 out = output if output.__class__ is Tensor else first_floating(output)
+                if out is not None and out.is_floating_point():
+                    outputs((name, out.data_ptr(), out._version, out.requires_grad))
+                else:
+                    out = None
                 x = args[0] if args and args[0].__class__ is Tensor else (
                     first_floating(args) if args else first_floating(kwargs) if kwargs else None)
-                if x is not None and x is not out and x.is_floating_point() and not _checked(seen, x):
+                if x is not None:  # was the input checked in this forward, at its current version? (inlined)
+                    entry = seen.get(id(x))
+                    x_checked = entry is not None and entry[0]() is x and entry[1] == x._version
+                if not reduce:
+                    if out is not None and x is not None and x_checked:  # finite in, finite out
+                        seen[id(out)] = (weakref.ref(out), out._version)
+                    return
+                if x is not None and not x_checked and x is not out and x.is_floating_point():
                     log(in_site, x, seen)
                 if masks:
                     self._check_masks(masks, args, kwargs, seen)
-                if out is not None and out.is_floating_point():
-                    version = out._version
-                    outputs.append((name, out.data_ptr(), version, out.requires_grad))
-                    if not _checked(seen, out):
+                if out is not None:
+                    entry = seen.get(id(out))
+                    if entry is None or entry[0]() is not out or entry[1] != out._version:
                         log(out_site, out, seen)
-            except RuntimeError:
+            except (RuntimeError, TypeError, ValueError):
                 pass  # an inference tensor (no version counter), a tensor without storage: not checked
-            if root or len(seen) > _MAX_SEEN:
-                seen.clear()  # a new forward's tensors are new: ids of freed ones may come back
+            finally:
+                if root or len(seen) > _MAX_SEEN:
+                    seen.clear()  # a new forward's tensors are new: ids of freed ones may come back
 
         return check
 
@@ -176,16 +207,24 @@ class ForwardValues:
         """cuts="ops": an op's output (``info``: the op-level mode's (op, module, file, line, ...); made a
         ``Site`` only if it is ever read)."""
         if self.enabled and out.is_floating_point():
-            self._log(info, out, self.thread.seen)
+            self._log(info, out, self.thread.seen, grad_was=is_grad_enabled())  # (an in-place op under no_grad)
 
-    def _log(self, site, t: Tensor, seen: Dict[int, Tuple[Any, int]]) -> None:
+    def _log(self, site, t: Tensor, seen: Dict[int, Tuple[Any, int]], grad_was: bool = True) -> None:
+        """Reduce ``t`` to (min, max) on the device. Module hooks call it with grad enabled (``grad_was``)."""
         seen[id(t)] = (weakref.ref(t), t._version)
-        if not t.numel():
+        # Grad off around the reduction: no graph node holding ``t`` for a min and a max, and no detach()
+        # (an op of its own: it cost as much as the reduction).
+        set_grad_enabled(False)
+        try:
+            pair = _aminmax(t)
+        except RuntimeError:  # an empty tensor has no min: nothing to check
             return
-        low, high = _aminmax(t.detach())  # detached: no graph node holding the tensor for a min and a max
-        pending = self.pending
-        pending.append((site, t.dtype, low, high))
-        if len(pending) >= CHUNK:
+        finally:
+            set_grad_enabled(grad_was)
+        self.sites.append(site)
+        self.dtypes.append(t.dtype)
+        self.values.append(pair)
+        if len(self.values) >= CHUNK:
             self._fold()
 
     def _check_masks(self, masks, args, kwargs, seen) -> None:
@@ -200,26 +239,30 @@ class ForwardValues:
             if m.is_floating_point():
                 # (the smallest row maximum, the smallest value): an additive mask (negative values) masks a
                 # row everywhere when its maximum is -inf; a 0/1 mask (no negative value) when it is 0.
-                self.pending.append((site, m.dtype, m.amax(-1).amin(), m.amin()))
-                continue
-            if site.masked_when == "true":
+                pair = (m.amax(-1).amin(), m.amin())
+            elif site.masked_when == "true":
                 flag = m.bool().all(-1).any()  # True: some row leaves every position out
+                pair = (flag, flag)
             else:
                 flag = (~m.bool().any(-1)).any()  # True: some row keeps no position
-            self.pending.append((site, m.dtype, flag, flag))
+                pair = (flag, flag)
+            self.sites.append(site)
+            self.dtypes.append(m.dtype)
+            self.values.append(pair)
 
     def _fold(self) -> None:
         with self.lock:
-            items, self.pending = self.pending, []
-            if not items:
+            sites, dtypes, values = self.sites, self.dtypes, self.values
+            self.sites, self.dtypes, self.values = [], [], []
+            if not values:
                 return
-            sites = [(site, dtype) for site, dtype, _, _ in items]
-            values = [v for _, _, low, high in items for v in (low, high)]
-            device = values[0].device
-            if any(v.device != device for v in values):  # model parallel: one device for the stack
-                values = [v.to(device) for v in values]
-            self.chunks.append((sites, torch.stack(values)))  # dtypes promote (bool, half -> float)
-            self.count += len(items)
+            flat = [v for pair in values for v in pair]
+            try:
+                stacked = torch.stack(flat)  # dtypes promote (bool, half -> float)
+            except RuntimeError:  # model parallel: values on several devices, stacked on the first one's
+                stacked = torch.stack([v.to(flat[0].device) for v in flat])
+            self.chunks.append((sites, dtypes, stacked))
+            self.count += len(sites)
             if len(self.outputs) > MAX_CHECKS:
                 del self.outputs[:len(self.outputs) // 2]
             while self.count > MAX_CHECKS and len(self.chunks) > 1:
@@ -231,14 +274,14 @@ class ForwardValues:
         self._fold()
         with self.lock:
             chunks, self.chunks, self.count = self.chunks, [], 0
-            self.outputs = []
+            self.outputs.clear()
         return Window(chunks, self.types)
 
     def close(self) -> None:
         self.enabled = False
-        self.pending = []
+        self.sites, self.dtypes, self.values = [], [], []
         self.chunks = []
-        self.outputs = []
+        self.outputs.clear()
 
     def last_with_grad(self) -> Optional[str]:
         """The last module (in forward order, since the last pass) whose output carried a gradient."""
@@ -267,7 +310,7 @@ class ForwardValues:
 class Window:
     """One pass's checks, on the device until ``read``."""
 
-    def __init__(self, chunks: List[Tuple[List[Tuple[Site, torch.dtype]], Tensor]], types: Dict[str, str]):
+    def __init__(self, chunks: List[Tuple[List[Any], List[torch.dtype], Tensor]], types: Dict[str, str]):
         self.chunks = chunks
         self.types = types
 
@@ -275,9 +318,10 @@ class Window:
         """(values checked, where the forward first held NaN/Inf or None): one host transfer."""
         if not self.chunks:
             return 0, None
-        device = self.chunks[0][1].device
-        values = torch.cat([v.to(device, torch.float64) for _, v in self.chunks]).tolist()
-        sites = [(_as_site(site), dtype) for entry_sites, _ in self.chunks for site, dtype in entry_sites]
+        device = self.chunks[0][2].device
+        values = torch.cat([v.to(device, torch.float64) for _, _, v in self.chunks]).tolist()
+        sites = [(_as_site(site), dtype) for entry_sites, dtypes, _ in self.chunks
+                 for site, dtype in zip(entry_sites, dtypes)]
         self.chunks = []
         pairs = [(values[2 * i], values[2 * i + 1]) for i in range(len(sites))]
         found = first_nonfinite(sites, pairs)

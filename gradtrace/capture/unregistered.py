@@ -79,6 +79,8 @@ class UnregisteredModules:
                 self.handle = None
 
     def _begin(self, module, args) -> None:
+        if module is not self.root:
+            return  # a copy.deepcopy of the watched model carries these hooks: its forward is not watched
         thread = threading.get_ident()
         with self.lock:
             self.depth[thread] = self.depth.get(thread, 0) + 1
@@ -86,6 +88,8 @@ class UnregisteredModules:
                 self.handle = register_module_forward_hook(self._on_call)
 
     def _end(self, module, args, output) -> None:
+        if module is not self.root:
+            return
         thread = threading.get_ident()
         with self.lock:
             depth = self.depth.get(thread, 0) - 1

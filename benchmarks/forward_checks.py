@@ -57,9 +57,6 @@ class _NoObserver:
     def attach(self, register) -> None:
         pass
 
-    def note_optimizer(self, optimizer) -> None:
-        pass
-
     def records(self) -> list:
         return []
 

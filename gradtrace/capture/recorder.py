@@ -149,6 +149,11 @@ class Recorder:
             nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
+            pass_ = run.pass_
+            if self.optimizer_stepped and pass_.auto and pass_.runs == 1 and not pass_.hit_count:
+                # The first unlabelled run after an optimizer step begins the next step: stale .grad is
+                # judged there (a loop that never calls zero_grad()).
+                pass_.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
@@ -203,9 +208,11 @@ class Recorder:
             self.close_run(run)
 
     # ---- passes ----------------------------------------------------------
-    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end") -> Pass:
-        # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
-        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at)
+    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end",
+                   accumulate: bool = False) -> Pass:
+        # The first pass after an optimizer step (torch.optim's global step hooks) starts a step.
+        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at,
+                     accumulate=accumulate)
         self.optimizer_stepped = False
         self.passes.active = pass_
         return pass_

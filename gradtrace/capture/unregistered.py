@@ -50,8 +50,10 @@ class _Sighting:
 class UnregisteredModules:
     """Sees module calls inside the watched forward that are not the watched model's submodules."""
 
-    def __init__(self, root: nn.Module, walk: List[Tuple[str, nn.Module]]):
+    def __init__(self, root: nn.Module, walk: List[Tuple[str, nn.Module]],
+                 optimizers: Optional[Callable[[], List[Any]]] = None):
         self.root = root
+        self.optimizers = optimizers  # the optimizers seen stepping (and the one watch was given), when asked
         self.walk = walk
         self.names: Dict[int, str] = {id(m): name for name, m in walk}
         self.model_params: Set[int] = {id(p) for _, m in walk for p in m._parameters.values() if p is not None}
@@ -59,7 +61,6 @@ class UnregisteredModules:
         self.lock = threading.Lock()
         self.depth: Dict[int, int] = {}  # thread id -> watched forwards open in it
         self.handle = None  # the global hook's handle while a watched forward runs
-        self.optimizer_params: Optional[Set[int]] = None
 
     def attach(self, register: Callable[[Any], None]) -> None:
         """Hooks on the root that put the global hook on around its forward; ``register`` keeps their handles."""
@@ -154,6 +155,9 @@ class UnregisteredModules:
         inner: Set[int] = set().union(*(s.submodules for s in sightings)) if sightings else set()
         out = []
         anonymous: Dict[Tuple[str, Optional[str]], int] = {}
+        optimizer_params = {id(p) for optimizer in (self.optimizers() if self.optimizers is not None else ())
+                            for group in getattr(optimizer, "param_groups", ()) if isinstance(group, dict)
+                            for p in group.get("params", ())}
         for key, s in self.seen.items():
             if key in inner:
                 continue
@@ -166,17 +170,13 @@ class UnregisteredModules:
                 where = f"module {s.called_in}" if s.called_in else "the root module"
                 name = f"<{s.module_type} #{index} made in the forward of {where}>"
             in_optimizer = None
-            if self.optimizer_params is not None and s.outside:
-                in_optimizer = all(id(p) in self.optimizer_params for p in params) if params else None
+            if optimizer_params and params:
+                in_optimizer = all(id(p) in optimizer_params for p in params)
             out.append(UnregisteredModule(
                 module=name, module_type=s.module_type, owner=owner, attribute=attribute, container=container,
                 called_in=s.called_in, calls=s.calls, params=len(s.outside), trainable=s.trainable,
                 with_grad=s.with_grad, got_grad=any(p.grad is not None for p in params), in_optimizer=in_optimizer))
         return out
-
-    def note_optimizer(self, optimizer) -> None:
-        """Parameters of the optimizer ``watch`` was given: an unregistered module's may be in it on purpose."""
-        self.optimizer_params = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
 
 
 def _find_in(value: Any, module: nn.Module, depth: int = 0) -> Optional[Tuple[str, str]]:

@@ -170,6 +170,18 @@ def test_unregistered_parameters_the_optimizer_holds_are_a_warning():
     assert "in the optimizer" in v.message and "state_dict()" in v.message
 
 
+def test_an_optimizer_seen_stepping_counts_without_being_passed_to_watch():
+    torch.manual_seed(0)
+    model = Model()
+    extra = [p for layer in model.encoder.layers for p in layer.parameters()]
+    opt = torch.optim.SGD(list(model.parameters()) + extra, lr=0.1)
+    with gradtrace.watch(model) as trace:  # the step is seen through torch.optim's global step hooks
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    v = [v for v in trace.verdicts() if v.code == "UNREGISTERED_MODULE"]
+    assert len(v) == 1 and v[0].severity == "warning" and "in the optimizer" in v[0].message
+
+
 def test_another_threads_modules_during_the_watched_forward_are_not_counted():
     gate, done = threading.Event(), threading.Event()
     stray = nn.Linear(2, 2)

@@ -95,7 +95,7 @@ class Recording:
     tied: List[Tuple[torch.Tensor, List[str]]] = field(default_factory=list)  # tensors under several names
     failures: Any = None  # failures.FailureContext: names the culprit of a failed pass
     failure_causes: Dict[str, Any] = field(default_factory=dict)  # pass -> its FailureCause, until it is read
-    last_failure: Any = None  # (the exception, its FailureCause): a labelled pass's error reaching the exit
+    last_failure: Any = None  # (the exception's identity, its FailureCause): a labelled pass's error reaching the exit
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
@@ -417,11 +417,15 @@ class LiveTrace(Trace):
     def _note_failure(self, pass_name: Optional[str], error: BaseException):
         """The culprit of ``error`` (found while its traceback and the forward's facts are still there)."""
         recording = self._recording
-        if recording.last_failure is not None and recording.last_failure[0] is error:
+        # Not the exception itself: its traceback holds the frames (and tensors) of a failed step, and a loop
+        # that catches it and trains on must not keep them. (The same exception reaching the exit, still
+        # alive, has the same identity and text.)
+        key = (id(error), id(error.__traceback__), str(error))
+        if recording.last_failure is not None and recording.last_failure[0] == key:
             cause = recording.last_failure[1]
         else:
             cause = recording.failures.cause(error) if recording.failures is not None else None
-            recording.last_failure = (error, cause)
+            recording.last_failure = (key, cause)
         if pass_name is not None and cause is not None:
             recording.failure_causes[pass_name] = cause
         return cause

@@ -182,3 +182,26 @@ def test_an_error_gradtrace_cannot_explain_keeps_the_plain_message():
     assert trace.verdicts()[0].message == ("pass 'step' ended with an exception (ValueError: data loader broke): "
                                            "its backward did not complete, so its figures are partial")
     assert trace.passes["step"].failure is None
+
+
+def test_a_caught_failure_keeps_nothing_of_the_failed_step_alive():
+    """The culprit is read off the traceback, but the exception (its frames, their tensors) is not kept:
+    a loop that catches the error and trains on must not hold the failed step's activations."""
+    import gc
+    import weakref
+
+    model = TinyLM()
+    with gradtrace.watch(model) as trace:
+        with torch.inference_mode():
+            model(_x())
+        x = _x(1)
+        ref = weakref.ref(x)
+        try:
+            with trace.pass_("train"):
+                model(x).sum().backward()
+        except RuntimeError:
+            pass
+        del x
+        gc.collect()
+        assert ref() is None
+    assert trace.passes["train"].failure.kind == "inference_tensor"

@@ -80,6 +80,18 @@ def test_a_module_list_is_healthy_and_the_global_hook_is_gone_between_forwards()
     assert not trace.meta.unregistered_modules
 
 
+def test_no_global_hook_in_a_forward_without_grad():
+    """Generation and evaluation (grad off when the watched forward begins) do not pay for the global hook."""
+    model, before = Model(registered=True), _global_hooks()
+    inside = []
+    model.encoder.inp.register_forward_hook(lambda m, a, o: inside.append(_global_hooks() != before))
+    with gradtrace.watch(model):
+        with torch.no_grad():
+            model(torch.randn(3, 4))
+        model(torch.randn(3, 4)).sum().backward()
+    assert inside == [False, True] and _global_hooks() == before
+
+
 def test_the_global_hook_comes_off_when_the_forward_raises():
     class Boom(nn.Module):
         def __init__(self):

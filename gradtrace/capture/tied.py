@@ -23,26 +23,39 @@ def tied_parameters(root: nn.Module, walk: Optional[List[Tuple[str, nn.Module]]]
     """``(tensor, names)`` for every parameter tensor reachable under 2+ names, in module order."""
     walk = named_modules(root) if walk is None else walk
     first = {id(m): path for path, m in walk}
-    names: Dict[int, List[str]] = {}
+    names: Dict[int, List[Tuple[str, str]]] = {}  # (module path, parameter name): joined only for tied ones
     tensors: Dict[int, torch.Tensor] = {}
 
     def add(path: str, module: nn.Module) -> None:
-        prefix = f"{path}." if path else ""
         for name, p in module._parameters.items():
             if p is not None:
-                names.setdefault(id(p), []).append(prefix + name)
+                names.setdefault(id(p), []).append((path, name))
                 tensors[id(p)] = p
 
-    shared = []  # (a module's second path, the module): walked after every first path, as named_parameters does
+    # Which (parent, attribute) edges lead to each module: one for a module the tree holds once. (No path
+    # strings per edge: a 3,000-deep model's paths are thousands of characters long.)
+    edges: Dict[int, List[Tuple[str, str]]] = {}
     for path, module in walk:
         add(path, module)
-        prefix = f"{path}." if path else ""
-        shared.extend((prefix + name, child) for name, child in module._modules.items()
-                      if child is not None and first.get(id(child)) != prefix + name)
-    for path, child in shared:
-        for sub, m in named_modules(child):
-            add(path + (f".{sub}" if sub else ""), m)
-    return [(tensors[key], list(dict.fromkeys(found))) for key, found in names.items() if len(set(found)) > 1]
+        for name, child in module._modules.items():
+            if child is not None:
+                edges.setdefault(id(child), []).append((path, name))
+    modules_by_id = {id(m): m for _, m in walk}
+    for key, held_by in edges.items():
+        if len(held_by) < 2:
+            continue
+        for parent, name in held_by:  # every second path of a shared module, after every first path
+            path = f"{parent}.{name}" if parent else name
+            if path != first[key]:
+                for sub, m in named_modules(modules_by_id[key]):
+                    add(path + (f".{sub}" if sub else ""), m)
+    tied = []
+    for key, found in names.items():
+        if len(found) > 1:
+            joined = list(dict.fromkeys(f"{path}.{name}" if path else name for path, name in found))
+            if len(joined) > 1:
+                tied.append((tensors[key], joined))
+    return tied
 
 
 def records(tied: List[Tuple[torch.Tensor, List[str]]]) -> List[TiedParams]:

@@ -58,6 +58,7 @@ class UnregisteredModules:
         self.names: Dict[int, str] = {id(m): name for name, m in walk}
         self.model_params: Set[int] = {id(p) for _, m in walk for p in m._parameters.values() if p is not None}
         self.seen: Dict[int, _Sighting] = {}
+        self.gone: List[_Sighting] = []  # sightings of modules that died (made on the fly) before their id came back
         self.lock = threading.Lock()
         self.depth: Dict[int, int] = {}  # thread id -> watched forwards open in it
         self.handle = None  # the global hook's handle while a watched forward runs
@@ -83,15 +84,17 @@ class UnregisteredModules:
         if module is not self.root:
             return  # a copy.deepcopy of the watched model carries these hooks: its forward is not watched
         thread = threading.get_ident()
+        if not is_grad_enabled() and thread not in self.depth:
+            return  # generation, evaluation: nothing there trains, and a token loop must not pay for the hook
         with self.lock:
             self.depth[thread] = self.depth.get(thread, 0) + 1
             if self.handle is None:
                 self.handle = register_module_forward_hook(self._on_call)
 
     def _end(self, module, args, output) -> None:
-        if module is not self.root:
-            return
         thread = threading.get_ident()
+        if module is not self.root or thread not in self.depth:
+            return
         with self.lock:
             depth = self.depth.get(thread, 0) - 1
             if depth > 0:
@@ -112,8 +115,10 @@ class UnregisteredModules:
         sighting = self.seen.get(key)
         if sighting is None or sighting.module() is not module:
             outside = [p for p in module.parameters() if id(p) not in self.model_params]
-            if not outside or len(self.seen) >= MAX_SIGHTINGS:
+            if not outside or len(self.seen) + len(self.gone) >= MAX_SIGHTINGS:
                 return  # nothing of it is lost (a loss module made on the fly, a shared layer); or too many
+            if sighting is not None:  # a module that died, whose id a new one took: kept as it was
+                self.gone.append(sighting)
             sighting = self.seen[key] = self._first_sight(module, outside, sys._getframe(1))
         sighting.calls += 1
         if sighting.trainable and is_grad_enabled():
@@ -153,13 +158,14 @@ class UnregisteredModules:
         """One record per outermost unregistered module seen (its unregistered submodules fold into it)."""
         sightings = list(self.seen.values())
         inner: Set[int] = set().union(*(s.submodules for s in sightings)) if sightings else set()
+        everything = [(key, s) for key, s in self.seen.items()] + [(None, s) for s in self.gone]
         out = []
         anonymous: Dict[Tuple[str, Optional[str]], int] = {}
         optimizer_params = {id(p) for optimizer in (self.optimizers() if self.optimizers is not None else ())
                             for group in getattr(optimizer, "param_groups", ()) if isinstance(group, dict)
                             for p in group.get("params", ())}
-        for key, s in self.seen.items():
-            if key in inner:
+        for key, s in everything:
+            if key is not None and key in inner:
                 continue
             params = [p for p in (ref() for ref in s.outside) if p is not None]
             if s.holder is not None:

@@ -38,6 +38,9 @@ from .trace import Trace
 
 CUT_MODES = ("modules", "ops", "off")
 
+# Finished passes whose statistics wait on the device before one batch moves them to the host.
+PENDING_BATCH = 64
+
 # Parameters watched by an open watch, by id: a second watch on the same
 # parameters would double-count every gradient. This is the one piece of
 # state shared between traces; entries live exactly as long as their watch.
@@ -621,10 +624,6 @@ def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optim
         raise GradtraceError(f"max_passes is a positive int or None, got {max_passes!r}")
     if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
         raise GradtraceError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-
-
-# Finished passes whose statistics wait on the device before one batch moves them to the host.
-PENDING_BATCH = 64
 
 # A watch left open over a training loop keeps this many of the newest passes by default:
 # memory stays bounded (about 100 bytes per parameter per pass) however long it runs.

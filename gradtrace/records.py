@@ -362,6 +362,10 @@ class Cut:
     # A parameter-free module's cut: the watched parameters its inputs were computed from (the only
     # ones it can have cut off). None: not asked (a module with parameters, or an op-level cut).
     upstream: Optional[List[str]] = None
+    # A parameter-free module's detach: an output shares storage with an input that required grad, so
+    # the data flowing through was cut (``x.detach()``, ``x.data``) — not fresh data that never carries
+    # a gradient by design (rotary embeddings' cos/sin). None: not asked.
+    passes_input: Optional[bool] = None
 
 
 @dataclass

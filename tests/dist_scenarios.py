@@ -335,7 +335,9 @@ def worker(rank: int, world: int, port: int, out: str, only: List[str], backend:
     if backend == "nccl":
         DEVICE = torch.device("cuda", rank)
         torch.cuda.set_device(DEVICE)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # The parent serves the rendezvous on `port` (bound before the ranks started: no port race).
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:

@@ -285,6 +285,35 @@ def test_rotary_embeddings_are_not_named_as_a_cut_on_a_llama():
     assert first(trace).code == "GRAPH_CUT" and first(trace).evidence["module"] == "model.layers.0"
 
 
+class _StopGradient(torch.nn.Module):
+    def forward(self, x):
+        return x.detach()  # a parameter-free wrapper that cuts the data flowing through it
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 4)
+        self.stop = _StopGradient()
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.stop(self.embed(x)))
+
+
+def test_a_parameter_free_module_that_detaches_its_input_is_the_cut_not_a_weak_one():
+    # Unlike rotary cos/sin (fresh data, no gradient by design), its output is its input's own data:
+    # the wrapper is where the graph was cut, and the first line names it (not the upstream victim).
+    model = _Gated()
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(torch.randn(3, 4)).sum().backward()
+    v = first(trace)
+    assert v.code == "GRAPH_CUT" and v.evidence["module"] == "stop" and v.evidence["kind"] == "detach"
+    assert v.evidence["lost"] == ["embed.bias", "embed.weight"]
+    assert next(c for c in trace.cuts if c.module == "stop").passes_input is True
+
+
 def test_an_argmax_loss_names_the_module_and_the_rerun_in_the_default_mode():
     model = Tower()
     w = torch.ones(3, requires_grad=True)

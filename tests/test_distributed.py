@@ -5,7 +5,6 @@ figures against an oracle there); each test below reads one scenario's result.
 """
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -24,15 +23,19 @@ WORLD = 2
 SPAWN_TIMEOUT_S = 600
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_store() -> dist.TCPStore:
+    """The ranks' rendezvous, served from this process on a port the OS picked while binding it.
+
+    (Asking for a free port, closing it and letting rank 0 bind it later is a race: another process
+    can take the port in between, and under load one did.)
+    """
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def run_ranks(out: str, only=(), backend: str = "gloo") -> list:
     """Every scenario on WORLD ranks, bounded in time; each rank's results."""
-    ctx = mp.start_processes(dist_scenarios.worker, args=(WORLD, free_port(), out, list(only), backend),
+    store = loopback_store()  # kept alive until the ranks are done
+    ctx = mp.start_processes(dist_scenarios.worker, args=(WORLD, store.port, out, list(only), backend),
                              nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1):

@@ -298,20 +298,25 @@ def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, un
     """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
     loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
     an op-level cut, or a module whose output carried a gradient that never came back."""
-    weak = [entry for entry in explained.values() if not entry["cut"].params and entry["cut"].op is None]
+    weak = [entry for entry in explained.values() if _weak(entry["cut"])]
     if not weak:
         return sorted(explained.values(), key=lambda entry: entry["cut"].seq)
     strong: Set[str] = set()
     for entry in explained.values():
-        cut = entry["cut"]
-        if cut.params or cut.op is not None:
+        if not _weak(entry["cut"]):
             strong |= entry["lost"]
     for p in passes.values():
         for params in carried_unreached(p, _lost_coverage(reached[p.name], p) | p.missing, universe).values():
             strong.update(params)
     kept = [entry for entry in explained.values()
-            if entry["cut"].params or entry["cut"].op is not None or not entry["lost"] or not entry["lost"] <= strong]
-    return sorted(kept, key=lambda entry: (entry["cut"].params == 0 and entry["cut"].op is None, entry["cut"].seq))
+            if not _weak(entry["cut"]) or not entry["lost"] or not entry["lost"] <= strong]
+    return sorted(kept, key=lambda entry: (_weak(entry["cut"]), entry["cut"].seq))
+
+
+def _weak(cut: Cut) -> bool:
+    """A parameter-free module's cut of fresh data (rotary cos/sin): never stronger than another explanation.
+    One whose output is its input's own data, detached (``x.detach()`` in a wrapper), is a real cut."""
+    return not cut.params and cut.op is None and not cut.passes_input
 
 
 def _cut_fix(cut: Cut) -> str:

@@ -18,7 +18,6 @@ reads; the stack is only walked the first time a given cut is seen.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -26,98 +25,15 @@ import torch
 from torch import nn
 
 from ..records import Cut
+from .frames import checkpoint_caller, checkpoint_on_stack, locations, module_caller
 from .modules import named_modules, named_parameters
 from .reach import reachable_params
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_MODULE_PY = nn.Module.__call__.__code__.co_filename
-_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
-_CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
-_THIS_FILE = __file__
-_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+__all__ = ["CutLog", "ModuleCutDetector", "trainable_counts", "any_requires_grad"]
 
 is_grad_enabled = torch.is_grad_enabled
 Tensor = torch.Tensor
 is_inference_mode_enabled = torch.is_inference_mode_enabled
-
-
-def _is_internal(filename: str) -> bool:
-    """torch's and gradtrace's own frames (the demo probe counts as user code)."""
-    if filename.startswith(_TORCH_DIR) or filename.startswith("<frozen"):
-        return True  # <stdin>, <string> and notebook cells are the user's
-    return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
-
-
-def short_path(filename: str) -> str:
-    """A file under the working directory as a relative path (``example.py``), any other as it is."""
-    cwd = os.getcwd() + os.sep
-    return filename[len(cwd):] if filename.startswith(cwd) else filename
-
-
-def locations(frame=None) -> Tuple[str, str]:
-    """(the user's file:line, the innermost library frame's file:line or "") for a cut.
-
-    Walking out from the cut: torch's and gradtrace's own frames are skipped; the
-    first frame in site-packages (transformers, trl, peft...) is where a library
-    did it; the first frame outside every library is the user's line.
-    """
-    frame = frame or sys._getframe(1)
-    library = ""
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(filename):
-            here = f"{short_path(filename)}:{frame.f_lineno}"
-            marker = next((m for m in _LIBRARY_MARKERS if m in filename), None)
-            if marker is None:
-                return here, library
-            library = library or f"{filename.split(marker, 1)[1]}:{frame.f_lineno}"
-        frame = frame.f_back
-    return library or "<unknown>", library
-
-
-def user_location(frame=None) -> str:
-    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
-    return locations(frame or sys._getframe(1))[0]
-
-
-def checkpoint_on_stack(frame=None):
-    """The checkpointed callable's frame when reentrant checkpointing is running this code, else None.
-
-    That frame is the one ``torch/utils/checkpoint.py`` called: its ``self``
-    names the checkpointed module even when a library checkpoints a layer's
-    ``forward`` rather than the module call (transformers 5 does).
-    """
-    frame = frame or sys._getframe(1)
-    called = None
-    while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_PY:
-            return called if called is not None else frame
-        called = frame
-        frame = frame.f_back
-    return None
-
-
-def checkpoint_caller(segment):
-    """The frame that called ``checkpoint(...)``: the first frame outside torch above the segment.
-
-    (The segment's own frames are the checkpointed block's body; pointing there
-    names a line inside the block instead of the checkpoint call to change.)
-    """
-    frame = segment.f_back
-    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
-                                 or frame.f_code.co_filename.startswith("<frozen")):
-        frame = frame.f_back
-    return frame
-
-
-def _caller_frame():
-    """The frame that called the module (skipping torch's Module.__call__ machinery)."""
-    frame = sys._getframe(2)
-    # (The root module's hook is called through on_root_forward, a frame of this file: skip it too,
-    # or every call of the root would share one call site and two lines would merge into one cut.)
-    while frame is not None and frame.f_code.co_filename in (_MODULE_PY, _THIS_FILE):
-        frame = frame.f_back
-    return frame
 
 
 def any_requires_grad(value: Any) -> Optional[bool]:
@@ -210,7 +126,9 @@ class CutLog:
 
     def record(self, kind: str, module: str, module_type: str, params: int,
                site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None,
-               upstream: Optional[List[str]] = None) -> None:
+               upstream: Optional[Callable[[], List[str]]] = None,
+               passes_input: Optional[Callable[[], bool]] = None) -> None:
+        """Note a cut; ``upstream`` / ``passes_input`` are asked only the first time its site is seen."""
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
         tick = self.tick()
@@ -227,7 +145,8 @@ class CutLog:
         self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
                                inputs_require_grad=inputs_require_grad, pass_name=pass_name,
                                module_type=module_type, params=params, seq=seq,
-                               upstream=upstream() if callable(upstream) else upstream)
+                               upstream=upstream() if callable(upstream) else upstream,
+                               passes_input=passes_input() if callable(passes_input) else passes_input)
         self.index[key] = seq
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
@@ -346,15 +265,17 @@ class ModuleCutDetector:
                         return
                 kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
             # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
-            caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
+            caller = checkpoint_caller(segment) if kind == "checkpoint" else module_caller(sys._getframe(1))
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
             # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
             # design) can only explain parameters upstream of it: which ones is asked once per site.
             upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
                 if not trainable and kind in ("detach", "non_differentiable") else None
+            passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
+                if not trainable and kind == "detach" else None
             log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
-                       upstream=upstream)
+                       upstream=upstream, passes_input=passes_input)
 
         if name:
             return on_forward
@@ -376,6 +297,28 @@ def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:
             if isinstance(item, torch.Tensor) and item.requires_grad:
                 found |= reachable_params(item, names_by_id)[0]
     return sorted(found)
+
+
+def _passes_input_through(args, kwargs, output) -> bool:
+    """Does an output share storage with an input that requires grad? (``x.detach()`` and ``x.data`` do;
+    fresh data computed from an input's shape or dtype, like rotary cos/sin, does not.)"""
+    inputs = {t.untyped_storage().data_ptr() for t in _shallow_tensors((args, kwargs)) if t.requires_grad}
+    return any(t.untyped_storage().data_ptr() in inputs for t in _shallow_tensors((output,)))
+
+
+def _shallow_tensors(values) -> List[torch.Tensor]:
+    """Tensors in ``values`` and one level into their tuples, lists and dicts."""
+    found = []
+    for value in values:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list)):
+                found.extend(t for t in item if isinstance(t, torch.Tensor))
+            elif isinstance(item, dict):
+                found.extend(t for t in item.values() if isinstance(t, torch.Tensor))
+    return found
 
 
 def _segment_inputs_require_grad(segment) -> bool:

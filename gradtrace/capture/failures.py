@@ -20,17 +20,15 @@ Runs only when a pass fails, never on the hot path.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .._torch_compat import MODULE_CALL_CODE
 from ..records import FailureCause
+from .frames import innermost_module, is_machinery
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 class FailureContext:
@@ -78,13 +76,8 @@ class FailureContext:
 
     def _failing_module(self, frames) -> Optional[str]:
         """The innermost watched module whose forward was running when the error was raised."""
-        found = None
-        for frame in frames:
-            if frame.f_code is MODULE_CALL_CODE:
-                name = self.names.get(id(frame.f_locals.get("self")))
-                if name is not None:
-                    found = name
-        return found
+        module = innermost_module(frames[-1], self.names) if frames else None
+        return self.names[id(module)] if module is not None else None
 
     def _inference_holders(self) -> Iterator[Tuple[str, str, torch.Tensor]]:
         """(module, attribute, tensor) for every inference tensor a watched module keeps."""
@@ -157,7 +150,7 @@ def _losses(error: BaseException, with_graph: bool = True) -> Iterator[torch.Ten
 def _inference_local(frames) -> Tuple[Optional[str], Optional[torch.Tensor]]:
     """The innermost frame outside torch that holds an inference tensor: (its variable, the tensor)."""
     for frame in reversed(frames):
-        if frame.f_code.co_filename.startswith(_TORCH_DIR):
+        if is_machinery(frame.f_code.co_filename):
             continue
         for name, value in frame.f_locals.items():
             if isinstance(value, torch.Tensor) and value.is_inference():

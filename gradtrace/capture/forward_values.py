@@ -40,7 +40,7 @@ from torch import nn
 
 from .._torch_compat import set_grad_enabled
 from ..records import ForwardNonfinite
-from .cuts import short_path
+from .frames import short_path
 
 Tensor = torch.Tensor
 _aminmax = torch.aminmax

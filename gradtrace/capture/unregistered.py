@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from .._torch_compat import MODULE_CALL_CODE
 from ..records import UnregisteredModule
+from .frames import innermost_module
 
 is_grad_enabled = torch.is_grad_enabled
 
@@ -131,14 +131,8 @@ class UnregisteredModules:
 
     def _called_in(self, frame) -> Optional[str]:
         """The innermost watched module whose forward is on the stack."""
-        names = self.names
-        while frame is not None:
-            if frame.f_code is MODULE_CALL_CODE:
-                name = names.get(id(frame.f_locals.get("self")))
-                if name is not None:
-                    return name
-            frame = frame.f_back
-        return None
+        module = innermost_module(frame, self.names)
+        return self.names[id(module)] if module is not None else None
 
     def _holder(self, module: nn.Module) -> Optional[Tuple[str, str, str, str]]:
         """The watched module attribute (a list, tuple or dict, or one inside one) that holds ``module``."""

@@ -14,6 +14,7 @@ Only public torch classes are used here.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,11 +43,11 @@ def _is_ddp(root: Optional[nn.Module]) -> bool:
 
 
 def _is_fsdp1(root: Optional[nn.Module]) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return False
-    return root is not None and any(isinstance(m, FullyShardedDataParallel) for m in root.modules())
+    # A model wrapped in FSDP1 was wrapped by code that imported it: importing it here for every
+    # watch would cost ~1 s (torch.distributed.fsdp pulls in its whole implementation).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    return root is not None and wrapper is not None and any(isinstance(m, wrapper) for m in root.modules())
 
 
 @dataclass

@@ -232,6 +232,9 @@ PROBES = (
     Probe("torch.Tensor._cdata",
           "telling a parameter swapped in place (torch.utils.swap_tensors) from the one watch hooked",
           "capture", lambda: torch.Tensor._cdata),
+    Probe("torch._C._set_grad_enabled",
+          "checking module outputs for NaN/Inf without an autograd node or a detach per check", "capture",
+          lambda: torch._C._set_grad_enabled),
     Probe("torch.Tensor._backward_hooks",
           "putting parameter hooks on and taking them off without a RemovableHandle each", "capture",
           lambda: torch.Tensor._backward_hooks, _check_backward_hooks_on_a_leaf),
@@ -363,6 +366,7 @@ current_graph_task_id = _get("torch._C._current_graph_task_id")
 current_autograd_node = _get("torch._C._current_autograd_node")
 will_engine_execute_node = _get("torch._C._will_engine_execute_node")
 is_batched_grad = _get("torch._C._functorch.is_legacy_batchedtensor")
+set_grad_enabled = _get("torch._C._set_grad_enabled")  # a C call: no context-manager object per use
 flatten_dense_tensors = _get("torch._utils._flatten_dense_tensors")
 foreach_norm = _get("torch._foreach_norm")
 function_mode_stack = _get("torch.overrides._get_current_function_mode_stack")

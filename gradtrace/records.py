@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
                     Tuple, Union)
 
-from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, ForwardValues, Magnitude,
-                     Name, Replacement, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as,
-                     stored_name)
+from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, FailureKind,
+                     ForwardCause, ForwardSite, ForwardValues, Magnitude, Name, Replacement, RunKind, Scope, Severity,
+                     TensorRole, Via, Wrapper, stored, stored_as, stored_name)
 
 __all__ = [
     "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "TensorPassFacts",
     "Cut", "OptimizerRecord",
     "ScalarRecord", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
-    "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
+    "ForwardNonfinite", "FailureCause", "UnregisteredModule", "TiedParams", "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
 ]
 
 # What ``capture.values.value_stats`` computes for a registered tensor, in order;
@@ -133,6 +133,12 @@ class PassTrace:
     # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
     # global only after gather()).
     scope: Scope = "local"
+    # Where the pass's forward first held NaN/Inf (module outputs checked on the device, read only for a
+    # pass whose gradients were non-finite or that failed), and how many values were checked when it was
+    # read (None: not read; checked with no forward_nonfinite: every checked value was finite).
+    forward_nonfinite: Optional[ForwardNonfinite] = None
+    forward_checked: Optional[Count] = None
+    failure: Optional[FailureCause] = None  # the culprit behind ``failed``, where gradtrace could name it
     # The forwards the pass differentiated (cuts="modules"/"ops"; None: not recorded): modules owning
     # trainable parameters that ran with grad enabled since the previous pass ended, in forward order,
     # and those of them whose output required grad.
@@ -452,6 +458,88 @@ class NonfiniteOrigin(ReadsLikeADict):
 
 
 @dataclass
+class ForwardNonfinite(ReadsLikeADict):
+    """Where a pass's forward first held NaN/Inf, in forward order (``capture/forward_values.py``).
+
+    ``site`` "output": a module's output, the module made it; "input": a module's input that no
+    module's output held before, made by the code of ``made_by`` around its submodules; "op": an op's
+    output (``watch(cuts="ops")``).
+    """
+
+    module: str  # the module ("" is the root)
+    module_type: str = ""
+    site: ForwardSite = "output"
+    cause: ForwardCause = "nan"
+    nan: bool = False  # it held NaN
+    inf: bool = False  # it held +inf or -inf (an overflow, when no NaN is there too)
+    dtype: str = ""
+    dtype_max: Optional[float] = None  # the dtype's largest finite value
+    op: Optional[str] = None  # site "op": the op, and its file:line
+    location: str = ""
+    made_by: Optional[str] = None  # site "input": the module whose own code made it ("" the root or top level)
+    made_by_type: str = ""
+    after: Optional[str] = None  # the last module whose output was checked finite just before it
+    largest: Optional[Magnitude] = None  # the largest finite |value| checked before it in the same forward
+    largest_in: Optional[str] = None  # the module whose output held that
+    mask: Optional[str] = None  # masked_softmax: the mask argument that held a fully masked row, and its module
+    checked: Count = 0  # values checked before it in the pass's forward
+
+
+@dataclass
+class FailureCause(ReadsLikeADict):
+    """The culprit behind a failed pass, found from the exception and what the watch saw (``capture/failures.py``).
+
+    ``inference_tensor``: ``module`` holds, in ``attribute``, a tensor made under
+    ``torch.inference_mode()`` (at ``location``; "" when that was before the watch began) that a
+    forward with grad (``other``'s) tried to save for backward. ``inplace``: ``module``'s output was
+    saved for backward, then changed in place (by ``other`` when a module did it). ``no_graph``: the
+    loss carries no graph; ``module`` is the last module whose output still carried one.
+    """
+
+    kind: FailureKind
+    module: Optional[str] = None
+    module_type: str = ""
+    attribute: Optional[str] = None
+    location: str = ""
+    other: Optional[str] = None
+    other_type: str = ""
+    variable: Optional[str] = None  # inference_tensor: the failing code's variable that held it
+    dtype: str = ""  # no_graph: the loss's dtype
+    tensor: str = ""  # inplace: torch's description of the tensor ("[torch.FloatTensor [4, 8]], output 0 of Tanh")
+
+
+@dataclass
+class UnregisteredModule(ReadsLikeADict):
+    """A module that ran inside the watched model's forward but is not one of its submodules.
+
+    Kept in a plain list, dict or tuple attribute (or made on the fly), so its parameters are in
+    neither ``model.parameters()`` nor an optimizer built from them, nor the state dict.
+    """
+
+    module: str  # as the user would write it: "encoder.layers[0]" (the type and an index when not found)
+    module_type: str = ""
+    owner: Optional[str] = None  # the watched module whose attribute holds it ("" the root)
+    attribute: Optional[str] = None
+    container: Optional[str] = None  # "list", "dict", "tuple"
+    called_in: Optional[str] = None  # the watched module whose forward called it
+    calls: Count = 0
+    params: Count = 0  # its parameters, its submodules' included
+    trainable: Count = 0  # of them, those requiring grad
+    with_grad: bool = False  # it ran with grad enabled while some of its parameters required grad
+    got_grad: bool = False  # one of its parameters had a .grad when the watch last looked
+    in_optimizer: Optional[bool] = None  # in a param group of the optimizer watch() was given (None: none given)
+
+
+@dataclass
+class TiedParams(ReadsLikeADict):
+    """One parameter tensor reachable under several names (tied weights: ``lm_head.weight`` and ``wte.weight``)."""
+
+    names: List[str]  # every name, in module order; gradtrace reports it under the first
+    requires_grad: bool = True
+    shape: List[Count] = field(default_factory=list)
+
+
+@dataclass
 class Contribution(ReadsLikeADict):
     """One parameter's share of an inner product: ``sum(g_a * g_b)`` over its elements."""
 
@@ -511,6 +599,10 @@ class TraceMeta(collections.abc.MutableMapping):
     replaced_params: Optional[Dict[str, Replacement]] = None  # parameters lost while watched, and how
     ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
     error: Optional[str] = None  # the exception the watched block ended with
+    error_cause: Optional[FailureCause] = None  # the culprit behind ``error``, where gradtrace could name it
+    # Modules that ran inside the watched model's forward without being its submodules.
+    unregistered_modules: Optional[List[UnregisteredModule]] = None
+    tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
     _extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -303,7 +303,7 @@ def expected_reduction(rank: int, world: int) -> Dict:
     return {"error": "Expected to have finished reduction" in error,
             "missing": {name: sorted(p.missing) for name, p in trace.passes.items()},
             "first": [first.code, first.severity, sorted(first.evidence.get("parameters", []))],
-            "failure_points_to": failed.evidence.get("explained_by")}
+            "failure_points_to": failed.evidence.get("explained_by"), "failure": failed.message}
 
 
 def missing_rank(rank: int, world: int) -> Dict:

@@ -952,6 +952,152 @@ def half_precision_adam_default_eps(fixed):
     return trace
 
 
+# ---- the forward and the module tree (issue 20, items 5-8) ------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """T5's DenseReluDense: in float16, ``wo`` is where T5 overflows."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.wo(torch.relu(self.wi(x)))
+
+
+@scenario("NONFINITE", ("'ffn.wo'", "float16 max 65504"),
+          "transformers issues: 'T5 fp16 gives NaN loss' (the feed-forward output passes 65504)")
+def fp16_feedforward_overflow(fixed):
+    seeded()
+    model = nn.Sequential()
+    model.add_module("embed", nn.Linear(8, 16))
+    model.add_module("ffn", FeedForward())
+    model.add_module("head", nn.Linear(16, 4))
+    with torch.no_grad():
+        model.ffn.wo.weight.mul_(1e5)  # outputs past 1e5: fine in float32, inf in float16
+    model = model.float() if fixed else model.half()  # the fix users apply: keep that block in float32 / bf16
+    with gradtrace.watch(model) as trace:
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 8
+        model(x.to(next(model.parameters()).dtype)).float().pow(2).mean().backward()
+    return trace
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, padding):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, key_padding_mask=padding)[0].mean(1))
+
+
+@scenario("NONFINITE", ("'attn'", "fully masked softmax row", "key_padding_mask"),
+          "forum: 'nn.MultiheadAttention returns NaN' (a sequence that is all padding)")
+def all_padding_sequence(fixed):
+    seeded()
+    model = PaddedEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        x, y = torch.randn(3, 5, 8), torch.tensor([0, 1, 2])
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[2, 1 if fixed else 0:] = True  # an empty sequence in the batch (fixed: it keeps one token)
+        F.cross_entropy(model(x, padding), y).backward()
+        opt.step()
+    return trace
+
+
+class ListEncoder(nn.Module):
+    def __init__(self, registered: bool):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        layers = [nn.Linear(16, 16) for _ in range(2)]
+        self.layers = nn.ModuleList(layers) if registered else layers
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return self.head(h)
+
+
+@scenario("UNREGISTERED_MODULE", ("self.layers", "nn.ModuleList"),
+          "forum: 'my layers are not updating / not in model.parameters()' (layers in a Python list)")
+def layers_in_a_python_list(fixed):
+    seeded()
+    return train_steps(ListEncoder(registered=fixed))
+
+
+class TiedTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 16)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 12)
+        self.head.weight = self.embed.weight  # tied, as in GPT-2
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.block(self.embed(ids))))
+
+
+@scenario("TIED_FROZEN", ("'head.weight'", "'embed.weight'", "tied"),
+          "transformers forum: 'freezing the embeddings froze lm_head' (tie_word_embeddings)")
+def freeze_embeddings_freezes_tied_head(fixed):
+    seeded()
+    model = TiedTower()
+    if fixed:
+        model.head.weight = nn.Parameter(model.embed.weight.detach().clone())  # untied: the head trains alone
+    model.embed.weight.requires_grad_(False)  # "freeze the input embeddings"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with gradtrace.watch(model) as trace:
+        ids = torch.randint(0, 12, (4, 5), generator=torch.Generator().manual_seed(2))
+        F.cross_entropy(model(ids).reshape(-1, 12), ids.reshape(-1)).backward()
+        opt.step()
+    return trace
+
+
+class RotaryCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cos_cached = None
+
+    def forward(self, x):
+        if self.cos_cached is None or self.cos_cached.shape[0] < x.shape[1]:
+            self.cos_cached = (torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.ones(x.shape[-1])).cos()
+        return self.cos_cached[: x.shape[1]]
+
+
+class RotaryLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rotary, self.q, self.head = nn.Linear(8, 16), RotaryCache(), nn.Linear(16, 16), \
+            nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head((self.q(h) * self.rotary(h)).mean(1))
+
+
+@scenario("PASS_FAILED", ("'rotary'", "inference tensor", "inference_mode()"),
+          "transformers/peft issues: 'Inference tensors cannot be saved for backward' after evaluation")
+def inference_mode_cache_reused(fixed):
+    seeded()
+    model = RotaryLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        with (torch.no_grad() if fixed else torch.inference_mode()):  # evaluation before training
+            model(torch.randn(2, 6, 8))
+        with contextlib.suppress(RuntimeError):
+            with trace.pass_("train"):
+                x, y = torch.randn(2, 6, 8), torch.tensor([0, 3])
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    return trace
+
+
 # ---- healthy runs that must stay clean (no error, no warning) ------------------------------------------------
 
 HEALTHY: List[Tuple[str, Callable[[], "gradtrace.Trace"]]] = []

@@ -83,7 +83,10 @@ def test_a_non_finite_forward_value_is_told_apart(net):
     origin = trace.passes["X"].nonfinite_origin
     assert origin["op"] == "mul" and origin["location"].endswith(line_of("mul-inf"))
     assert origin["forward"] == "nonfinite"
-    assert "already NaN/Inf" in trace.verdicts()[0].message
+    # The forward went non-finite first, at that op: that, not the backward that only carried it, leads.
+    message = trace.verdicts()[0].message
+    assert "forward first went non-finite in op mul" in message and line_of("mul-inf") in message
+    assert "has inf (" in message and "max" not in message  # float32: not called an overflow
 
 
 def test_origin_is_inside_the_module_that_ran_it():

@@ -152,6 +152,10 @@ def test_the_local_trace_survives_ddps_unfinished_reduction_error(ranks):
         # the first line names the cause: the head no rank used, not the failure it led to
         assert r["first"] == ["UNUSED_PARAMS", "error", ["module.b.bias", "module.b.weight"]]
         assert r["failure_points_to"] == ["UNUSED_PARAMS"]
+        # and the failure itself names what DDP waited for, from the coverage of the iteration before (issue 20)
+        assert r["failure"].startswith(
+            "the watched block ended with an exception: DDP's reduction waited on 2 parameter(s) that got no "
+            "gradient in the previous iteration: module.b"), r["failure"]
 
 
 def test_a_rank_that_never_gathers_is_named_within_the_timeout(ranks):

@@ -305,10 +305,11 @@ def test_hooks_put_straight_into_containers_take_ids_a_handle_never_reuses():
         handle = model.weight.register_hook(lambda g: seen.append(1))
         module_handle = model.register_forward_hook(lambda m, a, o: seen.append(2))
         ours = set(model.weight._backward_hooks) - {handle.id}
-        assert len(ours) == 1 and handle.id not in ours
+        ours_forward = set(model._forward_hooks) - {module_handle.id}
+        assert len(ours) == 1 and handle.id not in ours and module_handle.id not in ours_forward
         handle.remove()
         module_handle.remove()
-        assert len(model.weight._backward_hooks) == 1 and len(model._forward_hooks) == 1
+        assert set(model.weight._backward_hooks) == ours and set(model._forward_hooks) == ours_forward
         with trace.pass_("X"):
             model(torch.ones(1, 2)).sum().backward()
     assert seen == [] and trace.passes["X"].covered == {"weight", "bias"}

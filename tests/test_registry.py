@@ -11,7 +11,7 @@ import pytest
 import gradtrace
 from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
 from gradtrace.records import (Cut, GradRecord, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
-                               TensorRecord, ValueStats)
+                               TensorRecord, TiedParams, UnregisteredModule, ValueStats)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("body.weight", "body.bias", "head.weight")
@@ -96,6 +96,11 @@ SCENARIOS = {
         name="gen_mask", calls=1, dtype="bool", values=ValueStats(numel=32, zeros=20),
         row_facts={"rows": 4, "empty_rows": 0, "selected_min": 3, "selected_max": 3, "selected_sum": 12,
                    "on_padding": 2, "empty_with_tokens": 0, "left_padded": 3, "right_padded": 0})}),
+    "UNREGISTERED_MODULE": lambda: trace(meta={"unregistered_modules": [UnregisteredModule(
+        module="body.layers[0]", module_type="Linear", owner="body", attribute="layers", container="list",
+        called_in="body", calls=1, params=2, trainable=2, with_grad=True, got_grad=True)]}),
+    "TIED_FROZEN": lambda: trace(meta={"tied_params": [TiedParams(names=["embed.weight", "lm_head.weight"],
+                                                                  requires_grad=False, shape=[8, 4])]}),
     "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
                                                passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
     "NOT_IN_OPTIMIZER": lambda: trace(optimizers={"SGD#0": OptimizerRecord(

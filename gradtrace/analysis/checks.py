@@ -13,6 +13,7 @@ import re
 from typing import Any, Dict, List, Optional, Set
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
+from . import forward
 from .cuts import describe_cut, outermost_cuts
 from .optimizer_checks import nonfinite_updates, params_in_no_optimizer
 from .paths import OUTPUT_CUTS, bypassed_adapters, carried_unreached, explainable, forward_rank, on_path
@@ -60,10 +61,13 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    ranks)
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
+            if p.forward_nonfinite:
+                evidence["forward"] = p.forward_nonfinite
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
-                               f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
-                               f"elements){_nonfinite_origin(trace, p)}", evidence))
+                               f"pass {p.name!r}: {forward.forward_lead(p)}NaN/Inf gradients{_on_ranks(ranks)} in "
+                               f"{len(bad)} parameter(s); the first in backward order is {first.name!r} "
+                               f"({first.nonfinite} non-finite elements){forward.forward_finite_note(p)}"
+                               f"{_nonfinite_origin(trace, p)}", evidence))
     out.extend(nonfinite_values(trace, passes, tensors))
     out.extend(nonfinite_updates(trace))
     for t in tensors.values():
@@ -94,6 +98,8 @@ def _skipped_steps(trace, passes: Dict[str, PassTrace]) -> Set[str]:
 def _nonfinite_origin(trace, p: PassTrace) -> str:
     """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
     origin = p.nonfinite_origin
+    if p.forward_nonfinite and (not origin or origin.forward != "finite"):
+        return ""  # the forward's own first NaN/Inf, named above, is where to look
     if not origin:
         if trace.meta.cuts == "ops":
             return ""
@@ -906,24 +912,37 @@ def failure_hint(error: Optional[str]) -> str:
 
 
 @verdict("PASS_FAILED", rank=5, severities=("error",),
-         meaning="a pass (or the watched block) ended with an exception: its backward did not complete; says what the error means, and a finding that explains it ranks first")
+         meaning="a pass (or the watched block) ended with an exception: its backward did not complete; names the culprit where gradtrace knows it (an inference-mode cache and where it was made, an output changed in place after it was saved, the cut that left the loss without a graph, the parameters DDP waited for), else says what the error means; a finding that explains it ranks first")
 def check_pass_failed(trace, passes, tensors, cuts):
     out = []
+    error, error_cause = trace.meta.error, trace.meta.error_cause
     for p in passes.values():
         if p.failed:
-            hint = failure_hint(p.failed)
-            out.append(Verdict("PASS_FAILED", "error",
-                               f"pass {p.name!r} ended with an exception ({p.failed})" +
-                               (f": {hint}" if hint else ": its backward did not complete, so its figures are partial"),
-                               {"pass": p.name, "error": p.failed}))
-    error = trace.meta.error
+            cause = p.failure or (error_cause if p.failed == error else None)
+            out.append(Verdict("PASS_FAILED", "error", _failure_message(f"pass {p.name!r}", trace, p.name, p.failed,
+                                                                        cause, cuts, "its backward did not complete, "
+                                                                        "so its figures are partial"),
+                               _with_cause({"pass": p.name, "error": p.failed}, cause)))
     if error and not out:
-        hint = failure_hint(error)
-        out.append(Verdict("PASS_FAILED", "error",
-                           f"the watched block ended with an exception ({error})" +
-                           (f": {hint}" if hint else ": training did not complete"),
-                           {"pass": None, "error": error}))
+        out.append(Verdict("PASS_FAILED", "error", _failure_message("the watched block", trace, None, error, error_cause,
+                                                                    cuts, "training did not complete"),
+                           _with_cause({"pass": None, "error": error}, error_cause)))
     return out
+
+
+def _with_cause(evidence: Dict[str, Any], cause) -> Dict[str, Any]:
+    if cause is not None:
+        evidence["cause"] = cause
+    return evidence
+
+
+def _failure_message(what: str, trace, pass_name, error: str, cause, cuts, otherwise: str) -> str:
+    """The culprit first, where gradtrace knows it (the first line is what gets read); else what the error means."""
+    culprit = forward.failure_lead(trace, pass_name, error, cause, cuts)
+    if culprit:
+        return f"{what} ended with an exception: {culprit} ({error})"
+    hint = failure_hint(error)
+    return f"{what} ended with an exception ({error}): {hint or otherwise}"
 
 
 @verdict("FROZEN_WHILE_WATCHED", rank=15, severities=("error",),

@@ -194,9 +194,11 @@ class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
-                 trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None):
+                 trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None,
+                 forward_values=None):
         self.log = log
         self.names_by_id = names_by_id or {}  # watched parameters: what a parameter-free cut has upstream
+        self.forward_values = forward_values  # a forward_values.ForwardValues, or None
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
@@ -221,9 +223,13 @@ class ModuleCutDetector:
         stamps = log.grad_forwards if trainable else None
         tick = log.tick
         names_by_id = self.names_by_id
+        # forward_values: NaN/Inf flags of this call's output, kept on the device (capture/forward_values.py).
+        check_values = self.forward_values.for_module(name, module) if self.forward_values is not None else None
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
+                if check_values is not None:  # forward_values (see above)
+                    check_values(mod, args, kwargs, output)
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:

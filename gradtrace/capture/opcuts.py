@@ -468,10 +468,15 @@ class NonfiniteOrigins:
         # (pass, info, node name, (produced, incoming) counts, device vector of float64 sums)
         self.flags: List[Tuple[Optional[str], tuple, str, Tuple[int, int], "torch.Tensor"]] = []
         self.enabled = True
+        self.forward_values = None  # a forward_values.ForwardValues: op outputs checked for NaN/Inf too
 
     def watch_node(self, func, out: torch.Tensor, frame) -> None:
-        if getattr(func, "__name__", None) in _ROUTING_OPS:
-            return  # its backward only moves gradients around: it cannot turn finite ones into NaN/Inf
+        name = getattr(func, "__name__", None)
+        # Its backward only moves gradients around: it cannot turn finite ones into NaN/Inf. (Its forward
+        # can still overflow, for the forward check below, when it adds up.)
+        routing = name in _ROUTING_OPS
+        if routing and (self.forward_values is None or name not in _CAN_OVERFLOW):
+            return
         node = out.grad_fn
         if node is None:
             return
@@ -479,6 +484,10 @@ class NonfiniteOrigins:
         if site is None:
             return  # gradtrace's own work
         info = (op_name(func), module, site.f_code.co_filename, site.f_lineno, weakref.ref(out))
+        if self.forward_values is not None:  # forward_values: the op's output checked for NaN/Inf on the device
+            self.forward_values.check_op(info, out)
+        if routing:
+            return
         # The hook must not hold the node (a cycle through C++ that no GC can break): the engine names it.
         node.register_hook(functools.partial(self._on_node, info))
 
@@ -538,6 +547,11 @@ _ROUTING_OPS = frozenset({
     "where", "sum", "repeat", "repeat_interleave", "roll", "flip", "tril", "triu", "gather", "index_select",
     "embedding", "pad", "dropout", "detach",
 })
+
+
+# Routing ops whose forward can still overflow (a float16 residual sum past 65504).
+_CAN_OVERFLOW = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
+                           "__isub__", "sub_", "sum"})
 
 
 def _origin(pass_name, info, node_name: str, forward: str) -> NonfiniteOrigin:

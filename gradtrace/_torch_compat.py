@@ -31,7 +31,7 @@ class Probe:
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
     feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
-    # "gather" (trace.gather() on a backend other than gloo), "fsdp1" (watching a FullyShardedDataParallel)
+    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel)
     find: Callable[[], Any]
 
 
@@ -70,7 +70,7 @@ PROBES = (
           "cuts='ops': taking the mode off the stack on exit", "ops",
           lambda: torch._C._push_on_torch_function_stack),
     Probe("torch.distributed.distributed_c10d._get_default_store",
-          "trace.gather(timeout=...) on NCCL: naming the ranks that never called gather", "gather",
+          "trace.gather(): every rank naming the ranks that did not call it in time", "gather",
           lambda: __import__("torch.distributed.distributed_c10d",
                              fromlist=["_get_default_store"])._get_default_store),
     Probe("torch.distributed.fsdp._flat_param.FlatParameter",
@@ -163,28 +163,6 @@ def saved_tensors(node) -> list:
 
 
 default_store = _get("torch.distributed.distributed_c10d._get_default_store")
-
-
-def store_arrival(group, rank: int, world: int, timeout) -> list:
-    """The group ranks that have not reached this rank's current gather() call within ``timeout``.
-
-    Each rank counts its own calls in the default store; a rank is late while its
-    count is below ours. Used where ``monitored_barrier`` is not (NCCL).
-    """
-    import time
-    import torch.distributed as dist
-
-    require("gather")
-    store = default_store()
-    tag = "gradtrace/gather/" + "-".join(map(str, dist.get_process_group_ranks(group)))
-    mine = store.add(f"{tag}/{rank}", 1)
-    deadline = time.monotonic() + timeout.total_seconds()
-    late = list(range(world))
-    while late and time.monotonic() < deadline:
-        late = [r for r in range(world) if store.add(f"{tag}/{r}", 0) < mine]
-        if late:
-            time.sleep(0.01)
-    return late
 
 
 def fsdp1_flat_params(root: nn.Module) -> list:

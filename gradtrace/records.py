@@ -357,6 +357,9 @@ class NonfiniteOrigin(ReadsLikeADict):
     module: str = ""  # the module it ran in ("" is the root module or top-level code)
     forward: ForwardValues = "unknown"  # were its forward values already NaN/Inf?
     pass_name: Optional[str] = field(default=None, metadata=stored_as("pass"))
+    # A merged trace (gather()): the global ranks where it was born, each found it on its own graph
+    # (under DDP every rank's reduced .grad holds the NaN, but only these ranks' backward made it).
+    ranks: Optional[List[Count]] = None
 
 
 @dataclass
@@ -419,6 +422,7 @@ class TraceMeta(collections.abc.MutableMapping):
     ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
     error: Optional[str] = None  # the exception the watched block ended with
     world_size: Optional[Count] = None  # ranks merged by gather()
+    ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))
     _extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod

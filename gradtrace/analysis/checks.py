@@ -9,7 +9,7 @@ it explains).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from .cuts import cut_params, describe_cut, outermost_cuts
@@ -41,14 +41,17 @@ def check_nonfinite(trace, passes, tensors, cuts):
         bad = [r for r in p.in_backward_order() if r.nonfinite]
         if bad:
             first = bad[0]
-            ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            seen = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            where, ranks = _nonfinite_ranks(p, seen)
             evidence = _with_ranks({"pass": p.name, "parameter": first.name,
                                     "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)},
                                    ranks)
+            if ranks != seen:
+                evidence["seen_on_ranks"] = seen
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
+                               f"pass {p.name!r}: NaN/Inf gradients{where} in {len(bad)} parameter(s); "
                                f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
                                f"elements){_nonfinite_origin(trace, p)}", evidence))
     for t in tensors.values():
@@ -83,8 +86,27 @@ def _nonfinite_origin(trace, p: PassTrace) -> str:
             f"{origin.location}: {forward}")
 
 
+def _nonfinite_ranks(p: PassTrace, seen: Optional[List[int]]) -> Tuple[str, Optional[List[int]]]:
+    """In a merged trace: the words that say which ranks, and the ranks to name (where it was born, if known).
+
+    Under DDP the all-reduce carries a NaN born on one rank into every rank's
+    ``.grad``: the ranks whose figures are non-finite are then not where to look.
+    """
+    if seen is None:
+        return "", None
+    born = list(p.nonfinite_origin.ranks or []) if p.nonfinite_origin else []
+    if born:
+        others = sorted(set(seen) - set(born))
+        carried = f" (reduced into rank(s) {', '.join(map(str, others))}' gradients too)" if others else ""
+        return f" born on rank(s) {', '.join(map(str, born))}{carried}", born
+    if p.scope == "reduced" and len(seen) > 1:
+        return (f"{_on_ranks(seen)} (an all-reduce gives every rank the same gradient: the rank where they were "
+                "born is not known)", seen)
+    return _on_ranks(seen), seen
+
+
 def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[List[int]]:
-    """In a merged trace, the ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
+    """In a merged trace, the global ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
 
     A pass without per-rank figures had the same figures on every rank.
     """
@@ -93,7 +115,7 @@ def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[Lis
         return None
     per_rank = (getattr(trace, "rank_figures", None) or {}).get(pass_name)
     if per_rank is None:
-        return list(range(world))
+        return list(trace.meta.ranks or range(world))
     return sorted(rank for rank, figures in per_rank.items()
                   if any(name in figures and test(figures[name]) for name in params))
 

@@ -12,8 +12,9 @@ Loading and analysing a saved trace uses none of these.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -51,6 +52,9 @@ PROBES = (
     Probe("torch._C._functorch.is_legacy_batchedtensor",
           "torch.autograd.grad(..., is_grads_batched=True): telling batched gradients apart", "capture",
           lambda: torch._C._functorch.is_legacy_batchedtensor),
+    Probe("torch.Tensor._cdata",
+          "telling a parameter swapped in place (torch.utils.swap_tensors) from the one watch hooked",
+          "capture", lambda: torch.Tensor._cdata),
     Probe("torch._utils._flatten_dense_tensors",
           "pass-end statistics of small gradients (one fused buffer)", "stats",
           lambda: __import__("torch._utils", fromlist=["_flatten_dense_tensors"])._flatten_dense_tensors),
@@ -140,6 +144,15 @@ push_function_mode = _get("torch._C._push_on_torch_function_stack")
 
 
 _SAVED_NAMES: dict = {}
+
+
+def tensor_impls(tensors: List[torch.Tensor]) -> List[int]:
+    """Each tensor's C++ implementation, as an address (``Tensor._cdata``): ``torch.utils.swap_tensors``
+    changes it under the same Python object."""
+    return list(map(_CDATA, tensors))
+
+
+_CDATA = operator.attrgetter("_cdata")
 
 
 def saved_tensors(node) -> list:

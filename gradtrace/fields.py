@@ -75,6 +75,9 @@ CutsMode = Literal["modules", "ops", "off"]
 Wrapper = Literal["DDP", "FSDP1", "FSDP2"]
 # Were the forward values of the op that made a NaN/Inf gradient already non-finite?
 ForwardValues = Literal["finite", "nonfinite", "unknown"]
+# How a watched parameter was lost: another object in its module ("replaced"), or the same object
+# with another tensor inside ("swapped": torch.utils.swap_tensors).
+Replacement = Literal["replaced", "swapped"]
 
 SEVERITIES = get_args(Severity)
 TENSOR_ROLES = get_args(TensorRole)

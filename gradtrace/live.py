@@ -13,18 +13,21 @@ import collections
 import contextlib
 import gc
 import numbers
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, modules, stats, wrappers
+from .capture import hook_state, inner, modules, stats, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
-from .capture.passes import READ_AT, PassState
+from .capture.identity import ParamIdentity
+from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
-from .capture.recorder import PendingPass, Recorder
+from .capture.reading import READ_AT
+from .capture.recorder import Recorder
 from .errors import GradtraceError
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
 from .trace import Trace
@@ -35,6 +38,9 @@ CUT_MODES = ("modules", "ops", "off")
 # parameters would double-count every gradient. This is the one piece of
 # state shared between traces; entries live exactly as long as their watch.
 _WATCHED: Dict[int, str] = {}
+# Checking for a clash and claiming the parameters is one step: two threads entering watch(m) on
+# one model at once must not both succeed.
+_WATCHED_LOCK = threading.Lock()
 
 
 @dataclass
@@ -56,7 +62,8 @@ class Recording:
     cut_log: CutLog
     names_by_id: Dict[int, str]
     max_passes: Optional[int]
-    pending: Dict[str, PendingPass] = field(default_factory=dict)  # finished, not yet read (insertion order)
+    identity: Optional[ParamIdentity]  # are the watched parameters still the tensors hooked?
+    pending: Dict[str, Pass] = field(default_factory=dict)  # finished, not yet read (insertion order)
     finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
     pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
@@ -67,25 +74,25 @@ class Recording:
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
-
-    @property
-    def kept(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        return self.recorder.kept
+    kept: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # keep_grads: each pass's, by name
 
 
 class LiveTrace(Trace):
-    """What ``watch`` yields: a trace that records while the ``with`` block runs."""
+    """What ``watch`` yields: a trace that records while the ``with`` block runs.
+
+    It is its passes' event sink (``capture.passes.PassEvents``): ``name_taken`` and
+    ``pass_finished`` are how a pass reaches the trace.
+    """
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], meta: Dict[str, Any], keep_grads: bool,
-                 max_passes: Optional[int], backward_scope: Callable[[], str] = lambda: "local"):
+                 max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
+                 reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        recorder = Recorder([n for n, _ in named], [p for _, p in named], keep_grads, self._pass_ready,
-                            backward_scope)
-        recorder.passes.taken_names = self._passes.__contains__
+        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
+        recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
         self._recording = Recording(
-            recorder=recorder,
-            cut_log=CutLog(lambda: recorder.active.name if recorder.active is not None else None),
-            names_by_id={id(p): n for n, p in named}, max_passes=max_passes)
+            recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
+            names_by_id={id(p): n for n, p in named}, max_passes=max_passes, identity=identity)
 
     # ---- reading: move pending statistics to the host first ----------------------
     @property
@@ -108,7 +115,7 @@ class LiveTrace(Trace):
             recording.recorder.flush_orphan()
         pending, recording.pending = recording.pending, {}
         for name, item in pending.items():
-            record, tensor_facts = item.materialize(self.params)
+            record, tensor_facts = item.to_trace(self.params)
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None
@@ -121,6 +128,14 @@ class LiveTrace(Trace):
         rows, recording.pending_rows = recording.pending_rows, []
         for name, (keys, vector) in rows:
             self._tensors[name].merge_row_facts(dict(zip(keys, vector.tolist())))
+
+    def verdicts(self):
+        self._note_replaced()  # judged on what the watch sees now (and at exit), never per pass in a hook
+        return super().verdicts()
+
+    def save(self, path) -> None:
+        self._note_replaced()
+        super().save(path)
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
         """As ``Trace.diff``; with ``keep_grads=True`` also the inner product of the two passes.
@@ -180,8 +195,8 @@ class LiveTrace(Trace):
         self._recording.cut_mark = self._recording.cut_log.events
         try:
             yield  # the PassTrace is ready once the block exits: read trace.passes[name]
-        except Exception as e:  # a backward that raised is a finding, and the error still propagates
-            state.failed = _describe_error(e)
+        except BaseException as e:  # a backward that raised (or Ctrl-C) is a finding; the error propagates as it is
+            state.fail(_describe_error(e))
             raise
         finally:
             recorder.end_pass(state)
@@ -204,6 +219,9 @@ class LiveTrace(Trace):
         if t.is_meta:
             raise GradtraceError(f"trace.tensor({name!r}, ...) got a meta tensor: it has a shape but no values "
                                  "to record. Register the tensor the computation really produced.")
+        if t.is_nested:
+            raise GradtraceError(f"trace.tensor({name!r}, ...) got a nested tensor (rows of different lengths): "
+                                 "register a padded tensor (t.to_padded_tensor(0)) and its mask, or each row.")
         if expect_grad not in (None, True, False):
             raise GradtraceError(f"expect_grad is None, True or False, got {expect_grad!r}")
         facts = _row_facts(name, t, role, attention_mask)
@@ -217,7 +235,7 @@ class LiveTrace(Trace):
             if seq not in record.cuts:
                 record.cuts.append(seq)
         recording.cut_mark = recording.cut_log.events
-        recording.pending_values.append(PendingValues(name, stats.value_stats(t)))
+        recording.pending_values.append(PendingValues(name, values.value_stats(t)))
         if role is not None:
             record.role = role
         if facts is not None:
@@ -226,7 +244,7 @@ class LiveTrace(Trace):
             self._hook_tensor(name, t, active)
         return t
 
-    def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[PassState]) -> None:
+    def _hook_tensor(self, name: str, t: torch.Tensor, active: Optional[Pass]) -> None:
         recording = self._recording
         recording.hooks_before.note(t)
         recording.tensor_handles.append(t.register_hook(recording.recorder.tensor_hook(name)))
@@ -240,22 +258,14 @@ class LiveTrace(Trace):
         record.reach_partial = record.reach_partial or partial
         record.trainable_upstream = bool(record.reachable)
         if active is not None:
-            active.expected = (active.expected or set()) | found
-            active.expected_partial = active.expected_partial or partial
+            active.expect(found, partial)
 
     def scalar(self, name: str, value: Any) -> float:
         """Record a float at full precision (``deltaH1``); flags values that print as 0.000000."""
         self._require_open("scalar")
         if not isinstance(name, str) or not name:
             raise GradtraceError(f"scalar names are non-empty strings, got {name!r}")
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise GradtraceError(f"trace.scalar({name!r}, ...) takes one number, got a tensor of shape "
-                                     f"{tuple(value.shape)}")
-            value = value.detach().reshape(()).to(torch.float64).item()
-        if not isinstance(value, numbers.Real):
-            raise GradtraceError(f"trace.scalar({name!r}, ...) takes a real number, got {type(value).__name__}")
-        value = float(value)
+        value = _real_number(name, value)
         active = self._recording.recorder.active
         record = self.scalars.get(name)
         if record is None:
@@ -276,16 +286,29 @@ class LiveTrace(Trace):
             raise GradtraceError(f"trace.{what}() was called after `watch` exited; call it inside the "
                                  "`with gradtrace.watch(...)` block")
 
-    # ---- the recorder's callbacks and exit -----------------------------------------
-    def _pass_ready(self, state: PassState, pending: PendingPass) -> None:
-        if state.auto:
-            self._passes[state.name] = None
+    # ---- the passes' events and exit ---------------------------------------------
+    def name_taken(self, name: str) -> bool:
+        return name in self._passes
+
+    def pass_finished(self, pass_: Pass) -> None:
+        if pass_.auto:
+            self._passes[pass_.name] = None
         recording = self._recording
-        recording.pending[state.name] = pending
-        recording.finished.append(state.name)
+        recording.pending[pass_.name] = pass_
+        recording.finished.append(pass_.name)
+        if pass_.kept is not None:
+            recording.kept[pass_.name] = pass_.take_kept()
         if recording.max_passes is not None:
             while len(recording.finished) > recording.max_passes:
                 self._drop(recording.finished.popleft())
+
+    def _note_replaced(self) -> None:
+        """Parameters replaced or swapped while watched, named in ``meta["replaced_params"]`` (how, by name)."""
+        identity = self._recording.identity
+        changed = identity.changed() if identity is not None else None
+        if changed:
+            names = self._recording.recorder.names
+            self.meta.replaced_params = {names[i]: how for i, how in sorted(changed.items())}
 
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""
@@ -306,7 +329,7 @@ class LiveTrace(Trace):
         recording.open = False
         recorder = recording.recorder
         recorder.enabled = False
-        recorder.close_open_runs()
+        recorder.close_open_runs(_describe_error(error) if error is not None else None)
         for label in list(recorder.passes.labels.values()):  # labels still open in any thread
             recorder.end_pass(label)
         recorder.flush_orphan()
@@ -314,9 +337,37 @@ class LiveTrace(Trace):
             handle.remove()
         recording.tensor_handles.clear()
         self.meta.forward_calls = recording.cut_log.root_calls
+        self._note_replaced()
+        recording.identity = None  # what happens to the model after exit is not the watch's
         self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
         if error is not None:
             self.meta.error = _describe_error(error)
+
+
+def _real_number(name: str, value: Any) -> float:
+    """``trace.scalar``'s value as a float: a real number, or a one-element real tensor with values."""
+    what = f"trace.scalar({name!r}, ...)"
+    if isinstance(value, torch.Tensor):
+        if value.is_meta or value.is_nested:
+            raise GradtraceError(f"{what} got a {'meta' if value.is_meta else 'nested'} tensor, which has no "
+                                 "value to read. Pass the number the computation really produced.")
+        if value.numel() != 1:
+            raise GradtraceError(f"{what} takes one number, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise GradtraceError(f"{what} takes a real number, got a complex tensor: record its .real and .imag "
+                                 "(or abs()) under two names")
+        value = value.detach()
+        value = (value.to_dense() if value.layout != torch.strided else value).reshape(()).to(torch.float64).item()
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        raise GradtraceError(f"{what} takes a real number, got a complex one ({value!r:.60}): record its real and "
+                             "imaginary parts (or its modulus) under two names")
+    if not isinstance(value, numbers.Real):
+        raise GradtraceError(f"{what} takes a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise GradtraceError(f"{what}: the {type(value).__name__} does not fit a float ({type(e).__name__}: {e}); "
+                             "record it scaled, or its logarithm") from None
 
 
 def _check_pass_options(name: Any, step_start: Any, read_at: Any) -> None:
@@ -334,14 +385,14 @@ def _describe_error(e: BaseException) -> str:
 
 
 def _row_facts(name: str, t, role: Optional[str], attention_mask):
-    """``stats.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
+    """``values.row_facts`` after checking the arguments (so a bad role fails before anything is recorded)."""
     if role is not None and role not in TENSOR_ROLES:
         raise GradtraceError(f"trace.tensor({name!r}, ..., role={role!r}): role is one of {', '.join(TENSOR_ROLES)}")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...) takes a torch.Tensor, got "
                              f"{type(attention_mask).__name__}")
     try:
-        return stats.row_facts(t, role, attention_mask)
+        return values.row_facts(t, role, attention_mask)
     except ValueError as e:
         raise GradtraceError(f"trace.tensor({name!r}, ..., attention_mask=...): {e}") from None
 
@@ -405,7 +456,10 @@ def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in named if p.requires_grad]
 
 
-def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any) -> None:
+def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
+                   statistics: str) -> None:
+    if not isinstance(statistics, str) or statistics not in stats.REDUCTIONS:
+        raise GradtraceError(f"statistics={statistics!r} is not one of {', '.join(stats.REDUCTIONS)}")
     if cuts not in CUT_MODES:
         raise GradtraceError(f"cuts={cuts!r} is not one of {', '.join(CUT_MODES)}")
     if not isinstance(keep_grads, bool):
@@ -425,9 +479,9 @@ PENDING_BATCH = 64
 DEFAULT_MAX_PASSES = 256
 
 
-@contextlib.contextmanager
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
-          max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None) -> Iterator[LiveTrace]:
+          max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None,
+          statistics: str = "auto") -> "Watch":
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -440,37 +494,61 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     ``trace.meta["dropped_passes"]``. None keeps every pass.
     ``optimizer``: a torch optimizer; the first pass after each of its steps
     begins an optimizer step, where stale ``.grad`` is judged.
-    Every hook is removed on exit, whether or not the block raised.
+    ``statistics``: where pass-end figures are reduced: "auto" (numpy for values on
+    the CPU, the device for an accelerator's) or "device" (on the device everywhere,
+    never reading a value back before the pass's one transfer: an accelerator's
+    path, here to test it on a CPU). Both give the same figures.
+    Every hook is removed on exit, whether or not the block raised. A watch is entered once.
     """
-    _check_options(cuts, keep_grads, max_passes, optimizer)
+    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics))
+
+
+class Watch:
+    """What ``watch(...)`` returns: a context manager entered once (it yields the ``LiveTrace``)."""
+
+    def __init__(self, manager: contextlib.AbstractContextManager):
+        self._manager = manager
+        self._entered = False
+
+    def __enter__(self) -> LiveTrace:
+        if self._entered:
+            raise GradtraceError("this gradtrace.watch(...) was already entered: a watch records one block. "
+                                 "Call gradtrace.watch(model) again for a new one.")
+        self._entered = True
+        return self._manager.__enter__()
+
+    def __exit__(self, *exc_info) -> Optional[bool]:
+        return self._manager.__exit__(*exc_info)
+
+
+@contextlib.contextmanager
+def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
+              statistics: str) -> Iterator[LiveTrace]:
+    _check_options(cuts, keep_grads, max_passes, optimizer, statistics)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     named, root, module_walk = _resolve_target(target)
     wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
     if cuts != "off" and root is None:
         cuts = "off"  # module hooks need the module; parameters alone give coverage only
-    clashes = [n for n, p in named if id(p) in _WATCHED]
-    if clashes:
-        raise GradtraceError(
-            f"{len(clashes)} of these parameters ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''}) "
-            "are already watched by another gradtrace.watch that is still open. Close it first, "
-            "or watch a different set of parameters.")
     meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
             "model": type(root).__name__ if root is not None else None,
             "max_passes": max_passes, "dropped_passes": 0}
     meta.update(wrapper.meta())
     if wrapper.kind == "FSDP1":
         named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
-    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper.backward_scope)
+    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
+                      ParamIdentity.of(named, module_walk, wrapper.kind))
     if wrapper.kind == "FSDP1":
         shapes = wrappers.fsdp1_shapes(wrapper)
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     stack = contextlib.ExitStack()
     try:
+        _claim(stack, named)
         with _gc_paused():
             _register(stack, trace, [p for _, p in named], root, module_walk, cuts, optimizer, wrapper)
         try:
             yield trace
-        except Exception as e:  # the trace keeps what was recorded, and says how the block ended
+        except BaseException as e:  # the trace keeps what was recorded, and says how the block ended
             trace._close(e)
             raise
     finally:
@@ -506,9 +584,6 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     recording.hooks_before.hold(params)
     # Registered first, so it runs last: after every handle (and every tensor hook) is removed.
     stack.callback(hook_state.restore, recording.hooks_before)
-    for p in params:
-        _WATCHED[id(p)] = "watch"
-    stack.callback(_unwatch, params)
     stack.callback(_close_once, trace)
     stack.callback(_remove_all, handles)
     written = recorder.post_accumulate_hook()
@@ -557,6 +632,22 @@ def _remove_all(handles: List[Any]) -> None:
     handles.clear()
 
 
+def _claim(stack: contextlib.ExitStack, named: List[Tuple[str, torch.Tensor]]) -> None:
+    """Mark the parameters watched, released by ``stack``; GradtraceError when an open watch holds any."""
+    with _WATCHED_LOCK:
+        clashes = [n for n, p in named if id(p) in _WATCHED]
+        if not clashes:
+            for _, p in named:
+                _WATCHED[id(p)] = "watch"
+    if clashes:
+        raise GradtraceError(
+            f"{len(clashes)} of these parameters ({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''}) "
+            "are already watched by another gradtrace.watch that is still open. Close it first, "
+            "or watch a different set of parameters.")
+    stack.callback(_unwatch, [p for _, p in named])
+
+
 def _unwatch(params: List[torch.Tensor]) -> None:
-    for p in params:
-        _WATCHED.pop(id(p), None)
+    with _WATCHED_LOCK:
+        for p in params:
+            _WATCHED.pop(id(p), None)

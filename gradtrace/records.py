@@ -16,7 +16,8 @@ from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List,
                     Tuple)
 
 from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, ForwardValues, Magnitude,
-                     Name, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as, stored_name)
+                     Name, Replacement, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as,
+                     stored_name)
 
 __all__ = [
     "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "Cut",
@@ -24,9 +25,10 @@ __all__ = [
     "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
 ]
 
-# What ``capture.stats.value_stats`` computes for a registered tensor, in order;
-# ``ValueStats.merge`` reads them by name.
-VALUE_FIELDS = ("numel", "sum", "sumsq", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
+# What ``capture.values.value_stats`` computes for a registered tensor, in order;
+# ``ValueStats.merge`` reads them by name. ``mean`` and ``m2`` (the sum of squared
+# deviations from that mean) are over the finite elements.
+VALUE_FIELDS = ("numel", "mean", "m2", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
 
 
 class ReadsLikeADict:
@@ -229,19 +231,24 @@ class ValueStats:
     constant_rows: Count = 0  # rows whose elements are all equal (zero variance)
 
     def merge(self, row: Mapping[str, float]) -> None:
-        """Fold in one call's figures (``VALUE_FIELDS``: counts and sums, as ``value_stats`` computes them)."""
+        """Fold in one call's figures (``VALUE_FIELDS``, as ``value_stats`` computes them).
+
+        Mean and spread merge by Chan's update (count, mean, sum of squared deviations):
+        no sum of squares minus a squared sum, which cancels for large, nearly equal values.
+        """
         finite_n = row["numel"] - row["nonfinite"]
         old_n = self.numel - self.nonfinite
-        old_sum = self.mean * old_n
-        old_sumsq = (self.std ** 2 + self.mean ** 2) * old_n
         new_n = old_n + finite_n
         if finite_n > 0:
             self.min = row["min"] if old_n == 0 else min(self.min, row["min"])
             self.max = row["max"] if old_n == 0 else max(self.max, row["max"])
-        if new_n > 0:
-            mean = (old_sum + row["sum"]) / new_n
-            var = max((old_sumsq + row["sumsq"]) / new_n - mean * mean, 0.0)
-            self.mean, self.std = mean, math.sqrt(var)
+            if old_n == 0:
+                self.mean, m2 = row["mean"], row["m2"]
+            else:
+                delta = row["mean"] - self.mean
+                m2 = self.std ** 2 * old_n + row["m2"] + delta * delta * old_n * finite_n / new_n
+                self.mean += delta * finite_n / new_n
+            self.std = math.sqrt(max(m2, 0.0) / new_n)
         self.numel += int(row["numel"])
         self.zeros += int(row["zeros"])
         self.nonfinite += int(row["nonfinite"])
@@ -280,7 +287,7 @@ class TensorRecord:
     reach_partial: bool = False  # a checkpoint node hid part of its graph
     trainable_upstream: bool = False  # its graph reaches at least one watched parameter
     role: Optional[TensorRole] = None  # what the user said it is
-    # Per-row facts summed over calls (``capture.stats.row_facts``): "rows", "empty_rows",
+    # Per-row facts summed over calls (``capture.values.row_facts``): "rows", "empty_rows",
     # "selected_min/max/sum", "left_padded", "right_padded", "on_padding", "empty_with_tokens", "std ..." bins.
     row_facts: Dict[str, Amount] = field(default_factory=dict)
 
@@ -419,6 +426,7 @@ class TraceMeta(collections.abc.MutableMapping):
     find_unused_parameters: Optional[bool] = None  # DDP's option
     forward_calls: Optional[Count] = None  # forward calls of the watched module
     frozen_while_watched: Optional[List[str]] = None  # parameters frozen by the time the watch closed
+    replaced_params: Optional[Dict[str, Replacement]] = None  # parameters lost while watched, and how
     ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
     error: Optional[str] = None  # the exception the watched block ended with
     world_size: Optional[Count] = None  # ranks merged by gather()

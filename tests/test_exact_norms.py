@@ -22,11 +22,14 @@ from gradtrace.capture import stats
 SMALL, LARGE = 7, stats.SMALL_NUMEL + 9
 
 
-@pytest.fixture(autouse=True, params=["cpu_path", "accelerator_path"])
-def code_path(request, monkeypatch):
-    """Every case on both code paths: the CPU's (numpy, reading rows back) and the accelerators'
-    (everything on the device, no read), which a CPU runs when told host reads are not free."""
-    monkeypatch.setattr(stats, "HOST_READS_ARE_FREE", request.param == "cpu_path")
+# Every case on both reductions: the host's (numpy, reading rows back) and the device's
+# (everything on the device, no read), which a CPU runs when asked to.
+REDUCTIONS = {"host": stats.HOST, "device": stats.DEVICE}
+WATCH_STATISTICS = {"host": "auto", "device": "device"}
+
+
+@pytest.fixture(autouse=True, scope="module", params=list(REDUCTIONS))
+def code_path(request):
     return request.param
 
 # Per dtype: its max, smallest normal, smallest subnormal, a middle subnormal, and the values issue 14 named.
@@ -72,8 +75,8 @@ def assert_exact(row: List[float], g: torch.Tensor, what: str = "") -> None:
         f"{what}: norm {norm!r} != {want_norm!r}"
 
 
-def host_rows(grads: List[torch.Tensor], **kwargs) -> List[List[float]]:
-    return stats.stats_to_host(stats.grad_stats(grads, **kwargs), len(grads)).tolist()
+def host_rows(code_path: str, grads: List[torch.Tensor], **kwargs) -> List[List[float]]:
+    return REDUCTIONS[code_path].figures(grads, **kwargs).to_host().tolist()
 
 
 def _spread(value: float, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -89,18 +92,18 @@ def _spread(value: float, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Te
 
 @pytest.mark.parametrize("n", [SMALL, LARGE], ids=["small", "large"])
 @pytest.mark.parametrize("dtype,value", CASES, ids=[f"{str(d)[6:]}-{v:.3g}" for d, v in CASES])
-def test_constant_extreme_gradient(dtype, value, n):
+def test_constant_extreme_gradient(dtype, value, n, code_path):
     g = torch.full((n,), value, dtype=dtype)
     g[1] = -g[1]
-    assert_exact(host_rows([g])[0], g, f"{dtype} {value} x{n}")
+    assert_exact(host_rows(code_path, [g])[0], g, f"{dtype} {value} x{n}")
 
 
 @pytest.mark.parametrize("n", [SMALL, LARGE], ids=["small", "large"])
 @pytest.mark.parametrize("dtype,value", CASES, ids=[f"{str(d)[6:]}-{v:.3g}" for d, v in CASES])
-def test_spread_extreme_gradient(dtype, value, n):
+def test_spread_extreme_gradient(dtype, value, n, code_path):
     """Values from the extreme down to zero: the subnormals and zeros inside a row count too."""
     g = _spread(value, n, dtype)
-    assert_exact(host_rows([g])[0], g, f"{dtype} {value} x{n}")
+    assert_exact(host_rows(code_path, [g])[0], g, f"{dtype} {value} x{n}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -111,29 +114,29 @@ def test_exact_on_cuda_without_a_host_sync(n):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        per_device = stats.grad_stats(grads)
+        figures = stats.DEVICE.figures(grads)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for row, g in zip(stats.stats_to_host(per_device, len(grads)), grads):
+    for row, g in zip(figures.to_host(), grads):
         assert_exact(row, g, f"cuda {g.dtype} x{n}")
 
 
-def test_regression_float64_1e_minus_200_is_not_zero():
+def test_regression_float64_1e_minus_200_is_not_zero(code_path):
     """Issue 14: its float64 sum of squares underflowed, so the norm read 0 while max |g| did not."""
     for n in (SMALL, LARGE):
-        norm, top, _ = host_rows([torch.full((n,), 1e-200, dtype=torch.float64)])[0]
+        norm, top, _ = host_rows(code_path, [torch.full((n,), 1e-200, dtype=torch.float64)])[0]
         assert top == 1e-200
         assert math.isclose(norm, 1e-200 * math.sqrt(n), rel_tol=1e-12)
 
 
-def test_regression_float64_huge_is_finite():
+def test_regression_float64_huge_is_finite(code_path):
     for n in (SMALL, LARGE):
-        norm, _, bad = host_rows([torch.full((n,), 1e300, dtype=torch.float64)])[0]
+        norm, _, bad = host_rows(code_path, [torch.full((n,), 1e300, dtype=torch.float64)])[0]
         assert bad == 0
         assert math.isclose(norm, 1e300 * math.sqrt(n), rel_tol=1e-12)
 
 
-def test_mixed_batch_every_row_exact():
+def test_mixed_batch_every_row_exact(code_path):
     """One call groups by dtype and size: extreme and ordinary rows side by side, each exact."""
     grads = []
     for i, (dtype, value) in enumerate(CASES):
@@ -145,19 +148,19 @@ def test_mixed_batch_every_row_exact():
     grads.append(torch.zeros(0, dtype=torch.float64))
     cache = {}
     for _ in range(2):  # the second call takes the cached layout
-        for row, g in zip(host_rows(grads, layout_cache=cache, key=("k",)), grads):
+        for row, g in zip(host_rows(code_path, grads, layout_cache=cache, key=("k",)), grads):
             assert_exact(row, g, f"{g.dtype} x{g.numel()}")
     assert cache
 
 
 @pytest.mark.parametrize("n", [SMALL, LARGE], ids=["small", "large"])
 @pytest.mark.parametrize("dtype", list(EXTREMES))
-def test_nonfinite_counts_exact_beside_extremes(dtype, n):
+def test_nonfinite_counts_exact_beside_extremes(dtype, n, code_path):
     g = torch.full((n,), EXTREMES[dtype][2], dtype=dtype)  # the smallest subnormal
     g[3] = math.inf
     g[4] = -math.inf
     g[n - 1] = math.nan
-    norm, top, bad = host_rows([g])[0]
+    norm, top, bad = host_rows(code_path, [g])[0]
     assert bad == 3
     assert math.isnan(top) or top == math.inf
     assert not math.isfinite(norm)
@@ -171,7 +174,7 @@ def test_nonfinite_counts_exact_beside_extremes(dtype, n):
     zeros=st.booleans(),
     seed=st.integers(0, 2 ** 16),
 )
-def test_property_random_magnitudes(dtype, fraction, sizes, zeros, seed):
+def test_property_random_magnitudes(dtype, fraction, sizes, zeros, seed, code_path):
     """Any magnitude between the dtype's smallest subnormal and its max, any size, several grads at once."""
     finfo = torch.finfo(dtype)
     lo = math.log2(EXTREMES[dtype][2])
@@ -186,7 +189,7 @@ def test_property_random_magnitudes(dtype, fraction, sizes, zeros, seed):
             g[: n // 2] = 0
         grads.append(g)
         fraction = (fraction * 7.31 + 0.17) % 1.0  # other rows at other magnitudes
-    for row, g in zip(host_rows(grads), grads):
+    for row, g in zip(host_rows(code_path, grads), grads):
         assert_exact(row, g, f"{dtype} x{g.numel()}")
 
 
@@ -219,10 +222,10 @@ def _watched_model():
 
 
 @pytest.mark.parametrize("kind", ["backward", "grad"])
-def test_watch_records_exact_norms_at_the_extremes(kind):
+def test_watch_records_exact_norms_at_the_extremes(kind, code_path):
     model = _watched_model()
     params = list(model.parameters())
-    with gradtrace.watch(model, cuts="off") as trace:
+    with gradtrace.watch(model, cuts="off", statistics=WATCH_STATISTICS[code_path]) as trace:
         with trace.pass_("P"):
             if kind == "backward":
                 model().backward()
@@ -240,13 +243,13 @@ def test_watch_records_exact_norms_at_the_extremes(kind):
             f"{name} ({g.dtype}, {g.numel()}): {record.norm!r} != {want_norm!r}"
 
 
-def test_watch_counts_nonfinite_exactly_beside_extremes():
+def test_watch_counts_nonfinite_exactly_beside_extremes(code_path):
     model = Scaled([(torch.float64, 1e-200, SMALL), (torch.float64, 1e-200, LARGE)])
     with torch.no_grad():
         model.consts["p0"][2] = math.inf
         model.consts["p1"][5] = math.inf
         model.consts["p1"][6] = math.inf
-    with gradtrace.watch(model, cuts="off") as trace:
+    with gradtrace.watch(model, cuts="off", statistics=WATCH_STATISTICS[code_path]) as trace:
         with trace.pass_("P"):
             torch.autograd.grad(model(), list(model.parameters()))
     records = trace.passes["P"].records
@@ -254,16 +257,16 @@ def test_watch_counts_nonfinite_exactly_beside_extremes():
     assert records["p1"].nonfinite == 2
 
 
-def test_empty_gradients_between_others_stay_zero_and_do_not_shift_rows():
+def test_empty_gradients_between_others_stay_zero_and_do_not_shift_rows(code_path):
     # numpy's reduceat gives an empty segment its neighbour's first element: the CPU path must not.
     grads = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0), torch.tensor([float("inf"), 1.0]),
              torch.zeros(0, 5), torch.tensor([1e-30] * 3), torch.zeros(0)]
-    for row, g in zip(host_rows(grads), grads):
+    for row, g in zip(host_rows(code_path, grads), grads):
         assert_exact(row, g, f"shape {tuple(g.shape)}")
-    assert host_rows([torch.zeros(0), torch.zeros(0, 2)]) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert host_rows(code_path, [torch.zeros(0), torch.zeros(0, 2)]) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
 
-def test_extreme_float64_gradients_raise_no_numpy_warning():
+def test_extreme_float64_gradients_raise_no_numpy_warning(code_path):
     """The CPU path squares float64 values in numpy: an overflow there is expected (the row is
     redone scaled) and must not reach the user as a RuntimeWarning."""
     import warnings
@@ -271,6 +274,24 @@ def test_extreme_float64_gradients_raise_no_numpy_warning():
     grads = [torch.full((5,), 1e300, dtype=torch.float64), torch.full((3,), 1e-200, dtype=torch.float64)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rows = host_rows(grads)
+        rows = host_rows(code_path, grads)
     for row, g in zip(rows, grads):
         assert_exact(row, g)
+
+
+@pytest.mark.parametrize("dtype,value", CASES, ids=[f"{str(d)[6:]}-{v:.3g}" for d, v in CASES])
+def test_chunked_large_gradients_stay_exact(dtype, value, code_path):
+    """Above ``CHUNK_NUMEL`` elements a converted copy is made a chunk at a time (bounded memory):
+    the chunks' norms combine to the whole tensor's, at every extreme, NaN/Inf counted across chunks."""
+    n = 2 * stats.CHUNK_NUMEL + 3
+    g = torch.full((n,), value, dtype=dtype)
+    g[1::2] = -g[1::2]
+    exact = float(torch.tensor(value, dtype=dtype).double()) * math.sqrt(n)  # |v| sqrt(n), no sum taken
+    norm, top, bad = host_rows(code_path, [g])[0]
+    assert top == float(torch.tensor(value, dtype=dtype).double()) and bad == 0
+    assert math.isclose(norm, exact, rel_tol=rel_tol(g), abs_tol=1e-322), f"{norm!r} != {exact!r}"
+    g[3] = math.nan
+    g[stats.CHUNK_NUMEL + 5] = math.inf
+    g[n - 1] = -math.inf
+    norm, top, bad = host_rows(code_path, [g])[0]
+    assert bad == 3 and math.isnan(top) and math.isnan(norm)

@@ -290,13 +290,16 @@ class Wide(nn.Module):
         return sum(torch.tanh(b(self.frozen(x))) for b in self.blocks).pow(2).mean()
 
 
-def _syncs(n_blocks, options, labelled):
+def _syncs(n_blocks, options, labelled, statistics="device"):
+    """Host syncs inside backward and at pass exit. ``statistics="device"``: the statistics run as on an
+    accelerator (on a CPU the host reduction reads values back on purpose, nothing to wait for there,
+    which would hide a sync the accelerator path introduced)."""
     torch.manual_seed(0)
     model = Wide(n_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     xs = [torch.randn(3, 4) for _ in range(4)]
     inside, at_exit = Counter(), Counter()
-    with gradtrace.watch(model, **options) as trace:
+    with gradtrace.watch(model, statistics=statistics, **options) as trace:
         for name, run in (("X", "backward"), ("Y", "grad"), ("Z", "backward")):
             ctx = trace.pass_(name) if labelled else contextlib.nullcontext()
             ctx.__enter__()
@@ -322,17 +325,11 @@ def _syncs(n_blocks, options, labelled):
     return inside, at_exit
 
 
-@pytest.fixture
-def accelerator_code_path(monkeypatch):
-    """Run the statistics as on an accelerator: on a CPU they read values back on purpose
-    (nothing to wait for there), which would hide a sync the accelerator path introduced."""
-    from gradtrace.capture import stats
-    monkeypatch.setattr(stats, "HOST_READS_ARE_FREE", False)
 
 
 @pytest.mark.parametrize("labelled", [True, False], ids=["in_pass", "auto_pass"])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_no_host_sync_inside_backward(options, labelled, accelerator_code_path):
+def test_no_host_sync_inside_backward(options, labelled):
     # the counter itself works, and plain autograd makes no such call
     with count_host_syncs() as probe:
         torch.ones(2).sum().item()
@@ -351,11 +348,10 @@ def test_no_host_sync_inside_backward(options, labelled, accelerator_code_path):
 @pytest.mark.parametrize("labelled", [True, False], ids=["in_pass", "auto_pass"])
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("path", ["accelerator", "cpu"])
-def test_host_syncs_do_not_grow_with_parameter_count(options, labelled, path, monkeypatch):
-    from gradtrace.capture import stats
-    monkeypatch.setattr(stats, "HOST_READS_ARE_FREE", path == "cpu")
-    _, after_small = _syncs(5, options, labelled)
-    _, after_large = _syncs(100, options, labelled)
+def test_host_syncs_do_not_grow_with_parameter_count(options, labelled, path):
+    statistics = "auto" if path == "cpu" else "device"
+    _, after_small = _syncs(5, options, labelled, statistics)
+    _, after_large = _syncs(100, options, labelled, statistics)
     assert sum(after_large.values()) <= sum(after_small.values()), (
         f"pass exit and reading records: {dict(after_small)} syncs for 10 params, "
         f"{dict(after_large)} for 200"

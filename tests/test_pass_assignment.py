@@ -5,19 +5,39 @@ Runs are described as the engine numbers them (graph-task ids in start order);
 """
 from dataclasses import dataclass
 
-from gradtrace.capture.passes import PassAssigner, PassState
+from gradtrace.capture import stats
+from gradtrace.capture.assign import PassAssigner
+from gradtrace.capture.passes import Pass, Watched
 
 
 @dataclass
 class FakeRun:
     task: int
     nested: bool
-    pass_state: PassState
+    pass_: Pass
 
 
-def assigner():
-    finished = []
-    return PassAssigner(keep_grads=False, finish=finished.append), finished
+class Events:
+    """The event sink a live trace is: names labelled passes hold, and the passes that finished."""
+
+    def __init__(self, taken=()):
+        self.taken = set(taken)
+        self.finished = []
+
+    def name_taken(self, name):
+        return name in self.taken
+
+    def pass_finished(self, pass_):
+        self.finished.append(pass_)
+
+
+def assigner(taken=()):
+    events = Events(taken)
+    return PassAssigner(Watched([], [], False, stats.HOST, events)), events.finished
+
+
+def label_(name, a):
+    return Pass(a.watched, name)
 
 
 def test_row1_nested_run_joins_its_open_outer_run():
@@ -44,9 +64,9 @@ def test_row2_a_gap_in_task_ids_is_another_outer_run():
 
 def test_row3_nested_run_under_a_label_counts_as_a_run_of_the_labelled_pass():
     a, _ = assigner()
-    label = a.active = PassState("X", auto=False, keep_grads=False)
+    label = a.active = label_("X", a)
     assert a.assign(11, nested=True, accumulates=True, open_runs=[]) is label
-    assert label.runs == 1 and a.standin.state is label and a.orphan is None
+    assert label.runs == 1 and a.standin.pass_ is label and a.orphan is None
 
 
 def test_row4_nested_run_without_label_opens_an_orphan_automatic_pass():
@@ -66,7 +86,7 @@ def test_row5_the_outer_run_seen_after_its_nested_runs_claims_their_pass():
 
 def test_row6_top_level_run_under_a_label_joins_it():
     a, _ = assigner()
-    label = a.active = PassState("X", auto=False, keep_grads=False)
+    label = a.active = label_("X", a)
     assert a.assign(5, nested=False, accumulates=True, open_runs=[]) is label
     assert a.assign(6, nested=False, accumulates=False, open_runs=[]) is label
     assert label.runs == 2
@@ -82,9 +102,7 @@ def test_row7_unlabelled_top_level_runs_are_passes_of_their_own_and_finish_the_o
 
 
 def test_automatic_names_skip_names_a_labelled_pass_holds():
-    a, _ = assigner()
-    taken = {"backward-1", "backward-2"}
-    a.taken_names = taken.__contains__
+    a, _ = assigner(taken={"backward-1", "backward-2"})
     assert a.assign(1, nested=False, accumulates=True, open_runs=[]).name == "backward-3"
 
 

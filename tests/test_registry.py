@@ -73,6 +73,8 @@ SCENARIOS = {
     "UNUSED_PARAMS": lambda: trace(passes(a_pass("X", reached=("body.weight", "body.bias")))),
     "PASS_FAILED": lambda: trace(passes(failed_pass("X", "RuntimeError: boom"))),
     "FROZEN_WHILE_WATCHED": lambda: trace(meta={"frozen_while_watched": ["head.weight"]}),
+    "PARAMS_REPLACED": lambda: trace(passes(a_pass("X", reached=("body.weight", "body.bias"))),
+                                     meta={"replaced_params": {"head.weight": "replaced"}}),
     "NO_PASSES": lambda: trace({}, meta={"forward_calls": 3}),
     "CLEARED_GRADS": lambda: trace(passes(a_pass("X", **{"head.weight": {"norm": 0.0, "max_abs": 0.0,
                                                                          "cleared": True}}))),

@@ -16,6 +16,7 @@ from .cuts import cut_params, describe_cut, outermost_cuts
 from .diff import Diff, diff
 from .names import describe_params, group_by_module, in_module
 from .registry import ordered, sort_key, verdict
+from .replaced import replaced_params
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
 PRINTS_AS_ZERO = 5e-7
@@ -391,8 +392,9 @@ def check_tensor_not_reached(trace, passes, tensors, cuts):
          meaning="no trainable parameter received a gradient in a pass; names the likely cut")
 def check_no_coverage(trace, passes, tensors, cuts):
     out = []
+    gone = set(replaced_params(trace))
     for p in passes.values():
-        if p.covered:
+        if p.covered or (gone and gone.issuperset(p.params)):  # every parameter replaced: gradtrace is blind
             continue
         likely = next((c for c in cuts if c.pass_name in (p.name, None) and c.params > 0), None)
         because = f"; likely cut: {describe_cut(likely)}" if likely else ""
@@ -421,8 +423,11 @@ def _comparable_pairs(passes: Dict[str, PassTrace]):
          meaning="parameters reached in one pass but not another, grouped by module")
 def check_coverage_gaps(trace, passes, tensors, cuts):
     out = []
+    gone = set(replaced_params(trace))
     for a, b in _comparable_pairs(passes):
         d = diff(a, b)
+        if gone:  # a parameter replaced between the two passes is not a gap
+            d.only_a, d.only_b = d.only_a - gone, d.only_b - gone
         if not d.only_a and not d.only_b:
             continue
         parts = []
@@ -637,7 +642,7 @@ def _wholly_unreached_modules(params, reached: Set[str], ran: Set[str]) -> Dict[
 def check_unused(trace, passes, tensors, cuts):
     if not passes or not any(p.covered for p in passes.values()):
         return []
-    reached = set().union(*(p.covered for p in passes.values()))
+    reached = set().union(*(p.covered for p in passes.values())) | set(replaced_params(trace))
     unused = [n for n in trace.params if n not in reached]
     if not unused:
         return []
@@ -679,7 +684,7 @@ def check_frozen_while_watched(trace, passes, tensors, cuts):
 def check_no_passes(trace, passes, tensors, cuts):
     forwards = trace.meta.forward_calls or 0
     trainable_cuts = [c for c in cuts if c.params > 0]
-    if passes or not (forwards or trainable_cuts):
+    if passes or not (forwards or trainable_cuts) or set(replaced_params(trace)).issuperset(trace.params):
         return []
     seen = [f"{forwards} forward call(s) of the model"] if forwards else []
     if trainable_cuts:

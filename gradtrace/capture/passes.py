@@ -1,196 +1,456 @@
-"""Passes: which pass each engine run belongs to, and a pass's device-side accumulators.
+"""A pass, from its first engine run to its ``PassTrace``: the one object that changes a pass's state.
 
-A pass is every run inside ``trace.pass_(name)`` (any number of
-microbatches), or one unlabelled run. Nested runs (reentrant checkpointing)
-belong to their outer run's pass and are not counted as runs. The hooks of a
-nested run can fire before any hook of its outer run, so the assignment is a
-small state machine, written out in ``PassAssigner``.
+A pass is every run inside ``trace.pass_(name)`` (any number of microbatches),
+or one unlabelled run. Its life, in ``Phase`` order:
+
+1. ``OPEN``: runs join it (``count_run``); the hooks tell it what they saw
+   (``hit``, ``note_grad_before``, ``note_written``, ``note_unseen_handback``) and
+   each run's end hands it the run (``end_run``).
+2. ``FINISHED`` (``finish``): every gradient is read and reduced on the device,
+   its accumulators are released, and the watch's event sink hears of it.
+3. ``ON_HOST`` (``to_trace``): one host transfer; exactly zero, cleared
+   (unknown) and empty are told apart; a ``PassTrace`` comes out.
+
+How ``.backward()`` gradients are read is the pass's ``GradReading`` strategy
+(``reading.py``); how figures are reduced is the watch's ``Reduction``
+(``stats.py``); which pass a run joins is ``PassAssigner``'s (``assign.py``).
 """
 from __future__ import annotations
 
+import array
+import enum
 import itertools
-import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Set, Tuple
 
+import numpy as np
 import torch
 
-# When a pass's figures are read: when the pass ends (default), or at the end of every engine
-# run that reached a parameter (the latest wins), which survives a zero_grad() or a clipping
-# done before the pass closes, at the price of reading the gradients once per run.
-READ_AT = ("pass_end", "run_end")
+from ..records import PassColumns, PassTrace, TensorGradFacts
+from .reading import AS_LEFT, CHANGED, GradReading, reading_for
+from .stats import Figures, Reduction
 
 
-class PassState:
-    """Device-side accumulators of one pass, until it ends."""
+class PassEvents(Protocol):
+    """What the watch's trace hears from its passes (``LiveTrace`` implements it)."""
 
-    def __init__(self, name: str, auto: bool, keep_grads: bool, step_start: bool = False,
+    def name_taken(self, name: str) -> bool:
+        """Is ``name`` held by a labelled pass already? (Automatic names skip it.)"""
+
+    def pass_finished(self, pass_: "Pass") -> None:
+        """``pass_`` has its figures on the device; ``pass_.to_trace`` will bring them to the host."""
+
+
+@dataclass
+class Watched:
+    """What every pass of one watch shares: the parameters, the reduction, the sink."""
+
+    names: List[str]
+    params: List[torch.Tensor]
+    keep_grads: bool
+    reduction: Reduction
+    events: PassEvents
+    # Reduction.figures's grouping, cached per order of parameters: passes of a loop repeat it.
+    layouts: Dict[tuple, list] = field(default_factory=dict)
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    FINISHED = "finished on the device"
+    ON_HOST = "on the host"
+
+
+@dataclass
+class Handback:
+    """An ``autograd.grad`` parameter's handed-back gradients in this pass."""
+
+    total: torch.Tensor  # the first run's tensor is the caller's own: never changed here
+    version: int  # ``total._version`` when it was handed back
+    runs: int = 1  # with 2+, ``total`` is a sum this pass made
+    edited: bool = False  # the caller changed its tensor in place before the next run added to it
+
+    def edited_since(self) -> bool:
+        return self.edited or (self.runs == 1 and self.total._version != self.version)
+
+
+class Pass:
+    """One pass: its accumulators while it is open, its device figures once finished, then its record."""
+
+    def __init__(self, watched: Watched, name: str, *, auto: bool = False, step_start: bool = False,
                  read_at: str = "pass_end"):
+        self.watched = watched
+        self.params = watched.params
         self.name = name
         self.auto = auto
-        self.keep_grads = keep_grads
         self.step_start = step_start
-        self.read_at = read_at
+        self.phase = Phase.OPEN
         self.runs = 0
         self.kinds: List[str] = []
-        self.hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)
-        self.written: List[int] = []  # post-accumulate hooks: .grad written
-        self.backward_params: set = set()
-        self.capture_sums: Dict[int, torch.Tensor] = {}
-        # autograd.grad runs whose handed-back gradient gradtrace could not see: vmapped ones
-        # (is_grads_batched=True), or one a later-registered hook may have changed. Figures unknown.
-        self.unseen_handbacks: set = set()
-        # .grad as it was when the pass first reached a parameter, where it was
-        # not None: the pass's own gradient is .grad minus this.
-        self.bases: Dict[int, torch.Tensor] = {}
-        self.tensor_grads: Dict[str, List[torch.Tensor]] = {}
-        # read_at="pass_end": the .grad each run left (and its version), so a .grad cleared
-        # later is still read as the run left it, and one zeroed in place is known to be.
-        self.run_end_grads: Dict[int, Tuple[torch.Tensor, int]] = {}
-        # read_at="run_end": statistics taken at each run's end, (indices, device stats).
-        self.run_stats: List[Tuple[List[int], Any]] = []
-        self.expected: Optional[set] = None
-        self.expected_partial = False
         self.failed: Optional[str] = None
         self.scope = "local"  # PassTrace.scope: set by every .backward() run as it ends
-        self.closed = False
+        self.expected: Optional[Set[str]] = None  # parameters reachable from tensors registered in the pass
+        self.expected_partial = False
+        self._reading: GradReading = reading_for(read_at)
+        self._hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)
+        # The parameter hook's one call: a builtin, so no Python frame per parameter.
+        self.hit = self._hits.append
+        self._written: List[int] = []  # .grad written without a tensor hook (post-accumulate, flat params)
+        self._backward: Set[int] = set()  # reached by a .backward() run
+        # .grad as it was when the pass first reached a parameter, where it was not None:
+        # the pass's own gradient is .grad minus this.
+        self._bases: Dict[int, torch.Tensor] = {}
+        self._handbacks: Dict[int, Handback] = {}
+        # Handed-back gradients taken at the end of the run that handed them back, while they are
+        # the caller's own tensors: what the pass reports when no later run adds to them.
+        self._handback_pieces: List[Tuple[List[int], Figures]] = []
+        # autograd.grad runs whose handed-back gradient gradtrace could not see: vmapped ones
+        # (is_grads_batched=True), or one a later-registered hook may have changed. Figures unknown.
+        self._unseen: Set[int] = set()
+        self._tensor_rows: Dict[str, List[torch.Tensor]] = {}  # registered tensors: (3,) figures per delivery
+        self._device: Optional[_DeviceFigures] = None
+        self.kept: Optional[Dict[str, torch.Tensor]] = None  # keep_grads: the pass's gradients, by name
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.name!r} {self.phase.value}, {self.runs} runs>"
+
+    # ---- while open --------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.phase is not Phase.OPEN
+
+    @property
+    def hit_count(self) -> int:
+        return len(self._hits)
+
+    def count_run(self) -> "Pass":
+        self.runs += 1
+        return self
 
     def note_kind(self, kind: str) -> None:
         if kind not in self.kinds:
             self.kinds.append(kind)
 
+    def note_written(self, indices: List[int]) -> None:
+        """``.grad`` of these parameters was written (post-accumulate hooks, FSDP flat parameters)."""
+        self._written.extend(indices)
+        self._backward.update(indices)
+        self.note_kind("backward")
 
-class StandIn:
-    """Nested runs (consecutive graph-task ids) seen before any hook of their outer run."""
+    def note_unseen_handback(self, index: int) -> None:
+        self._unseen.add(index)
 
-    __slots__ = ("state", "first", "last", "claimed")
+    def note_grad_before(self, index: int, grad: torch.Tensor) -> None:
+        """Called before AccumulateGrad adds to a non-None ``.grad``.
 
-    def __init__(self, state: PassState, task: int):
-        self.state = state
-        self.first = task
-        self.last = task
-        self.claimed = False  # the outer run fired a hook later and joined
-
-
-class PassAssigner:
-    """Decides the pass of every new engine run.
-
-    The engine numbers graph tasks in the order runs start, so an outer run
-    has a smaller task id than the nested runs it starts, and the nested runs
-    of one outer run that are seen before it have consecutive ids.
-
-    ==  =========  =====================================================  ===============================  =======
-    #   new run    what has been seen                                     pass it joins                    counted
-    ==  =========  =====================================================  ===============================  =======
-    1   nested     an open top-level run with a smaller task id           that run's pass                  no
-    2   nested     none; the current stand-in's last task id is one less  the stand-in's pass              no
-    3   nested     none, no stand-in; a label is open                     the labelled pass (now also a    yes
-                                                                          stand-in for the outer run)
-    4   nested     none, no stand-in, no label                            a new automatic pass, held as    yes
-                                                                          the orphan (a stand-in too)
-    5   top-level  an unclaimed stand-in whose first task id is larger    the stand-in's pass; the orphan  no
-                   (the outer run of nested runs seen first)              is now owned by this run
-    6   top-level  a label is open                                        the labelled pass                yes
-    7   top-level  no label                                               a new automatic pass, finished   yes
-                                                                          when the run ends
-    ==  =========  =====================================================  ===============================  =======
-
-    An orphan is finished when the next automatic pass begins, when the trace
-    is read after ``watch`` exits, or at exit. Each row has a test
-    (``tests/test_pass_assignment.py``).
-    """
-
-    def __init__(self, keep_grads: bool, finish: Callable[[PassState], None]):
-        self.keep_grads = keep_grads
-        self.finish = finish
-        # The open label of each thread: a label opened in one thread never captures runs of another.
-        self.labels: Dict[int, PassState] = {}
-        self.orphan: Optional[PassState] = None  # opened by a nested run whose outer run is unseen
-        self.standin: Optional[StandIn] = None
-        self.taken_names: Callable[[str], bool] = lambda name: False
-        self._counter = itertools.count(1)
-
-    @property
-    def active(self) -> Optional[PassState]:
-        """The label the calling thread holds open, if any."""
-        return self.labels.get(threading.get_ident())
-
-    @active.setter
-    def active(self, state: Optional[PassState]) -> None:
-        if state is None:
-            self.labels.pop(threading.get_ident(), None)
-        else:
-            self.labels[threading.get_ident()] = state
-
-    def label_for_run(self, on_accelerator: bool) -> Optional[PassState]:
-        """The label a new run belongs to: its thread's.
-
-        A CPU backward runs its hooks on the thread that called it. An
-        accelerator's backward runs them on the engine's device threads, where
-        the calling thread is unknown: there a single open label is taken as its
-        (the usual single-threaded loop), and with labels open in several
-        threads the run stays unlabelled rather than joining the wrong one.
+        The first time in a pass, keep a copy: the pass's gradient is what
+        ``.grad`` gains, and a nonzero copy means the grads were not zeroed.
         """
-        own = self.labels.get(threading.get_ident())
-        if own is not None or not on_accelerator:
-            return own
-        return next(iter(self.labels.values())) if len(self.labels) == 1 else None
+        # Earlier runs of this pass put the gradient there themselves. An
+        # unlabelled run is its own pass: accumulating microbatches without a
+        # label is legitimate, and a copy per parameter per run would be the
+        # price, so it reports .grad as the run left it.
+        if self.auto or index in self._bases or index in self._backward:
+            return
+        self._bases[index] = grad.detach().clone()
 
-    def assign(self, task: int, nested: bool, accumulates: Optional[bool], open_runs: Iterable,
-               on_accelerator: bool = False) -> PassState:
-        label = self.label_for_run(on_accelerator)
-        if nested:
-            return self._nested(task, accumulates, open_runs, label)
-        return self._top_level(task, accumulates, label)
+    def expect(self, found: Set[str], partial: bool) -> None:
+        """Parameters a registered tensor's graph reaches: the pass is expected to cover them."""
+        self.expected = (self.expected or set()) | found
+        self.expected_partial = self.expected_partial or partial
 
-    def _nested(self, task: int, accumulates: Optional[bool], open_runs: Iterable,
-                label: Optional[PassState]) -> PassState:
-        outer = [r for r in open_runs if not r.nested and r.task < task]
-        if outer:  # row 1
-            return outer[-1].pass_state
-        group = self.standin
-        if group is not None and task == group.last + 1 and not group.state.closed:  # row 2
-            group.last = task
-            return group.state
-        if label is not None:  # row 3
-            state = self._count(label)
-        else:  # row 4: finished only later (after zero_grad, typically), so read at each run's end
-            state = self.orphan = self._new_auto(accumulates)
-            state.read_at = "run_end"
-        self.standin = StandIn(state, task)
-        return state
+    def fail(self, description: str) -> None:
+        """The pass's block (or a backward in it) raised: a finding, kept in the record (the first one).
 
-    def _top_level(self, task: int, accumulates: Optional[bool], label: Optional[PassState]) -> PassState:
-        group = self.standin
-        if group is not None and not group.claimed and task < group.first and not group.state.closed:  # row 5
-            group.claimed = True
-            if self.orphan is group.state:
-                self.orphan = None
-            return group.state
-        if label is not None:  # row 6
-            return self._count(label)
-        return self._new_auto(accumulates)  # row 7
+        Allowed until the record is built: a run cut short may be closed after its pass finished."""
+        if self.failed is None and self.phase is not Phase.ON_HOST:
+            self.failed = description
 
-    @staticmethod
-    def _count(state: PassState) -> PassState:
-        state.runs += 1
-        return state
+    def end_run(self, run, written: List[int], scope: Optional[str], read: bool) -> None:
+        """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
-    def _new_auto(self, accumulates: Optional[bool]) -> PassState:
-        self.flush_orphan()
-        return self._count(PassState(self.auto_name(accumulates), auto=True, keep_grads=self.keep_grads))
-
-    def auto_name(self, accumulates: Optional[bool]) -> str:
-        """Runs outside any pass_ are passes of their own: backward-1, grad-2, ... (run-3: only tensors reached).
-
-        A name the user already gave a labelled pass is skipped, never reused.
+        ``written``: parameters whose ``.grad`` was written without a tensor hook;
+        ``scope``: what a ``.backward()`` run's figures are (None for other runs);
+        ``read``: let the reading strategy note what the run left (not for a pass that
+        is finishing right now anyway). A run cut short that is closed after its pass
+        finished (at exit) adds nothing.
         """
-        kind = {True: "backward", False: "grad", None: "run"}[accumulates]
-        while True:
-            name = f"{kind}-{next(self._counter)}"
-            if not self.taken_names(name):
-                return name
+        if self.phase is not Phase.OPEN:
+            return
+        reached = self._hits[run.start:]  # an outer run's slice includes its nested runs': harmless
+        if run.accumulates:
+            self._backward.update(reached)
+            self.scope = scope
+        if written:
+            self.note_written(written)
+        if read and (run.accumulates or written):
+            indices = list(dict.fromkeys(itertools.chain(reached, written)))
+            if not run.accumulates:
+                indices = [i for i in indices if i in self._backward]
+            self._reading.run_ended(self, indices)
+        if run.captured:
+            self._add_handbacks(run.captured)
+        for name, row in run.tensor_grads:
+            self._tensor_rows.setdefault(name, []).append(row)
 
-    def flush_orphan(self) -> None:
-        if self.orphan is not None:
-            state, self.orphan = self.orphan, None
-            self.finish(state)
+    def _add_handbacks(self, captured: List[Tuple[int, torch.Tensor]]) -> None:
+        """Gradients ``autograd.grad`` is about to hand back: summed per parameter, never changed in place."""
+        handbacks = self._handbacks
+        first: List[int] = []
+        firsts: List[torch.Tensor] = []
+        for index, grad in captured:
+            if grad.requires_grad:  # create_graph=True: the figures never join the graph
+                grad = grad.detach()
+            previous = handbacks.get(index)
+            if previous is None:
+                if self.watched.keep_grads:  # a copy is kept anyway: take it now, before the caller can edit it
+                    grad = grad.clone()
+                handbacks[index] = Handback(grad, grad._version)
+                first.append(index)
+                firsts.append(grad)
+            else:
+                previous.edited = previous.edited_since()
+                previous.total = previous.total + grad
+                previous.runs += 1
+        if first:
+            # Taken now, while the caller cannot have changed them yet (the engine has not returned):
+            # an in-place edit later (``_foreach_mul_``, an optimizer step after ``p.grad = g``) is not the pass's.
+            self._handback_pieces.append((first, self.figures(firsts, ("grad",) + tuple(first))))
+
+    # ---- the reading strategy's view -------------------------------------------------
+    def gain(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """What ``.grad`` gained in this pass (``grad`` minus its value when the pass first reached it)."""
+        base = self._bases.get(index)
+        if grad.requires_grad:
+            grad = grad.detach()
+        return grad if base is None else grad - base
+
+    def figures(self, grads: List[torch.Tensor], key: Optional[tuple] = None) -> Figures:
+        return self.watched.reduction.figures(grads, self.watched.layouts, key)
+
+    # ---- finished: on the device -------------------------------------------------------
+    def finish(self) -> None:
+        """Read and reduce every gradient of the pass on the device; release the accumulators; tell the sink."""
+        if self.phase is not Phase.OPEN:
+            return
+        self.phase = Phase.FINISHED
+        order = list(dict.fromkeys(itertools.chain(self._hits, self._written)))
+        hits = Counter(self._hits)
+        for index in set(self._written) - set(hits):
+            hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
+        pieces, now = self._pieces(order)
+        reading = self._read(now)
+        via = reading.via if len(reading.via) == len(order) else {**self._via_before(order), **reading.via}
+        if self.watched.keep_grads:
+            self.kept = self._kept(order, dict(zip(now, reading.totals)))
+        if reading.totals:
+            pieces.append((now, self.figures(reading.totals, tuple(now))))
+        stale_candidates = list(self._bases)
+        self._device = _DeviceFigures(
+            order=order, hits=hits, via=via, pieces=pieces,
+            bases=self.figures([self._bases[i] for i in stale_candidates]) if stale_candidates else None,
+            stale_candidates=stale_candidates, cleared=reading.cleared, changed=reading.changed,
+            empty=_empty(now, reading.totals),
+            tensor_rows={name: torch.stack(rows) for name, rows in self._tensor_rows.items()})
+        self._release()
+        self.watched.events.pass_finished(self)
+
+    def _pieces(self, order: List[int]) -> Tuple[List[Tuple[List[int], Figures]], List[int]]:
+        """Figures taken before the pass ended, and the parameters still to read now."""
+        pieces = list(self._reading.pieces())
+        if not pieces and not self._handback_pieces:  # the common case: everything is read now
+            return pieces, order
+        final: Set[int] = {i for indices, _ in pieces for i in indices} - self._handbacks.keys()
+        handbacks = self._handbacks
+        for indices, figures in self._handback_pieces:
+            pieces.append((indices, figures))
+            final.update(i for i in indices if handbacks[i].runs == 1 and i not in self._backward)
+        if not final:
+            return pieces, order
+        return pieces, [i for i in order if i not in final or i in self._unseen]
+
+    def _via_before(self, order: List[int]) -> Dict[int, str]:
+        """How gradients read before the pass ended arrived: handed back only, or (the rest) through .grad."""
+        handbacks, backward = self._handbacks, self._backward
+        return {i: "grad" if i in handbacks and i not in backward else "backward" for i in order}
+
+    def _read(self, order: List[int]) -> "_Reading":
+        """Every given parameter's gradient in the pass, and how it arrived ("backward", "grad", "both")."""
+        params = self.params
+        if not self._bases and not self._handbacks and not self._unseen:  # the common case: .backward() only
+            totals = list(map(operator.attrgetter("grad"), map(params.__getitem__, order)))
+            if not any(map(operator.is_, totals, itertools.repeat(None))) and self._reading.all_as_left(params):
+                return _Reading(totals, dict.fromkeys(order, "backward"), set(), set())
+        reading = _Reading([], {}, set(), set())
+        for index in order:
+            total, reading.via[index] = self._gradient(index, reading)
+            reading.totals.append(total)
+        return reading
+
+    def _gradient(self, index: int, reading: "_Reading") -> Tuple[torch.Tensor, str]:
+        """What the pass gave this parameter: .grad's gain plus the gradients handed back."""
+        param = self.params[index]
+        if index in self._unseen and index not in self._backward:
+            return reading.unknown(param, index), "grad"
+        parts, how = [], []
+        if index in self._backward:
+            grad, status = self._reading.backward_grad(param, index)
+            if grad is None:
+                grad = reading.unknown(param, index)
+            elif status == CHANGED:
+                reading.changed.add(index)
+            parts.append(self.gain(index, grad) if status in (AS_LEFT, CHANGED) else grad)
+            how.append("backward")
+        handback = self._handbacks.get(index)
+        if handback is not None:
+            if handback.edited_since():  # the caller changed its own tensor in place: its value then is gone
+                reading.unknown(param, index)
+            parts.append(handback.total)
+            how.append("grad")
+        if not parts:  # reached by a run that never ended (cut short by an exception): nothing to read
+            return reading.unknown(param, index), "backward"
+        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return total, "both" if len(how) == 2 else how[0]
+
+    def _kept(self, order: List[int], now: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """keep_grads: a copy of each reached parameter's gradient in the pass (read now, or as .grad is)."""
+        kept = {}
+        names = self.watched.names
+        for i in order:
+            grad = now.get(i)
+            if grad is None:
+                handback = self._handbacks.get(i)
+                grad = handback.total if handback is not None and i not in self._backward else self.params[i].grad
+            if grad is not None:
+                kept[names[i]] = grad.detach().clone()
+        return kept
+
+    def _release(self) -> None:
+        """Only the (n, 3) figures stay on the device: every gradient reference goes."""
+        self._bases = {}
+        self._handbacks = {}
+        self._handback_pieces = []
+        self._tensor_rows = {}
+        self._reading.release()
+
+    # ---- on the host -------------------------------------------------------------
+    def take_kept(self) -> Optional[Dict[str, torch.Tensor]]:
+        kept, self.kept = self.kept, None
+        return kept
+
+    def to_trace(self, params: Tuple[str, ...]) -> Tuple[PassTrace, Dict[str, TensorGradFacts]]:
+        """The pass's one host transfer: its record, and what backward brought its registered tensors."""
+        if self.phase is not Phase.FINISHED:
+            raise RuntimeError(f"pass {self.name!r} is {self.phase.value}: only a finished pass goes to the host")
+        device, self._device = self._device, None
+        self.phase = Phase.ON_HOST
+        grid = device.grid()
+        order, names = device.order, self.watched.names
+        stale: Set[int] = set()
+        if self.step_start and device.bases is not None:  # accumulating into .grad is legitimate anywhere else
+            stale = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
+                     if row[1] != 0.0 or row[2] != 0.0}
+        max_abs, bad = grid[:, 1], grid[:, 2]
+        # Three states kept apart: exactly zero (max |g| is 0, from a gradient really read), cleared
+        # (unknown: .grad was gone, or zeroed in place after its run, or a handed-back tensor edited),
+        # and empty (an FSDP shard with no element: nothing to be zero).
+        unknown = _members(order, device.cleared) | (_members(order, device.changed) & (max_abs == 0.0) & (bad == 0))
+        zero = (max_abs == 0.0) & (bad == 0) & ~unknown & ~_members(order, device.empty)
+        hits, via = device.hits, device.via
+        columns = PassColumns(
+            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=_doubles(grid[:, 0]),
+            max_abs=_doubles(max_abs), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
+            via=[via[i] for i in order], order=range(len(order)),
+            stale=[i in stale for i in order] if stale else [False] * len(order), cleared=unknown.tolist())
+        trace = PassTrace.from_columns(columns, name=self.name, params=params, runs=self.runs,
+                                       kinds=list(self.kinds), auto=self.auto, kept_grads=self.watched.keep_grads,
+                                       step_start=self.step_start, failed=self.failed,
+                                       scope=self.scope if "backward" in self.kinds else "local")
+        if self.expected is not None:
+            trace.expected = sorted(self.expected)
+            trace.expected_partial = self.expected_partial
+        return trace, {name: _tensor_facts(rows.tolist()) for name, rows in device.tensor_rows.items()}
+
+
+@dataclass
+class _DeviceFigures:
+    """A finished pass's figures, still on the device (one host transfer reads them)."""
+
+    order: List[int]  # indices of the parameters reached, in backward order
+    hits: Counter
+    via: Dict[int, str]
+    pieces: List[Tuple[List[int], Figures]]  # a later piece overrides an earlier one for the same index
+    bases: Optional[Figures]  # .grad as the pass found it, for staleness
+    stale_candidates: List[int]
+    cleared: Set[int]  # figure unknown: .grad cleared before it could be read, or a handback edited
+    changed: Set[int]  # .grad changed in place after its last run: zero means cleared
+    empty: Set[int]  # the local gradient has no element (an empty FSDP shard): never "exactly zero"
+    tensor_rows: Dict[str, torch.Tensor]
+
+    def grid(self) -> np.ndarray:
+        """(norm, max |g|, NaN/Inf count) of every reached parameter, in ``order``."""
+        order = self.order
+        if len(self.pieces) == 1 and self.pieces[0][0] is order:
+            return self.pieces[0][1].to_host()
+        rows: Dict[int, np.ndarray] = {}
+        for indices, figures in self.pieces:
+            rows.update(zip(indices, figures.to_host()))
+        none = np.zeros(3)
+        return np.array([rows.get(i, none) for i in order], dtype=np.float64).reshape(len(order), 3)
+
+
+@dataclass
+class _Reading:
+    """The pass-end reading of some parameters' gradients."""
+
+    totals: List[torch.Tensor]
+    via: Dict[int, str]
+    cleared: Set[int]
+    changed: Set[int]
+
+    def unknown(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        self.cleared.add(index)
+        return torch.zeros_like(param)
+
+
+def _tensor_facts(rows: List[List[float]]) -> TensorGradFacts:
+    """A registered tensor's gradient over a pass, from one (norm, max |g|, NaN/Inf) row per delivery."""
+    norms = [r[0] for r in rows]
+    top = max(norms)
+    if all(map(math.isfinite, norms)) and top > 0.0:
+        # Scaled by the largest norm: the squares of 1e-200 (float64) would underflow.
+        norm = top * math.sqrt(math.fsum((n / top) ** 2 for n in norms))
+    else:  # zero, or NaN/Inf, which propagate
+        norm = math.sqrt(sum(n * n for n in norms))
+    return TensorGradFacts(hits=len(rows), norm=norm, max_abs=max(r[1] for r in rows),
+                           nonfinite=int(sum(r[2] for r in rows)))
+
+
+def _members(order: List[int], indices: Set[int]) -> np.ndarray:
+    """A bool mask over ``order``: which of its parameters are in ``indices`` (usually none)."""
+    mask = np.zeros(len(order), dtype=bool)
+    if indices:
+        mask[[k for k, i in enumerate(order) if i in indices]] = True
+    return mask
+
+
+def _doubles(values: np.ndarray) -> array.array:
+    """A float column as 8 bytes a value (a list of floats holds 32): a long-open watch keeps many."""
+    column = array.array("d")
+    column.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    return column
+
+
+def _empty(indices: List[int], grads: List[torch.Tensor]) -> Set[int]:
+    """Indices whose local gradient has no element: a plain tensor's numel, a DTensor's local shard's."""
+    if grads and set(map(type, grads)) == {torch.Tensor}:  # the common case, in C-level loops
+        sizes = list(map(torch.Tensor.numel, grads))
+        return set() if all(sizes) else {i for i, n in zip(indices, sizes) if not n}
+    return {i for i, g in zip(indices, grads) if not (g.numel() if type(g) is torch.Tensor else _local_numel(g))}
+
+
+def _local_numel(g: torch.Tensor) -> int:
+    to_local = getattr(g, "to_local", None)  # a DTensor's numel is the global one
+    return (to_local() if callable(to_local) else g).numel()

@@ -8,7 +8,7 @@ runs when it drains (``queue_callback``): no torch function is patched.
 A *nested* run is one started from inside another run's backward (reentrant
 checkpointing recomputes its segment and calls ``torch.autograd.backward``
 from the ``CheckpointFunction``'s backward). Which pass a run belongs to is
-decided elsewhere (``passes.PassAssigner``); this module only describes runs.
+decided elsewhere (``assign.PassAssigner``); this module only describes runs.
 """
 from __future__ import annotations
 
@@ -64,15 +64,15 @@ def started_inside_another_run(depth: int = 2) -> bool:
 class Run:
     """One engine run: its task id, whether it writes ``.grad``, whether it is nested, and what it saw."""
 
-    __slots__ = ("task", "accumulates", "nested", "pass_state", "start", "captured", "tensor_grads")
+    __slots__ = ("task", "accumulates", "nested", "pass_", "start", "captured", "tensor_grads")
 
-    def __init__(self, task: int, nested: bool, pass_state):  # pass_state: a passes.PassState
+    def __init__(self, task: int, nested: bool, pass_):  # pass_: a passes.Pass
         self.task = task
         self.accumulates: Optional[bool] = None  # unknown until a parameter hook fires (a leaf knows)
         self.nested = nested
-        self.pass_state = pass_state
+        self.pass_ = pass_
         # Where this run's hits start in the pass's log: a nested run's hits
         # interleave with its outer run's exactly as the engine delivered them.
-        self.start = len(pass_state.hits)
+        self.start = pass_.hit_count
         self.captured: List[Tuple[int, torch.Tensor]] = []  # autograd.grad: the gradients handed back
         self.tensor_grads: List[Tuple[str, torch.Tensor]] = []

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import pickle
-import socket
 import statistics
 import sys
 import tempfile
@@ -82,11 +81,11 @@ def gather_rows(rank, world, params, passes_list, repeats):
     for passes in passes_list:
         for identical in (False, True):
             trace = synthetic_trace(params, passes, rank, identical)
-            ms = timed(lambda: trace.gather(), repeats)
+            ms = timed(lambda trace=trace: trace.gather(), repeats)
             received = world * (2 * 32 + (0 if identical else passes * params * WIDTH * 8))
             as_dict = storage.to_dict(trace)
             pickled = len(pickle.dumps(as_dict))
-            old_ms = timed(lambda: old_gather(as_dict, world), repeats)
+            old_ms = timed(lambda as_dict=as_dict: old_gather(as_dict, world), repeats)
             rows.append({"ranks": world, "params": params, "passes": passes,
                          "figures": "identical" if identical else "differ", "gather_ms": ms,
                          "ms_per_pass": ms / passes, "bytes_received": received,
@@ -124,7 +123,9 @@ def ddp_step_rows(rank, world, steps):
 
 def worker(rank, world, port, args, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # The parent serves the rendezvous on `port` (bound before the ranks started: no port race).
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
         rows = gather_rows(rank, world, args["params"], args["passes"], args["repeats"])
@@ -136,10 +137,10 @@ def worker(rank, world, port, args, out):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_store() -> dist.TCPStore:
+    """The ranks' rendezvous, served from this process on a port the OS picked while binding it
+    (a port found free, closed and bound again later by rank 0 can be taken in between)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def main(argv=None):
@@ -158,7 +159,8 @@ def main(argv=None):
     for world in (int(r) for r in a.ranks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
-            ctx = mp.start_processes(worker, args=(world, free_port(), args, out), nprocs=world, join=False,
+            store = loopback_store()  # kept alive until the ranks are done
+            ctx = mp.start_processes(worker, args=(world, store.port, args, out), nprocs=world, join=False,
                                      start_method="spawn")
             deadline = time.monotonic() + a.timeout
             while not ctx.join(timeout=1):

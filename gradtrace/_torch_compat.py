@@ -32,8 +32,26 @@ class Probe:
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
     feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
-    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel)
+    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard modules)
     find: Callable[[], Any]
+
+
+def _fsdp1_sync_flag() -> Optional[bool]:
+    """FSDP1's no_sync() flips ``_sync_gradients`` on every unit (an instance attribute: read its code)."""
+    import inspect
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return True if "_sync_gradients" in inspect.unwrap(FullyShardedDataParallel.no_sync).__code__.co_names else None
+
+
+def _fsdp2_state_access() -> Optional[Any]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    needed = (hasattr(FSDPModule, "_get_fsdp_state")
+              and "reduce_grads" in _fsdp_param_group.FSDPParamGroup.__init__.__code__.co_names
+              and hasattr(_fsdp_param.FSDPParam, "sharded_param") is False  # an instance attribute
+              and "_unsharded_param" in _fsdp_param.FSDPParam.init_unsharded_param.__code__.co_names)
+    return FSDPModule._get_fsdp_state if needed else None
 
 
 PROBES = (
@@ -77,6 +95,12 @@ PROBES = (
           "trace.gather(): every rank naming the ranks that did not call it in time", "gather",
           lambda: __import__("torch.distributed.distributed_c10d",
                              fromlist=["_get_default_store"])._get_default_store),
+    Probe("torch.distributed.fsdp.FullyShardedDataParallel._sync_gradients",
+          "watch() of a FullyShardedDataParallel module: telling no_sync() (local gradients) from a synced backward",
+          "fsdp1", lambda: _fsdp1_sync_flag()),
+    Probe("torch.distributed.fsdp.FSDPModule._get_fsdp_state",
+          "watch() of a fully_shard module: its unsharded parameter copies and whether gradient sync is on",
+          "fsdp2", lambda: _fsdp2_state_access()),
     Probe("torch.distributed.fsdp._flat_param.FlatParameter",
           "watch() of a FullyShardedDataParallel module: its flat parameters and the shapes of the originals",
           "fsdp1", lambda: __import__("torch.distributed.fsdp._flat_param", fromlist=["FlatParameter"]).FlatParameter),
@@ -194,3 +218,61 @@ def fsdp1_flat_params(root: nn.Module) -> list:
         if flat is not None and getattr(flat, "_params", None) is not None:  # use_orig_params=True
             groups.append((flat, [(p, list(shape)) for p, shape in zip(flat._params, flat._shapes)]))
     return groups
+
+
+def fsdp1_syncing(units: list) -> bool:
+    """Does FSDP1 reduce-scatter this backward's gradients? (False inside ``no_sync()``.)"""
+    require("fsdp1")
+    return all(getattr(m, "_sync_gradients", True) for m in units)
+
+
+def fsdp1_flat_grads_left(units: list) -> bool:
+    """Does a flat parameter hold a gradient (after ``no_sync()``: the local accumulation waiting for a sync)?"""
+    return any(getattr(m, "_flat_param", None) is not None and m._flat_param.grad is not None for m in units)
+
+
+def fsdp2_groups(root: nn.Module) -> list:
+    """Every FSDP2 parameter group under ``root`` (one per ``fully_shard``-ed module that holds parameters)."""
+    require("fsdp2")
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = []
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                groups.append(group)
+    return groups
+
+
+def fsdp2_syncing(groups: list) -> bool:
+    """Does FSDP2 reduce-scatter this backward's gradients? (False after ``set_requires_gradient_sync(False)``.)"""
+    return all(group.reduce_grads for group in groups)
+
+
+def fsdp2_unsharded_copies(groups: list) -> list:
+    """``[(sharded DTensor parameter, its unsharded copy or None before the first forward), ...]``."""
+    return [(fsdp_param.sharded_param, getattr(fsdp_param, "_unsharded_param", None))
+            for group in groups for fsdp_param in group.fsdp_params]
+
+
+def fsdp2_unsynced_left(groups: list) -> bool:
+    """Does an unsharded copy hold a gradient that no reduce-scatter took yet (sync was off)?"""
+    for group in groups:
+        for fsdp_param in group.fsdp_params:
+            copy = getattr(fsdp_param, "_unsharded_param", None)
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None or (
+                    copy is not None and copy.grad is not None):
+                return True
+    return False
+
+
+def fsdp1_outside_shard(groups: list) -> set:
+    """``{id(original parameter)}`` of those no element of which lies in this rank's shard of its flat
+    parameter: after a synced backward their ``.grad`` is None, which says "nothing here", not "cleared"."""
+    outside = set()
+    for flat, members in groups:
+        infos = getattr(flat, "_shard_param_infos", None)
+        if infos is not None and len(infos) == len(members):
+            outside.update(id(p) for (p, _), info in zip(members, infos) if not info.in_shard)
+    return outside

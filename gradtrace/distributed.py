@@ -64,9 +64,11 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 # Per parameter and pass: sum of squares, max |g|, non-finite count, and the
 # packed integers below (exact in a float64 up to 2**53).
 WIDTH = 4
-ZERO, STALE = 1, 2  # flag bits
+ZERO, STALE, UNKNOWN = 1, 2, 4  # flag bits (UNKNOWN: the figure could not be read, PassTrace.cleared)
+VIA_SHIFT = 3
 VIA = ("backward", "grad", "both")  # two bits above the flags
-HITS_BITS, ORDER_SHIFT = 16, 4 + 16
+FLAG_BITS = VIA_SHIFT + 2
+HITS_BITS, ORDER_SHIFT = 16, FLAG_BITS + 16
 _NEVER = 1 << 40  # a backward order larger than any real one
 
 
@@ -252,10 +254,11 @@ def _pack(p: PassTrace) -> np.ndarray:
     via = {name: i for i, name in enumerate(VIA)}
     flags = (np.asarray(p.column("zero"), dtype=np.int64) * ZERO
              + np.asarray(p.column("stale"), dtype=np.int64) * STALE
-             + (np.fromiter(map(via.__getitem__, p.column("via")), dtype=np.int64) << 2))
+             + np.asarray(p.column("cleared"), dtype=np.int64) * UNKNOWN
+             + (np.fromiter(map(via.__getitem__, p.column("via")), dtype=np.int64) << VIA_SHIFT))
     hits = np.clip(np.asarray(p.column("hits"), dtype=np.int64), 1, (1 << HITS_BITS) - 1)
     order = np.asarray(p.column("order"), dtype=np.int64)
-    return (((order << HITS_BITS) + hits) * 16 + flags).astype(np.float64)
+    return ((((order << HITS_BITS) + hits) << FLAG_BITS) + flags).astype(np.float64)
 
 
 def _digests(blobs: List[bytes]) -> torch.Tensor:
@@ -290,8 +293,8 @@ def _mismatch_message(descriptions: List[Dict[str, Any]], ranks: List[int]) -> s
 # ---- every rank's own figures, read only when asked for ------------------------------------
 def _unpack(packed: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     ints = packed.astype(np.int64)
-    flags = ints & 15
-    hits = (ints >> 4) & ((1 << HITS_BITS) - 1)
+    flags = ints & ((1 << FLAG_BITS) - 1)
+    hits = (ints >> FLAG_BITS) & ((1 << HITS_BITS) - 1)
     order = ints >> ORDER_SHIFT
     return hits, order, flags
 
@@ -340,9 +343,12 @@ class RankFigures(PerRank):
     def _build(self, rows: np.ndarray) -> Dict[str, List[float]]:
         idx = self._reached(rows)
         picked = rows[idx]
-        norm, max_abs = np.sqrt(picked[:, 0]).tolist(), picked[:, 1].tolist()
+        flags = _unpack(picked[:, 3])[2]
+        unknown = (flags & UNKNOWN) > 0  # not read on that rank: no number rather than a zero
+        norm = np.where(unknown, np.nan, np.sqrt(picked[:, 0])).tolist()
+        max_abs = np.where(unknown, np.nan, picked[:, 1]).tolist()
         nonfinite = picked[:, 2].astype(np.int64).tolist()
-        stale = ((_unpack(picked[:, 3])[2] & STALE) > 0).astype(np.int64).tolist()
+        stale = ((flags & STALE) > 0).astype(np.int64).tolist()
         names = self._names
         return {names[i]: [n, m, b, s] for i, n, m, b, s in zip(idx.tolist(), norm, max_abs, nonfinite, stale)}
 
@@ -362,7 +368,7 @@ def _with_columns(p: PassTrace, columns: PassColumns, names: Sequence[str], **ch
                                _covered=None, **changes)
 
 
-def _merged_pass(p: PassTrace, rows: np.ndarray, names: Sequence[str], origin) -> PassTrace:
+def _merged_pass(p: PassTrace, rows: np.ndarray, names: Sequence[str], origin: Dict[str, Any]) -> PassTrace:
     """One pass over every rank: ``rows`` is (world, params, WIDTH)."""
     sumsq, max_abs, nonfinite = rows[..., 0], rows[..., 1], rows[..., 2]
     hits, order, flags = _unpack(rows[..., 3])
@@ -373,10 +379,13 @@ def _merged_pass(p: PassTrace, rows: np.ndarray, names: Sequence[str], origin) -
     else:  # replicas (or per-rank local gradients): the largest any rank saw
         norm, bad = np.sqrt(sumsq.max(0)), nonfinite.max(0)
     top = max_abs.max(0)
-    zero = covered & (top == 0) & (bad == 0) & ((flags & ZERO) > 0).any(0)  # an empty shard never is
+    # One rank's figure unknown: a shard of the whole, or the rank that may hold the largest: unknown.
+    unknown = ((flags & UNKNOWN) > 0).any(0)
+    norm, top = np.where(unknown, 0.0, norm), np.where(unknown, 0.0, top)
+    zero = covered & ~unknown & (top == 0) & (bad == 0) & ((flags & ZERO) > 0).any(0)  # an empty shard never is
     first = np.where(reached, order, _NEVER).min(0)
     via_rank = reached.argmax(0)  # the lowest rank that reached it
-    via = np.take_along_axis(flags, via_rank[None], 0)[0] >> 2
+    via = np.take_along_axis(flags, via_rank[None], 0)[0] >> VIA_SHIFT
     stale = ((flags & STALE) > 0).any(0)
     idx = np.flatnonzero(covered)
     idx = idx[np.argsort(first[idx], kind="stable")]  # backward order, ties in model order
@@ -385,10 +394,9 @@ def _merged_pass(p: PassTrace, rows: np.ndarray, names: Sequence[str], origin) -
         name=[names[i] for i in listed], hits=hits.max(0)[idx].tolist(), norm=_doubles(norm[idx]),
         max_abs=_doubles(top[idx]), zero=zero[idx].tolist(), nonfinite=bad[idx].astype(np.int64).tolist(),
         via=[VIA[v] for v in via[idx].tolist()], order=range(len(listed)), stale=stale[idx].tolist(),
-        # Not carried over the wire: a cleared figure is 0 and not "zero" (its ZERO flag is unset) on its rank.
-        cleared=[False] * len(listed))
+        cleared=unknown[idx].tolist())
     # ``expected`` (parameters reachable from registered tensors) is this rank's, like its tensors: not kept.
-    return _with_columns(p, columns, names, expected=None, expected_partial=False, nonfinite_origin=origin)
+    return _with_columns(p, columns, names, expected=None, expected_partial=False, **origin)
 
 
 def _doubles(values: np.ndarray) -> array.array:
@@ -396,7 +404,7 @@ def _doubles(values: np.ndarray) -> array.array:
     return array.array("d", np.ascontiguousarray(values, dtype=np.float64).tobytes())
 
 
-def _renamed(p: PassTrace, local: LocalView, origin) -> PassTrace:
+def _renamed(p: PassTrace, local: LocalView, origin: Dict[str, Any]) -> PassTrace:
     """This rank's pass under the normalised names (its figures were the same on every rank)."""
     columns = PassColumns(**{f: p.column(f) for f in PassColumns.__dataclass_fields__})
     if local.names != local.local_names:
@@ -405,15 +413,15 @@ def _renamed(p: PassTrace, local: LocalView, origin) -> PassTrace:
         expected = sorted(rename.get(n, n) for n in p.expected) if p.expected is not None else None
     else:
         expected = list(p.expected) if p.expected is not None else None
-    return _with_columns(p, columns, local.names, expected=expected, nonfinite_origin=origin)
+    return _with_columns(p, columns, local.names, expected=expected, **origin)
 
 
-def _merged_origin(name: str, every_origin: List[Dict[str, Any]], ranks: List[int]) -> Optional[NonfiniteOrigin]:
-    """Where a pass's NaN/Inf was born: the first rank's finding, with every rank that found one."""
+def _merged_origin(name: str, every_origin: List[Dict[str, Any]], ranks: List[int]) -> Dict[str, Any]:
+    """Where a pass's NaN/Inf was born: the first rank's finding, and every rank that found one."""
     found = [(rank, origins[name]) for rank, origins in zip(ranks, every_origin) if name in origins]
     if not found:
-        return None
-    return NonfiniteOrigin(**dict(found[0][1], ranks=[rank for rank, _ in found]))
+        return {"nonfinite_origin": None, "nonfinite_ranks": None}
+    return {"nonfinite_origin": NonfiniteOrigin(**found[0][1]), "nonfinite_ranks": [rank for rank, _ in found]}
 
 
 def _merged(trace, factory, local: LocalView, differing: np.ndarray, per_rank: Optional[np.ndarray],

@@ -88,8 +88,10 @@ class LiveTrace(Trace):
                  max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
                  reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
-        recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
+        wrapper = wrapper or wrappers.Wrapper(None)
+        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self,
+                          wrapper=wrapper)
+        recorder = Recorder(watched, wrapper)
         self._recording = Recording(
             recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
             names_by_id={id(p): n for n, p in named}, max_passes=max_passes, identity=identity)
@@ -538,8 +540,8 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
         named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
     trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
                       ParamIdentity.of(named, module_walk, wrapper.kind))
-    if wrapper.kind == "FSDP1":
-        shapes = wrappers.fsdp1_shapes(wrapper)
+    shapes = wrapper.shapes()  # FSDP1 and ZeRO-3 leave a slice or an empty placeholder in place
+    if shapes:
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     stack = contextlib.ExitStack()
     try:
@@ -602,6 +604,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
             handles.append(p.register_post_accumulate_grad_hook(written))
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
+    wrapper.attach(recorder, stack, params, recorder.param_hook, recording.hooks_before.note)
     index_of = {id(p): i for i, p in enumerate(params)}
     for flat, members in wrapper.flat_groups:
         indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]

@@ -39,6 +39,12 @@ def failed_pass(name, error):
     return p
 
 
+def unknown_pass(name, because):
+    p = a_pass(name, **{"head.weight": {"norm": 0.0, "max_abs": 0.0, "cleared": True}})
+    p.unknown_because = because
+    return p
+
+
 def trace(passes_=None, meta=None, **parts):
     return gradtrace.Trace(PARAMS, meta=meta or {}, passes=passes(a_pass("X")) if passes_ is None else passes_,
                            **parts)
@@ -85,6 +91,9 @@ SCENARIOS = {
         name="gen_mask", calls=1, dtype="bool", values=ValueStats(numel=32, zeros=20),
         row_facts={"rows": 4, "empty_rows": 0, "selected_min": 3, "selected_max": 3, "selected_sum": 12,
                    "on_padding": 2, "empty_with_tokens": 0, "left_padded": 3, "right_padded": 0})}),
+    "FIGURES_UNKNOWN": lambda: trace(passes(unknown_pass("X", "a sync averaged it with no_sync microbatches"))),
+    "FLAT_PARAMS": lambda: gradtrace.Trace(("_flat_param",), meta={"wrapper": "FSDP1", "flat_params": True},
+                                           passes={}),
     "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
                                                passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
 }

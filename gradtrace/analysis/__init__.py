@@ -6,6 +6,7 @@
 code: a loaded trace is analysed exactly like a live one.
 """
 from . import checks as _checks  # noqa: F401  (registers every verdict check)
+from . import wrapped as _wrapped  # noqa: F401  (what distributed wrappers hide)
 from .cuts import outermost_cuts
 from .diff import Diff, diff
 from .names import group_by_module

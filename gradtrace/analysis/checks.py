@@ -95,7 +95,7 @@ def _nonfinite_ranks(p: PassTrace, seen: Optional[List[int]]) -> Tuple[str, Opti
     """
     if seen is None:
         return "", None
-    born = list(p.nonfinite_origin.ranks or []) if p.nonfinite_origin else []
+    born = list(p.nonfinite_ranks or [])
     if born:
         others = sorted(set(seen) - set(born))
         carried = f" (reduced into rank(s) {', '.join(map(str, others))}' gradients too)" if others else ""
@@ -705,7 +705,7 @@ def check_no_passes(trace, passes, tensors, cuts):
 def check_cleared(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
-        cleared = sorted(p.cleared)
+        cleared = sorted(p.cleared) if not p.unknown_because else []  # a wrapper's: FIGURES_UNKNOWN says why
         if cleared:
             out.append(Verdict("CLEARED_GRADS", "info",
                                f"pass {p.name!r}: {len(cleared)} gradient(s) were cleared before gradtrace could "

@@ -70,6 +70,7 @@ VIA = ("backward", "grad", "both")  # two bits above the flags
 FLAG_BITS = VIA_SHIFT + 2
 HITS_BITS, ORDER_SHIFT = 16, FLAG_BITS + 16
 _NEVER = 1 << 40  # a backward order larger than any real one
+DIGESTS = 3  # SHA-256 digests every rank sends in the handshake: description, figures, NaN origins
 
 
 def gather(trace, factory, group=None, timeout=None):

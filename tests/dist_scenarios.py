@@ -473,6 +473,19 @@ def late_rank(rank: int, world: int, late: int = None) -> Dict:
     return {"message": message, "seconds": (datetime.datetime.now() - start).total_seconds()}
 
 
+def example_probe(rank: int, world: int) -> Dict:
+    """examples/ddp_probe.py: what its docstring promises is what the merged trace says."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "ddp_probe.py")
+    spec = importlib.util.spec_from_file_location("ddp_probe", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    merged = example.probe(DEVICE, steps=2)
+    return {"divergence": [[v.severity, v.evidence["ranks"], v.evidence["parameters"]]
+                           for v in merged.verdicts() if v.code == "RANK_DIVERGENCE"],
+            "docstring": example.__doc__}
+
+
 # ---- a group of some ranks (a world of 3) -----------------------------------------------------
 def subgroup(rank: int, world: int) -> Dict:
     """gather(group=...) over global ranks 1 and 2: keys, verdicts and errors name them 1 and 2, not 0 and 1."""
@@ -509,11 +522,11 @@ SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, ddp_micr
              fsdp2_sync_off, fsdp1_flat, nan_under_ddp, nan_on_rank_1, stale_on_rank_1,
              union_and_divergence,
              lambda rank, world: union_and_divergence(rank, world, find_unused=True), wrapper_prefix,
-             mismatched_passes, expected_reduction, late_rank]
+             mismatched_passes, expected_reduction, example_probe, late_rank]
 NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "ddp_microbatches", "fsdp1_no_sync",
          "fsdp2_sync_off", "fsdp1_flat", "nan_under_ddp", "nan_on_rank_1", "stale_on_rank_1",
          "union_and_divergence", "find_unused", "wrapper_prefix", "mismatched_passes", "expected_reduction",
-         "late_rank"]
+         "example_probe", "late_rank"]
 # A world of 3: a group of two of its ranks, and a late rank among three.
 TRIO_SCENARIOS = [subgroup, late_rank]
 TRIO_NAMES = ["subgroup", "late_rank"]

@@ -123,6 +123,12 @@ def test_the_local_trace_survives_ddps_unfinished_reduction_error(ranks):
         assert r["missing"] == {"backward-1": ["module.b.bias", "module.b.weight"]}
 
 
+def test_the_ddp_example_names_the_rank_its_docstring_names(ranks):
+    for r in result(ranks, "example_probe"):
+        assert r["divergence"] == [["warning", [1], ["b.bias", "b.weight"]]] * 2  # two steps
+        assert "naming ``b`` and rank 1" in " ".join(r["docstring"].split())
+
+
 def test_every_rank_names_the_late_rank_within_the_timeout(ranks):
     early, late = result(ranks, "late_rank")
     for r in (early, late):

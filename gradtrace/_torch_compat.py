@@ -32,7 +32,8 @@ class Probe:
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
     feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
-    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard modules)
+    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard modules),
+    # "ddp_module" (watching the module inside a DDP under torch.distributed)
     find: Callable[[], Any]
 
 
@@ -52,6 +53,12 @@ def _fsdp2_state_access() -> Optional[Any]:
               and hasattr(_fsdp_param.FSDPParam, "sharded_param") is False  # an instance attribute
               and "_unsharded_param" in _fsdp_param.FSDPParam.init_unsharded_param.__code__.co_names)
     return FSDPModule._get_fsdp_state if needed else None
+
+
+def _ddp_active_module_access() -> Optional[Any]:
+    """DDP names itself in a class attribute while it runs its module's forward."""
+    ddp = nn.parallel.DistributedDataParallel
+    return ddp._get_active_ddp_module if "_active_ddp_module" in vars(ddp) else None
 
 
 PROBES = (
@@ -101,6 +108,10 @@ PROBES = (
     Probe("torch.distributed.fsdp.FSDPModule._get_fsdp_state",
           "watch() of a fully_shard module: its unsharded parameter copies and whether gradient sync is on",
           "fsdp2", lambda: _fsdp2_state_access()),
+    Probe("torch.nn.parallel.DistributedDataParallel._active_ddp_module",
+          "watch() of the module inside a DistributedDataParallel: finding the wrapper (whose all-reduce "
+          "decides what .grad holds) from the module's forward", "ddp_module",
+          lambda: _ddp_active_module_access()),
     Probe("torch.distributed.fsdp._flat_param.FlatParameter",
           "watch() of a FullyShardedDataParallel module: its flat parameters and the shapes of the originals",
           "fsdp1", lambda: __import__("torch.distributed.fsdp._flat_param", fromlist=["FlatParameter"]).FlatParameter),
@@ -276,3 +287,9 @@ def fsdp1_outside_shard(groups: list) -> set:
         if infos is not None and len(infos) == len(members):
             outside.update(id(p) for (p, _), info in zip(members, infos) if not info.in_shard)
     return outside
+
+
+def active_ddp(module: nn.Module) -> Optional[nn.Module]:
+    """The DistributedDataParallel running ``module``'s forward right now, if ``module`` is the one it wraps."""
+    ddp = _get("torch.nn.parallel.DistributedDataParallel._active_ddp_module")()
+    return ddp if ddp is not None and getattr(ddp, "module", None) is module else None

@@ -604,7 +604,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
             handles.append(p.register_post_accumulate_grad_hook(written))
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
-    wrapper.attach(recorder, stack, params, recorder.param_hook, recording.hooks_before.note)
+    wrapper.attach(recorder, stack, params, recorder.param_hook, recording.hooks_before.note, trace.meta)
     index_of = {id(p): i for i, p in enumerate(params)}
     for flat, members in wrapper.flat_groups:
         indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]

@@ -258,6 +258,27 @@ def ddp_microbatches(rank: int, world: int) -> Dict:
             "errors": [v.code for v in trace.verdicts() if v.severity == "error"]}
 
 
+def ddp_module_watched(rank: int, world: int) -> Dict:
+    """watch(ddp.module): the DDP around it is found at its forward; its figures are labelled as they are."""
+    ddp = DDP(six_params())
+    with gradtrace.watch(ddp.module) as trace:
+        with trace.pass_("alone"):  # the module's own forward, outside DDP: local
+            ddp.module(data(rank, 9)).sum().backward()
+        ddp.zero_grad()
+        with trace.pass_("mb0"):
+            with ddp.no_sync():
+                ddp(data(rank, 0)).sum().backward()
+        local = grad_norms(ddp.module)
+        ddp.zero_grad()
+        with trace.pass_("step"):
+            ddp(data(rank, 1)).sum().backward()
+        reduced = grad_norms(ddp.module)
+    return {"wrapper": trace.meta.wrapper, "scopes": {n: p.scope for n, p in trace.passes.items()},
+            "mb0_bad": mismatches(trace.passes["mb0"], local), "step_bad": mismatches(trace.passes["step"], reduced),
+            "step_vs_hand": mismatches(trace.passes["step"], {n: float(g.norm())
+                                                              for n, g in full_gradient(world, 1, six_params).items()})}
+
+
 def fsdp1_no_sync(rank: int, world: int) -> Dict:
     """FSDP1: a no_sync pass holds this rank's full local gradient (scope local, never summed as shards);
     the synced pass after it also reduces the no_sync microbatch: unknown; one pass over both is exact."""
@@ -518,12 +539,14 @@ def subgroup(rank: int, world: int) -> Dict:
             "mismatch": expect_error(mismatched)}
 
 
-SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, ddp_microbatches, fsdp1_no_sync,
+SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, ddp_microbatches, ddp_module_watched,
+             fsdp1_no_sync,
              fsdp2_sync_off, fsdp1_flat, nan_under_ddp, nan_on_rank_1, stale_on_rank_1,
              union_and_divergence,
              lambda rank, world: union_and_divergence(rank, world, find_unused=True), wrapper_prefix,
              mismatched_passes, expected_reduction, example_probe, late_rank]
-NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "ddp_microbatches", "fsdp1_no_sync",
+NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "ddp_microbatches", "ddp_module_watched",
+         "fsdp1_no_sync",
          "fsdp2_sync_off", "fsdp1_flat", "nan_under_ddp", "nan_on_rank_1", "stale_on_rank_1",
          "union_and_divergence", "find_unused", "wrapper_prefix", "mismatched_passes", "expected_reduction",
          "example_probe", "late_rank"]

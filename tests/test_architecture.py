@@ -133,7 +133,7 @@ def test_a_missing_private_api_is_an_error_naming_torch_and_the_feature(probe, m
     model = torch.nn.Linear(2, 2)
     cuts = "ops" if probe.feature == "ops" else "modules"
     with pytest.raises(GradtraceError) as caught:
-        if probe.feature in ("gather", "fsdp1", "fsdp2"):  # asked by gather() / watch of an FSDP module only
+        if probe.feature in ("gather", "fsdp1", "fsdp2", "ddp_module"):  # asked by gather() / watch of a wrapped module only
             _torch_compat.require(probe.feature)
         with gradtrace.watch(model, cuts=cuts):
             pass

@@ -167,6 +167,13 @@ def test_ddp_microbatch_passes_are_exact_or_unknown_never_per_rank_under_reduced
         assert r["codes"] == {"FIGURES_UNKNOWN": ["mb1"]} and r["errors"] == []
 
 
+def test_watching_ddps_module_finds_ddp_and_labels_reduced_figures_reduced(ranks):
+    for r in result(ranks, "ddp_module_watched"):
+        assert r["wrapper"] == "DDP"
+        assert r["scopes"] == {"alone": "local", "mb0": "local", "step": "reduced"}
+        assert r["mb0_bad"] == [] and r["step_bad"] == [] and r["step_vs_hand"] == []
+
+
 def test_fsdp1_no_sync_pass_is_local_and_the_next_synced_one_unknown(ranks):
     for r in result(ranks, "fsdp1_no_sync"):
         assert r["scopes"] == {"mb0": "local", "mb1": "sharded", "step": "sharded"}

@@ -173,12 +173,22 @@ class Wrapper:
             return self.engine.shapes()
         return {id(p): shape for _, members in self.flat_groups for p, shape in members}
 
+    def adopt_ddp(self, ddp: nn.Module) -> None:
+        """The watched module turned out to run inside ``ddp``: its all-reduce decides what .grad holds."""
+        self.kind, self.root = "DDP", ddp
+        self.find_unused_parameters = bool(ddp.find_unused_parameters)
+
     def attach(self, recorder, stack: contextlib.ExitStack, params: List[torch.Tensor],
-               hook_for: Callable[[int], Callable], note: Callable[[torch.Tensor], None]) -> None:
+               hook_for: Callable[[int], Callable], note: Callable[[torch.Tensor], None], meta=None) -> None:
         """Hooks a wrapper needs beyond the parameters' own, each undone by ``stack``.
 
         ``hook_for(index)``: the parameter hook of watched parameter ``index``; ``note(tensor)``:
-        call before the first hook goes on a tensor (its hook containers are given back on exit)."""
+        call before the first hook goes on a tensor (its hook containers are given back on exit);
+        ``meta``: the trace's, updated when a wrapper is found later (a DDP around the watched module)."""
+        if self.kind is None and self.root is not None and _in_a_process_group():
+            finder = InnerDdp(self, meta)
+            stack.callback(finder.remove)
+            finder.attach()
         if self.kind == "FSDP2":
             copies = Fsdp2Copies(self.root, self.fsdp2_groups, params, hook_for, note)
             stack.callback(copies.remove)
@@ -204,6 +214,46 @@ def distributed_wrapper(root: Optional[nn.Module], params: List[torch.Tensor]) -
         from .._torch_compat import fsdp2_groups
         return Wrapper("FSDP2", root, fsdp2_groups=fsdp2_groups(root) if root is not None else [])
     return Wrapper(None, root)
+
+
+def _in_a_process_group() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class InnerDdp:
+    """Finds the DDP that runs the watched module (``watch(ddp.module)``), at its first forward.
+
+    Nothing on the module says DDP wraps it, and DDP's all-reduce decides what
+    ``.grad`` holds: unnoticed, reduced figures would be labelled ``local``.
+    DDP names itself while it runs its module's forward; a forward pre-hook on
+    the watched module reads that once, and adopts the wrapper for every run
+    that follows.
+    """
+
+    def __init__(self, wrapper: Wrapper, meta):
+        self.wrapper = wrapper
+        self.meta = meta
+        self.handle = None
+
+    def attach(self) -> None:
+        from .._torch_compat import require
+        require("ddp_module")
+        self.handle = self.wrapper.root.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        from .._torch_compat import active_ddp
+        ddp = active_ddp(module)
+        if ddp is not None:  # until then, forwards outside it (evaluation on ddp.module) change nothing
+            self.wrapper.adopt_ddp(ddp)
+            if self.meta is not None:
+                self.meta.update(wrapper="DDP", find_unused_parameters=self.wrapper.find_unused_parameters)
+            self.remove()
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 class Fsdp2Copies:

@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from . import _torch_compat
 from .errors import GradtraceError
+from .gc_pause import gc_paused
 from .records import NonfiniteOrigin, PassColumns, PassTrace
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
@@ -80,6 +81,11 @@ def gather(trace, factory, group=None, timeout=None):
                              "(dist.init_process_group); on one process use the trace itself")
     ring = Ring(group, _as_timedelta(timeout))
     ring.arrive()
+    with gc_paused():  # a list or two per parameter and pass: no cycles, many collections otherwise
+        return _gather(trace, factory, ring)
+
+
+def _gather(trace, factory, ring: "Ring"):
     local = LocalView(trace)
     figures = local.figures()
     origins = local.origins()
@@ -220,7 +226,8 @@ class LocalView:
     def __init__(self, trace):
         prefix = trace.meta.name_prefix or ""
         self.names = [normalised_name(n, prefix) for n in trace.params]
-        self.shapes = [list(trace.param_shapes.get(n, [])) for n in trace.params]
+        shapes = trace.param_shapes
+        self.shapes = [shapes.get(n, ()) for n in trace.params]  # read only: no copy each
         self.local_names = list(trace.params)
         self.passes: Dict[str, PassTrace] = trace.passes
         self.pass_names = list(self.passes)
@@ -435,7 +442,8 @@ def _merged(trace, factory, local: LocalView, differing: np.ndarray, per_rank: O
         j = column_of.get(k)
         if j is None:  # bit-identical on every rank: this rank's pass is the merged one
             passes[pass_name] = _renamed(p, local, origin)
-            covered = [n for n in names if n in passes[pass_name].covered]
+            reached = passes[pass_name].covered
+            covered = [n for n in names if n in reached]
             coverage[pass_name] = {r: covered for r in ranks}
             continue
         rows = per_rank[:, j]
@@ -444,7 +452,7 @@ def _merged(trace, factory, local: LocalView, differing: np.ndarray, per_rank: O
         passes[pass_name] = _merged_pass(p, rows, names, origin)
     meta = trace.meta.copy()
     meta.world_size, meta.ranks, meta.name_prefix = len(ranks), list(ranks), ""
-    shapes = dict(zip(names, local.shapes))
+    shapes = {n: list(s) for n, s in zip(names, local.shapes)}
     return factory(names, shapes, meta, passes=passes, tensors=dict(trace.tensors), scalars=dict(trace.scalars),
                    cuts=list(trace.cuts), inner_products=list(trace.inner_products), rank_coverage=coverage,
                    rank_figures=rank_figures)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import numbers
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from .capture.reach import reachable_params
 from .capture.reading import READ_AT
 from .capture.recorder import Recorder
 from .errors import GradtraceError
+from .gc_pause import gc_paused
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
 from .trace import Trace
 
@@ -546,7 +546,7 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
     stack = contextlib.ExitStack()
     try:
         _claim(stack, named)
-        with _gc_paused():
+        with gc_paused():
             _register(stack, trace, [p for _, p in named], root, module_walk, cuts, optimizer, wrapper)
         try:
             yield trace
@@ -554,26 +554,8 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
             trace._close(e)
             raise
     finally:
-        with _gc_paused():
+        with gc_paused():
             stack.close()  # every hook out, whether registering finished or not
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No garbage collection while hooks go on or come off.
-
-    Registering thousands of hooks allocates tens of thousands of objects, and each
-    700 of them start a collection that walks every object of the process (a model's
-    modules and tensors included): on a 1,000-module chain that was 60 of the 94 us per
-    parameter of entering and leaving a watch. Nothing here makes cycles to collect.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],

@@ -1,40 +1,218 @@
-"""Every private torch API gradtrace uses, probed once, in one place.
+"""Every private torch API gradtrace uses, probed in one place.
 
-Private APIs change between torch releases without notice. Each one is looked
-up here when gradtrace is imported; the rest of the package imports the
-result from this module and never reaches into ``torch._C`` itself. A missing
-API never degrades into a silent wrong number: ``require`` (called by
-``watch`` before it registers anything) raises ``GradtraceError`` naming the
-torch version and what would not work, and the stand-in left in place of a
-missing callable raises the same error if it is ever reached.
+Private APIs change between torch releases without notice. Each one gradtrace
+relies on is a :class:`Probe` here: where it lives (looked up once, when first
+needed) and, where only behaviour can tell, a self-test that exercises it the
+way gradtrace does (run once, by the first ``watch`` that needs the feature).
+The rest of the package imports the result from this module and never reaches
+into torch's internals itself. A missing or changed API never degrades into a
+silent wrong number: ``require`` (called by ``watch`` before it registers
+anything) raises ``GradtraceError`` naming the torch version, the API and what
+would not work, and the stand-in left in place of a missing callable raises the
+same error if it is ever reached.
 
 Loading and analysing a saved trace uses none of these.
 """
 from __future__ import annotations
 
 import operator
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .errors import GradtraceError
 
-# The torch releases the test suite runs on (setup.cfg declares the same range).
-TESTED_TORCH = "2.13"
+__all__ = ["Probe", "PROBES", "TORCH_RANGE", "require", "missing", "saved_tensors", "fsdp1_flat_params",
+           "fsdp1_syncing", "fsdp1_flat_grads_left", "fsdp1_outside_shard", "fsdp2_groups", "fsdp2_syncing",
+           "fsdp2_unsharded_copies", "fsdp2_unsynced_left", "active_ddp"]
+
+# The torch releases the test suite runs on: >= the first, < the second (setup.cfg declares the same;
+# a test keeps them equal).
+TORCH_RANGE: Tuple[Tuple[int, int], Tuple[int, int]] = ((2, 6), (2, 16))
+
+
+def _release(version: Tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+TESTED_TORCH = f"{_release(TORCH_RANGE[0])} to {_release((TORCH_RANGE[1][0], TORCH_RANGE[1][1] - 1))}"
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One private torch API: where it lives and what gradtrace needs it for."""
+    """One private torch API: where it lives, what gradtrace needs it for, how to tell it still works."""
 
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
     feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
-    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard modules),
-    # "ddp_module" (watching the module inside a DDP under torch.distributed)
-    find: Callable[[], Any]
+    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard
+    # modules), "ddp_module" (watching the module inside a DDP under torch.distributed)
+    find: Callable[[], Any]  # the object; AttributeError/ImportError when this torch lacks it
+    check: Optional[Callable[[Any], None]] = None  # a self-test of the behaviour gradtrace relies on; raises
+
+
+# ---- self-tests: each exercises one private API exactly as gradtrace uses it ---------------------
+# They run once, on the CPU, with grad on, the first time ``require`` asks for their feature.
+
+
+def _leaf() -> torch.Tensor:
+    return torch.zeros(2, device="cpu", requires_grad=True)
+
+
+def _check_backward_hooks_on_a_leaf(_) -> None:
+    """hook_state.HookBatch: a dict assigned to a leaf's ``_backward_hooks`` is called by the engine, and
+    assigning None again drops it (hook_state.restore)."""
+    leaf, fired = _leaf(), []
+    leaf._backward_hooks = OrderedDict([(0, lambda g: fired.append(1))])
+    (leaf * 2).sum().backward()
+    leaf._backward_hooks = None
+    (leaf * 2).sum().backward()
+    if fired != [1]:
+        raise AssertionError(f"a hook put in a leaf's _backward_hooks fired {len(fired)} times in 2 backwards, "
+                             "not once")
+
+
+def _check_register_hook_dict(_) -> None:
+    """hook_state.HookBatch: a non-leaf's hook dict is handed to its grad_fn with ``_register_hook_dict``."""
+    inner, fired = _leaf() * 2, []
+    inner._backward_hooks = OrderedDict([(0, lambda g: fired.append(1))])
+    inner.grad_fn._register_hook_dict(inner)
+    inner.sum().backward()
+    if fired != [1]:
+        raise AssertionError("a hook dict registered on a non-leaf's grad_fn did not fire")
+
+
+def _check_post_accumulate_container(_) -> None:
+    if _leaf()._post_accumulate_grad_hooks is not None:
+        raise AssertionError("a new tensor's _post_accumulate_grad_hooks is not None")
+
+
+def _check_forward_hooks_with_kwargs(_) -> None:
+    """hook_state.HookBatch.forward_hook: a module hook put straight into the two dicts gets the kwargs."""
+    module, seen = nn.Identity(), []
+    module._forward_hooks[-1] = lambda mod, args, kwargs, out: seen.append((args, kwargs))
+    module._forward_hooks_with_kwargs[-1] = True
+    try:
+        module(torch.zeros(1, device="cpu"))
+    finally:
+        module._forward_hooks.pop(-1, None)
+        module._forward_hooks_with_kwargs.pop(-1, None)
+    if len(seen) != 1 or seen[0][1] != {}:
+        raise AssertionError("a hook put in _forward_hooks/_forward_hooks_with_kwargs was not called with kwargs")
+
+
+def _check_handle_counter(handle_class) -> None:
+    """hook_state.HookBatch takes hook ids from RemovableHandle's class counter, as handles do."""
+    first = handle_class.next_id
+    handle = handle_class(OrderedDict())
+    if not isinstance(first, int) or handle.id != first or handle_class.next_id != first + 1:
+        raise AssertionError("RemovableHandle ids no longer come from RemovableHandle.next_id")
+
+
+def _check_module_containers(_) -> None:
+    """modules.named_modules / named_parameters read ``_modules`` and ``_parameters`` directly."""
+    model = nn.Sequential(nn.Linear(1, 1, device="cpu"))
+    if model._modules.get("0") is not model[0] or model[0]._parameters.get("weight") is not model[0].weight:
+        raise AssertionError("Module._modules / Module._parameters no longer hold children and parameters")
+
+
+def _check_module_call_frames(_) -> None:
+    """frames.innermost_module / module_caller: below a forward lies the module's ``_call_impl`` frame
+    (``self`` is the module), and every frame between it and the module's caller is in its file."""
+    found = []
+
+    class Probing(nn.Module):
+        def forward(self, x):
+            frame, call, caller = sys._getframe(1), None, None
+            while frame is not None:
+                if frame.f_code is MODULE_CALL_CODE and frame.f_locals.get("self") is self:
+                    call = frame
+                if frame.f_code.co_filename != MODULE_CALL_FILE and call is not None and caller is None:
+                    caller = frame
+                frame = frame.f_back
+            found.append((call, caller))
+            return x
+
+    here = sys._getframe()
+    Probing()(torch.zeros(1, device="cpu"))
+    call, caller = found[0]
+    if call is None:
+        raise AssertionError("no Module._call_impl frame (with the module as `self`) below a forward")
+    if caller is not here:
+        raise AssertionError("frames between a module's caller and its forward are not all in "
+                             "Module._call_impl's file")
+
+
+def _check_checkpoint_file(_) -> None:
+    """frames.checkpoint_on_stack: reentrant checkpointing runs the segment from CheckpointFunction's file."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    seen = []
+
+    def segment(x):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename != CHECKPOINT_FILE:
+            frame = frame.f_back
+        seen.append(frame is not None and not torch.is_grad_enabled())
+        return x * 2
+
+    # What checkpoint(use_reentrant=True) runs; calling checkpoint() itself would import torch._dynamo (~3 s).
+    CheckpointFunction.apply(segment, False, _leaf())
+    if seen != [True]:
+        raise AssertionError("reentrant checkpointing did not run its segment without grad under "
+                             "CheckpointFunction's file")
+
+
+def _check_function_backward_codes(_) -> None:
+    """frames.function_backward_on_stack: a custom Function's backward runs under BackwardCFunction.apply."""
+    seen = []
+
+    class Probing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code not in FUNCTION_BACKWARD_CODES:
+                frame = frame.f_back
+            seen.append(frame is not None)
+            return g
+
+    Probing.apply(_leaf()).sum().backward()
+    if seen != [True]:
+        raise AssertionError("a custom Function's backward does not run under BackwardCFunction.apply")
+
+
+def _check_function_outputs_gain_history(_) -> None:
+    """opcuts: a custom Function's outputs are the very tensors its forward returned, given a history
+    afterwards (how ops inside its forward, run without grad by design, are told from a cut)."""
+    made = []
+
+    class Probing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            out = x * x
+            made.append((out, out.requires_grad))
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    out = Probing.apply(_leaf())
+    if not made or made[0][0] is not out or made[0][1] or not out.requires_grad:
+        raise AssertionError("a custom Function's output is not its forward's tensor given a grad_fn")
+
+
+def _functions_backward_codes() -> frozenset:
+    cls = torch.autograd.function.BackwardCFunction
+    return frozenset(getattr(cls, name).__code__ for name in ("apply", "apply_boxed") if hasattr(cls, name))
 
 
 def _fsdp1_sync_flag() -> Optional[bool]:
@@ -80,15 +258,44 @@ PROBES = (
     Probe("torch.Tensor._cdata",
           "telling a parameter swapped in place (torch.utils.swap_tensors) from the one watch hooked",
           "capture", lambda: torch.Tensor._cdata),
+    Probe("torch.Tensor._backward_hooks",
+          "putting parameter hooks on and taking them off without a RemovableHandle each", "capture",
+          lambda: torch.Tensor._backward_hooks, _check_backward_hooks_on_a_leaf),
+    Probe("torch.autograd.graph.Node._register_hook_dict",
+          "hooks on registered tensors that are not leaves", "capture",
+          lambda: (_leaf() * 2).grad_fn._register_hook_dict, _check_register_hook_dict),
+    Probe("torch.Tensor._post_accumulate_grad_hooks",
+          "leaving no hook container behind on parameters", "capture",
+          lambda: torch.Tensor._post_accumulate_grad_hooks, _check_post_accumulate_container),
+    Probe("torch.nn.Module._forward_hooks_with_kwargs",
+          "module forward hooks that see inputs passed by keyword (cut detection)", "capture",
+          lambda: nn.Module()._forward_hooks_with_kwargs, _check_forward_hooks_with_kwargs),
+    Probe("torch.utils.hooks.RemovableHandle.next_id",
+          "hook ids that never collide with the user's", "capture",
+          lambda: torch.utils.hooks.RemovableHandle, _check_handle_counter),
+    Probe("torch.nn.Module._modules / _parameters",
+          "walking deep module trees without recursion", "capture",
+          lambda: nn.Module, _check_module_containers),
+    Probe("torch.nn.Module._call_impl",
+          "finding the module an op ran in and the line that called a module (cut locations)", "capture",
+          lambda: nn.Module._call_impl.__code__, _check_module_call_frames),
+    Probe("torch.utils.checkpoint.CheckpointFunction",
+          "telling reentrant checkpointing from no_grad (GRAPH_CUT kind 'checkpoint')", "capture",
+          lambda: __import__("torch.utils.checkpoint", fromlist=["CheckpointFunction"]
+                             ).CheckpointFunction.forward.__code__.co_filename,
+          _check_checkpoint_file),
+    Probe("torch.autograd.function.BackwardCFunction.apply",
+          "telling engine runs nested in a custom Function's backward (reentrant checkpointing)", "capture",
+          lambda: _functions_backward_codes() or None, _check_function_backward_codes),
     Probe("torch._utils._flatten_dense_tensors",
           "pass-end statistics of small gradients (one fused buffer)", "stats",
           lambda: __import__("torch._utils", fromlist=["_flatten_dense_tensors"])._flatten_dense_tensors),
     Probe("torch._foreach_norm",
           "pass-end statistics of large gradients", "stats",
           lambda: torch._foreach_norm),
-    Probe("torch.nn.Module._call_impl",
-          "cuts='ops': finding the module an op ran in", "ops",
-          lambda: nn.Module._call_impl.__code__),
+    Probe("torch.autograd.Function.apply",
+          "cuts='ops': telling a custom Function's forward (no grad by design) from a cut", "ops",
+          lambda: torch.autograd.Function.apply, _check_function_outputs_gain_history),
     Probe("torch.overrides._get_current_function_mode_stack",
           "cuts='ops': taking the mode off the stack on exit", "ops",
           lambda: torch.overrides._get_current_function_mode_stack),
@@ -116,33 +323,56 @@ PROBES = (
           "watch() of a FullyShardedDataParallel module: its flat parameters and the shapes of the originals",
           "fsdp1", lambda: __import__("torch.distributed.fsdp._flat_param", fromlist=["FlatParameter"]).FlatParameter),
 )
+_BY_NAME = {probe.name: probe for probe in PROBES}
+
+# name -> the object, or None when missing or broken; filled on first use (the FSDP1 lookup alone costs
+# ~1 s of imports, and only a watch of an FSDP1 module needs it).
+FOUND: Dict[str, Optional[Any]] = {}
+BROKEN: Dict[str, str] = {}  # name -> what its self-test saw
+_CHECKED: set = set()
 
 
 def _find(probe: Probe) -> Optional[Any]:
-    try:
-        return probe.find()
-    except (AttributeError, ImportError):
-        return None
+    if probe.name not in FOUND:
+        try:
+            FOUND[probe.name] = probe.find()
+        except (AttributeError, ImportError):
+            FOUND[probe.name] = None
+    return FOUND[probe.name]
 
 
-FOUND: Dict[str, Optional[Any]] = {probe.name: _find(probe) for probe in PROBES}
+def _works(probe: Probe) -> bool:
+    """Found, and its self-test (run once) passed."""
+    if _find(probe) is None:
+        return False
+    if probe.check is not None and probe.name not in _CHECKED:
+        _CHECKED.add(probe.name)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                probe.check(FOUND[probe.name])
+        except Exception as exc:  # whatever a changed torch raises: the API does not work as gradtrace uses it
+            BROKEN[probe.name] = f"{type(exc).__name__}: {exc}"
+            FOUND[probe.name] = None
+    return FOUND[probe.name] is not None
 
 
 def missing(features: Iterable[str]) -> list:
-    """The probes of ``features`` that this torch does not have."""
+    """The probes of ``features`` that this torch lacks or that fail their self-test."""
     wanted = set(features)
-    return [p for p in PROBES if p.feature in wanted and FOUND[p.name] is None]
+    return [p for p in PROBES if p.feature in wanted and not _works(p)]
 
 
 def _message(probes) -> str:
-    lines = "; ".join(f"{p.name} ({p.needed_for})" for p in probes)
+    lines = "; ".join(f"{p.name} ({p.needed_for}" + (f"; self-test: {BROKEN[p.name]}" if p.name in BROKEN else "")
+                      + ")" for p in probes)
     return (f"gradtrace cannot watch gradients on torch {torch.__version__}: it lacks {lines}. "
             f"gradtrace is tested on torch {TESTED_TORCH}; install a tested torch "
-            f"(pip install 'torch=={TESTED_TORCH}.*') or a gradtrace release made for this one.")
+            f"(pip install 'torch>={_release(TORCH_RANGE[0])},<{_release(TORCH_RANGE[1])}') "
+            f"or a gradtrace release made for this one.")
 
 
 def require(*features: str) -> None:
-    """Raise GradtraceError before anything is registered when a needed private API is missing."""
+    """Raise GradtraceError before anything is registered when a needed private API is missing or broken."""
     absent = missing(features)
     if absent:
         raise GradtraceError(_message(absent))
@@ -159,10 +389,9 @@ class _Absent:
 
 
 def _get(name: str) -> Any:
-    value = FOUND[name]
-    if value is None:
-        return _Absent(next(p for p in PROBES if p.name == name))
-    return value
+    probe = _BY_NAME[name]
+    value = _find(probe)
+    return _Absent(probe) if value is None else value
 
 
 queue_callback = _get("torch.autograd.Variable._execution_engine.queue_callback")
@@ -172,10 +401,15 @@ will_engine_execute_node = _get("torch._C._will_engine_execute_node")
 is_batched_grad = _get("torch._C._functorch.is_legacy_batchedtensor")
 flatten_dense_tensors = _get("torch._utils._flatten_dense_tensors")
 foreach_norm = _get("torch._foreach_norm")
-MODULE_CALL_CODE = _get("torch.nn.Module._call_impl")  # a code object: compared with `is` against frames
 function_mode_stack = _get("torch.overrides._get_current_function_mode_stack")
 pop_function_mode = _get("torch._C._pop_torch_function_stack")
 push_function_mode = _get("torch._C._push_on_torch_function_stack")
+# Frames the stack walks in capture/frames.py look for (code objects compared with `is`, files with ==).
+# A missing one leaves a value no frame matches; require("capture") refuses to watch before that matters.
+MODULE_CALL_CODE = _find(_BY_NAME["torch.nn.Module._call_impl"])
+MODULE_CALL_FILE = getattr(MODULE_CALL_CODE, "co_filename", "<missing: torch.nn.Module._call_impl>")
+CHECKPOINT_FILE = _find(_BY_NAME["torch.utils.checkpoint.CheckpointFunction"]) or "<missing: CheckpointFunction>"
+FUNCTION_BACKWARD_CODES = _find(_BY_NAME["torch.autograd.function.BackwardCFunction.apply"]) or frozenset()
 
 
 _SAVED_NAMES: dict = {}

@@ -198,6 +198,34 @@ def trainer_steps(rank: int, world: int, stage: int, out: str) -> Dict:
             "codes": [v.code for v in merged.verdicts() if v.severity != "info"]}
 
 
+def trainer_callback(rank: int, world: int, stage: int, out: str) -> Dict:
+    """gradtrace's own Trainer callback (attached) with deepspeed=: it watches the engine; its merged trace at
+    train end equals the Trainer's grad_norm; its per-step metrics say shard-local figures are a shard's."""
+    import transformers
+    from gradtrace.integrations.transformers import GradtraceCallback
+    from tiny_trainer import LogCollector, lm_data, make_llama, make_tokenizer, training_args
+
+    tokenizer = make_tokenizer()
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True}
+    collector, callback = LogCollector(), GradtraceCallback(print_errors=False)
+    args = training_args(os.path.join(out, f"callback{stage}-{rank}"), max_steps=2, gradient_accumulation_steps=2,
+                         deepspeed=config, max_grad_norm=1.0)
+    trainer = transformers.Trainer(model=make_llama(len(tokenizer)), args=args, train_dataset=lm_data(tokenizer, 16),
+                                   data_collator=transformers.default_data_collator, callbacks=[collector])
+    callback.attach(trainer)
+    trainer.train()
+    merged = callback.merged
+    logged = [logs for _, logs in collector.logs if "grad_norm" in logs]
+    return {"wrapper": callback.trace.meta.wrapper, "zero_stage": callback.trace.meta.zero_stage,
+            "grad_norm": [float(v) for v in collector.grad_norms().values()],
+            "merged": [p.total_norm for p in merged.passes.values()] if merged is not None else None,
+            "logged_keys": sorted({k for logs in logged for k in logs if k.startswith("gradtrace/")
+                                   and k.endswith("total_norm")}),
+            "codes": [v.code for v in merged.verdicts() if v.severity != "info"] if merged is not None else None}
+
+
 TRAINER_STAGES = (2, 3)
 
 
@@ -226,6 +254,7 @@ def worker(rank: int, world: int, port: int, out: str, only: List[str]) -> None:
             transformers.logging.set_verbosity_error()
             for stage in TRAINER_STAGES:
                 results[f"trainer/{stage}"] = _run(trainer_steps, rank, world, stage, out)
+            results["callback/3"] = _run(trainer_callback, rank, world, 3, out)
     finally:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, default=str)

@@ -108,3 +108,13 @@ def test_the_hf_trainer_with_deepspeed_gives_its_own_grad_norm(ranks, stage):
         for step, norm in r["grad_norm"].items():
             assert ds_scenarios.close(r["traced"][f"step-{step}"], norm, 1e-5), (step, r)
         assert r["codes"] == []
+
+
+def test_gradtraces_own_trainer_callback_watches_the_engine(ranks):
+    for r in result(ranks, "callback/3"):
+        assert r["wrapper"] == "DeepSpeed" and r["zero_stage"] == 3
+        assert len(r["merged"]) == len(r["grad_norm"]) == 2
+        for traced, norm in zip(r["merged"], r["grad_norm"]):
+            assert ds_scenarios.close(traced, norm, 1e-5), r
+        assert r["logged_keys"] == ["gradtrace/shard_total_norm"]  # per step, before gather: a shard's
+        assert r["codes"] == []

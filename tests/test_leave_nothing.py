@@ -264,7 +264,7 @@ def test_two_watches_in_a_row_leave_nothing():
 
 def test_restore_keeps_no_tensor_alive():
     """A tensor registered in every step of a long watch is not kept alive until exit."""
-    state = hook_state.snapshot([])
+    state = hook_state.HookSnapshot()
     t = torch.randn(2, requires_grad=True) * 2
     ref = weakref.ref(t)
     state.note(t)

@@ -15,9 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradtrace
 
-
-def codes(trace):
-    return [v.code for v in trace.verdicts()]
+from cut_helpers import codes
 
 
 def errors(trace):
@@ -144,6 +142,10 @@ def test_data_registered_next_to_no_grad_generation_is_data():
             (-(advantages * logp).mean()).backward()
     found = codes(trace)
     assert "TENSOR_NO_GRAD" not in found and "GRAPH_CUT" not in found, found
+    # what was recorded: the generation's no_grad forward, A as data, and a step that reached everything
+    assert {(c.kind, c.module) for c in trace.cuts} == {("no_grad", ""), ("no_grad", "0"), ("no_grad", "1")}
+    assert not trace.tensors["A"].requires_grad and trace.tensors["A"].shape == [4]
+    assert trace.passes["step"].covered == {"0.weight", "1.weight", "1.bias"}
 
 
 def test_frozen_while_watched_and_a_backward_that_raised_are_findings():
@@ -155,8 +157,10 @@ def test_frozen_while_watched_and_a_backward_that_raised_are_findings():
             with trace.pass_("step"):
                 model(torch.randn(2, 4)).sum().backward()
     found = codes(trace)
-    assert found[:2] == ["PASS_FAILED", "FROZEN_WHILE_WATCHED"], found
-    assert "does not require grad" in trace.verdicts()[0].message
+    # The freeze explains the failed backward: it comes first, and the failure points to it.
+    assert found[:2] == ["FROZEN_WHILE_WATCHED", "PASS_FAILED"], found
+    failed = trace.verdicts()[1]
+    assert "does not require grad" in failed.message and failed.evidence["explained_by"] == ["FROZEN_WHILE_WATCHED"]
     assert not trace.report().startswith("gradtrace: no problems found")
 
 

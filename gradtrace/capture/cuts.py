@@ -17,7 +17,7 @@ reads; the stack is only walked the first time a given cut is seen.
 """
 from __future__ import annotations
 
-import os
+import itertools
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -25,94 +25,15 @@ import torch
 from torch import nn
 
 from ..records import Cut
+from .frames import checkpoint_caller, checkpoint_on_stack, locations, module_caller
 from .modules import named_modules, named_parameters
+from .reach import reachable_params
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_MODULE_PY = nn.Module.__call__.__code__.co_filename
-_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
-_CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
-_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+__all__ = ["CutLog", "ModuleCutDetector", "trainable_counts", "any_requires_grad"]
 
 is_grad_enabled = torch.is_grad_enabled
 Tensor = torch.Tensor
 is_inference_mode_enabled = torch.is_inference_mode_enabled
-
-
-def _is_internal(filename: str) -> bool:
-    """torch's and gradtrace's own frames (the demo probe counts as user code)."""
-    if filename.startswith(_TORCH_DIR) or filename.startswith("<frozen"):
-        return True  # <stdin>, <string> and notebook cells are the user's
-    return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
-
-
-def short_path(filename: str) -> str:
-    """A file under the working directory as a relative path (``example.py``), any other as it is."""
-    cwd = os.getcwd() + os.sep
-    return filename[len(cwd):] if filename.startswith(cwd) else filename
-
-
-def locations(frame=None) -> Tuple[str, str]:
-    """(the user's file:line, the innermost library frame's file:line or "") for a cut.
-
-    Walking out from the cut: torch's and gradtrace's own frames are skipped; the
-    first frame in site-packages (transformers, trl, peft...) is where a library
-    did it; the first frame outside every library is the user's line.
-    """
-    frame = frame or sys._getframe(1)
-    library = ""
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(filename):
-            here = f"{short_path(filename)}:{frame.f_lineno}"
-            marker = next((m for m in _LIBRARY_MARKERS if m in filename), None)
-            if marker is None:
-                return here, library
-            library = library or f"{filename.split(marker, 1)[1]}:{frame.f_lineno}"
-        frame = frame.f_back
-    return library or "<unknown>", library
-
-
-def user_location(frame=None) -> str:
-    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
-    return locations(frame or sys._getframe(1))[0]
-
-
-def checkpoint_on_stack(frame=None):
-    """The checkpointed callable's frame when reentrant checkpointing is running this code, else None.
-
-    That frame is the one ``torch/utils/checkpoint.py`` called: its ``self``
-    names the checkpointed module even when a library checkpoints a layer's
-    ``forward`` rather than the module call (transformers 5 does).
-    """
-    frame = frame or sys._getframe(1)
-    called = None
-    while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_PY:
-            return called if called is not None else frame
-        called = frame
-        frame = frame.f_back
-    return None
-
-
-def checkpoint_caller(segment):
-    """The frame that called ``checkpoint(...)``: the first frame outside torch above the segment.
-
-    (The segment's own frames are the checkpointed block's body; pointing there
-    names a line inside the block instead of the checkpoint call to change.)
-    """
-    frame = segment.f_back
-    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
-                                 or frame.f_code.co_filename.startswith("<frozen")):
-        frame = frame.f_back
-    return frame
-
-
-def _caller_frame():
-    """The frame that called the module (skipping torch's Module.__call__ machinery)."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename == _MODULE_PY:
-        frame = frame.f_back
-    return frame
 
 
 def any_requires_grad(value: Any) -> Optional[bool]:
@@ -142,54 +63,100 @@ def _floating_output(value: Any) -> bool:
 
 
 class CutLog:
-    """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site)."""
+    """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site), and the forward calls.
+
+    Forward calls are told apart by a clock shared with the cuts: each forward of a
+    module that owns trainable parameters, run with grad enabled, stamps the module
+    with the clock's next tick (negative when its output did not require grad). A
+    cut and a forward can then be ordered: a ``no_grad`` call of a module that later
+    ran with grad, in the same pass, is not what the pass differentiated.
+    """
 
     def __init__(self, pass_name: Callable[[], Optional[str]]):
         self.by_seq: Dict[int, Cut] = {}  # in order of recording
         self.index: Dict[Tuple, int] = {}  # dedup key -> seq
         self.pass_name = pass_name
-        self.events = 0  # every sighting, deduplicated or not: orders cuts against tensor registration
-        self.last_event: Dict[int, int] = {}  # seq -> event number of its latest sighting
+        self.tick = itertools.count(1).__next__  # the clock: cut sightings and forward calls
+        self.last_event: Dict[int, int] = {}  # seq -> tick of its latest sighting
         self.next_seq = 0
         self.key_of: Dict[int, Tuple] = {}
         self.by_pass: Dict[Optional[str], List[int]] = {}  # seqs recorded inside each pass
         self.root_calls = 0  # forward calls of the watched model itself
-        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
-        # if their parameters still get no gradient, the output was detached or unused downstream.
-        self.ran_with_grad: set = set()
+        # module path -> tick of its latest forward with grad enabled (negated when its output
+        # did not require grad). Only modules that own trainable parameters are stamped.
+        self.grad_forwards: Dict[str, int] = {}
+        self.window_start = 0  # tick at which the current pass window began (see take_window)
+        self.window_outside: Dict[int, None] = {}  # cuts seen outside any pass since then (seq, in order)
 
     @property
     def cuts(self) -> list:
         return list(self.by_seq.values())
-        self.last_event: Dict[int, int] = {}
-        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
-        # if their parameters still get no gradient, the output was detached or unused downstream.
-        self.ran_with_grad: set = set()
+
+    @property
+    def events(self) -> int:
+        """A mark: every cut sighting and forward call after it has a larger tick."""
+        return self.tick()
+
+    @property
+    def ran_with_grad(self) -> set:
+        """Modules that ran with grad and gave an output that requires grad (in their latest call)."""
+        return {name for name, tick in self.grad_forwards.items() if tick > 0}
+
+    def take_window(self) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
+        """The forwards of the pass that just finished: those since the previous pass finished.
+
+        (modules that ran with grad enabled, in forward order; those whose output required grad;
+        cuts seen outside any pass in that time, by seq). A pass's forwards usually run before it
+        (an unlabelled backward) or inside it (a label).
+        """
+        start = self.window_start
+        self.window_start = self.tick()
+        stamped = sorted((abs(tick), name) for name, tick in self.grad_forwards.items() if abs(tick) > start)
+        ran = tuple(name for _, name in stamped)
+        carried = tuple(name for name in ran if self.grad_forwards[name] > 0)
+        outside, self.window_outside = tuple(self.window_outside), {}
+        return ran, carried, outside
+
+    def ran_with_grad_after(self, seq: int) -> bool:
+        """Did the cut's module run again with grad enabled after this cut was last seen?"""
+        cut = self.by_seq.get(seq)
+        if cut is None or cut.op is not None:
+            return False
+        return abs(self.grad_forwards.get(cut.module, 0)) > self.last_event.get(seq, 0)
 
     def record(self, kind: str, module: str, module_type: str, params: int,
-               site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None) -> None:
+               site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None,
+               upstream: Optional[Callable[[], List[str]]] = None,
+               passes_input: Optional[Callable[[], bool]] = None) -> None:
+        """Note a cut; ``upstream`` / ``passes_input`` are asked only the first time its site is seen."""
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
-        self.events += 1
+        tick = self.tick()
         seq = self.index.get(key)
         if seq is not None:
             self.by_seq[seq].count += 1
-            self.last_event[seq] = self.events
+            self.last_event[seq] = tick
+            if pass_name is None:
+                self.window_outside[seq] = None
             return
         seq = self.next_seq
         self.next_seq += 1
         user, library = locations(frame)
         self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
                                inputs_require_grad=inputs_require_grad, pass_name=pass_name,
-                               module_type=module_type, params=params, seq=seq)
+                               module_type=module_type, params=params, seq=seq,
+                               upstream=upstream() if callable(upstream) else upstream,
+                               passes_input=passes_input() if callable(passes_input) else passes_input)
         self.index[key] = seq
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
-        self.last_event[seq] = self.events
+        self.last_event[seq] = tick
+        if pass_name is None:
+            self.window_outside[seq] = None
 
     def since(self, event: int) -> list:
-        """Seqs of cuts seen after event number ``event``."""
-        return [seq for seq, last in self.last_event.items() if last > event]
+        """Seqs of cuts seen after the mark ``event``, in the order of their latest sighting."""
+        return [seq for seq, last in sorted(self.last_event.items(), key=lambda item: item[1]) if last > event]
 
     def drop_pass(self, name: str) -> List[int]:
         """Forget the cuts recorded inside pass ``name`` (max_passes dropped it); their seqs."""
@@ -227,8 +194,9 @@ class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
-                 trainable: Optional[Iterable[str]] = None):
+                 trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None):
         self.log = log
+        self.names_by_id = names_by_id or {}  # watched parameters: what a parameter-free cut has upstream
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
@@ -248,22 +216,28 @@ class ModuleCutDetector:
         log = self.log
         names = self.names
         module_type = type(module).__name__
-        # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
-        note_ran = log.ran_with_grad.add if trainable else len
+        # Modules that own trainable parameters are stamped on every forward with grad (a dict
+        # store and a counter: tens of ns); parameter-free modules are not.
+        stamps = log.grad_forwards if trainable else None
+        tick = log.tick
+        names_by_id = self.names_by_id
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:
-                        note_ran(name)
+                        if stamps is not None:
+                            stamps[name] = tick()
                         return
                 else:
                     differentiable = any_requires_grad(output)
                     if differentiable is not False:  # differentiable, or no tensor output at all
-                        if differentiable:
-                            note_ran(name)
+                        if stamps is not None and differentiable:
+                            stamps[name] = tick()
                         return
+                if stamps is not None:
+                    stamps[name] = -tick()  # ran with grad; its output carries none
                 # Judged on inputs, not parameters: an adapter that is simply not
                 # used (peft's disable_adapter) leaves trainable parameters idle
                 # without cutting anything.
@@ -285,10 +259,17 @@ class ModuleCutDetector:
                         return
                 kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
             # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
-            caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
+            caller = checkpoint_caller(segment) if kind == "checkpoint" else module_caller(sys._getframe(1))
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
-            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs)
+            # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
+            # design) can only explain parameters upstream of it: which ones is asked once per site.
+            upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
+                if not trainable and kind in ("detach", "non_differentiable") else None
+            passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
+                if not trainable and kind == "detach" else None
+            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
+                       upstream=upstream, passes_input=passes_input)
 
         if name:
             return on_forward
@@ -298,6 +279,40 @@ class ModuleCutDetector:
             return on_forward(mod, args, kwargs, output)
 
         return on_root_forward
+
+
+def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:
+    """Watched parameters the inputs that require grad were computed from (a walk of their graphs)."""
+    found: set = set()
+    values = list(args) + list((kwargs or {}).values())
+    for value in values:
+        items = value if isinstance(value, (tuple, list)) else value.values() if isinstance(value, dict) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.requires_grad:
+                found |= reachable_params(item, names_by_id)[0]
+    return sorted(found)
+
+
+def _passes_input_through(args, kwargs, output) -> bool:
+    """Does an output share storage with an input that requires grad? (``x.detach()`` and ``x.data`` do;
+    fresh data computed from an input's shape or dtype, like rotary cos/sin, does not.)"""
+    inputs = {t.untyped_storage().data_ptr() for t in _shallow_tensors((args, kwargs)) if t.requires_grad}
+    return any(t.untyped_storage().data_ptr() in inputs for t in _shallow_tensors((output,)))
+
+
+def _shallow_tensors(values) -> List[torch.Tensor]:
+    """Tensors in ``values`` and one level into their tuples, lists and dicts."""
+    found = []
+    for value in values:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list)):
+                found.extend(t for t in item if isinstance(t, torch.Tensor))
+            elif isinstance(item, dict):
+                found.extend(t for t in item.values() if isinstance(t, torch.Tensor))
+    return found
 
 
 def _segment_inputs_require_grad(segment) -> bool:

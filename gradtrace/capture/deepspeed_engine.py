@@ -56,6 +56,12 @@ def _engine_class() -> Optional[type]:
     return DeepSpeedEngine
 
 
+def is_deepspeed_engine(obj: Any) -> bool:
+    """Is ``obj`` a DeepSpeedEngine? (False without importing deepspeed where the process never did.)"""
+    engine_class = _engine_class()
+    return engine_class is not None and isinstance(obj, engine_class)
+
+
 def _zero_stage_of(param: torch.Tensor) -> Optional[int]:
     if hasattr(param, "ds_id"):
         return 3
@@ -219,6 +225,8 @@ class EngineReading:
     """
 
     __slots__ = ("watch", "pass_", "taken", "dirty", "runs_before", "steps")
+    # Told of a run after the run's other end-of-run callbacks (DeepSpeed's own, for a plain loss.backward()).
+    reads_values = True
 
     def __init__(self, watch: EngineWatch):
         self.watch = watch

@@ -24,7 +24,7 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import numpy as np
 import torch
@@ -82,12 +82,13 @@ class Pass:
     """One pass: its accumulators while it is open, its device figures once finished, then its record."""
 
     def __init__(self, watched: Watched, name: str, *, auto: bool = False, step_start: bool = False,
-                 read_at: str = "pass_end"):
+                 read_at: str = "pass_end", accumulate: bool = False):
         self.watched = watched
         self.params = watched.params
         self.name = name
         self.auto = auto
         self.step_start = step_start
+        self.accumulate = accumulate  # adds to gradients earlier passes left, on purpose: never stale
         self.phase = Phase.OPEN
         self.runs = 0
         self.kinds: List[str] = []
@@ -167,8 +168,10 @@ class Pass:
         # Earlier runs of this pass put the gradient there themselves. An
         # unlabelled run is its own pass: accumulating microbatches without a
         # label is legitimate, and a copy per parameter per run would be the
-        # price, so it reports .grad as the run left it.
-        if self.auto or index in self._bases or index in self._backward:
+        # price, so it reports .grad as the run left it -- except the first run
+        # after an optimizer step, where stale .grad is judged.
+        if (self.auto and not self.step_start) or self.accumulate or index in self._bases \
+                or index in self._backward:
             return
         self._bases[index] = grad.detach().clone()
 
@@ -184,13 +187,16 @@ class Pass:
         if self.failed is None and self.phase is not Phase.ON_HOST:
             self.failed = description
 
-    def end_run(self, run, written: List[int], scope: Optional[str], read: bool) -> None:
+    def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
+                later: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
-        is finishing right now anyway). A run cut short that is closed after its pass
+        is finishing right now anyway). ``later``: queues a callback after the run's other
+        end-of-run callbacks; a run-end reading waits for them (DDP's ``finalize_backward``
+        writes the averaged gradient there). A run cut short that is closed after its pass
         finished (at exit) adds nothing.
         """
         if self.phase is not Phase.OPEN:
@@ -206,7 +212,10 @@ class Pass:
             indices = list(dict.fromkeys(itertools.chain(reached, written)))
             if not run.accumulates:
                 indices = [i for i in indices if i in self._backward]
-            self._reading.run_ended(self, indices)
+            if later is not None and self._reading.reads_values:
+                later(lambda: self._reading.run_ended(self, indices))
+            else:
+                self._reading.run_ended(self, indices)
         if run.captured:
             self._add_handbacks(run.captured)
         for name, row in run.tensor_grads:
@@ -389,7 +398,9 @@ class Pass:
         grid = device.grid()
         order, names = device.order, self.watched.names
         stale: Set[int] = set()
-        if self.step_start and device.bases is not None:  # accumulating into .grad is legitimate anywhere else
+        # Judged where a step begins (an error) and in labelled passes (a warning: a forgotten zero_grad(),
+        # unless the pass says it accumulates); an unlabelled run inside an accumulation loop keeps no bases.
+        if device.bases is not None:
             stale = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
                      if row[1] != 0.0 or row[2] != 0.0}
         max_abs, bad = grid[:, 1], grid[:, 2]

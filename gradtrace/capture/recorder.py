@@ -151,6 +151,11 @@ class Recorder:
             nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
+            pass_ = run.pass_
+            if self.optimizer_stepped and pass_.auto and pass_.runs == 1 and not pass_.hit_count:
+                # The first unlabelled run after an optimizer step begins the next step: stale .grad is
+                # judged there (a loop that never calls zero_grad()).
+                pass_.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
@@ -176,7 +181,11 @@ class Recorder:
         scope = self.wrapper.backward_scope() if run.accumulates else None  # now: DDP's no_sync()
         if scope is not None and not run.nested:
             self.last_scope = scope
-        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now)
+        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now,
+                      # Under read_at="run_end", read .grad only after every other end-of-run callback of
+                      # this run: DDP queues its finalize_backward (which writes the averaged gradient)
+                      # after ours; a callback queued from a callback runs after all of them.
+                      later=at_run_end if in_engine else None)
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's
@@ -206,9 +215,11 @@ class Recorder:
             self.close_run(run)
 
     # ---- passes ----------------------------------------------------------
-    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end") -> Pass:
-        # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
-        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at)
+    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end",
+                   accumulate: bool = False) -> Pass:
+        # The first pass after an optimizer step (torch.optim's global step hooks) starts a step.
+        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at,
+                     accumulate=accumulate)
         self.optimizer_stepped = False
         self.passes.active = pass_
         return pass_

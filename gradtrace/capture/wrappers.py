@@ -32,6 +32,7 @@ Only public torch classes are used here; FSDP internals go through ``_torch_comp
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -78,13 +79,13 @@ def _is_ddp(root: Optional[nn.Module]) -> bool:
 
 
 def _fsdp1_modules(root: Optional[nn.Module]) -> List[nn.Module]:
-    if root is None:
+    # A model wrapped in FSDP1 was wrapped by code that imported it: importing it here for every
+    # watch would cost ~1 s (torch.distributed.fsdp pulls in its whole implementation).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    if root is None or wrapper is None:
         return []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return []
-    return [m for m in root.modules() if isinstance(m, FullyShardedDataParallel)]
+    return [m for m in root.modules() if isinstance(m, wrapper)]
 
 
 @dataclass
@@ -202,8 +203,8 @@ def distributed_wrapper(root: Optional[nn.Module], params: List[torch.Tensor]) -
         return Wrapper("DDP", root, "module.", bool(root.find_unused_parameters))
     from . import deepspeed_engine  # imports deepspeed only when the user's process already did
     engine = deepspeed_engine.EngineWatch.of(root, params)
-    if engine is not None:
-        return Wrapper("DeepSpeed", root, "module.", engine=engine)
+    if engine is not None:  # the engine itself (its names start with "module."), or its ZeRO parameters
+        return Wrapper("DeepSpeed", root, "module." if engine.engine is root else "", engine=engine)
     units = _fsdp1_modules(root)
     if units:
         from .._torch_compat import fsdp1_flat_params, fsdp1_outside_shard

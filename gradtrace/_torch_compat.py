@@ -524,6 +524,10 @@ def fsdp1_outside_shard(groups: list) -> set:
 
 
 def active_ddp(module: nn.Module) -> Optional[nn.Module]:
-    """The DistributedDataParallel running ``module``'s forward right now, if ``module`` is the one it wraps."""
+    """The DistributedDataParallel running ``module``'s forward right now, if it wraps ``module`` (directly,
+    or inside another wrapper: Lightning's DDP strategy wraps the LightningModule in one of its own)."""
     ddp = _get("torch.nn.parallel.DistributedDataParallel._active_ddp_module")()
-    return ddp if ddp is not None and getattr(ddp, "module", None) is module else None
+    inner = getattr(ddp, "module", None)
+    if inner is None:
+        return None
+    return ddp if inner is module or any(m is module for m in inner.modules()) else None

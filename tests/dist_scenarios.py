@@ -273,10 +273,32 @@ def ddp_module_watched(rank: int, world: int) -> Dict:
         with trace.pass_("step"):
             ddp(data(rank, 1)).sum().backward()
         reduced = grad_norms(ddp.module)
+    # Inside another wrapper (as Lightning's DDP strategy wraps the LightningModule): still found.
+    model = six_params()
+    outer = DDP(Wrapped(model))
+    with gradtrace.watch(model) as inner_trace:
+        with inner_trace.pass_("step"):
+            outer(data(rank, 1)).sum().backward()
     return {"wrapper": trace.meta.wrapper, "scopes": {n: p.scope for n, p in trace.passes.items()},
             "mb0_bad": mismatches(trace.passes["mb0"], local), "step_bad": mismatches(trace.passes["step"], reduced),
             "step_vs_hand": mismatches(trace.passes["step"], {n: float(g.norm())
-                                                              for n, g in full_gradient(world, 1, six_params).items()})}
+                                                              for n, g in full_gradient(world, 1, six_params).items()}),
+            "inner": [inner_trace.meta.wrapper, inner_trace.passes["step"].scope,
+                      mismatches(inner_trace.passes["step"], grad_norms(model))]}
+
+
+class Wrapped(nn.Module):
+    """A module around the model, the way Lightning's strategy wraps a LightningModule before DDP, calling
+    the model's children rather than the model (as a ``training_step`` may)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        for layer in self.inner:
+            x = layer(x)
+        return x
 
 
 def fsdp1_no_sync(rank: int, world: int) -> Dict:

@@ -175,6 +175,7 @@ def test_watching_ddps_module_finds_ddp_and_labels_reduced_figures_reduced(ranks
         assert r["wrapper"] == "DDP"
         assert r["scopes"] == {"alone": "local", "mb0": "local", "step": "reduced"}
         assert r["mb0_bad"] == [] and r["step_bad"] == [] and r["step_vs_hand"] == []
+        assert r["inner"] == ["DDP", "reduced", []]  # a model inside a wrapper inside DDP
 
 
 def test_fsdp1_no_sync_pass_is_local_and_the_next_synced_one_unknown(ranks):

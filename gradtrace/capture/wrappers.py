@@ -223,38 +223,42 @@ def _in_a_process_group() -> bool:
 
 
 class InnerDdp:
-    """Finds the DDP that runs the watched module (``watch(ddp.module)``), at its first forward.
+    """Finds the DDP that runs the watched module (``watch(ddp.module)``, Lightning's ``pl_module``), at its
+    first forward inside it.
 
     Nothing on the module says DDP wraps it, and DDP's all-reduce decides what
     ``.grad`` holds: unnoticed, reduced figures would be labelled ``local``.
-    DDP names itself while it runs its module's forward; a forward pre-hook on
-    the watched module reads that once, and adopts the wrapper for every run
-    that follows.
+    DDP names itself while it runs its module's forward; forward pre-hooks on
+    the watched module and its children (Lightning's ``training_step`` may call
+    the children only) read that, and adopt the wrapper for every run that
+    follows. Until then a forward outside DDP (evaluation) changes nothing.
     """
 
     def __init__(self, wrapper: Wrapper, meta):
         self.wrapper = wrapper
         self.meta = meta
-        self.handle = None
+        self.handles: List[Any] = []
 
     def attach(self) -> None:
         from .._torch_compat import require
         require("ddp_module")
-        self.handle = self.wrapper.root.register_forward_pre_hook(self._before_forward)
+        root = self.wrapper.root
+        for module in (root, *root.children()):
+            self.handles.append(module.register_forward_pre_hook(self._before_forward))
 
     def _before_forward(self, module: nn.Module, args) -> None:
         from .._torch_compat import active_ddp
-        ddp = active_ddp(module)
-        if ddp is not None:  # until then, forwards outside it (evaluation on ddp.module) change nothing
+        ddp = active_ddp(self.wrapper.root)
+        if ddp is not None:
             self.wrapper.adopt_ddp(ddp)
             if self.meta is not None:
                 self.meta.update(wrapper="DDP", find_unused_parameters=self.wrapper.find_unused_parameters)
             self.remove()
 
     def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class Fsdp2Copies:

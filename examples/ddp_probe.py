@@ -1,6 +1,6 @@
 """gradtrace under DDP: every rank records, gather() merges, rank 0 prints the diagnosis.
 
-    torchrun --nproc_per_node=2 examples/ddp_probe.py [--out merged.json]
+    python -m torch.distributed.run --nproc_per_node=2 examples/ddp_probe.py [--out merged.json]
 
 Runs on CPU (gloo) or, when every rank has a GPU, on CUDA (NCCL). Every rank
 but rank 0 takes a data-dependent branch that skips head ``b``: DDP is built with

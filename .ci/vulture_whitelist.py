@@ -45,3 +45,6 @@ trainable_upstream  # unused variable (gradtrace/records.py:242)
 row_options  # unused variable (gradtrace/trace.py:183)
 exc_type  # the context-manager protocol's __exit__ signature (gradtrace/integrations/transformers.py)
 tb  # the same
+check_figures_unknown  # unused function (gradtrace/analysis/wrapped.py): a registered verdict check
+check_flat_params  # unused function (gradtrace/analysis/wrapped.py): a registered verdict check
+DIGESTS  # unused variable (gradtrace/distributed.py): read by benchmarks/gather.py for the bytes it reports

@@ -67,7 +67,7 @@ def entry(rounds):
     out = {}
     for name, model in (("chain", chain()), ("lora", lora_model())):
         params = [p for p in model.parameters() if p.requires_grad]
-        samples = [timed(lambda: ZeroValued(params)) for _ in range(rounds)]
+        samples = [timed(lambda params=params: ZeroValued(params)) for _ in range(rounds)]
         out[name] = {"params": len(params), **median_us(samples, len(params))}
     return out
 
@@ -91,7 +91,7 @@ def step(rounds):
             model = lora_model()
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
-            def train():
+            def train(model=model, opt=opt):
                 opt.zero_grad()
                 model(x).pow(2).mean().backward()
                 opt.step()

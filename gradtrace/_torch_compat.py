@@ -26,8 +26,9 @@ from torch import nn
 
 from .errors import GradtraceError
 
-__all__ = ["Probe", "PROBES", "TORCH_RANGE", "require", "missing", "saved_tensors", "store_arrival",
-           "fsdp1_flat_params"]
+__all__ = ["Probe", "PROBES", "TORCH_RANGE", "require", "missing", "saved_tensors", "fsdp1_flat_params",
+           "fsdp1_syncing", "fsdp1_flat_grads_left", "fsdp1_outside_shard", "fsdp2_groups", "fsdp2_syncing",
+           "fsdp2_unsharded_copies", "fsdp2_unsynced_left", "active_ddp"]
 
 # The torch releases the test suite runs on: >= the first, < the second (setup.cfg declares the same;
 # a test keeps them equal).
@@ -48,7 +49,8 @@ class Probe:
     name: str  # the dotted path, for messages
     needed_for: str  # what will not work without it
     feature: str  # "capture" (every watch), "ops" (watch(cuts="ops")), "stats" (pass-end statistics),
-    # "gather" (trace.gather() on a backend other than gloo), "fsdp1" (watching a FullyShardedDataParallel)
+    # "gather" (trace.gather()), "fsdp1" (watching a FullyShardedDataParallel), "fsdp2" (watching fully_shard
+    # modules), "ddp_module" (watching the module inside a DDP under torch.distributed)
     find: Callable[[], Any]  # the object; AttributeError/ImportError when this torch lacks it
     check: Optional[Callable[[Any], None]] = None  # a self-test of the behaviour gradtrace relies on; raises
 
@@ -213,6 +215,30 @@ def _functions_backward_codes() -> frozenset:
     return frozenset(getattr(cls, name).__code__ for name in ("apply", "apply_boxed") if hasattr(cls, name))
 
 
+def _fsdp1_sync_flag() -> Optional[bool]:
+    """FSDP1's no_sync() flips ``_sync_gradients`` on every unit (an instance attribute: read its code)."""
+    import inspect
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return True if "_sync_gradients" in inspect.unwrap(FullyShardedDataParallel.no_sync).__code__.co_names else None
+
+
+def _fsdp2_state_access() -> Optional[Any]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    needed = (hasattr(FSDPModule, "_get_fsdp_state")
+              and "reduce_grads" in _fsdp_param_group.FSDPParamGroup.__init__.__code__.co_names
+              and hasattr(_fsdp_param.FSDPParam, "sharded_param") is False  # an instance attribute
+              and "_unsharded_param" in _fsdp_param.FSDPParam.init_unsharded_param.__code__.co_names)
+    return FSDPModule._get_fsdp_state if needed else None
+
+
+def _ddp_active_module_access() -> Optional[Any]:
+    """DDP names itself in a class attribute while it runs its module's forward."""
+    ddp = nn.parallel.DistributedDataParallel
+    return ddp._get_active_ddp_module if "_active_ddp_module" in vars(ddp) else None
+
+
 PROBES = (
     Probe("torch.autograd.Variable._execution_engine.queue_callback",
           "closing an engine run when backward finishes", "capture",
@@ -283,9 +309,19 @@ PROBES = (
           "cuts='ops': taking the mode off the stack on exit", "ops",
           lambda: torch._C._push_on_torch_function_stack),
     Probe("torch.distributed.distributed_c10d._get_default_store",
-          "trace.gather(timeout=...) on NCCL: naming the ranks that never called gather", "gather",
+          "trace.gather(): every rank naming the ranks that did not call it in time", "gather",
           lambda: __import__("torch.distributed.distributed_c10d",
                              fromlist=["_get_default_store"])._get_default_store),
+    Probe("torch.distributed.fsdp.FullyShardedDataParallel._sync_gradients",
+          "watch() of a FullyShardedDataParallel module: telling no_sync() (local gradients) from a synced backward",
+          "fsdp1", lambda: _fsdp1_sync_flag()),
+    Probe("torch.distributed.fsdp.FSDPModule._get_fsdp_state",
+          "watch() of a fully_shard module: its unsharded parameter copies and whether gradient sync is on",
+          "fsdp2", lambda: _fsdp2_state_access()),
+    Probe("torch.nn.parallel.DistributedDataParallel._active_ddp_module",
+          "watch() of the module inside a DistributedDataParallel: finding the wrapper (whose all-reduce "
+          "decides what .grad holds) from the module's forward", "ddp_module",
+          lambda: _ddp_active_module_access()),
     Probe("torch.distributed.fsdp._flat_param.FlatParameter",
           "watch() of a FullyShardedDataParallel module: its flat parameters and the shapes of the originals",
           "fsdp1", lambda: __import__("torch.distributed.fsdp._flat_param", fromlist=["FlatParameter"]).FlatParameter),
@@ -415,28 +451,6 @@ def saved_tensors(node) -> list:
 default_store = _get("torch.distributed.distributed_c10d._get_default_store")
 
 
-def store_arrival(group, rank: int, world: int, timeout) -> list:
-    """The group ranks that have not reached this rank's current gather() call within ``timeout``.
-
-    Each rank counts its own calls in the default store; a rank is late while its
-    count is below ours. Used where ``monitored_barrier`` is not (NCCL).
-    """
-    import time
-    import torch.distributed as dist
-
-    require("gather")
-    store = default_store()
-    tag = "gradtrace/gather/" + "-".join(map(str, dist.get_process_group_ranks(group)))
-    mine = store.add(f"{tag}/{rank}", 1)
-    deadline = time.monotonic() + timeout.total_seconds()
-    late = list(range(world))
-    while late and time.monotonic() < deadline:
-        late = [r for r in range(world) if store.add(f"{tag}/{r}", 0) < mine]
-        if late:
-            time.sleep(0.01)
-    return late
-
-
 def fsdp1_flat_params(root: nn.Module) -> list:
     """``[(flat_param, [(original parameter, its unsharded shape), ...]), ...]`` of every FSDP1 unit.
 
@@ -453,3 +467,71 @@ def fsdp1_flat_params(root: nn.Module) -> list:
         if flat is not None and getattr(flat, "_params", None) is not None:  # use_orig_params=True
             groups.append((flat, [(p, list(shape)) for p, shape in zip(flat._params, flat._shapes)]))
     return groups
+
+
+def fsdp1_syncing(units: list) -> bool:
+    """Does FSDP1 reduce-scatter this backward's gradients? (False inside ``no_sync()``.)"""
+    require("fsdp1")
+    return all(getattr(m, "_sync_gradients", True) for m in units)
+
+
+def fsdp1_flat_grads_left(units: list) -> bool:
+    """Does a flat parameter hold a gradient (after ``no_sync()``: the local accumulation waiting for a sync)?"""
+    return any(getattr(m, "_flat_param", None) is not None and m._flat_param.grad is not None for m in units)
+
+
+def fsdp2_groups(root: nn.Module) -> list:
+    """Every FSDP2 parameter group under ``root`` (one per ``fully_shard``-ed module that holds parameters)."""
+    require("fsdp2")
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = []
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                groups.append(group)
+    return groups
+
+
+def fsdp2_syncing(groups: list) -> bool:
+    """Does FSDP2 reduce-scatter this backward's gradients? (False after ``set_requires_gradient_sync(False)``.)"""
+    return all(group.reduce_grads for group in groups)
+
+
+def fsdp2_unsharded_copies(groups: list) -> list:
+    """``[(sharded DTensor parameter, its unsharded copy or None before the first forward), ...]``."""
+    return [(fsdp_param.sharded_param, getattr(fsdp_param, "_unsharded_param", None))
+            for group in groups for fsdp_param in group.fsdp_params]
+
+
+def fsdp2_unsynced_left(groups: list) -> bool:
+    """Does an unsharded copy hold a gradient that no reduce-scatter took yet (sync was off)?"""
+    for group in groups:
+        for fsdp_param in group.fsdp_params:
+            copy = getattr(fsdp_param, "_unsharded_param", None)
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None or (
+                    copy is not None and copy.grad is not None):
+                return True
+    return False
+
+
+def fsdp1_outside_shard(groups: list) -> set:
+    """``{id(original parameter)}`` of those no element of which lies in this rank's shard of its flat
+    parameter: after a synced backward their ``.grad`` is None, which says "nothing here", not "cleared"."""
+    outside = set()
+    for flat, members in groups:
+        infos = getattr(flat, "_shard_param_infos", None)
+        if infos is not None and len(infos) == len(members):
+            outside.update(id(p) for (p, _), info in zip(members, infos) if not info.in_shard)
+    return outside
+
+
+def active_ddp(module: nn.Module) -> Optional[nn.Module]:
+    """The DistributedDataParallel running ``module``'s forward right now, if it wraps ``module`` (directly,
+    or inside another wrapper: Lightning's DDP strategy wraps the LightningModule in one of its own)."""
+    ddp = _get("torch.nn.parallel.DistributedDataParallel._active_ddp_module")()
+    inner = getattr(ddp, "module", None)
+    if inner is None:
+        return None
+    return ddp if inner is module or any(m is module for m in inner.modules()) else None

@@ -73,7 +73,7 @@ TensorRole = Literal["mask", "attention_mask", "completion_mask", "group"]
 # ``watch(cuts=...)``.
 CutsMode = Literal["modules", "ops", "off"]
 # The distributed wrapper a watched model was in.
-Wrapper = Literal["DDP", "FSDP1", "FSDP2"]
+Wrapper = Literal["DDP", "FSDP1", "FSDP2", "DeepSpeed"]
 # Were the forward values of the op that made a NaN/Inf gradient already non-finite?
 ForwardValues = Literal["finite", "nonfinite", "unknown"]
 # Where a forward's first NaN/Inf was seen: a module's output, a module's input that no module made

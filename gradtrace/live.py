@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import numbers
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from .capture.reading import READ_AT
 from .capture.recorder import Recorder
 from .capture.zero_values import ZeroValued
 from .errors import GradtraceError
+from .gc_pause import gc_paused
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorPassFacts, TensorRecord, merge_row_facts
 from .trace import Trace
 
@@ -120,9 +120,11 @@ class LiveTrace(Trace):
                  max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
                  reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
+        wrapper = wrapper or wrappers.Wrapper(None)
+        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self,
+                          wrapper=wrapper)
         watched.zero_values = ZeroValued(watched.params)
-        recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
+        recorder = Recorder(watched, wrapper)
         self._recording = Recording(
             recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
             names_by_id={id(p): n for n, p in named}, max_passes=max_passes, identity=identity)
@@ -699,13 +701,13 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
         named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
     trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
                       ParamIdentity.of(named, module_walk, wrapper.kind))
-    if wrapper.kind == "FSDP1":
-        shapes = wrappers.fsdp1_shapes(wrapper)
+    shapes = wrapper.shapes()  # FSDP1 and ZeRO-3 leave a slice or an empty placeholder in place
+    if shapes:
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     stack = contextlib.ExitStack()
     try:
         _claim(stack, named)
-        with _gc_paused():
+        with gc_paused():
             _register(stack, trace, [p for _, p in named], root, module_walk, cuts, updates, wrapper,
                       forward_values, optimizer)
         try:
@@ -714,26 +716,8 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
             trace._close(e)
             raise
     finally:
-        with _gc_paused():
+        with gc_paused():
             stack.close()  # every hook out, whether registering finished or not
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No garbage collection while hooks go on or come off.
-
-    Registering thousands of hooks allocates tens of thousands of objects, and each
-    700 of them start a collection that walks every object of the process (a model's
-    modules and tensors included): on a 1,000-module chain that was 60 of the 94 us per
-    parameter of entering and leaving a watch. Nothing here makes cycles to collect.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
@@ -765,6 +749,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     recording.optim = OptimizerObserver(recorder.names, params, recorder.on_optimizer_step, trace._pass_of_step,
                                         measure_updates=updates)
     recording.optim.attach(handles)
+    wrapper.attach(recorder, stack, params, recorder.param_hook, recording.hooks_before.note, trace.meta)
     index_of = {id(p): i for i, p in enumerate(params)}
     for flat, members in wrapper.flat_groups:
         indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]

@@ -129,6 +129,9 @@ class PassTrace:
     failed: Optional[str] = None  # the exception the pass's block ended with, if any
     # cuts="ops": where the first NaN/Inf gradient was born (see capture.opcuts.NonfiniteOrigins)
     nonfinite_origin: Optional[NonfiniteOrigin] = None
+    # A merged trace (gather()): the global ranks whose own backward made the NaN/Inf (cuts="ops" found
+    # ``nonfinite_origin`` there); under DDP every rank's reduced .grad holds it, only these made it.
+    nonfinite_ranks: Optional[List[Count]] = None
     # What the figures are: "local" (this process's gradients: autograd.grad, no wrapper, DDP's
     # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
     # global only after gather()).
@@ -153,6 +156,10 @@ class PassTrace:
     # between) had left in .grad was cleared (set to None or zeroed): zero_grad() inside an
     # accumulation loop discards what the earlier runs accumulated.
     grads_reset: Optional[Count] = None  # None: none seen
+    # Why the figures of the parameters marked ``cleared`` are unknown, when a distributed wrapper is
+    # the reason (DDP / FSDP / DeepSpeed keep part of this pass's gradient where it cannot be read
+    # apart from other microbatches'); None: cleared ones were cleared by the user's code.
+    unknown_because: Optional[str] = None
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -594,6 +601,10 @@ class TraceMeta(collections.abc.MutableMapping):
     wrapper: Optional[Wrapper] = None  # the distributed wrapper the model was in
     name_prefix: Optional[str] = None  # what the wrapper adds to parameter names ("module." under DDP)
     find_unused_parameters: Optional[bool] = None  # DDP's option
+    zero_stage: Optional[Count] = None  # DeepSpeed's ZeRO stage (0-3)
+    # FSDP1 with use_orig_params=False: the names are FSDP's flat parameters (one per wrapped unit),
+    # not the model's own
+    flat_params: Optional[bool] = None
     forward_calls: Optional[Count] = None  # forward calls of the watched module
     frozen_while_watched: Optional[List[str]] = None  # parameters frozen by the time the watch closed
     replaced_params: Optional[Dict[str, Replacement]] = None  # parameters lost while watched, and how
@@ -604,6 +615,7 @@ class TraceMeta(collections.abc.MutableMapping):
     unregistered_modules: Optional[List[UnregisteredModule]] = None
     tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
+    ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))
     _extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -26,7 +26,7 @@ PRIVATE = re.compile(r"torch\._C\b|_execution_engine|_foreach_|_flatten_dense|_w
 
 # Lower layers never import higher ones: records, capture, analysis, render/storage, the plain trace, the live one, tools.
 LAYERS = [
-    {"gradtrace.errors", "gradtrace._torch_compat", "gradtrace.fields"},
+    {"gradtrace.errors", "gradtrace._torch_compat", "gradtrace.fields", "gradtrace.gc_pause"},
     {"gradtrace.records", "gradtrace.schema"},
     {"gradtrace.capture"},
     {"gradtrace.analysis"},
@@ -217,7 +217,7 @@ def test_a_missing_private_api_is_an_error_naming_torch_and_the_feature(probe, m
     model = torch.nn.Linear(2, 2)
     cuts = "ops" if probe.feature == "ops" else "modules"
     with pytest.raises(GradtraceError) as caught:
-        if probe.feature in ("gather", "fsdp1"):  # asked by gather() on NCCL / watch of an FSDP1 module only
+        if probe.feature in ("gather", "fsdp1", "fsdp2", "ddp_module"):  # asked by gather() / watch of a wrapped module only
             _torch_compat.require(probe.feature)
         with gradtrace.watch(model, cuts=cuts):
             pass

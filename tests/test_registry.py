@@ -39,6 +39,12 @@ def failed_pass(name, error):
     return p
 
 
+def unknown_pass(name, because):
+    p = a_pass(name, **{"head.weight": {"norm": 0.0, "max_abs": 0.0, "cleared": True}})
+    p.unknown_because = because
+    return p
+
+
 def trace(passes_=None, meta=None, **parts):
     return gradtrace.Trace(PARAMS, meta=meta or {}, passes=passes(a_pass("X")) if passes_ is None else passes_,
                            **parts)
@@ -101,6 +107,9 @@ SCENARIOS = {
         called_in="body", calls=1, params=2, trainable=2, with_grad=True, got_grad=True)]}),
     "TIED_FROZEN": lambda: trace(meta={"tied_params": [TiedParams(names=["embed.weight", "lm_head.weight"],
                                                                   requires_grad=False, shape=[8, 4])]}),
+    "FIGURES_UNKNOWN": lambda: trace(passes(unknown_pass("X", "a sync averaged it with no_sync microbatches"))),
+    "FLAT_PARAMS": lambda: gradtrace.Trace(("_flat_param",), meta={"wrapper": "FSDP1", "flat_params": True},
+                                           passes={}),
     "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
                                                passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
     "NOT_IN_OPTIMIZER": lambda: trace(optimizers={"SGD#0": OptimizerRecord(

@@ -10,7 +10,7 @@ it explains).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from . import forward
@@ -55,16 +55,19 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                {"pass": p.name, "parameters": [r.name for r in bad], "skipped_step": True}))
         elif bad:
             first = bad[0]
-            ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            seen = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            where, ranks = _nonfinite_ranks(p, seen)
             evidence = _with_ranks({"pass": p.name, "parameter": first.name,
                                     "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)},
                                    ranks)
+            if ranks != seen:
+                evidence["seen_on_ranks"] = seen
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
             if p.forward_nonfinite:
                 evidence["forward"] = p.forward_nonfinite
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: {forward.forward_lead(p)}NaN/Inf gradients{_on_ranks(ranks)} in "
+                               f"pass {p.name!r}: {forward.forward_lead(p)}NaN/Inf gradients{where} in "
                                f"{len(bad)} parameter(s); the first in backward order is {first.name!r} "
                                f"({first.nonfinite} non-finite elements){forward.forward_finite_note(p)}"
                                f"{_nonfinite_origin(trace, p)}", evidence))
@@ -115,8 +118,27 @@ def _nonfinite_origin(trace, p: PassTrace) -> str:
             f"{origin.location}: {forward}")
 
 
+def _nonfinite_ranks(p: PassTrace, seen: Optional[List[int]]) -> Tuple[str, Optional[List[int]]]:
+    """In a merged trace: the words that say which ranks, and the ranks to name (where it was born, if known).
+
+    Under DDP the all-reduce carries a NaN born on one rank into every rank's
+    ``.grad``: the ranks whose figures are non-finite are then not where to look.
+    """
+    if seen is None:
+        return "", None
+    born = list(p.nonfinite_ranks or [])
+    if born:
+        others = sorted(set(seen) - set(born))
+        carried = f" (reduced into rank(s) {', '.join(map(str, others))}' gradients too)" if others else ""
+        return f" born on rank(s) {', '.join(map(str, born))}{carried}", born
+    if p.scope == "reduced" and len(seen) > 1:
+        return (f"{_on_ranks(seen)} (an all-reduce gives every rank the same gradient: the rank where they were "
+                "born is not known)", seen)
+    return _on_ranks(seen), seen
+
+
 def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[List[int]]:
-    """In a merged trace, the ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
+    """In a merged trace, the global ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
 
     A pass without per-rank figures had the same figures on every rank.
     """
@@ -125,7 +147,7 @@ def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[Lis
         return None
     per_rank = (getattr(trace, "rank_figures", None) or {}).get(pass_name)
     if per_rank is None:
-        return list(range(world))
+        return list(trace.meta.ranks or range(world))
     return sorted(rank for rank, figures in per_rank.items()
                   if any(name in figures and test(figures[name]) for name in params))
 
@@ -1004,7 +1026,7 @@ def check_no_passes(trace, passes, tensors, cuts):
 def check_cleared(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
-        cleared = sorted(p.cleared)
+        cleared = sorted(p.cleared) if not p.unknown_because else []  # a wrapper's: FIGURES_UNKNOWN says why
         if cleared:
             out.append(Verdict("CLEARED_GRADS", "info",
                                f"pass {p.name!r}: {len(cleared)} gradient(s) were cleared before gradtrace could "

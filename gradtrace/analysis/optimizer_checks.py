@@ -36,7 +36,8 @@ def params_in_no_optimizer(trace) -> List[str]:
     """Parameters that got a gradient (exactly zero included: LoRA A beside a zero B) but are in no param
     group of any optimizer that stepped."""
     stepped = _stepped(trace)
-    if not stepped:
+    if not stepped or (trace.meta.wrapper == "DeepSpeed" and trace.meta.zero_stage != 0):
+        # DeepSpeed ZeRO's optimizer steps on its own flat fp32 partitions, never on the module's parameters
         return []
     owned = set().union(*(o.params for o in stepped))
     got = set()

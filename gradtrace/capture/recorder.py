@@ -25,6 +25,7 @@ from .assign import PassAssigner
 from .optim import _sample
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
+from . import wrappers
 from .wrappers import Wrapper
 
 
@@ -48,6 +49,7 @@ class Recorder:
         # it reached: (index, a weak reference to that .grad, its version). The next run sees from it
         # whether zero_grad() ran in between (see ``_check_reset``).
         self.last_written: Optional[Tuple[int, weakref.ref, int]] = None
+        self.last_scope: Optional[str] = None  # the scope of the latest .backward() run (a wrapper's sync)
 
     @property
     def active(self) -> Optional[Pass]:
@@ -165,6 +167,10 @@ class Recorder:
             if not nested and accumulates is not False and self.last_written is not None:
                 self._check_reset(pass_)
             self.open_runs[task] = run
+            if run.pass_.prior_unsynced is None:  # the pass's first run: before it adds anything
+                wrapper = self.wrapper
+                run.pass_.prior_unsynced = (self.last_scope == wrappers.LOCAL and wrapper.syncs()
+                                            and wrapper.unsynced_left())
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
@@ -202,12 +208,13 @@ class Recorder:
         with self.lock:
             self.open_runs.pop(run.task, None)
         pass_ = run.pass_
-        finished_now = pass_.auto and not run.nested and pass_ is not self.passes.orphan
+        finished_now = pass_.auto and not pass_.held and not run.nested and pass_ is not self.passes.orphan
         if run.captured:
             run.captured = [(i, g) for i, g in run.captured if self._saw_last(pass_, i)]
-        pass_.end_run(run, self.drain_written(),
-                      scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
-                      read=not finished_now,
+        scope = self.wrapper.backward_scope() if run.accumulates else None  # now: DDP's no_sync()
+        if scope is not None and not run.nested:
+            self.last_scope = scope
+        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now,
                       # Under read_at="run_end", read .grad only after every other end-of-run callback of
                       # this run: DDP queues its finalize_backward (which writes the averaged gradient)
                       # after ours; a callback queued from a callback runs after all of them.
@@ -249,6 +256,13 @@ class Recorder:
         pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at,
                      accumulate=accumulate)
         self.optimizer_stepped = False
+        self.passes.active = pass_
+        return pass_
+
+    def begin_held_pass(self) -> Pass:
+        """An automatic pass opened (and later ended) by a wrapper around a backward it sees whole."""
+        pass_ = Pass(self.watched, self.passes.auto_name(True), auto=True)
+        pass_.held = True
         self.passes.active = pass_
         return pass_
 

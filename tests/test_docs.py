@@ -122,3 +122,9 @@ def test_the_mkdocs_nav_lists_every_page():
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
     assert sorted(listed) == pages, "mkdocs.yml's nav and the pages under docs/ differ"
     assert len(listed) == len(set(listed))
+
+
+def test_the_readme_stays_a_landing_page():
+    """Issue 25: pitch, quick start, worked example, core API, verdict table and links; detail goes to docs/."""
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= 250, f"README.md has {lines} lines (at most 250): move the new detail to a page under docs/"

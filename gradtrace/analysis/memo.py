@@ -57,7 +57,6 @@ class Memo:
         self._kept: Dict[Hashable, Any] = {}  # what the previous call used
         self._used: Dict[Hashable, Any] = {}  # what this call read or made
         self._depth = 0
-        self._calls = 0  # outermost calls begun: per-call entries are keyed by it
         # How many results of each kind were computed rather than reused (tests count work with it).
         self.computed: collections.Counter = collections.Counter()
 
@@ -76,13 +75,6 @@ class Memo:
             used[key] = value
         return value
 
-    def per_call(self, key: Tuple, compute: Callable[[], Any]) -> Any:
-        """What one ``verdicts()`` call asks several times of a trace that does not change while it runs
-        (outside a call: computed every time)."""
-        if not self._depth:
-            return compute()
-        return self.get(("call", self._calls) + key, compute)
-
     def canonical(self, value: FrozenSet) -> FrozenSet:
         """An equal frozenset kept from before, when there is one: keys built on it then compare by identity."""
         return self.get(("canonical", value), _same, value)
@@ -91,8 +83,6 @@ class Memo:
     def call(self) -> Iterator["Memo"]:
         """One ``verdicts()`` call: the entries it used are kept for the next, the others dropped."""
         with self._lock:
-            if not self._depth:
-                self._calls += 1
             self._depth += 1
             try:
                 yield self

@@ -5,7 +5,8 @@ of reading it. The files here are the shapes that were slow (issue 24, item 2),
 beside honest traces for comparison:
 
   churn-small   1,000 parameters, 100 passes whose coverage changes every pass (~23 KB)
-  churn-limit   1,450 parameters x 100 such passes: just under gradtrace.storage.MAX_LOAD_WORK
+  churn-limit   7,000 parameters x 1,000 such passes: just under gradtrace.storage.MAX_LOAD_WORK
+  churn-2k, -5k 2,000 x 100 and 5,000 x 300 such passes (legitimate: an MoE routing anew each step)
   churn         10,000 parameters x 1,000 such passes (~240 KB: 91.5 s to report before the limit)
   brackets      64 MiB of empty arrays, 62 deep inside "params": the document nests 64 deep, the most
                 the depth limit lets through to the parser (83 s to reject before the limit)
@@ -102,7 +103,9 @@ def max_text() -> int:
 
 FILES: Dict[str, Callable[[Path], None]] = {
     "churn-small": lambda p: p.write_text(json.dumps(churn(1000, 100))),
-    "churn-limit": lambda p: p.write_text(json.dumps(churn(1450, 100))),
+    "churn-limit": lambda p: p.write_text(json.dumps(churn(7000, 1000))),
+    "churn-2k": lambda p: p.write_text(json.dumps(churn(2000, 100))),
+    "churn-5k": lambda p: p.write_text(json.dumps(churn(5000, 300))),
     "churn": lambda p: p.write_text(json.dumps(churn(10_000, 1000))),
     "brackets": write_brackets,
     "cuts": lambda p: p.write_text(json.dumps(cuts(4000))),

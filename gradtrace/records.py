@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
@@ -30,6 +31,9 @@ __all__ = [
 # ``ValueStats.merge`` reads them by name. ``mean`` and ``m2`` (the sum of squared
 # deviations from that mean) are over the finite elements.
 VALUE_FIELDS = ("numel", "mean", "m2", "min", "max", "zeros", "nonfinite", "rows", "constant_rows")
+
+
+_UNSET = object()
 
 
 class ReadsLikeADict:
@@ -163,6 +167,9 @@ class PassTrace:
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
+    # Figures derived from the records, each computed once: the analysis reads every kept pass on every
+    # verdicts() call (a training loop judges each step over up to max_passes passes).
+    _derived: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_columns(cls, columns: PassColumns, **fields) -> "PassTrace":
@@ -177,7 +184,8 @@ class PassTrace:
 
     @records.setter
     def records(self, value: Dict[str, GradRecord]) -> None:
-        self._records, self._columns, self._covered = value, None, None
+        # Records are replaced as a whole, never edited in place: what was derived from the old ones goes.
+        self._records, self._columns, self._covered, self._derived = value, None, None, None
 
     @property
     def covered(self) -> FrozenSet[str]:
@@ -191,18 +199,36 @@ class PassTrace:
     def missing(self) -> set:
         return set(self.params) - self.covered
 
-    @property
-    def zero(self) -> set:
-        return {n for n, r in self.records.items() if r.zero}
+    def _derive(self, key: str, compute) -> Any:
+        derived = self._derived
+        if derived is None:
+            derived = self._derived = {}
+        value = derived.get(key, _UNSET)
+        if value is _UNSET:
+            value = derived[key] = compute()
+        return value
+
+    def _flagged(self, attribute: str) -> FrozenSet[str]:
+        """The reached parameters whose record has ``attribute`` set."""
+        def names():
+            if self._records is None and self._columns is not None:
+                return frozenset(itertools.compress(self._columns.name, getattr(self._columns, attribute)))
+            return frozenset(n for n, r in self._records.items() if getattr(r, attribute)) if self._records else \
+                frozenset()
+        return self._derive(attribute, names)
 
     @property
-    def stale(self) -> set:
-        return {n for n, r in self.records.items() if r.stale}
+    def zero(self) -> FrozenSet[str]:
+        return self._flagged("zero")
 
     @property
-    def cleared(self) -> set:
+    def stale(self) -> FrozenSet[str]:
+        return self._flagged("stale")
+
+    @property
+    def cleared(self) -> FrozenSet[str]:
         """Reached parameters whose gradient was cleared before it could be read (figures unknown)."""
-        return {n for n, r in self.records.items() if r.cleared}
+        return self._flagged("cleared")
 
     def column(self, attribute: str) -> list:
         """One ``GradRecord`` field over every reached parameter, without building the records."""
@@ -212,18 +238,25 @@ class PassTrace:
 
     @property
     def total_norm(self) -> float:
-        return sum(n * n for n in self.column("norm")) ** 0.5
+        return self._derive("total_norm", lambda: sum(n * n for n in self.column("norm")) ** 0.5)
 
     @property
     def max_abs(self) -> float:
-        return max(self.column("max_abs"), default=0.0)
+        return self._derive("max_abs", lambda: max(self.column("max_abs"), default=0.0))
 
     @property
     def nonfinite(self) -> int:
-        return sum(self.column("nonfinite"))
+        return self._derive("nonfinite", lambda: sum(self.column("nonfinite")))
 
     def in_backward_order(self) -> List[GradRecord]:
-        return sorted(self.records.values(), key=lambda r: r.order)
+        return list(self._derive("in_backward_order",
+                                 lambda: tuple(sorted(self.records.values(), key=lambda r: r.order))))
+
+    def nonfinite_in_backward_order(self) -> List[GradRecord]:
+        """The records with NaN/Inf elements, in backward order (empty, at no cost, when there are none)."""
+        if not self.nonfinite:
+            return []
+        return [r for r in self.in_backward_order() if r.nonfinite]
 
 
 @dataclass

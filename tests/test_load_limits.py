@@ -30,7 +30,7 @@ def test_the_issues_240_kb_file_is_refused_before_any_analysis(tmp_path, monkeyp
     path = write(tmp_path, churn(10_000, 1000))
     assert path.stat().st_size < 300_000
     monkeypatch.setattr(gradtrace.analysis, "verdicts", lambda trace: pytest.fail("analysed a refused file"))
-    with pytest.raises(GradtraceError, match=r"too long to read and report: about 101,4\d\d,\d{3} work units "
+    with pytest.raises(GradtraceError, match=r"too long to read and report: about 2,0\d\d,\d{3} work units "
                                              r".*most of it for parameters x coverage changes.*MAX_LOAD_WORK"):
         gradtrace.load(path)
     code = cli.main(["show", str(path)])
@@ -39,11 +39,21 @@ def test_the_issues_240_kb_file_is_refused_before_any_analysis(tmp_path, monkeyp
 
 def test_raising_the_limit_reads_it(tmp_path, monkeypatch):
     path = write(tmp_path, churn(2000, 200))
+    monkeypatch.setattr(storage, "MAX_LOAD_WORK", 50_000)
     with pytest.raises(GradtraceError, match="MAX_LOAD_WORK"):
         gradtrace.load(path)
     monkeypatch.setattr(storage, "MAX_LOAD_WORK", 10 ** 9)
     trace = gradtrace.load(path)
     assert len(trace.params) == 2000 and len(trace.passes) == 200
+
+
+@pytest.mark.parametrize("n_params, n_passes", [(2000, 100), (5000, 300), (7000, 1000)])
+def test_legitimate_long_runs_whose_coverage_changes_every_pass_load(tmp_path, n_params, n_passes):
+    """Regression: 2,000 parameters x 100 passes (an MoE routing to other experts each step) was refused
+    (the limit charged 10 units a parameter per coverage change, when grouping names cost that per gap;
+    names are now grouped once per analysis call)."""
+    trace = gradtrace.load(write(tmp_path, churn(n_params, n_passes)))
+    assert len(trace.params) == n_params and len(trace.passes) == n_passes
 
 
 def test_nested_arrays_are_refused_by_their_count_before_the_parser_runs(tmp_path, monkeypatch):

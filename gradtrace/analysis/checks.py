@@ -10,16 +10,17 @@ it explains).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from . import forward
 from .cuts import describe_cut, outermost_cuts
 from .optimizer_checks import nonfinite_updates, params_in_no_optimizer
 from .paths import OUTPUT_CUTS, bypassed_adapters, carried_unreached, explainable, forward_rank, on_path
-from .diff import Diff, diff
-from .names import describe_params, group_by_module, in_module
+from .diff import Diff
+from .names import describe_groups, describe_params, group_by_module, in_module
 from .explain import order
+from .memo import Ident, Memo, copied, covered_union, memo_of
 from .registry import ordered, verdict
 from .replaced import replaced_params
 from .steps import consumed_by_step, step_windows, stepped_by
@@ -30,14 +31,20 @@ PRINTS_AS_ZERO = 5e-7
 
 
 def verdicts(trace) -> List[Verdict]:
-    """Every registered check over ``trace``, most likely root cause first."""
-    passes = trace.passes
-    tensors = trace.tensors
-    cuts = outermost_cuts(list(trace.cuts))
-    found: List[Verdict] = []
-    for kind in ordered():
-        found.extend(kind.check(trace, passes, tensors, cuts))
-    return order(found)
+    """Every registered check over ``trace``, most likely root cause first.
+
+    What a check computed from a pass (and from the context its key names) is kept on the trace for the
+    next call (``memo.Memo``): judging a live trace every step costs what its new pass adds, not what
+    every kept pass holds.
+    """
+    with memo_of(trace).call():
+        passes = trace.passes
+        tensors = trace.tensors
+        cuts = outermost_cuts(list(trace.cuts))
+        found: List[Verdict] = []
+        for kind in ordered():
+            found.extend(kind.check(trace, passes, tensors, cuts))
+        return order(found)
 
 
 @verdict("NONFINITE", rank=10, severities=("error", "info"),
@@ -46,7 +53,7 @@ def check_nonfinite(trace, passes, tensors, cuts):
     out = []
     skipped = _skipped_steps(trace, passes)
     for p in passes.values():
-        bad = [r for r in p.in_backward_order() if r.nonfinite]
+        bad = p.nonfinite_in_backward_order()
         if bad and p.name in skipped:
             out.append(Verdict("NONFINITE", "info",
                                f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s), and no optimizer "
@@ -229,7 +236,7 @@ def _meant_to_carry_grad(t: TensorRecord, passes: Dict[str, PassTrace]) -> bool:
     return not any(p.covered for p in own)
 
 
-def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
+def _lost_coverage(reached: FrozenSet[str], p: PassTrace, memo: Optional[Memo] = None) -> FrozenSet[str]:
     """Parameters this pass should have reached: reached by a comparable pass, or reachable from its tensors.
 
     ``reached`` is the union of the coverage of the passes comparable with ``p`` (see
@@ -237,7 +244,37 @@ def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
     With nothing to compare against, a cut recorded inside the pass itself may
     still explain every parameter the pass missed (see ``check_graph_cuts``).
     """
-    return (reached | set(p.expected or ())) - p.covered
+    memo = memo or Memo()
+    return memo.get(("lost", Ident(p), p.covered, reached),
+                    _lost_from_scratch, reached, p, memo)
+
+
+def _lost_from_scratch(reached: FrozenSet[str], p: PassTrace, memo: Memo) -> FrozenSet[str]:
+    return memo.canonical(frozenset((reached | set(p.expected or ())) - p.covered))
+
+
+def _missing(p: PassTrace, memo: Memo) -> FrozenSet[str]:
+    """``p.missing``, kept (its watched parameters and coverage do not change)."""
+    return memo.get(("missing", Ident(p), p.covered, Ident(p.params)), _missing_from_scratch, p, memo)
+
+
+def _missing_from_scratch(p: PassTrace, memo: Memo) -> FrozenSet[str]:
+    return memo.canonical(frozenset(p.missing))
+
+
+def _union_of(memo: Memo, a: FrozenSet[str], b: FrozenSet[str]) -> FrozenSet[str]:
+    """``a | b``, canonical, kept per pair of canonical sets."""
+    return memo.get(("union", (a, b)), _canonical_union, memo, a, b)
+
+
+def _canonical_union(memo: Memo, a: FrozenSet[str], b: FrozenSet[str]) -> FrozenSet[str]:
+    return memo.canonical(a | b)
+
+
+def _carried_unreached(p: PassTrace, lost: FrozenSet[str], universe, memo: Memo) -> Dict[str, List[str]]:
+    """``paths.carried_unreached``, kept per pass and lost set (read-only: the lists are shared)."""
+    return memo.get(("carried", Ident(p), p.covered, lost, Ident(universe)),
+                    carried_unreached, p, lost, universe)
 
 
 def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
@@ -247,42 +284,57 @@ def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
     return not sa or not sb or sa == sb
 
 
-def _reached_by_comparable(trace, passes: Dict[str, PassTrace]) -> Dict[str, Set[str]]:
-    """For each pass, the union of the coverage of the passes it may be compared with."""
+def _reached_by_comparable(trace, passes: Dict[str, PassTrace]) -> Dict[str, FrozenSet[str]]:
+    """For each pass, the union of the coverage of the passes it may be compared with.
+
+    Kept while the passes, their coverage and the optimizers that stepped them stay the same; each
+    union is canonical (``Memo.canonical``), so what is keyed on it is found by identity.
+    """
+    memo = memo_of(trace)
     steps = stepped_by(trace)
+    key = ("reached", tuple(passes), tuple(p.covered for p in passes.values()),
+           tuple(steps.get(name) for name in passes) if steps else None)
+    return memo.get(key, _reached_from_scratch, passes, steps, memo)
+
+
+def _reached_from_scratch(passes: Dict[str, PassTrace], steps: Dict[str, frozenset],
+                          memo: Memo) -> Dict[str, FrozenSet[str]]:
     if not steps:
-        everything = set().union(*(p.covered for p in passes.values())) if passes else set()
+        everything = covered_union(memo, passes.values())
         return {name: everything for name in passes}
-    by_group: Dict[frozenset, Set[str]] = {}
-    unstepped: Set[str] = set()
+    by_group: Dict[frozenset, List[PassTrace]] = {}
     for name, p in passes.items():
-        group = steps.get(name)
-        if group:
-            by_group.setdefault(group, set()).update(p.covered)
-        else:
-            unstepped |= p.covered
-    everything = unstepped.union(*by_group.values())
-    return {name: (by_group[steps[name]] | unstepped) if steps.get(name) else everything for name in passes}
+        by_group.setdefault(steps.get(name) or None, []).append(p)
+    unstepped = covered_union(memo, by_group.pop(None, ()), channel="unstepped")
+    covered = {group: covered_union(memo, members, channel=group) for group, members in by_group.items()}
+    everything = memo.canonical(unstepped.union(*covered.values()))
+    reached = {group: _union_of(memo, union, unstepped)
+               for group, union in covered.items()}
+    return {name: reached[steps[name]] if steps.get(name) else everything for name in passes}
 
 
 @verdict("GRAPH_CUT", rank=30, severities=("error",),
          meaning="a cut (`no_grad`, `inference_mode`, `detach`, `non_differentiable`, `checkpoint`) on the path of the forward a pass differentiated, upstream of parameters that lost coverage: module, location, fix")
 def check_graph_cuts(trace, passes, tensors, cuts):
+    memo = memo_of(trace)
     explained: Dict[int, Dict[str, Any]] = {}
     reached = _reached_by_comparable(trace, passes)
+    by_pass: Dict[Optional[str], List[Cut]] = {}  # the cuts that can explain anything, by the pass they were in
+    for cut in cuts:
+        if cut.kind in OUTPUT_CUTS or cut.params != 0:
+            by_pass.setdefault(cut.pass_name, []).append(cut)
     for p in passes.values():
-        compared = _lost_coverage(reached[p.name], p)
+        mine = by_pass.get(p.name, []) + by_pass.get(None, [])
+        if not mine:
+            continue
+        compared = _lost_coverage(reached[p.name], p, memo)
         window = set(p.forward_cuts or ())
-        for cut in cuts:
-            if cut.pass_name not in (p.name, None):
-                continue
+        for cut in sorted(mine, key=lambda c: c.seq):  # the order of ``cuts``
             # Unlabelled cuts (generation, logging) must explain a real loss; a cut
             # inside the pass, or in the forward it differentiated, may explain whatever the pass missed.
             inside = cut.pass_name == p.name or cut.seq in window
-            lost = compared if compared or not inside else p.missing
-            if cut.kind not in OUTPUT_CUTS and cut.params == 0:
-                continue
-            hit = explainable(cut, lost, p)
+            lost = compared if compared or not inside else _missing(p, memo)
+            hit = memo.get(("explainable", Ident(cut), lost, Ident(p)), explainable, cut, lost, p)
             if not hit:
                 continue
             entry = explained.setdefault(cut.seq, {"cut": cut, "passes": [], "lost": set()})
@@ -294,7 +346,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
             if cut is not None and cut.seq not in explained and cut.params > 0:
                 explained[cut.seq] = {"cut": cut, "passes": list(t.passes), "lost": set(), "tensor": t.name}
     out = []
-    for entry in _without_weak_cuts(explained, passes, reached, trace.params):
+    for entry in _without_weak_cuts(explained, passes, reached, trace.params, memo):
         cut: Cut = entry["cut"]
         lost = entry["lost"]
         passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
@@ -309,7 +361,8 @@ def check_graph_cuts(trace, passes, tensors, cuts):
     return out
 
 
-def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, universe) -> List[Dict[str, Any]]:
+def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, universe,
+                       memo: Memo) -> List[Dict[str, Any]]:
     """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
     loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
     an op-level cut, or a module whose output carried a gradient that never came back."""
@@ -321,7 +374,9 @@ def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, un
         if not _weak(entry["cut"]):
             strong |= entry["lost"]
     for p in passes.values():
-        for params in carried_unreached(p, _lost_coverage(reached[p.name], p) | p.missing, universe).values():
+        lost, missing = _lost_coverage(reached[p.name], p, memo), _missing(p, memo)
+        either = _union_of(memo, lost, missing)
+        for params in _carried_unreached(p, either, universe, memo).values():
             strong.update(params)
     kept = [entry for entry in explained.values()
             if not _weak(entry["cut"]) or not entry["lost"] or not entry["lost"] <= strong]
@@ -443,13 +498,14 @@ def likely_cut(cuts: List[Cut], p: PassTrace, params) -> Optional[Cut]:
 def check_no_coverage(trace, passes, tensors, cuts):
     out = []
     gone = set(replaced_params(trace))
+    memo = memo_of(trace)
     for p in passes.values():
         if p.covered or (gone and gone.issuperset(p.params)):  # every parameter replaced: gradtrace is blind
             continue
-        likely = likely_cut(cuts, p, p.params)
+        likely = memo.get(("likely_cut", Ident(p), tuple(Ident(c) for c in cuts)), likely_cut, cuts, p, p.params)
         evidence = {"pass": p.name, "runs": p.runs}
         because = ""
-        bypassed = bypassed_adapters(p, p.params)
+        bypassed = memo.get(("bypassed", Ident(p)), bypassed_adapters, p, p.params)
         if likely is not None:
             because = f"; likely cut: {describe_cut(likely)}. {_cut_fix(likely)}"
             evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location,
@@ -460,7 +516,7 @@ def check_no_coverage(trace, passes, tensors, cuts):
                        "them)")
             evidence["adapters"] = bypassed
         else:
-            cut_after = carried_unreached(p, set(p.params), p.params)
+            cut_after = memo.get(("carried_all", Ident(p), p.covered), carried_unreached, p, set(p.params), p.params)
             if cut_after:
                 last = max(cut_after, key=lambda m: forward_rank(p).get(m, -1))
                 because = (f"; module {last!r} ran with grad and its output required grad, but no gradient came "
@@ -495,7 +551,7 @@ def _comparable_pairs(trace, passes: Dict[str, PassTrace]):
     if len(named) > 6:  # a long run of passes: compare neighbours only (among those stepping the same optimizers)
         pairs = []
         for i, a in enumerate(named):
-            b = next((q for q in named[i + 1:] if comparable(steps, a.name, q.name)), None)
+            b = next((named[k] for k in range(i + 1, len(named)) if comparable(steps, a.name, named[k].name)), None)
             if b is not None:
                 pairs.append((a, b))
         return pairs
@@ -506,24 +562,35 @@ def _comparable_pairs(trace, passes: Dict[str, PassTrace]):
          meaning="parameters reached in one pass but not another, grouped by module (passes that step different optimizers are not compared)")
 def check_coverage_gaps(trace, passes, tensors, cuts):
     out = []
-    gone = set(replaced_params(trace))
+    memo = memo_of(trace)
+    gone = memo.canonical(frozenset(replaced_params(trace)))
+    universe = trace.params
     for a, b in _comparable_pairs(trace, passes):
-        d = diff(a, b)
-        if gone:  # a parameter replaced between the two passes is not a gap
-            d.only_a, d.only_b = d.only_a - gone, d.only_b - gone
-        if not d.only_a and not d.only_b:
-            continue
-        parts = []
-        for only, here, there in ((d.only_a, a, b), (d.only_b, b, a)):
-            if only:
-                parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: "
-                             f"{describe_params(only, universe=trace.params)}")
-        out.append(Verdict("COVERAGE_GAP", "error",
-                           "coverage gap: " + "; ".join(parts) + _gap_hint(d),
-                           {"a": a.name, "b": b.name, "only_a": sorted(d.only_a), "only_b": sorted(d.only_b),
-                            "modules_only_a": list(group_by_module(sorted(d.only_a), trace.params)),
-                            "modules_only_b": list(group_by_module(sorted(d.only_b), trace.params))}))
+        # Neighbours judged at an earlier step are judged the same now: kept per pair of pass objects.
+        found = memo.get(("gap", Ident(a), a.covered, Ident(b), b.covered, gone, Ident(universe)),
+                         _coverage_gap, a, b, gone, universe)
+        if found is not None:
+            out.append(copied(found))
     return out
+
+
+def _coverage_gap(a: PassTrace, b: PassTrace, gone: FrozenSet[str], universe) -> Optional[Verdict]:
+    only_a, only_b = a.covered - b.covered, b.covered - a.covered
+    if gone:  # a parameter replaced between the two passes is not a gap
+        only_a, only_b = only_a - gone, only_b - gone
+    if not only_a and not only_b:
+        return None
+    sorted_a, sorted_b = sorted(only_a), sorted(only_b)
+    groups_a, groups_b = group_by_module(sorted_a, universe), group_by_module(sorted_b, universe)
+    parts = []
+    for only, groups, here, there in ((only_a, groups_a, a, b), (only_b, groups_b, b, a)):
+        if only:
+            parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: {describe_groups(groups)}")
+    d = Diff(a=a.name, b=b.name, only_a=set(only_a), only_b=set(only_b), both=set(), ratios={})
+    return Verdict("COVERAGE_GAP", "error",
+                   "coverage gap: " + "; ".join(parts) + _gap_hint(d),
+                   {"a": a.name, "b": b.name, "only_a": sorted_a, "only_b": sorted_b,
+                    "modules_only_a": list(groups_a), "modules_only_b": list(groups_b)})
 
 
 def _gap_hint(d: Diff) -> str:
@@ -774,6 +841,18 @@ def check_tiny_grads(trace, passes, tensors, cuts):
     return out
 
 
+def _never_reached(memo: Memo, universe, union: FrozenSet[str]) -> FrozenSet[str]:
+    return memo.canonical(frozenset(set(universe) - union))
+
+
+def _detached_candidates(p: PassTrace, never: FrozenSet[str], compared: Optional[FrozenSet[str]],
+                         universe) -> Dict[str, List[str]]:
+    """Modules that carried out a gradient the pass lost (``compared``: what comparable passes reached,
+    for a backward pass), or one no pass ever got (``never``)."""
+    lost = never | _lost_coverage(compared, p) if compared is not None else never
+    return carried_unreached(p, lost, universe)
+
+
 @verdict("DETACHED_OUTPUT", rank=145, severities=("warning", "error"),
          meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in the pass: its output was cut (detached, argmax, an integer cast) or not used by the loss downstream; names the module whose output was cut (the last such module in forward order; op and line with `cuts=\"ops\"`). An error where it explains an error")
 def check_detached_output(trace, passes, tensors, cuts):
@@ -781,14 +860,19 @@ def check_detached_output(trace, passes, tensors, cuts):
         return []
     if all(p.forward_carried is None for p in passes.values()):
         return _detached_over_the_watch(trace, passes, cuts)
+    memo = memo_of(trace)
     reached = _reached_by_comparable(trace, passes)
-    never = set(trace.params) - set().union(*(p.covered for p in passes.values()))
+    union = covered_union(memo, passes.values())
+    never = memo.get(("never", Ident(trace.params), union), _never_reached, memo, trace.params, union)
     by_module: Dict[str, Verdict] = {}
     for p in passes.values():
         if p.forward_carried is None or (p.failed and p.runs):
             continue  # a backward cut short by an exception: its figures are partial
-        lost = never | (_lost_coverage(reached[p.name], p) if "backward" in p.kinds else set())
-        candidates = carried_unreached(p, lost, trace.params)
+        backward = "backward" in p.kinds
+        # What the pass lost and which modules carried it out: kept per pass while reached and never stay.
+        compared = reached[p.name] if backward else None
+        candidates = memo.get(("detached", Ident(p), p.covered, compared, never, Ident(trace.params)),
+                              _detached_candidates, p, never, compared, trace.params)
         if not candidates:
             continue
         order = forward_rank(p)
@@ -883,13 +967,19 @@ def _wholly_unreached_modules(params, reached: Set[str], ran: Set[str]) -> Dict[
     return by_module
 
 
+def _unreached(universe, reached: FrozenSet[str], gone: FrozenSet[str]) -> Tuple[str, ...]:
+    return tuple(n for n in universe if n not in reached and n not in gone)
+
+
 @verdict("UNUSED_PARAMS", rank=150, severities=("warning", "error"),
          meaning="trainable parameters that received no gradient in any pass (an error where it explains an error: DDP's 'Expected to have finished reduction')")
 def check_unused(trace, passes, tensors, cuts):
     if not passes or not any(p.covered for p in passes.values()):
         return []
-    reached = set().union(*(p.covered for p in passes.values())) | set(replaced_params(trace))
-    unused = [n for n in trace.params if n not in reached]
+    memo = memo_of(trace)
+    reached = covered_union(memo, passes.values())
+    gone = frozenset(replaced_params(trace))
+    unused = list(memo.get(("unused", Ident(trace.params), reached, gone), _unreached, trace.params, reached, gone))
     if not unused:
         return []
     return [Verdict("UNUSED_PARAMS", "warning",

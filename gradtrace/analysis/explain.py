@@ -10,10 +10,18 @@ verdicts so that each cause comes before its effects, the cause taking the
 severity of the most severe effect it explains, and each effect's message
 ends by naming its cause. Without any link the order is the registry's:
 severity, then rank (root causes before symptoms).
+
+Linking asks ``_explains`` of every ordered pair of verdicts, and a long run
+holds hundreds (a coverage gap between each pair of neighbouring steps). Most
+pairs are settled by their two codes alone (a coverage gap never explains
+another one): ``link`` notes which pairs of codes ``_explains`` settled without
+reading anything but the codes, and skips the other pairs with those codes
+(see ``_CodePairs``). That is exact: a function that read only the two codes
+returns the same for any verdicts with those codes.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..records import Verdict
 from .registry import REGISTRY, SEVERITY_RANK, sort_key
@@ -145,6 +153,48 @@ def _explains(cause: Verdict, effect: Verdict) -> bool:
     return False
 
 
+class _Read:
+    """A verdict as ``_explains`` sees it: reading anything but its code is noted in ``log``."""
+
+    __slots__ = ("code", "_verdict", "_log")
+
+    def __init__(self, verdict: Verdict, log: List[bool]):
+        self.code = verdict.code
+        self._verdict = verdict
+        self._log = log
+
+    @property
+    def severity(self) -> str:
+        self._log[0] = True
+        return self._verdict.severity
+
+    @property
+    def message(self) -> str:
+        self._log[0] = True
+        return self._verdict.message
+
+    @property
+    def evidence(self) -> Any:
+        self._log[0] = True
+        return self._verdict.evidence
+
+
+class _CodePairs:
+    """``_explains`` results that depended on the two codes alone, for the ``_explains`` they came from."""
+
+    def __init__(self) -> None:
+        self.rule: Any = None
+        self.settled: Dict[Tuple[str, str], bool] = {}
+
+    def for_rule(self, rule) -> Dict[Tuple[str, str], bool]:
+        if rule is not self.rule:  # the rules changed (a test replaced them): nothing learnt holds
+            self.rule, self.settled = rule, {}
+        return self.settled
+
+
+_CODE_PAIRS = _CodePairs()
+
+
 def link(found: List[Verdict]) -> Dict[int, List[int]]:
     """``{effect index: [cause indices]}`` over ``found``, without cycles."""
     causes: Dict[int, List[int]] = {}
@@ -161,9 +211,33 @@ def link(found: List[Verdict]) -> Dict[int, List[int]]:
             stack.extend(causes.get(node, ()))
         return False
 
-    for i, cause in enumerate(found):
-        for j, effect in enumerate(found):
-            if i != j and _explains(cause, effect) and not reaches(j, i):
+    rule = _explains
+    settled = _CODE_PAIRS.for_rule(rule)
+    log = [False]
+    by_object: Dict[int, _Read] = {}
+    read = [by_object.setdefault(id(v), _Read(v, log)) for v in found]  # one per object: `is` stays true
+    by_code: Dict[str, List[int]] = {}
+    for i, v in enumerate(found):
+        by_code.setdefault(v.code, []).append(i)
+    candidates: Dict[str, List[int]] = {}  # per cause code: the effects not settled False by codes, in order
+    for i, cause in enumerate(read):
+        tried = candidates.get(cause.code)
+        if tried is None:
+            tried = candidates[cause.code] = sorted(
+                j for code, indices in by_code.items() if settled.get((cause.code, code)) is not False
+                for j in indices)
+        for j in tried:
+            if i == j:
+                continue
+            effect = read[j]
+            pair = (cause.code, effect.code)
+            explains = settled.get(pair)
+            if explains is None:
+                log[0] = False
+                explains = rule(cause, effect)
+                if not log[0] and cause is not effect:  # decided by the codes alone
+                    settled[pair] = explains
+            if explains and not reaches(j, i):
                 causes.setdefault(j, []).append(i)
     return causes
 

@@ -3,9 +3,16 @@
 A repeated layer is written by which of its members are concerned: ``layers.0``
 when one is, ``layers.{0,3}`` when several are, ``layers.*`` only when every
 member the model has is (so "layers.*" never hides that only layer 0 was cut).
+
+Grouping is asked for many times per ``verdicts()`` call (each coverage gap,
+unused or zero set is described by module) over the same names: each module
+name is parsed once (``_parsed``, a bounded cache of pure functions of strings)
+and a model's whole parameter list (the ``universe``) is parsed once per tuple,
+so describing k parameters costs O(k), not O(every parameter).
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -32,15 +39,55 @@ def _indices(name: str) -> Tuple[str, ...]:
     return tuple(m.group(0) for m in _REPEAT.finditer(name))
 
 
-def _members(names: Iterable[str]) -> Dict[str, List[Set[str]]]:
+# Names repeat from call to call (the same model's parameters): parse each once. Bounded, so a
+# stream of distinct names (a fuzzer, thousands of loaded traces) cannot grow it without end.
+_NAME_CACHE = 1 << 16
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE)
+def _parsed(module: str) -> Tuple[str, Tuple[str, ...]]:
+    """``(rolled-up pattern, indices at its repeated positions)`` of a module name."""
+    return rollup(module), _indices(module)
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE)
+def _param_pattern(param: str) -> Tuple[str, str]:
+    """``(module, rolled-up pattern of the module)`` of a parameter name."""
+    module = module_of(param)
+    return module, _parsed(module)[0]
+
+
+def _members(modules: Iterable[str]) -> Dict[str, List[Set[str]]]:
     """``{rolled-up pattern: [set of indices seen at each repeated position]}``."""
     seen: Dict[str, List[Set[str]]] = {}
-    for name in names:
-        indices = _indices(name)
-        slots = seen.setdefault(rollup(name), [set() for _ in indices])
+    for name in modules:
+        pattern, indices = _parsed(name)
+        slots = seen.get(pattern)
+        if slots is None:
+            slots = seen[pattern] = [set() for _ in indices]
         for slot, index in zip(slots, indices):
             slot.add(index)
     return seen
+
+
+# The universe (every parameter of a model) is the same tuple call after call: its members are
+# computed once per tuple (a few kept; a tuple is immutable, so the entry stays right).
+_UNIVERSES: Dict[int, Tuple[Sequence[str], Dict[str, List[Set[str]]]]] = {}
+_UNIVERSES_KEPT = 8
+
+
+def _universe_members(universe: Sequence[str]) -> Dict[str, List[Set[str]]]:
+    """``_members`` of every module in ``universe`` (read-only: shared between calls)."""
+    if not isinstance(universe, tuple):
+        return _members(_param_pattern(p)[0] for p in universe)
+    entry = _UNIVERSES.get(id(universe))
+    if entry is not None and entry[0] is universe:
+        return entry[1]
+    members = _members(_param_pattern(p)[0] for p in universe)
+    if len(_UNIVERSES) >= _UNIVERSES_KEPT:
+        _UNIVERSES.clear()  # one atomic step (threads): the next calls rebuild what they use
+    _UNIVERSES[id(universe)] = (universe, members)  # the tuple is held: its id cannot be reused meanwhile
+    return members
 
 
 def _numeric(index: str) -> Tuple[int, str, str]:
@@ -71,21 +118,29 @@ def group_by_module(params: Iterable[str], universe: Optional[Sequence[str]] = N
     every member is written ``layers.*``, one concerning some ``layers.{0,3}``.
     Without it, several members are written ``layers.{0,3}`` (or ``*`` past a few).
     """
-    params = list(params)
     by_pattern: Dict[str, List[str]] = {}
     for p in params:
-        by_pattern.setdefault(rollup(module_of(p)), []).append(p)
-    existing = _members(module_of(p) for p in universe) if universe is not None else {}
+        pattern = _param_pattern(p)[1]
+        names = by_pattern.get(pattern)
+        if names is None:
+            by_pattern[pattern] = [p]
+        else:
+            names.append(p)
+    existing = _universe_members(universe) if universe is not None else {}
     groups: Dict[str, List[str]] = {}
     for pattern, names in by_pattern.items():
-        concerned = _members(module_of(p) for p in names)[pattern]
+        concerned = _members(_param_pattern(p)[0] for p in names)[pattern]
         label = _label(pattern, concerned, existing.get(pattern)) if concerned else pattern
         groups.setdefault(label or "(root)", []).extend(names)
     return groups
 
 
 def describe_params(params: Iterable[str], limit: int = 4, universe: Optional[Sequence[str]] = None) -> str:
-    groups = group_by_module(sorted(params), universe)
+    return describe_groups(group_by_module(sorted(params), universe), limit)
+
+
+def describe_groups(groups: Dict[str, List[str]], limit: int = 4) -> str:
+    """``describe_params`` of parameters already grouped (``group_by_module`` of them, sorted)."""
     parts = [f"{display_name(module)} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
     more = f", +{len(parts) - limit} more modules" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more

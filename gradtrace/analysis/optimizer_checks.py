@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from ..records import OptimizerRecord, Verdict
+from .memo import Ident, covered_union, memo_of
 from .names import describe_params, display_name, group_by_module
 from .registry import verdict
 
@@ -39,11 +40,15 @@ def params_in_no_optimizer(trace) -> List[str]:
     if not stepped or (trace.meta.wrapper == "DeepSpeed" and trace.meta.zero_stage != 0):
         # DeepSpeed ZeRO's optimizer steps on its own flat fp32 partitions, never on the module's parameters
         return []
-    owned = set().union(*(o.params for o in stepped))
-    got = set()
-    for p in trace.passes.values():
-        got |= p.covered
-    return [n for n in trace.params if n in got and n not in owned]
+    memo = memo_of(trace)
+    got = covered_union(memo, trace.passes.values())
+    owners = tuple((o.name, tuple(o.params)) for o in stepped)
+
+    def outside() -> List[str]:
+        owned = set().union(*(params for _, params in owners))
+        return [n for n in trace.params if n in got and n not in owned]
+
+    return list(memo.get(("no_optimizer", Ident(trace.params), got, owners), outside))
 
 
 @verdict("NOT_IN_OPTIMIZER", rank=12, severities=("error",),

@@ -22,7 +22,8 @@ are judged as before: every cut of the pass may explain what it lost.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+import functools
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..records import Cut, PassTrace
 from .names import in_module, module_of
@@ -33,8 +34,13 @@ OUTPUT_CUTS = ("detach", "non_differentiable")
 
 def ancestors(module: str) -> List[str]:
     """``a.b.c`` -> ``["a.b.c", "a.b", "a", ""]``: the module and every module that contains it."""
+    return list(_ancestors(module))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same modules' names, asked for every pass the analysis reads
+def _ancestors(module: str) -> Tuple[str, ...]:
     parts = module.split(".") if module else []
-    return [".".join(parts[:depth]) for depth in range(len(parts), -1, -1)]
+    return tuple(".".join(parts[:depth]) for depth in range(len(parts), -1, -1))
 
 
 def ran_with_grad_between(param: str, cut_module: str, ran: Set[str]) -> bool:
@@ -80,24 +86,45 @@ def carried_unreached(p: PassTrace, lost: Set[str], universe: Sequence[str]) -> 
     """
     if p.forward_carried is None or not lost:
         return {}
-    carried = set(p.forward_carried)
+    under = params_under(universe)
     by_module: Dict[str, List[str]] = {}
-    for q in universe:
-        if q in lost:
-            for module in ancestors(module_of(q)):
-                if module in carried:
-                    by_module.setdefault(module, []).append(q)
+    for module in dict.fromkeys(p.forward_carried):  # the modules that carried, each once
+        inside = [q for q in under.get(module, ()) if q in lost]  # in universe order
+        if inside:
+            by_module[module] = inside
     if not by_module:
         return {}
     reached_inside = set()
     for q in p.covered:
-        reached_inside.update(ancestors(module_of(q)))
+        reached_inside.update(_ancestors(module_of(q)))
     out: Dict[str, List[str]] = {}
     for module in sorted(by_module, key=lambda m: (m.count(".") + bool(m), m)):
         if module in reached_inside or any(in_module(module, outer) for outer in out):
             continue
         out[module] = by_module[module]
     return out
+
+
+# A model's parameter list is the same tuple on every call: its index is built once per tuple (a few kept).
+_UNDER: Dict[int, Tuple[Sequence[str], Dict[str, List[str]]]] = {}
+_UNDER_KEPT = 8
+
+
+def params_under(universe: Sequence[str]) -> Dict[str, List[str]]:
+    """``{module: the parameters of universe inside it, in universe order}`` for every module holding one
+    (read-only: shared between calls)."""
+    entry = _UNDER.get(id(universe)) if isinstance(universe, tuple) else None
+    if entry is not None and entry[0] is universe:
+        return entry[1]
+    under: Dict[str, List[str]] = {}
+    for q in universe:
+        for module in _ancestors(module_of(q)):
+            under.setdefault(module, []).append(q)
+    if isinstance(universe, tuple):
+        if len(_UNDER) >= _UNDER_KEPT:
+            _UNDER.clear()
+        _UNDER[id(universe)] = (universe, under)  # the tuple is held: its id cannot be reused meanwhile
+    return under
 
 
 def forward_rank(p: PassTrace) -> Dict[str, int]:

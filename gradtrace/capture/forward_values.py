@@ -44,6 +44,7 @@ from .frames import short_path
 
 Tensor = torch.Tensor
 _aminmax = torch.aminmax
+_dynamo_compiling = torch.compiler.is_dynamo_compiling  # a compiled forward: checks stay out of its graph
 is_grad_enabled = torch.is_grad_enabled
 
 # Pairs stacked into one device tensor every this many checks (frees the small result tensors).
@@ -169,8 +170,8 @@ class ForwardValues:
         reduce = module_type not in PASS_THROUGH
 
         def check(mod, args, kwargs, output) -> None:
-            if not self.enabled or mod is not module:  # (a deepcopy of the model carries the hook along)
-                return
+            if not self.enabled or mod is not module or _dynamo_compiling():
+                return  # (a deepcopy carries the hook along; a compiled forward is not traced through checks)
             seen = thread.seen
             try:
                 out = output if output.__class__ is Tensor else first_floating(output)

@@ -26,6 +26,9 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from ..records import UnregisteredModule
 from .frames import innermost_module
+from .hook_state import ModuleHook
+
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 is_grad_enabled = torch.is_grad_enabled
 
@@ -65,12 +68,10 @@ class UnregisteredModules:
 
     def attach(self, register: Callable[[Any], None]) -> None:
         """Hooks on the root that put the global hook on around its forward; ``register`` keeps their handles."""
-        # Closures, not bound methods: copy.deepcopy(model) copies a module's hooks, and a function is copied
-        # as itself where a bound method would copy this object (and its lock) along.
-        begin, end = self._begin, self._end
-        register(self.root.register_forward_pre_hook(lambda module, args: begin(module, args)))
-        register(self.root.register_forward_hook(lambda module, args, output: end(module, args, output),
-                                                 always_call=True))
+        # ModuleHook: copy.deepcopy(model) and pickle copy a module's hooks; a copy gets inert stand-ins
+        # (never this object and its lock), and pickling does not fail on a bound method's lock.
+        register(self.root.register_forward_pre_hook(ModuleHook(self._begin)))
+        register(self.root.register_forward_hook(ModuleHook(self._end), always_call=True))
         register(self)  # removal (as a handle): a forward still running at exit takes the global hook with it
 
     def remove(self) -> None:
@@ -81,8 +82,8 @@ class UnregisteredModules:
                 self.handle = None
 
     def _begin(self, module, args) -> None:
-        if module is not self.root:
-            return  # a copy.deepcopy of the watched model carries these hooks: its forward is not watched
+        if module is not self.root or _dynamo_compiling():
+            return  # (not traced into a compiled forward: dynamo would break its graph on the thread id)
         thread = threading.get_ident()
         if not is_grad_enabled() and thread not in self.depth:
             return  # generation, evaluation: nothing there trains, and a token loop must not pay for the hook
@@ -92,6 +93,8 @@ class UnregisteredModules:
                 self.handle = register_module_forward_hook(self._on_call)
 
     def _end(self, module, args, output) -> None:
+        if _dynamo_compiling():
+            return
         thread = threading.get_ident()
         if module is not self.root or thread not in self.depth:
             return

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .hook_state import is_plain
+from .hook_state import ModuleHook, is_plain
 from .reading import GradReading, reading_for
 
 # Path components that distributed wrappers insert into parameter names; the
@@ -244,7 +244,7 @@ class InnerDdp:
         require("ddp_module")
         root = self.wrapper.root
         for module in (root, *root.children()):
-            self.handles.append(module.register_forward_pre_hook(self._before_forward))
+            self.handles.append(module.register_forward_pre_hook(ModuleHook(self._before_forward)))
 
     def _before_forward(self, module: nn.Module, args) -> None:
         from .._torch_compat import active_ddp
@@ -285,7 +285,7 @@ class Fsdp2Copies:
 
     def attach(self) -> None:
         if not self._hook_new_copies():
-            self.forward_handle = self.root.register_forward_hook(self._after_forward)
+            self.forward_handle = self.root.register_forward_hook(ModuleHook(self._after_forward))
 
     def _after_forward(self, *args) -> None:
         if self._hook_new_copies() and self.forward_handle is not None:

@@ -531,7 +531,8 @@ class FailureCause(ReadsLikeADict):
 
     ``inference_tensor``: ``module`` holds, in ``attribute``, a tensor made under
     ``torch.inference_mode()`` (at ``location``; "" when that was before the watch began) that a
-    forward with grad (``other``'s) tried to save for backward. ``inplace``: ``module``'s output was
+    forward with grad (``other``'s) tried to save for backward; with no ``attribute``, ``module`` ran under
+    ``torch.inference_mode()`` inside the forward (at ``location``) and its output was that tensor. ``inplace``: ``module``'s output was
     saved for backward, then changed in place (by ``other`` when a module did it). ``no_graph``: the
     loss carries no graph; ``module`` is the last module whose output still carried one.
     """

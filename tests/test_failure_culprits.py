@@ -92,6 +92,36 @@ def test_a_cache_made_before_the_watch_began_is_said_so():
     assert trace.meta.error_cause.kind == "inference_tensor"
 
 
+class FrozenBackboneByInferenceMode(nn.Module):
+    """dinov2 #472: the backbone runs under inference_mode inside the training forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU())
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, img):
+        with torch.inference_mode():
+            feats = self.backbone(img)
+        return self.head(feats)
+
+
+def test_a_module_run_under_inference_mode_inside_the_forward_is_named_with_its_line():
+    torch.manual_seed(0)
+    model = FrozenBackboneByInferenceMode()
+    with gradtrace.watch(model) as trace:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            with trace.pass_("train"):
+                model(torch.randn(2, 3, 8, 8)).pow(2).mean().backward()
+    first = trace.report().splitlines()[0]
+    line = inspect.getsourcelines(FrozenBackboneByInferenceMode.forward)[1] + 2  # feats = self.backbone(img)
+    assert first.startswith("gradtrace diagnosis: PASS_FAILED: pass 'train' ended with an exception: module "
+                            "'backbone' (Sequential) ran under torch.inference_mode() at "), first
+    assert f"test_failure_culprits.py:{line} inside a forward with grad" in first
+    assert "module 'head' (Conv2d) tried to save for backward" in first and "'feats'" in first
+    assert "before the watch began" not in first
+
+
 def test_an_inplace_relu_after_tanh_names_both_modules():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(8, 1))

@@ -64,6 +64,32 @@ def test_layers_in_a_plain_list_are_named_with_their_attribute():
     assert [r.calls for r in records] == [2, 2] and all(r.called_in == "encoder" for r in records)
 
 
+class PReLUFeedForward(nn.Module):
+    """allennlp #4101: parametric activations kept in a private plain list (`self._activations`)."""
+
+    def __init__(self):
+        super().__init__()
+        self._linear_layers = nn.ModuleList([nn.Linear(6, 8), nn.Linear(8, 2)])
+        self._activations = [nn.PReLU(), nn.PReLU()]
+
+    def forward(self, x):
+        for layer, act in zip(self._linear_layers, self._activations):
+            x = act(layer(x))
+        return x
+
+
+def test_layers_in_a_private_plain_list_are_named_with_their_attribute():
+    """A list under a leading-underscore attribute is still the user's, not nn.Module's bookkeeping."""
+    torch.manual_seed(0)
+    model = PReLUFeedForward()
+    with gradtrace.watch(model) as trace:
+        model(torch.randn(4, 6)).sum().backward()
+    first = trace.report().splitlines()[0]
+    assert first.startswith("gradtrace diagnosis: UNREGISTERED_MODULE: 2 modules '_activations[0]', "
+                            "'_activations[1]' (PReLU)"), first
+    assert "`self._activations`" in first and "made in the forward" not in first
+
+
 def test_a_module_list_is_healthy_and_the_global_hook_is_gone_between_forwards():
     torch.manual_seed(0)
     model = Model(registered=True)

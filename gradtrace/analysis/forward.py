@@ -82,6 +82,13 @@ def describe_failure(cause: Optional[FailureCause]) -> str:
     """The culprit behind a failure, as the opening of PASS_FAILED ("" when none was found)."""
     if cause is None:
         return ""
+    if cause.kind == "inference_tensor" and cause.module is not None and cause.attribute is None:
+        used = f" that {_module(cause.other, cause.other_type)} tried to save for backward" if cause.other else ""
+        variable = f" ({cause.variable!r})" if cause.variable else ""
+        at = f" at {cause.location}" if cause.location else ""
+        return (f"{_module(cause.module, cause.module_type)} ran under torch.inference_mode(){at} inside a forward "
+                f"with grad: its output{variable} is an inference tensor{used}; run it under torch.no_grad() "
+                f"instead (and freeze it if it should not train), or clone its output")
     if cause.kind == "inference_tensor":
         held = f" ({cause.attribute})" if cause.attribute else ""
         made = (f"made under torch.inference_mode() at {cause.location}" if cause.location

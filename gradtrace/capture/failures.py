@@ -65,6 +65,11 @@ class FailureContext:
         variable, held = _inference_local(frames)
         holders = list(self._inference_holders())
         if not holders:
+            made = self._latest_inference_forward()
+            if made is not None:  # made in this forward: a module run under inference_mode fed one with grad
+                return FailureCause(kind="inference_tensor", module=made.module, module_type=made.module_type,
+                                    location=made.location, other=failed_in, other_type=self._type(failed_in),
+                                    variable=variable)
             if failed_in is None and variable is None:
                 return None
             return FailureCause(kind="inference_tensor", other=failed_in, other_type=self._type(failed_in),
@@ -86,6 +91,11 @@ class FailureContext:
                 for label, t in _tensors_in(attribute, value):
                     if t.is_inference():
                         yield name, label, t
+
+    def _latest_inference_forward(self):
+        """The latest cut where a watched module ran under inference_mode (the outermost of its region)."""
+        regions = [c for c in self.cut_log.cuts if c.kind == "inference_mode" and c.module]
+        return max(regions, key=lambda c: c.seq, default=None)
 
     def _region(self, module: str) -> str:
         """Where the watch saw ``module`` run under inference_mode: the call of the outermost module of the

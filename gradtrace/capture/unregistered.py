@@ -29,6 +29,8 @@ from .frames import innermost_module
 from .hook_state import ModuleHook
 
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
+# The attributes every nn.Module has (its parameter, buffer, submodule and hook dicts): never a user's list.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 is_grad_enabled = torch.is_grad_enabled
 
@@ -141,7 +143,7 @@ class UnregisteredModules:
         """The watched module attribute (a list, tuple or dict, or one inside one) that holds ``module``."""
         for owner, m in self.walk:
             for attribute, value in vars(m).items():
-                if attribute.startswith("_") and attribute not in ("_layers", "_blocks"):
+                if attribute in _MODULE_INTERNALS:  # nn.Module's own bookkeeping; a user's `_layers` is searched
                     continue
                 found = _find_in(value, module)
                 if found is not None:

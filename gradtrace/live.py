@@ -68,6 +68,7 @@ class Recording:
     pending_values: List[PendingValues] = field(default_factory=list)
     pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
     tensor_handles: List[Any] = field(default_factory=list)
+    output_handles: List[Any] = field(default_factory=list)  # run-start hooks on the model's outputs
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
     origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
@@ -590,8 +591,15 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     sharded_written = recorder.sharded_written_hook()
     batch = hook_state.HookBatch()
     handles.append(batch)
+    # Every parameter's tensor hook in; taken out later for .backward() runs where that is safe
+    # (capture/hookless.py): a watched model, plain leaf parameters, no wrapper writing .grad late.
+    handles.append(recorder.param_hooks)
+    recorder.install(hookless_possible=root is not None and wrapper.kind is None and cuts != "off")
+    outputs = recorder.forward_outputs(recording.output_handles)
+    if outputs is not None:
+        batch.forward_pre_hook(root, outputs.pre_hook())  # its end is the cut detector's root hook (always called)
+        stack.callback(_remove_all, recording.output_handles)
     for index, p in enumerate(params):
-        recorder.hook_ids.append(batch.tensor_hook(p, recorder.param_hook(index)))
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
         if hook_state.is_plain(p):
@@ -611,7 +619,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     if cuts in ("modules", "ops"):
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
-        ModuleCutDetector(root, recording.cut_log, module_walk, trainable).attach(batch)
+        ModuleCutDetector(root, recording.cut_log, module_walk, trainable, outputs).attach(batch)
         trace.meta.ran_with_grad = recording.cut_log.ran_with_grad  # saved as a sorted list
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for

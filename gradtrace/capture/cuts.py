@@ -227,8 +227,11 @@ class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
-                 trainable: Optional[Iterable[str]] = None):
+                 trainable: Optional[Iterable[str]] = None, forward: Optional[Any] = None):
         self.log = log
+        # The watched model's forward (hookless.ForwardOutputs): told when a trainable module runs with
+        # grad outside it, which a hookless reading of the backward would not see.
+        self.forward = forward
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
@@ -242,7 +245,8 @@ class ModuleCutDetector:
     def attach(self, hooks) -> None:
         """Put the forward hooks on (``hooks``: a ``hook_state.HookBatch``, which also removes them)."""
         for name, module, trainable in self.modules:
-            hooks.forward_hook(module, self._hook(name, module, trainable))
+            # The root's hook ends the watched forward's call for hookless reading: called even when it raised.
+            hooks.forward_hook(module, self._hook(name, module, trainable), always_call=not name and self.forward is not None)
 
     def _hook(self, name: str, module: nn.Module, trainable: int):
         log = self.log
@@ -250,6 +254,8 @@ class ModuleCutDetector:
         module_type = type(module).__name__
         # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
         note_ran = log.ran_with_grad.add if trainable else len
+        if trainable and name and self.forward is not None:
+            note_ran = _noting_outside(note_ran, self.forward)
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
@@ -293,11 +299,24 @@ class ModuleCutDetector:
         if name:
             return on_forward
 
+        forward = self.forward
+
         def on_root_forward(mod, args, kwargs, output):
             log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+            if forward is not None:
+                forward(mod, args, kwargs, output)
             return on_forward(mod, args, kwargs, output)
 
         return on_root_forward
+
+
+def _noting_outside(note_ran: Callable[[str], Any], forward) -> Callable[[str], None]:
+    """``note_ran`` that also tells the watched model's forward hooks of a call made outside that forward."""
+    def note(name: str) -> None:
+        note_ran(name)
+        if not forward.depth:
+            forward.ran_outside()
+    return note
 
 
 def _segment_inputs_require_grad(segment) -> bool:

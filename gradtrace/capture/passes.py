@@ -112,6 +112,12 @@ class Pass:
         self._tensor_rows: Dict[str, List[torch.Tensor]] = {}  # registered tensors: (3,) figures per delivery
         self._device: Optional[_DeviceFigures] = None
         self.kept: Optional[Dict[str, torch.Tensor]] = None  # keep_grads: the pass's gradients, by name
+        # Hookless reading (capture/hookless.py): may a run of this pass teach the engine's order (no
+        # nested run, no parameter reached before the model's output)? .grad of every parameter when the
+        # labelled pass began; did a run of it go without parameter hooks?
+        self.plain = True
+        self.grads_at_start: Optional[List[Optional[torch.Tensor]]] = None
+        self.had_hookless_runs = False
 
     def __repr__(self) -> str:
         return f"<Pass {self.name!r} {self.phase.value}, {self.runs} runs>"
@@ -128,6 +134,17 @@ class Pass:
     def count_run(self) -> "Pass":
         self.runs += 1
         return self
+
+    def hits(self, indices: List[int]) -> None:
+        """A hookless run reached these parameters (in the engine's order)."""
+        self._hits.extend(indices)
+        self.had_hookless_runs = True
+
+    def hits_since(self, start: int) -> List[int]:
+        return self._hits[start:]
+
+    def reached_set(self) -> Set[int]:
+        return set(self._hits).union(self._written)
 
     def note_kind(self, kind: str) -> None:
         if kind not in self.kinds:
@@ -168,14 +185,16 @@ class Pass:
         if self.failed is None and self.phase is not Phase.ON_HOST:
             self.failed = description
 
-    def end_run(self, run, written: List[int], scope: Optional[str], read: bool) -> None:
+    def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
+                left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
-        is finishing right now anyway). A run cut short that is closed after its pass
-        finished (at exit) adds nothing.
+        is finishing right now anyway); ``left``: ``.grad`` and its version as the run
+        left them, already read (hookless reading), for some of the parameters. A run
+        cut short that is closed after its pass finished (at exit) adds nothing.
         """
         if self.phase is not Phase.OPEN:
             return
@@ -189,7 +208,7 @@ class Pass:
             indices = list(dict.fromkeys(itertools.chain(reached, written)))
             if not run.accumulates:
                 indices = [i for i in indices if i in self._backward]
-            self._reading.run_ended(self, indices)
+            self._reading.run_ended(self, indices, left)
         if run.captured:
             self._add_handbacks(run.captured)
         for name, row in run.tensor_grads:

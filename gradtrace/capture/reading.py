@@ -56,8 +56,10 @@ class PassView(Protocol):
 
 
 class GradReading(Protocol):
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
-        """A run that wrote ``.grad`` ended; ``indices``: the parameters it reached (backward order)."""
+    def run_ended(self, pass_: PassView, indices: List[int],
+                  left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
+        """A run that wrote ``.grad`` ended; ``indices``: the parameters it reached (backward order);
+        ``left``: ``.grad`` and its version already read for some of them (hookless reading)."""
 
     def pieces(self) -> List[Tuple[List[int], Figures]]:
         """Figures already taken (indices, figures), oldest first; a later piece overrides an earlier one."""
@@ -81,7 +83,13 @@ class ReadAtPassEnd:
         # index -> (the .grad tensor its last run left, that tensor's version then)
         self.left: Dict[int, Tuple[torch.Tensor, int]] = {}
 
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
+    def run_ended(self, pass_: PassView, indices: List[int],
+                  left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
+        if left:
+            self.left.update(left)
+            if len(left) == len(indices):
+                return
+            indices = [i for i in indices if i not in left]
         grads = list(map(_GRAD, map(pass_.params.__getitem__, indices)))  # C-level loops: this runs per parameter
         try:
             self.left.update(zip(indices, zip(grads, map(_VERSION, grads))))
@@ -124,9 +132,12 @@ class ReadAtRunEnd:
     def __init__(self) -> None:
         self.taken: List[Tuple[List[int], Figures]] = []
 
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
+    def run_ended(self, pass_: PassView, indices: List[int],
+                  left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
         params = pass_.params
-        kept = [(i, g) for i, g in zip(indices, (params[i].grad for i in indices)) if g is not None]
+        read = left or {}
+        kept = [(i, g) for i, g in zip(indices, (read[i][0] if i in read else params[i].grad for i in indices))
+                if g is not None]
         if kept:
             self.taken.append(([i for i, _ in kept], pass_.figures([pass_.gain(i, g) for i, g in kept])))
 

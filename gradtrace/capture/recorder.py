@@ -13,6 +13,8 @@ a pass's state itself.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 from typing import Callable, Dict, List, Optional
 
@@ -21,9 +23,13 @@ import torch
 from .._torch_compat import is_batched_grad
 from . import hook_state
 from .assign import PassAssigner
+from .hookless import HOOKLESS, LEARNING, ForwardOutputs, HooklessRuns, snapshot
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
 from .wrappers import Wrapper
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 class Recorder:
@@ -41,7 +47,25 @@ class Recorder:
         self.written_log: List[torch.Tensor] = []
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(watched.params)}
         self.optimizer_stepped = False
-        self.hook_ids: List[int] = []  # each parameter's gradtrace tensor hook, by index (RemovableHandle.id)
+        # Each parameter's gradtrace tensor hook, put in and taken out (``install``), and the runs
+        # read without them (``capture/hookless.py``).
+        self.param_hooks = hook_state.ParamHooks(watched.params, [self.param_hook(i) for i in range(len(self.params))])
+        self.hookless = HooklessRuns(watched.params, self.param_hooks, possible=False)
+
+    def install(self, hookless_possible: bool) -> None:
+        """Every parameter's tensor hook in; with ``hookless_possible`` (a watched model, plain leaf
+        parameters, no wrapper), ``.backward()`` runs may later be read without them."""
+        self.hookless = HooklessRuns(self.params, self.param_hooks, possible=hookless_possible)
+        self.hookless.start()
+
+    def forward_outputs(self, handles: list) -> Optional[ForwardOutputs]:
+        """The watched model's forward hooks that mark where each run starts (None: hooks always)."""
+        if not self.hookless.possible:
+            return None
+        def on_output_grad(grad: torch.Tensor) -> None:  # a function, not a bound method (see pre_hook)
+            self.on_output_grad(grad)
+
+        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles)
 
     @property
     def active(self) -> Optional[Pass]:
@@ -56,10 +80,12 @@ class Recorder:
         param = self.params[index]
         open_runs = self.open_runs
 
-        def on_grad(grad: torch.Tensor) -> None:
+        def on_grad(grad: Optional[torch.Tensor]) -> None:
+            if grad is None:  # an undefined gradient (a backward returned None for it): not reached
+                return
             run = open_runs.get(current_task())
             if run is None:
-                run = self.open_run(current_task(), on_accelerator=grad.device.type != "cpu")
+                run = self.open_run(current_task(), on_accelerator=grad.device.type != "cpu", first="param")
                 if run is None:
                     return
             if run.accumulates is None:  # opened by a registered tensor's hook
@@ -123,32 +149,83 @@ class Recorder:
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         figures = self.watched.reduction.tensor_figures
 
-        def on_tensor_grad(grad: torch.Tensor) -> None:
+        def on_tensor_grad(grad: Optional[torch.Tensor]) -> None:
+            if grad is None:  # an undefined gradient: backward brought it nothing
+                return
             run = self.open_runs.get(current_task())
             if run is None:
                 # Whether this run writes .grad is only known at a parameter (a leaf).
-                run = self.open_run(current_task(), from_tensor=True, on_accelerator=grad.device.type != "cpu")
+                run = self.open_run(current_task(), from_tensor=True, on_accelerator=grad.device.type != "cpu",
+                                    first="tensor")
                 if run is None:
                     return
             run.tensor_grads.append((name, figures(grad)))
 
         return on_tensor_grad
 
+    def on_output_grad(self, grad: torch.Tensor) -> None:
+        """Backward reached an output of the watched model's forward: no parameter used in that forward
+        has been reached yet. Learn what this run will write (``capture/hookless.py``)."""
+        if not self.enabled:
+            return
+        task = current_task()
+        run = self.open_runs.get(task)
+        if run is not None and (run.root_seen or run.first in ("param", "written")):
+            if not run.root_seen and run.accumulates:
+                run.pass_.plain = False  # a parameter was reached before the output: not a pattern to learn
+            return
+        hookless = self.hookless
+        flags = hookless.will_execute()
+        accumulates = flags is not None
+        if accumulates and not any(flags):
+            return  # autograd.grad of tensors other than the watched parameters: nothing of ours
+        if run is None:
+            run = self.open_run(task, on_accelerator=grad.device.type != "cpu", accumulates=accumulates, first="root")
+            if run is None:
+                return
+        elif run.accumulates is None:  # opened by a registered tensor's hook
+            self.settle_kind(run, accumulates)
+        run.root_seen = True
+        if not accumulates:
+            if hookless.mode == HOOKLESS:  # autograd.grad: its captured parameters get hooks for this run
+                run.armed = hookless.captured()
+                hookless.hooks.arm(run.armed)
+            return
+        if run.nested or len(self.open_runs) > 1:  # reentrant checkpointing, or runs in two threads at once
+            hookless.relearn()
+            return
+        run.predicted = hookless.predicted(flags)
+        run.before = snapshot(hookless.params_of(run.predicted))
+        if hookless.mode == HOOKLESS and not hookless.knows(run.predicted):
+            hookless.relearn()  # other parameters than the order learned: hooks in before any is reached
+        elif hookless.mode == HOOKLESS:
+            run.hookless = True
+            pass_ = run.pass_
+            grads = run.before[0]
+            if not pass_.auto and not all(map(operator.is_, grads, itertools.repeat(None))):
+                for index, g in zip(run.predicted, grads):
+                    if g is not None:
+                        pass_.note_grad_before(index, g)
+
     # ---- runs ------------------------------------------------------------
     def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False,
-                 written: bool = False) -> Optional[Run]:
+                 written: bool = False, accumulates: Optional[bool] = None, first: str = "param") -> Optional[Run]:
         if not self.enabled:
             return None
         with self.lock:
             run = self.open_runs.get(task)
             if run is not None:
                 return run
-            accumulates = True if written else None if from_tensor else run_accumulates_grad()
+            if accumulates is None:
+                accumulates = True if written else None if from_tensor else run_accumulates_grad()
             # A write from FSDP2's post-backward runs under its autograd Function's backward,
             # which would look nested; a post-accumulate hook only fires in a top-level .backward().
             nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
+            run.first = "written" if written else first
+            if nested:
+                run.pass_.plain = False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
@@ -167,9 +244,10 @@ class Recorder:
         finished_now = pass_.auto and not run.nested and pass_ is not self.passes.orphan
         if run.captured:
             run.captured = [(i, g) for i, g in run.captured if self._saw_last(pass_, i)]
+        left = self._run_read(run) if self.hookless.possible else None
         pass_.end_run(run, self.drain_written(),
                       scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
-                      read=not finished_now)
+                      read=not finished_now, left=left)
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's
@@ -179,9 +257,41 @@ class Recorder:
             else:
                 pass_.finish()
 
+    def _run_read(self, run: Run) -> Optional[dict]:
+        """At a run's end, for hookless runs and the runs that teach them: which parameters the run
+        reached (from ``.grad`` identity and version), reported to its pass in the engine's order;
+        and what ``.grad`` now holds, for the pass's reading strategy (None: it reads it itself)."""
+        hookless = self.hookless
+        if run.armed:
+            hookless.hooks.disarm(run.armed)
+        if run.predicted is None:
+            if hookless.mode == HOOKLESS and run.accumulates is None and not run.root_seen:
+                hookless.relearn()  # a run only a registered tensor saw: it went round the model's output
+            return None
+        after = snapshot(hookless.params_of(run.predicted))
+        reached, all_changed = hookless.reached(run.predicted, run.before, after)
+        pass_ = run.pass_
+        hooked = pass_.hits_since(run.start)
+        if run.hookless:
+            if hooked:  # the hooks went back in during the run: they reported these themselves
+                seen = set(hooked)
+                reached = [i for i in reached if i not in seen]
+            order, known = hookless.in_order(reached)
+            if not (known and all_changed) or hooked:
+                hookless.relearn()
+            pass_.hits(order)
+        elif hookless.mode == LEARNING and pass_.plain and all_changed and sorted(hooked) == reached \
+                and len(hooked) == len(reached) and len(self.open_runs) == 0 and reached:
+            hookless.learn(hooked)
+        if not reached:
+            return None
+        positions = dict(zip(run.predicted, range(len(run.predicted))))
+        grads, versions = after
+        return {i: (grads[positions[i]], versions[positions[i]]) for i in reached if grads[positions[i]] is not None}
+
     def _saw_last(self, pass_: Pass, index: int) -> bool:
         """Did gradtrace's hook see the gradient ``autograd.grad`` hands back for ``index``?"""
-        if hook_state.keep_last(self.params[index], self.hook_ids[index]):
+        if hook_state.keep_last(self.params[index], self.param_hooks.ids[index]):
             return True
         # A hook registered after ours ran after it and may have changed the gradient handed
         # back: this run's figure is unknown; from the next run on, ours runs last.
@@ -203,6 +313,8 @@ class Recorder:
         # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
         pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at)
         self.optimizer_stepped = False
+        if self.hookless.possible:  # for the pass end's look at .grad writes no run reported
+            pass_.grads_at_start = list(map(_GRAD, self.params))
         self.passes.active = pass_
         return pass_
 
@@ -217,7 +329,26 @@ class Recorder:
         written = self.drain_written()  # writes no tensor hook announced (FSDP2) land in the labelled pass
         if written:
             pass_.note_written(written)
+        self._unannounced_writes(pass_)
         pass_.finish()
+
+    def _unannounced_writes(self, pass_: Pass) -> None:
+        """A ``.grad`` that became a new tensor during the pass although no run reported its parameter:
+        written by a backward hookless reading did not see (it never went through the model's output).
+        Counted as reached by the pass; the hooks go back in."""
+        start, pass_.grads_at_start = pass_.grads_at_start, None
+        if start is None or self.hookless.mode == LEARNING and not pass_.had_hookless_runs:
+            return
+        now = list(map(_GRAD, self.params))
+        new = list(map(operator.is_not, start, now))
+        if not any(new):
+            return
+        reported = pass_.reached_set()
+        unannounced = [i for i in itertools.compress(range(len(now)), new)
+                       if now[i] is not None and i not in reported]
+        if unannounced:
+            pass_.note_written(unannounced)
+            self.hookless.relearn()
 
     def flush_orphan(self) -> None:
         self.passes.flush_orphan()

@@ -3,13 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/trainer_overhead.py                 # all three, about 4 minutes
     OMP_NUM_THREADS=1 python benchmarks/trainer_overhead.py --only overhead
 
-* ``overhead``: TRL's GRPOTrainer on the tiny LoRA Llama of the tests (2
-  generations per prompt, 8 completion tokens), runs with and without the
-  callback interleaved (a fresh model and trainer each, the first variant
-  rotating), the callback registering ``A`` and the completion mask.
-  ``cuts=off`` is the callback without cut detection: GRPO generates under
-  no_grad inside every step, and every generation forward through a trainable
-  module is a cut to record. A step's time is the wall and main-thread CPU
+* ``overhead``: a real TRL GRPO step: ``trl.GRPOTrainer`` on the tiny LoRA
+  Llama of the tests (2 generations per prompt, 8 completion tokens), runs with
+  and without the callback interleaved (a fresh model and trainer each, the
+  first variant rotating), the callback attached as documented
+  (``GradtraceCallback().attach(trainer)``: it registers the rewards, ``A``, the
+  completion mask and ``S`` by itself every step). ``every=1000`` is the
+  callback on steps it does not judge (each is still a pass). ``cuts=off`` is
+  the callback without cut detection: GRPO generates under no_grad inside every
+  step, and every generation forward through a trainable module is a cut to
+  record. A step's time is the wall and main-thread CPU
   time between consecutive ``on_step_begin`` calls, so it holds generation,
   the backward, the optimizer and every callback's work; the first step of
   each run is warm-up and dropped. Medians over every kept step, and the
@@ -53,22 +56,18 @@ class StepClock(transformers.TrainerCallback):
         self._last = now
 
 
-def _register_a_and_mask(trace, inputs):
-    trace.tensor("A", inputs["advantages"])
-    trace.tensor("completion_mask", inputs["completion_mask"])
+# variant -> the callback's options (None: no callback)
+VARIANTS = {"baseline": None, "gradtrace": {}, "every=1000": {"every": 1000}, "cuts=off": {"cuts": "off"}}
 
 
-VARIANTS = {"baseline": None, "gradtrace": "modules", "cuts=off": "off"}  # variant -> the callback's cuts
-
-
-def _grpo_run(cuts, steps: int) -> StepClock:
+def _grpo_run(options, steps: int) -> StepClock:
     tokenizer = tiny.make_tokenizer()
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         trainer = tiny.grpo_trainer(out, tiny.with_lora(tiny.make_llama(len(tokenizer))), tokenizer, [clock],
                                     max_steps=steps + 1)
-        if cuts is not None:
-            GradtraceCallback(register=_register_a_and_mask, print_errors=False, cuts=cuts).attach(trainer)
+        if options is not None:
+            GradtraceCallback(print_errors=False, **options).attach(trainer)
         trainer.train()
     return clock
 

@@ -1,7 +1,7 @@
 """The output shown in docs/trainer.md and the README: GradtraceCallback in a Trainer and in TRL's GRPOTrainer.
 
     OMP_NUM_THREADS=1 python docs/trainer_example.py trainer   # transformers Trainer, LoRA, accumulation 2
-    OMP_NUM_THREADS=1 python docs/trainer_example.py grpo      # TRL GRPOTrainer, A and the completion mask
+    OMP_NUM_THREADS=1 python docs/trainer_example.py grpo      # TRL GRPOTrainer: what attach() registers
 
 A random-weight tiny LoRA Llama and a WordLevel tokenizer built in
 ``tests/tiny_trainer.py`` (nothing is downloaded), 3 steps; GRPO's reward is
@@ -14,19 +14,13 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
+sys.path.insert(0, os.path.normpath(os.path.join(HERE, os.pardir, "tests")))
+sys.path.insert(0, os.path.normpath(os.path.join(HERE, os.pardir)))
 
 import transformers  # noqa: E402
 
 import tiny_trainer as tiny  # noqa: E402
 from gradtrace.integrations.transformers import GradtraceCallback  # noqa: E402
-
-
-def register(trace, inputs):
-    """Called with each microbatch GRPOTrainer hands to compute_loss."""
-    trace.tensor("A", inputs["advantages"])
-    trace.tensor("completion_mask", inputs["completion_mask"])
 
 
 def trainer_run(out, tokenizer, collector):
@@ -39,7 +33,7 @@ def trainer_run(out, tokenizer, collector):
 
 def grpo_run(out, tokenizer, collector):
     model = tiny.with_lora(tiny.make_llama(len(tokenizer)))
-    return tiny.grpo_trainer(out, model, tokenizer, [collector], max_steps=3), GradtraceCallback(register=register)
+    return tiny.grpo_trainer(out, model, tokenizer, [collector], max_steps=3), GradtraceCallback()
 
 
 def main() -> None:

@@ -58,6 +58,20 @@ def fit(model, callbacks, **options):
     return trainer
 
 
+class Unzeroed(Regressor):
+    """Never zeroes the gradients: every step adds to the last one's."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        pass
+
+
+class FailsAtStep2(Regressor):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 1:
+            raise ValueError("bad batch")
+        return super().training_step(batch, batch_idx)
+
+
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["no_accumulation", "accumulate_2"])
 def test_one_pass_per_optimizer_step_matches_the_optimizers_gradients(accumulate):
     torch.manual_seed(0)
@@ -65,54 +79,65 @@ def test_one_pass_per_optimizer_step_matches_the_optimizers_gradients(accumulate
     trainer = fit(Regressor(), [callback, oracle], accumulate_grad_batches=accumulate,
                   gradient_clip_val=1e-3)  # clipping must not change what is traced: it comes after
     assert sorted(oracle.norms) == [0, 1, 2]
-    assert [list(t.passes) for t in callback.traces] == [["step-0"], ["step-1"], ["step-2"]]
-    for step, trace in enumerate(callback.traces):
-        p = trace.passes[f"step-{step}"]
+    trace = callback.trace  # one watch for the whole run: one pass per optimizer step
+    assert list(trace.passes) == ["step-1", "step-2", "step-3"]
+    for global_step, norm in oracle.norms.items():
+        p = trace.passes[f"step-{global_step + 1}"]  # step-<n>: n counts optimizer steps from 1
         assert p.runs == accumulate  # every microbatch of the step in the one pass
-        assert p.total_norm == pytest.approx(oracle.norms[step], rel=1e-6)
-        assert oracle.norms[step] > 1e-3  # so the clipped norm would have differed
-        assert [v for v in trace.verdicts() if v.severity == "error"] == []
+        assert p.total_norm == pytest.approx(norm, rel=1e-6)
+        assert norm > 1e-3  # so the clipped norm would have differed
+    assert [v for v in trace.verdicts() if v.severity in ("error", "warning")] == []
+    assert callback.printed == []
     logged = trainer.callback_metrics
     assert float(logged["gradtrace/total_norm"]) == pytest.approx(oracle.norms[2], rel=1e-5)
     assert float(logged["gradtrace/coverage"]) == 1.0 and float(logged["gradtrace/errors"]) == 0.0
-    assert float(logged["gradtrace/traced_step"]) == 2
+    assert float(logged["gradtrace/traced_step"]) == 3
 
 
-def test_every_max_passes_and_save_dir(tmp_path):
+def test_every_max_passes_save_dir_and_save_every(tmp_path):
     torch.manual_seed(0)
-    callback, oracle = GradtraceCallback(every=2, max_passes=2, save_dir=str(tmp_path)), GradOracle()
-    fit(Regressor(), [callback, oracle], max_steps=6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0.json", "step-2.json", "step-4.json"]
-    assert [list(t.passes) for t in callback.traces] == [["step-2"], ["step-4"]]  # the newest two
+    callback, oracle = GradtraceCallback(every=2, max_passes=2, save_dir=str(tmp_path), save_every=2), GradOracle()
+    trainer = fit(Regressor(), [callback, oracle], max_steps=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradtrace.json", "step-2.json", "step-4.json",
+                                                            "step-6.json"]
+    assert list(callback.trace.passes) == ["step-5", "step-6"]  # the newest two of one trace
+    assert callback.trace.meta["dropped_passes"] == 4
     loaded = gradtrace.load(tmp_path / "step-4.json")
-    assert loaded.passes["step-4"].total_norm == pytest.approx(oracle.norms[4], rel=1e-6)
-    assert callback.trace is callback.traces[-1]
+    assert loaded.passes["step-4"].total_norm == pytest.approx(oracle.norms[3], rel=1e-6)
+    assert list(gradtrace.load(tmp_path / "gradtrace.json").passes) == ["step-5", "step-6"]
+    assert float(trainer.callback_metrics["gradtrace/traced_step"]) == 6  # judged: 1, 2, 4, 6
 
 
-def test_hooks_are_gone_between_traced_steps():
-    """A step that is not traced runs with no gradtrace hook: a plain watch() may open on the model."""
+def test_cross_step_verdicts_work_in_lightning_too():
+    """One trace per run: stale gradients (never zeroed) are seen at the next step's start."""
     torch.manual_seed(0)
-    model = Regressor()
-    seen = []
+    callback = GradtraceCallback()
+    fit(Unzeroed(), [callback], max_steps=2)
+    stale = [v for v in callback.trace.verdicts() if v.code == "STALE_GRADS"]
+    assert stale and stale[0].evidence["pass"] == "step-2"
+    assert callback.printed[0].startswith("gradtrace step 2: STALE_GRADS: ")
 
-    class Probe(pl.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step % 2:  # untraced step: gradtrace's watch must be closed by now
-                with gradtrace.watch(pl_module):
-                    seen.append(trainer.global_step)
 
-    fit(model, [GradtraceCallback(every=2), Probe()], max_steps=4)
-    assert seen == [1, 3]
+def test_a_failed_step_is_pass_failed_and_the_hooks_go():
+    torch.manual_seed(0)
+    model, callback = FailsAtStep2(), GradtraceCallback()
+    with pytest.raises(ValueError, match="bad batch"):
+        fit(model, [callback], max_steps=3)
+    assert callback.trace.passes["step-2"].failed == "ValueError: bad batch"
+    assert callback.printed[0].startswith("gradtrace step 2: PASS_FAILED: ")
+    with gradtrace.watch(model):  # refused while another watch holds these parameters: the hooks are gone
+        pass
 
 
 def test_detached_head_input_is_diagnosed():
     torch.manual_seed(0)
     callback = GradtraceCallback()
     trainer = fit(Regressor(detach_head_input=True), [callback], max_steps=1)
-    p = callback.trace.passes["step-0"]
+    p = callback.trace.passes["step-1"]
     assert p.missing == {"body.0.weight", "body.0.bias"}
     assert float(trainer.callback_metrics["gradtrace/coverage"]) == pytest.approx(2 / 4)
     assert "body" in callback.trace.report()
+    assert callback.printed and "body" in callback.printed[0]
 
 
 def test_missing_lightning_says_what_to_install(monkeypatch):
@@ -125,6 +150,15 @@ def test_missing_lightning_says_what_to_install(monkeypatch):
         importlib.import_module("gradtrace.integrations.lightning")
 
 
-def test_bad_options():
-    with pytest.raises(gradtrace.GradtraceError, match="every"):
-        GradtraceCallback(every=0)
+@pytest.mark.parametrize("options, says", [
+    (dict(every=0), "every=...) is a positive int"),
+    (dict(max_passes=0), "max_passes=...) is a positive int"),
+    (dict(max_passes="10"), "max_passes=...) is a positive int"),
+    (dict(cuts="bogus"), "cuts='bogus') is one of"),
+    (dict(prefix=None), "prefix=...) is a string"),
+    (dict(log="yes"), "log=...) is True or False"),
+])
+def test_bad_options_are_refused_at_construction(options, says):
+    import re
+    with pytest.raises(gradtrace.GradtraceError, match=re.escape(says)):
+        GradtraceCallback(**options)

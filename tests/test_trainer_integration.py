@@ -115,8 +115,14 @@ def test_every_second_step_is_logged_and_saved(tmp_path):
     (dict(every=0), "every=...) is a positive int"),
     (dict(save_every=3), "give save_dir too"),
     (dict(register="A"), "register=...) is a function"),
+    # each of these was accepted, and failed (or not) only once training began
+    (dict(max_passes=0), "max_passes=...) is a positive int"),
+    (dict(max_passes="10"), "max_passes=...) is a positive int"),
+    (dict(cuts="bogus"), "cuts='bogus') is one of modules, ops, off"),
+    (dict(prefix=None), "prefix=...) is a string"),
+    (dict(print_errors="yes"), "print_errors=...) is True or False"),
 ])
-def test_bad_options_are_refused(options, says):
+def test_bad_options_are_refused_at_construction(options, says):
     with pytest.raises(gradtrace.GradtraceError, match=re.escape(says)):
         GradtraceCallback(**options)
 
@@ -207,27 +213,120 @@ def test_plain_watch_unlabelled_runs_under_reentrant_checkpointing(tmp_path):
     assert norms == pytest.approx(logged, rel=REL)
 
 
-# ---- TRL GRPO --------------------------------------------------------------------
-def _register_a_and_mask(trace, inputs):
-    trace.tensor("A", inputs["advantages"])
-    trace.tensor("completion_mask", inputs["completion_mask"])
+# ---- TRL GRPO: register= for extra tensors (the GRPO tensors themselves: tests/test_grpo.py) --------
+def _register_shuffled_advantages(trace, inputs):
+    trace.tensor("A (shuffled microbatch)", inputs["advantages"], expect_grad=False)
 
 
-def test_grpo_registers_advantages_without_false_cuts(tmp_path, capsys):
+def test_grpo_register_adds_tensors_beside_the_automatic_ones(tmp_path, capsys):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     tokenizer = make_tokenizer()
     collector = LogCollector()
     trainer = grpo_trainer(tmp_path, with_lora(make_llama(len(tokenizer))), tokenizer, [collector])
-    callback = GradtraceCallback(register=_register_a_and_mask).attach(trainer)
+    callback = GradtraceCallback(register=_register_shuffled_advantages).attach(trainer)
     trainer.train()
     trace = callback.trace
     # generation runs under no_grad by design: not a cut of A, nor of anything the loss needed
     wrong = [v for v in trace.verdicts() if v.code in ("TENSOR_NO_GRAD", "GRAPH_CUT")]
     assert wrong == [], [str(v) for v in wrong]
     assert _errors(trace) == [], [str(v) for v in _errors(trace)]
-    assert trace.tensors["A"].calls == 2 and trace.tensors["completion_mask"].calls == 2
+    assert trace.tensors["A (shuffled microbatch)"].calls == 2  # one microbatch per step
+    assert trace.tensors["A"].calls == 2 and trace.tensors["A"].role == "group"  # the automatic one, grouped
     for step, logged in collector.grad_norms().items():  # the GRPO loss's pre-clip norm, too
         assert trace.passes[f"step-{step}"].total_norm == pytest.approx(logged, rel=REL)
     assert sorted(collector.grad_norms()) == [1, 2]
     assert "gradtrace step" not in capsys.readouterr().out
+
+
+# ---- what a batch says (issue 20, item 9) ----------------------------------------------
+@pytest.mark.parametrize("field, names", [("labels", "labels != -100"), ("attention_mask", "attention_mask")])
+def test_a_batch_that_selects_nothing_is_named_first(field, names, tmp_path):
+    tokenizer = make_tokenizer()
+    data = lm_data(tokenizer)
+    for row in data:
+        row[field] = [-100 if field == "labels" else 0] * len(row[field])
+    collector = LogCollector()
+    trainer = transformers.Trainer(model=with_lora(make_llama(len(tokenizer))), args=training_args(tmp_path),
+                                   train_dataset=data, data_collator=transformers.default_data_collator,
+                                   callbacks=[collector])
+    callback = GradtraceCallback().attach(trainer)
+    trainer.train()
+    assert set(collector.grad_norms().values()) == {0.0}  # the step's gradients are zero
+    first = callback.printed[0]
+    assert first.startswith(f"gradtrace step 1: ALL_ZERO_VALUES: tensor '{names}' selects nothing"), first
+
+
+def test_a_healthy_batch_registers_its_facts_and_finds_nothing(tmp_path):
+    tokenizer = make_tokenizer()
+    callback = GradtraceCallback()
+    _train(with_lora(make_llama(len(tokenizer))), training_args(tmp_path, max_steps=1), tokenizer, callback)
+    labels = callback.trace.tensors["labels != -100"]
+    assert labels.values.zeros == 0 and labels.row_facts["empty_rows"] == 0
+    assert callback.printed == [] and _errors(callback.trace) == []
+
+
+# ---- fp16: the GradScaler's scale (issue 24, item 4) -------------------------------------------
+def test_fp16_loss_scale_is_divided_out(tmp_path):
+    """accelerate scales the loss by 65536 before backward and unscales before clipping: the Trainer logs the
+    unscaled norm, and so must the callback (it reported 5.67e4 for 0.865). On CPU accelerate keeps no
+    scaler, so the test gives it one, exactly as it builds one on a GPU."""
+    tokenizer = make_tokenizer()
+    trainer, collector = _trainer(with_lora(make_llama(len(tokenizer))), training_args(tmp_path, fp16=True),
+                                  tokenizer)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    trainer.accelerator.native_amp = True
+    callback = GradtraceCallback().attach(trainer)
+    trainer.train()
+    _assert_norms_match(callback.trace, collector.grad_norms())
+    assert callback.trace.meta["loss_scale"] == {f"step-{n}": 65536.0 for n in range(1, STEPS + 1)}
+    assert _errors(callback.trace) == []
+
+
+# ---- without attach() (issue 25) ----------------------------------------------------------
+def test_unattached_callback_warns_once_at_train_begin(tmp_path):
+    tokenizer = make_tokenizer()
+    callback = GradtraceCallback()
+    trainer, collector = _trainer(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer,
+                                  callback)
+    with pytest.warns(UserWarning, match=r"callback\.attach\(trainer\)") as caught:
+        trainer.train()
+        trainer.train()  # a second run: no second warning
+    assert sum("attach" in str(w.message) for w in caught) == 1
+    # it still traced; its metrics reached no reporter (the collector runs before it)
+    assert list(callback.trace.passes) == [f"step-{n}" for n in range(1, STEPS + 1)]
+    assert not any("gradtrace/total_norm" in logs for _, logs in collector.logs)
+
+
+# ---- a step that raises --------------------------------------------------------------------
+def test_a_step_that_raises_is_pass_failed_and_printed(tmp_path):
+    tokenizer = make_tokenizer()
+    trainer, _ = _trainer(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer)
+    compute_loss = trainer.compute_loss
+
+    def breaks_at_step_2(model, inputs, *args, **kwargs):
+        if trainer.state.global_step == 1:
+            raise ValueError("bad batch")
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = breaks_at_step_2
+    callback = GradtraceCallback().attach(trainer)
+    with pytest.raises(ValueError, match="bad batch"):
+        trainer.train()
+    assert callback.trace.passes["step-2"].failed == "ValueError: bad batch"
+    assert callback.printed[0].startswith("gradtrace step 2: PASS_FAILED: pass 'step-2' ended with an exception")
+    callback.close()
+    with gradtrace.watch(trainer.model):  # the hooks are gone
+        pass
+
+
+def test_attach_checks_what_it_is_given(tmp_path):
+    with pytest.raises(gradtrace.GradtraceError, match="attach\\(\\) takes a transformers.Trainer"):
+        GradtraceCallback().attach(object())
+    tokenizer = make_tokenizer()
+    trainer, _ = _trainer(with_lora(make_llama(len(tokenizer))), training_args(tmp_path), tokenizer)
+    callback = GradtraceCallback().attach(trainer)
+    with pytest.raises(gradtrace.GradtraceError, match="already attached"):
+        callback.attach(trainer)
+    callback.close()
+    assert "compute_loss" not in vars(trainer) and callback.attach(trainer) is callback  # given back, attachable again

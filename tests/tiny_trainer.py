@@ -32,8 +32,17 @@ def make_llama(vocab_size):
     return transformers.LlamaForCausalLM(config)
 
 
-def with_lora(model):
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+def make_qwen2(vocab_size):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def with_lora(model, use_dora=False):
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora,
                                                       target_modules=["q_proj", "v_proj"]))
 
 
@@ -74,16 +83,20 @@ def characters(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def grpo_trainer(tmp_dir, model, tokenizer, callbacks=(), **overrides):
-    """TRL's GRPOTrainer: 2 generations per prompt, 8 completion tokens, a length reward."""
+def grpo_trainer(tmp_dir, model, tokenizer, callbacks=(), reward_funcs=characters, trainer_cls=None, **overrides):
+    """TRL's GRPOTrainer (or ``trainer_cls``, e.g. RLOOTrainer): 2 generations per prompt, 8 completion tokens,
+    a length reward."""
     import datasets
     import trl
 
+    config_cls = trl.RLOOConfig if trainer_cls is not None and issubclass(trainer_cls, trl.RLOOTrainer) else \
+        trl.GRPOConfig
     prompts = datasets.Dataset.from_list([{"prompt": p} for p in ["the cat sat", "a dog ran", "the red mat",
                                                                    "a big rug"] * 8])
     options = dict(output_dir=str(tmp_dir), per_device_train_batch_size=2, num_generations=2,
                    max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[],
                    use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     options.update(overrides)
-    return trl.GRPOTrainer(model=model, reward_funcs=characters, args=trl.GRPOConfig(**options),
-                           train_dataset=prompts, processing_class=tokenizer, callbacks=list(callbacks))
+    return (trainer_cls or trl.GRPOTrainer)(model=model, reward_funcs=reward_funcs, args=config_cls(**options),
+                                            train_dataset=prompts, processing_class=tokenizer,
+                                            callbacks=list(callbacks))

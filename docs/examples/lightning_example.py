@@ -1,4 +1,4 @@
-"""GradtraceCallback under lightning.Trainer: gradient accumulation, metrics in the logger, a JSON trace per step."""
+"""GradtraceCallback under lightning.Trainer: gradient accumulation, metrics in the logger, JSON traces on disk."""
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class Regressor(pl.LightningModule):
 torch.manual_seed(0)
 x = torch.randn(64, 4)
 data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(-1)), batch_size=8)
-gradtrace_cb = GradtraceCallback(every=2, save_dir="gradtraces")
+gradtrace_cb = GradtraceCallback(every=2, save_dir="gradtraces", save_every=2)
 trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, gradient_clip_val=1.0, callbacks=[gradtrace_cb],
                      logger=pl.loggers.CSVLogger("logs"), enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)

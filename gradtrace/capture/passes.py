@@ -24,7 +24,7 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import numpy as np
 import torch
@@ -186,15 +186,19 @@ class Pass:
             self.failed = description
 
     def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
-                left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
+                left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None,
+                later: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
         is finishing right now anyway); ``left``: ``.grad`` and its version as the run
-        left them, already read (hookless reading), for some of the parameters. A run
-        cut short that is closed after its pass finished (at exit) adds nothing.
+        left them, already read (hookless reading), for some of the parameters.
+        ``later``: queues a callback after the run's other end-of-run callbacks; a
+        run-end reading waits for them (DDP's ``finalize_backward`` writes the averaged
+        gradient there, so what was read before is not used). A run cut short that is
+        closed after its pass finished (at exit) adds nothing.
         """
         if self.phase is not Phase.OPEN:
             return
@@ -208,7 +212,10 @@ class Pass:
             indices = list(dict.fromkeys(itertools.chain(reached, written)))
             if not run.accumulates:
                 indices = [i for i in indices if i in self._backward]
-            self._reading.run_ended(self, indices, left)
+            if later is not None and self._reading.reads_values:
+                later(lambda: self._reading.run_ended(self, indices))
+            else:
+                self._reading.run_ended(self, indices, left)
         if run.captured:
             self._add_handbacks(run.captured)
         for name, row in run.tensor_grads:

@@ -56,6 +56,10 @@ class PassView(Protocol):
 
 
 class GradReading(Protocol):
+    # Does ``run_ended`` read gradient values (then it must wait for a wrapper's end-of-run
+    # work, such as DDP's all-reduce), or only note which tensor each run left?
+    reads_values: bool
+
     def run_ended(self, pass_: PassView, indices: List[int],
                   left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None) -> None:
         """A run that wrote ``.grad`` ended; ``indices``: the parameters it reached (backward order);
@@ -78,6 +82,7 @@ class ReadAtPassEnd:
     """Read ``.grad`` when the pass ends; remember what each run left, to tell cleared from zero."""
 
     __slots__ = ("left",)
+    reads_values = False
 
     def __init__(self) -> None:
         # index -> (the .grad tensor its last run left, that tensor's version then)
@@ -128,6 +133,7 @@ class ReadAtRunEnd:
     """Take figures at the end of every run that reached a parameter; the pass end reads only the rest."""
 
     __slots__ = ("taken",)
+    reads_values = True
 
     def __init__(self) -> None:
         self.taken: List[Tuple[List[int], Figures]] = []

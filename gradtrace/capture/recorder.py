@@ -247,7 +247,11 @@ class Recorder:
         left = self._run_read(run) if self.hookless.possible else None
         pass_.end_run(run, self.drain_written(),
                       scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
-                      read=not finished_now, left=left)
+                      read=not finished_now, left=left,
+                      # Under read_at="run_end", read .grad only after every other end-of-run callback of
+                      # this run: DDP queues its finalize_backward (which writes the averaged gradient)
+                      # after ours; a callback queued from a callback runs after all of them.
+                      later=at_run_end if in_engine else None)
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's

@@ -1,24 +1,34 @@
-"""A Lightning callback: one gradtrace pass per optimizer step.
+"""A Lightning callback: one gradtrace pass per optimizer step, the same vocabulary as the transformers one.
 
     from gradtrace.integrations.lightning import GradtraceCallback
 
-    trainer = lightning.Trainer(callbacks=[GradtraceCallback(every=50, save_dir="gradtraces")])
+    callback = GradtraceCallback(every=50, save_dir="gradtraces")
+    trainer = lightning.Trainer(callbacks=[callback])
+    trainer.fit(model, data)
+    print(callback.trace.report())
 
-Each traced step opens ``gradtrace.watch(pl_module)`` and a pass named
-``step-<global_step>`` at the first microbatch of the step (so every
-microbatch of gradient accumulation lands in the one pass) and closes both in
-``on_before_optimizer_step``: the figures are the gradients Lightning hands to
-the optimizer, before gradient clipping. Between traced steps no hook is
-registered at all, so ``every=N`` costs nothing on the other steps, and
-validation (which runs without grad) is never mistaken for a graph cut.
+The options and what a step is are ``steps.StepTracer``'s: one
+``gradtrace.watch(pl_module)`` from ``on_train_start`` to ``on_train_end``;
+each optimizer step is the pass ``step-<n>`` (``n`` counts optimizer steps
+from 1: ``trainer.global_step`` once the step is taken), opened at its first
+microbatch's ``on_train_batch_start`` and closed in
+``on_before_optimizer_step``, so every microbatch of gradient accumulation
+lands in it and its figures are what Lightning hands the optimizer: after AMP's
+``unscale_``, before gradient clipping. Validation inside the run runs
+without grad: it is recorded as a cut outside every pass, which is never
+blamed unless it explains a real loss of coverage. ``register(trace, batch)``
+is called with every microbatch of a step. ``log``: the judged step's metrics
+go through ``pl_module.log_dict``. A run that raises ends its open step as
+failed (PASS_FAILED) in ``on_exception``.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ..errors import GradtraceError
+from .steps import StepOptions, StepTracer
+
+__all__ = ["GradtraceCallback"]
 
 try:  # the unified package first; the standalone one has its own, distinct Callback class
     from lightning.pytorch import Callback
@@ -31,70 +41,69 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 
 class GradtraceCallback(Callback):
-    """Trace one optimizer step in every ``every``; log its metrics; optionally save each trace as JSON.
+    """Trace every optimizer step of a Lightning run as pass ``step-<n>`` of one trace (``.trace``).
 
-    ``every``: trace steps whose ``global_step`` is a multiple of it.
-    ``max_passes``: how many traced steps to keep in ``.traces`` (each trace
-    holds one pass, the step); ``.trace`` is the newest. ``save_dir``: write
-    each traced step to ``<save_dir>/step-<global_step>.json`` (read it back
-    with ``gradtrace.load`` or ``python -m gradtrace show``). ``log``: send
-    ``trace.metrics(prefix, passes="last")`` through ``pl_module.log_dict``
-    (the same keys every step: ``gradtrace/coverage``, ``gradtrace/total_norm``, ...,
-    and ``gradtrace/traced_step``, the step the values belong to).
-    ``cuts``: ``gradtrace.watch``'s cut detection mode.
+    ``every``, ``max_passes``, ``cuts``, ``save_dir``, ``save_every``,
+    ``register``, ``print_errors``, ``prefix``, ``per_module``, ``gather``: as in
+    ``gradtrace.integrations.transformers.GradtraceCallback`` (docs/lightning.md).
+    ``log``: send each judged step's metrics through ``pl_module.log_dict``
+    (the same keys every step, plus ``<prefix>traced_step``).
     """
 
-    def __init__(self, every: int = 1, max_passes: int = 8, save_dir: Optional[str] = None, log: bool = True,
-                 prefix: str = "gradtrace/", per_module: bool = False, cuts: str = "modules"):
-        for option, value in (("every", every), ("max_passes", max_passes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GradtraceError(f"GradtraceCallback({option}=...) is a positive int, got {value!r}")
-        self.every, self.max_passes, self.save_dir = every, max_passes, save_dir
-        self.log, self.prefix, self.per_module, self.cuts = log, prefix, per_module, cuts
-        self.traces: List[Any] = []
-        self._stack: Optional[contextlib.ExitStack] = None
-        self._open_trace = None
+    def __init__(self, *, every: int = 1, max_passes: Optional[int] = 100, cuts: str = "modules",
+                 save_dir: Optional[str] = None, save_every: Optional[int] = None,
+                 register: Optional[Callable[[Any, Any], Any]] = None, print_errors: bool = True,
+                 prefix: str = "gradtrace/", per_module: bool = False, gather: bool = True, log: bool = True):
+        if not isinstance(log, bool):
+            raise GradtraceError(f"GradtraceCallback(log=...) is True or False, got {log!r}")
+        # The pass closes in on_before_optimizer_step, before clipping and zero_grad: read it there.
+        self._steps = StepTracer(StepOptions(every=every, max_passes=max_passes, cuts=cuts, save_dir=save_dir,
+                                             save_every=save_every, register=register, print_errors=print_errors,
+                                             prefix=prefix, per_module=per_module, gather=gather),
+                                 read_at="pass_end")
+        self.log = log
 
     @property
     def trace(self):
-        """The newest traced step's trace (None before the first traced step has finished)."""
-        return self.traces[-1] if self.traces else None
+        """The trace of the current (or last) run: one pass per optimizer step."""
+        return self._steps.trace
+
+    @property
+    def merged(self):
+        """Under torch.distributed, every rank's trace merged at the end of training (``gather=True``)."""
+        return self._steps.merged
+
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """The newest judged step's metrics."""
+        return self._steps.metrics
+
+    @property
+    def printed(self):
+        """Every line the callback printed, in order."""
+        return list(self._steps.printed)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._steps.start(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._stack is not None or trainer.global_step % self.every:
-            return  # a later microbatch of a step already being traced, or a step not traced
-        from ..live import watch
-
-        stack = contextlib.ExitStack()
-        trace = stack.enter_context(watch(pl_module, cuts=self.cuts))
-        stack.enter_context(trace.pass_(f"step-{trainer.global_step}"))
-        self._stack, self._open_trace = stack, trace
+        steps = self._steps
+        if steps.running and steps.open_step is None:  # the first microbatch of an optimizer step
+            steps.begin_step(trainer.global_step + 1)
+        steps.register(batch)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._stack is None:
-            return
-        trace = self._close()
-        if self.save_dir is not None:
-            os.makedirs(self.save_dir, exist_ok=True)
-            trace.save(os.path.join(self.save_dir, f"step-{trainer.global_step}.json"))
-        if self.log:
-            metrics = trace.metrics(self.prefix, self.per_module, passes="last")
+        step = self._steps.end_step()
+        if step is not None and self.log and self._steps.judged(step):
             # Lightning's loggers repeat the last on_step value on steps that log nothing (every > 1):
-            # the traced step's number tells a fresh value from a repeated one.
-            metrics[f"{self.prefix}traced_step"] = float(trainer.global_step)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            # traced_step tells a fresh value from a repeated one.
+            pl_module.log_dict(self.metrics, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._close()  # a step cut short (the run ended between microbatches): keep what it recorded
+        self._steps.stop()  # a step cut short (the run ended between microbatches) keeps what it recorded
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._close()  # never leave hooks on the model after a failed run
-
-    def _close(self):
-        if self._stack is None:
-            return None
-        stack, trace = self._stack, self._open_trace
-        self._stack = self._open_trace = None
-        stack.close()
-        self.traces = (self.traces + [trace])[-self.max_passes:]
-        return trace
+        try:
+            self._steps.fail_step(exception)
+        finally:
+            self._steps.stop(merge=False)  # never leave hooks on the model after a failed run

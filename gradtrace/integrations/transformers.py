@@ -3,168 +3,169 @@
     from gradtrace.integrations.transformers import GradtraceCallback
 
     callback = GradtraceCallback(save_dir="gradtraces")
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-    callback.attach(trainer)   # optional: metrics reach report_to and log_history; needed for register=
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    callback.attach(trainer)   # adds the callback; metrics reach report_to; TRL GRPO tensors; DDP; fp16
     trainer.train()
     print(callback.trace.report())
 
-One ``gradtrace.watch`` is open from ``on_train_begin`` to ``on_train_end`` on
-the model the Trainer trains (a DDP / DataParallel wrapper is looked through,
-a peft model is watched as the Trainer sees it, so parameter names are the
-peft ones). Each optimizer step is one pass, ``step-<n>`` where ``n``
-is the ``step`` the Trainer logs for it: opened in ``on_step_begin`` before the
-first microbatch, closed in ``on_step_end``, so every microbatch of gradient
-accumulation lands in it. The Trainer clips, steps and calls ``zero_grad()``
-before ``on_step_end``; the pass is opened with ``read_at="run_end"`` so each
-parameter's figures are taken when the last engine run that reached it ends:
-before clipping, and untouched by ``zero_grad()``. They are therefore the
-gradients behind the Trainer's logged ``grad_norm`` (which is the pre-clip norm).
+The options and what a step is are ``steps.StepTracer``'s (shared with the
+Lightning callback). What this adapter adds, through ``attach(trainer)``,
+which wraps a few methods of the trainer *instance* (``close()`` gives them
+back):
 
-How the metrics reach the trackers (transformers 5, ``Trainer.log``): the
-Trainer appends a copy of ``logs`` to ``state.log_history`` and then calls
-``on_log`` on every callback in order, its reporting integrations
-(``report_to``) first and user callbacks last. Adding keys to ``logs`` in
-``on_log`` therefore reaches only callbacks registered after this one.
-``attach(trainer)`` wraps the trainer's own ``log`` (TRL's trainers override
-it and call ``Trainer.log``; the wrapper sits on top of both) so the keys are
-in ``logs`` before the copy and before any reporter sees them.
+* ``log``: the metrics go into ``logs`` before the Trainer copies them to
+  ``state.log_history`` and hands them to ``report_to`` (transformers 5,
+  ``Trainer.log``, calls ``on_log`` on the reporters first and on user
+  callbacks last: keys added in ``on_log`` reach only callbacks after this one);
+* ``compute_loss``: sees each microbatch: ``register(trace, inputs)``; the
+  batch's own facts (``labels != -100`` and ``attention_mask``: a batch whose
+  every label is masked, or whose attention selects nothing, is named); on TRL's
+  GRPO-style trainers the rewards, advantages and masks in group order and the
+  policy's log-probs ``S`` (``grpo.py``);
+* ``training_step``: a microbatch that raises ends its step's pass as failed
+  (PASS_FAILED) and prints the step's findings before the error goes on;
+* the model watched is the one the Trainer steps with: the DDP wrapper when
+  there is one (figures are ``.grad`` after DDP's all-reduce: equal to the
+  Trainer's ``grad_norm`` on every rank, a NaN on one rank is everyone's), and
+  under fp16 the figures are divided by the ``GradScaler``'s scale of the step
+  (``trace.meta["loss_scale"]`` says by how much): the gradients the optimizer
+  steps with, as the Trainer's ``grad_norm`` is.
+
+Without ``attach`` the callback still traces (the unwrapped model, figures as
+``.grad`` holds them) and warns once, at train begin, about what it cannot do.
 
 This module imports transformers; ``import gradtrace`` never does.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import re
-import weakref
-from typing import Any, Callable, Dict, List, Optional
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from transformers import TrainerCallback
 
 from ..errors import GradtraceError
+from . import grpo
+from .patching import InstancePatches
+from .steps import StepOptions, StepTracer, unscale_pass
 
-_STEP_NAME = re.compile(r"step-\d+")
+__all__ = ["GradtraceCallback"]
+
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
 class GradtraceCallback(TrainerCallback):
-    """Trace every ``every``-th optimizer step of a ``transformers.Trainer`` (or a TRL trainer).
+    """Trace every optimizer step of a ``transformers.Trainer`` (or a TRL trainer) as pass ``step-<n>``.
 
-    ``every``: which steps are judged: for step ``n`` (as the Trainer logs
-    it) with ``n == 1`` or ``n % every == 0`` the callback computes verdicts,
-    adds metrics to the logs and prints new errors. Every step is still a pass
-    of its own: a watch cannot be paused, and an unlabelled step would become
-    one pass per backward run, without stale-gradient checks. So ``every``
-    saves the analysis and the logging, not the hooks' cost.
-    ``max_passes``: keep only the newest N passes in ``trace`` (memory stays
-    bounded over a long run). ``cuts``: ``gradtrace.watch``'s cut detection.
-    ``save_dir``: ``trace.save(<save_dir>/gradtrace.json)`` when training ends
-    or the callback is closed. ``save_every``: also ``<save_dir>/step-<n>.json``
-    every N steps (with ``save_every <= max_passes`` no step is lost to the
-    bound). ``register``: ``register(trace, inputs)`` is
-    called with each microbatch the trainer hands to ``compute_loss`` while a
-    step's pass is open (GRPO: ``inputs["advantages"]``,
-    ``inputs["completion_mask"]``); needs ``attach(trainer)``.
-    ``print_errors``: print each new error verdict once, one line each.
-    ``prefix``: of the metric keys added to the Trainer's logs.
+    ``every``: judge step ``n`` (verdicts, metrics, printed findings) when
+    ``n == 1`` or ``n % every == 0``; every step is still a pass.
+    ``max_passes``: keep only the newest N passes in ``trace``.
+    ``cuts``: ``gradtrace.watch``'s cut detection.
+    ``save_dir``: ``<save_dir>/gradtrace.json`` when training ends (per rank,
+    ``gradtrace.rank<k>.json``, plus the merged ``gradtrace.json`` from rank 0,
+    under torch.distributed). ``save_every``: also ``<save_dir>/step-<n>.json``
+    every N steps. ``register``: ``register(trace, inputs)`` with each microbatch
+    ``compute_loss`` receives during a step (needs ``attach``).
+    ``print_errors``: print each new error or warning about a judged step once.
+    ``prefix``, ``per_module``: of the metric keys. ``gather``: merge the ranks'
+    traces at the end of training under torch.distributed.
     """
 
     def __init__(self, *, every: int = 1, max_passes: Optional[int] = 100, cuts: str = "modules",
-                 save_dir: Optional[str] = None, save_every: Optional[int] = None, register: Optional[Callable[[Any, Dict[str, Any]], Any]] = None,
-                 print_errors: bool = True, prefix: str = "gradtrace/"):
-        for option, value in (("every", every), ("save_every", save_every)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise GradtraceError(f"GradtraceCallback({option}=...) is a positive int, got {value!r}")
-        if save_every is not None and save_dir is None:
-            raise GradtraceError("GradtraceCallback(save_every=...) writes into save_dir: give save_dir too")
-        if register is not None and not callable(register):
-            raise GradtraceError(f"GradtraceCallback(register=...) is a function (trace, inputs), got {register!r}")
-        self.every, self.max_passes, self.cuts = every, max_passes, cuts
-        self.save_dir, self.save_every, self.register, self.print_errors, self.prefix = save_dir, save_every, register, print_errors, prefix
-        self.trace = None  # the LiveTrace of the current (or last) training run; readable after it ends
-        self.metrics: Dict[str, float] = {}  # the newest traced step's metrics
-        self._watch: Optional[contextlib.ExitStack] = None
-        self._pass: Optional[contextlib.ExitStack] = None
-        self._finalizer: Optional[weakref.finalize] = None
-        self._open_step: Optional[int] = None  # the step whose pass is open
-        self._printed: set = set()
+                 save_dir: Optional[str] = None, save_every: Optional[int] = None,
+                 register: Optional[Callable[[Any, Dict[str, Any]], Any]] = None, print_errors: bool = True,
+                 prefix: str = "gradtrace/", per_module: bool = False, gather: bool = True):
+        self._steps = StepTracer(StepOptions(every=every, max_passes=max_passes, cuts=cuts, save_dir=save_dir,
+                                             save_every=save_every, register=register, print_errors=print_errors,
+                                             prefix=prefix, per_module=per_module, gather=gather))
+        self._steps.on_step_closed.append(self._unscale)
+        self._trainer = None
+        self._patches: Optional[InstancePatches] = None
+        self._grpo: Optional[grpo.GRPOWiring] = None
         self._logged = True  # the newest metrics already went into a training log
-        self._attached = False
+        self._scale: Optional[float] = None  # the GradScaler's scale during the open step
+        self._warned = False
+
+    # ---- what a user reads -----------------------------------------------------
+    @property
+    def trace(self):
+        """The trace of the current (or last) training run; readable during and after it."""
+        return self._steps.trace
+
+    @property
+    def merged(self):
+        """Under torch.distributed, every rank's trace merged at the end of training (``gather=True``)."""
+        return self._steps.merged
+
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """The newest judged step's metrics."""
+        return self._steps.metrics
+
+    @property
+    def printed(self):
+        """Every line the callback printed, in order."""
+        return list(self._steps.printed)
 
     # ---- wiring ---------------------------------------------------------------
     def attach(self, trainer) -> "GradtraceCallback":
-        """Add this callback to ``trainer`` (if needed) and wrap its ``log`` and ``compute_loss``.
-
-        ``log``: the metrics go into ``logs`` before the Trainer copies them to
-        ``state.log_history`` and hands them to ``report_to``. ``compute_loss``:
-        ``register(trace, inputs)`` sees each microbatch of a traced step.
-        Both are instance attributes wrapping the trainer's own bound methods,
-        so subclasses (TRL) keep their behaviour.
-        """
-        if self._attached:
-            raise GradtraceError("this GradtraceCallback is already attached to a trainer")
+        """Add this callback to ``trainer`` (if needed) and wrap a few of its methods (see the module doc)."""
+        if self._patches is not None:
+            raise GradtraceError("this GradtraceCallback is already attached to a trainer; close() it first")
+        if not hasattr(trainer, "callback_handler") or not callable(getattr(trainer, "compute_loss", None)):
+            raise GradtraceError(f"attach() takes a transformers.Trainer (or a TRL trainer), got "
+                                 f"{type(trainer).__name__}")
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
-        trainer.log = _with_metrics(trainer.log, self)
-        trainer.compute_loss = _with_register(trainer.compute_loss, self)
-        self._attached = True
+        patches = InstancePatches(trainer)
+        patches.wrap("log", self._wrap_log)
+        patches.wrap("compute_loss", self._wrap_compute_loss)
+        patches.wrap("training_step", self._wrap_training_step)
+        self._trainer, self._patches = trainer, patches
+        if grpo.is_grpo_like(trainer):
+            self._grpo = grpo.GRPOWiring(trainer, self._steps, patches)
         return self
 
     def close(self) -> None:
-        """End the open pass and the watch (no hook stays on the model); the trace stays readable.
+        """End the open pass and the watch (no hook stays on the model) and give the trainer its methods back.
 
         The Trainer calls no callback when training raises: call this (or use
         ``with callback: trainer.train()``) to remove the hooks after a failure.
-        A later ``trainer.train()`` also closes a watch left open.
+        The trace stays readable.
         """
-        if self._finalizer is None:
-            return  # nothing open: closing twice (on_train_end, then `with`) is harmless
-        self._finalizer()
-        self._finalizer = None
-        self._watch = self._pass = self._open_step = None
-        if self.save_dir is not None and self.trace is not None:
-            self._save("gradtrace.json")
+        self._steps.stop(merge=False)
+        if self._patches is not None:
+            self._patches.restore()
+        self._patches = self._grpo = self._trainer = None
 
     def __enter__(self) -> "GradtraceCallback":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._failed(exc)
         self.close()
 
     # ---- Trainer events ------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.register is not None and not self._attached:
-            raise GradtraceError("GradtraceCallback(register=...) needs the trainer's inputs: call "
-                                 "callback.attach(trainer) before trainer.train()")
-        self.close()  # a watch left open by a run that raised
-        from .. import watch
-
-        stack = contextlib.ExitStack()
-        self.trace = stack.enter_context(watch(_unwrapped(model), cuts=self.cuts, max_passes=self.max_passes))
-        pass_stack = contextlib.ExitStack()
-        self._watch, self._pass = stack, pass_stack
-        # If training raises, nothing calls on_train_end: the hooks go when the callback is
-        # collected or the interpreter exits, or at once with close(). Pass first, then watch.
-        self._finalizer = weakref.finalize(self, _close_stacks, pass_stack, stack)
-        self._printed = set()
+        if self._patches is None:
+            if self._steps.options.register is not None:
+                raise GradtraceError("GradtraceCallback(register=...) needs the trainer's inputs: call "
+                                     "callback.attach(trainer) before trainer.train()")
+            self._warn_unattached()
+        self._steps.start(self._watched(model))
+        self._logged = True
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self._watch is None:
-            return
-        step = state.global_step + 1  # the step number the Trainer will log for this step
-        self._pass.enter_context(self.trace.pass_(f"step-{step}", step_start=True, read_at="run_end"))
-        self._open_step = step
+        self._scale = self._loss_scale()
+        self._steps.begin_step(state.global_step + 1)  # the step number the Trainer will log for this step
 
     def on_step_end(self, args, state, control, **kwargs):
-        step, self._open_step = self._open_step, None
-        if self._watch is None or step is None:
-            return
-        self._pass.close()
-        if step == 1 or step % self.every == 0:
-            self._after_step(f"step-{step}", step)
-        if self.save_every is not None and step % self.save_every == 0:
-            self._save(f"step-{step}.json")
+        step = self._steps.end_step()
+        if step is not None and self._steps.judged(step):
+            self._logged = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Without attach(): reaches callbacks after this one only (see the module docstring).
@@ -172,31 +173,50 @@ class GradtraceCallback(TrainerCallback):
             self._add_metrics(logs)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.close()
+        self._steps.stop()
 
     # ---- inside ----------------------------------------------------------------
-    def _after_step(self, name: str, step: int) -> None:
-        # The step just closed is the newest pass: the same keys every step (coverage, total_norm, errors, ...).
-        self.metrics = self.trace.metrics(prefix=self.prefix, passes="last")
-        self.metrics[f"{self.prefix}traced_step"] = float(step)
-        verdicts = self.trace.verdicts()
-        self._logged = False
-        if self.print_errors:
-            self._print_new_errors(verdicts, step)
+    def _watched(self, model):
+        """What the Trainer steps with: its DDP wrapper (attached), else the model it hands callbacks."""
+        wrapped = getattr(self._trainer, "model_wrapped", None) if self._trainer is not None else None
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return wrapped
+        if model is None and self._trainer is not None:
+            model = self._trainer.model
+        while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        return model
 
-    def _save(self, filename: str) -> None:
-        os.makedirs(self.save_dir, exist_ok=True)
-        self.trace.save(os.path.join(self.save_dir, filename))
+    def _warn_unattached(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            "GradtraceCallback was not attached: its metrics reach only the callbacks registered after it, "
+            "not report_to nor state.log_history; TRL's GRPO tensors, the batch's labels, DDP's reduced "
+            "gradients and fp16 loss-scale correction need it too. Call callback.attach(trainer) before "
+            "trainer.train().", UserWarning, stacklevel=3)
 
-    def _print_new_errors(self, verdicts, step: int) -> None:
-        for v in verdicts:
-            if v.severity != "error":
-                continue
-            # The same finding on every step differs only in the pass name: print it once.
-            key = (v.code, _STEP_NAME.sub("step-*", v.message))
-            if key not in self._printed:
-                self._printed.add(key)
-                print(f"gradtrace step {step}: {v.code}: {v.message}", flush=True)
+    def _loss_scale(self) -> Optional[float]:
+        """The GradScaler's scale for the step about to run (fp16), or None. One host read per step."""
+        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
+        if scaler is None or not callable(getattr(scaler, "get_scale", None)):
+            return None
+        if callable(getattr(scaler, "is_enabled", None)) and not scaler.is_enabled():
+            return None
+        return float(scaler.get_scale())
+
+    def _failed(self, error: BaseException) -> None:
+        """The open step raised: record it, without ever hiding the error behind one of gradtrace's own."""
+        try:
+            self._steps.fail_step(error)
+        except Exception as own:  # pragma: no cover - a gradtrace bug must not replace the user's error
+            warnings.warn(f"gradtrace could not record the failed step: {type(own).__name__}: {own}",
+                          RuntimeWarning, stacklevel=2)
+
+    def _unscale(self, name: str) -> None:
+        if self._scale is not None:
+            unscale_pass(self.trace, name, self._scale)
 
     def _add_metrics(self, logs: Dict[str, Any]) -> None:
         # Training-step logs carry "loss"; evaluation ("eval_loss") and the final summary do not.
@@ -204,34 +224,54 @@ class GradtraceCallback(TrainerCallback):
             logs.update(self.metrics)
             self._logged = True
 
-    def _register(self, inputs: Dict[str, Any]) -> None:
-        if self.register is not None and self._open_step is not None:
-            self.register(self.trace, inputs)
+    def _before_loss(self, inputs: Any) -> None:
+        """What a microbatch of the open step says: the GRPO tensors, the batch's own facts, the user's."""
+        steps = self._steps
+        if steps.open_step is None:
+            return
+        if self._grpo is not None:
+            self._grpo.before_loss()
+        elif isinstance(inputs, Mapping):
+            _register_batch(steps, inputs)
+        steps.register(inputs)
+
+    def _wrap_log(self, log: Callable) -> Callable:
+        @functools.wraps(log)
+        def log_with_gradtrace(logs, *args, **kwargs):
+            if self._patches is not None and self._patches.active:
+                self._add_metrics(logs)
+            return log(logs, *args, **kwargs)
+        return log_with_gradtrace
+
+    def _wrap_compute_loss(self, compute_loss: Callable) -> Callable:
+        @functools.wraps(compute_loss)
+        def compute_loss_with_gradtrace(model, inputs, *args, **kwargs):
+            if self._patches is None or not self._patches.active:
+                return compute_loss(model, inputs, *args, **kwargs)
+            self._before_loss(inputs)
+            if self._grpo is None:
+                return compute_loss(model, inputs, *args, **kwargs)
+            with self._grpo.loss():
+                return compute_loss(model, inputs, *args, **kwargs)
+        return compute_loss_with_gradtrace
+
+    def _wrap_training_step(self, training_step: Callable) -> Callable:
+        @functools.wraps(training_step)
+        def training_step_with_gradtrace(*args, **kwargs):
+            try:
+                return training_step(*args, **kwargs)
+            except Exception as e:
+                if self._patches is not None and self._patches.active:
+                    self._failed(e)
+                raise
+        return training_step_with_gradtrace
 
 
-def _with_metrics(log: Callable, callback: GradtraceCallback) -> Callable:
-    @functools.wraps(log)
-    def log_with_gradtrace(logs, *args, **kwargs):
-        callback._add_metrics(logs)
-        return log(logs, *args, **kwargs)
-    return log_with_gradtrace
-
-
-def _with_register(compute_loss: Callable, callback: GradtraceCallback) -> Callable:
-    @functools.wraps(compute_loss)
-    def compute_loss_with_gradtrace(model, inputs, *args, **kwargs):
-        callback._register(inputs)
-        return compute_loss(model, inputs, *args, **kwargs)
-    return compute_loss_with_gradtrace
-
-
-def _close_stacks(*stacks: contextlib.ExitStack) -> None:
-    for stack in stacks:
-        stack.close()
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameters the Trainer trains: DDP / DataParallel are looked through."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+def _register_batch(steps: StepTracer, inputs: Mapping) -> None:
+    """A Trainer batch's own facts: which tokens carry a label, which ones are attended to."""
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() >= 1 and not labels.is_floating_point():
+        steps.observe(f"labels != {IGNORE_INDEX}", labels != IGNORE_INDEX, expect_grad=False, role="mask")
+    attention = inputs.get("attention_mask")
+    if isinstance(attention, torch.Tensor) and attention.dim() == 2:
+        steps.observe("attention_mask", attention, expect_grad=False, role="attention_mask")

@@ -254,8 +254,8 @@ class ModuleCutDetector:
         module_type = type(module).__name__
         # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
         note_ran = log.ran_with_grad.add if trainable else len
-        if trainable and name and self.forward is not None:
-            note_ran = _noting_outside(note_ran, self.forward)
+        # The watched forward (hookless reading): told of a trainable module run with grad outside it.
+        outside = self.forward if trainable and name else None
 
         def on_forward(mod, args, kwargs, output):
             if is_grad_enabled():
@@ -263,12 +263,16 @@ class ModuleCutDetector:
                 if output.__class__ is Tensor:
                     if output.requires_grad:
                         note_ran(name)
+                        if outside is not None and not outside.depth:
+                            outside.ran_outside()
                         return
                 else:
                     differentiable = any_requires_grad(output)
                     if differentiable is not False:  # differentiable, or no tensor output at all
                         if differentiable:
                             note_ran(name)
+                            if outside is not None and not outside.depth:
+                                outside.ran_outside()
                         return
                 # Judged on inputs, not parameters: an adapter that is simply not
                 # used (peft's disable_adapter) leaves trainable parameters idle
@@ -308,15 +312,6 @@ class ModuleCutDetector:
             return on_forward(mod, args, kwargs, output)
 
         return on_root_forward
-
-
-def _noting_outside(note_ran: Callable[[str], Any], forward) -> Callable[[str], None]:
-    """``note_ran`` that also tells the watched model's forward hooks of a call made outside that forward."""
-    def note(name: str) -> None:
-        note_ran(name)
-        if not forward.depth:
-            forward.ran_outside()
-    return note
 
 
 def _segment_inputs_require_grad(segment) -> bool:

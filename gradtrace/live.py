@@ -527,18 +527,19 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
               statistics: str) -> Iterator[LiveTrace]:
     _check_options(cuts, keep_grads, max_passes, optimizer, statistics)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
-    named, root, module_walk = _resolve_target(target)
-    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
-    if cuts != "off" and root is None:
-        cuts = "off"  # module hooks need the module; parameters alone give coverage only
-    meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
-            "model": type(root).__name__ if root is not None else None,
-            "max_passes": max_passes, "dropped_passes": 0}
-    meta.update(wrapper.meta())
-    if wrapper.kind == "FSDP1":
-        named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
-    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
-                      ParamIdentity.of(named, module_walk, wrapper.kind))
+    with _gc_paused():  # the walk and the trace's per-parameter tables: thousands of objects
+        named, root, module_walk = _resolve_target(target)
+        wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
+        if cuts != "off" and root is None:
+            cuts = "off"  # module hooks need the module; parameters alone give coverage only
+        meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
+                "model": type(root).__name__ if root is not None else None,
+                "max_passes": max_passes, "dropped_passes": 0}
+        meta.update(wrapper.meta())
+        if wrapper.kind == "FSDP1":
+            named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
+        trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
+                          ParamIdentity.of(named, module_walk, wrapper.kind))
     if wrapper.kind == "FSDP1":
         shapes = wrappers.fsdp1_shapes(wrapper)
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
@@ -593,8 +594,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     handles.append(batch)
     # Every parameter's tensor hook in; taken out later for .backward() runs where that is safe
     # (capture/hookless.py): a watched model, plain leaf parameters, no wrapper writing .grad late.
-    handles.append(recorder.param_hooks)
-    recorder.install(hookless_possible=root is not None and wrapper.kind is None and cuts != "off")
+    handles.append(recorder.install(hookless_possible=root is not None and wrapper.kind is None and cuts != "off"))
     outputs = recorder.forward_outputs(recording.output_handles)
     if outputs is not None:
         batch.forward_pre_hook(root, outputs.pre_hook())  # its end is the cut detector's root hook (always called)

@@ -175,6 +175,7 @@ class ParamHooks:
         self.holds = [0] * len(params)
         self._handles: Dict[int, RemovableHandle] = {}  # subclass parameters: through register_hook
         self._was_none = [p._backward_hooks is None for p in params]
+        self.plain = list(map(is_plain, params))
 
     def arm(self, indices: Iterable[int]) -> List[int]:
         """Hold each parameter's hook in; the indices whose hook went in now."""
@@ -208,7 +209,7 @@ class ParamHooks:
         """Put parameter ``i``'s hook in; its id (None: a subclass parameter frozen since watch began,
         which ``register_hook`` refuses; it gets its hook when next armed)."""
         tensor = self.params[i]
-        if not is_plain(tensor):
+        if not self.plain[i]:
             try:
                 handle = tensor.register_hook(self.hooks[i])
             except RuntimeError:

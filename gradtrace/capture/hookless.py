@@ -51,7 +51,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .._torch_compat import will_engine_execute_node
-from .hook_state import ParamHooks, is_plain
+from .hook_state import ParamHooks
 
 # The watch's state.
 NEVER = "never"  # hooks always: hookless runs are not possible for this watch
@@ -85,7 +85,7 @@ def accumulate_grad_nodes(params: List[torch.Tensor]) -> Optional[list]:
     nodes = []
     with torch.enable_grad():
         for p in params:
-            if not is_plain(p) or not p.is_leaf or not p.requires_grad:
+            if not p.is_leaf or not p.requires_grad:
                 return None
             try:
                 node = p.view_as(p).grad_fn.next_functions[0][0]
@@ -104,8 +104,11 @@ class HooklessRuns:
     def __init__(self, params: List[torch.Tensor], hooks: ParamHooks, possible: bool):
         self.params = params
         self.hooks = hooks
-        self.nodes = accumulate_grad_nodes(params) if possible else None
-        self.mode = NEVER if self.nodes is None else LEARNING
+        plain = possible and all(hooks.plain)
+        self.mode = LEARNING if plain else NEVER
+        # Each parameter's AccumulateGrad node, found at the first forward with grad (``find_nodes``),
+        # not at watch entry (a view per parameter: a watch that never runs backward need not pay).
+        self.nodes: Optional[list] = None
         self.all = list(range(len(params)))
         self.learned_set: Optional[List[int]] = None  # the parameters of the learned order, in model order
         self.learned_order: Optional[List[int]] = None  # the same, in the engine's order
@@ -114,6 +117,13 @@ class HooklessRuns:
     @property
     def possible(self) -> bool:
         return self.mode != NEVER
+
+    def find_nodes(self) -> None:
+        """Hold every parameter's AccumulateGrad node (so every forward uses it); none: hooks always."""
+        if self.nodes is None and self.mode != NEVER:
+            self.nodes = accumulate_grad_nodes(self.params)
+            if self.nodes is None:
+                self.mode = NEVER  # the hooks put in at entry stay for good
 
     # ---- the mode ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,8 +205,9 @@ class ForwardOutputs:
     """
 
     def __init__(self, on_output_grad: Callable[[torch.Tensor], None], ran_outside: Callable[[], None],
-                 handles: list):
+                 handles: list, find_nodes: Callable[[], None]):
         self.on_output_grad = on_output_grad
+        self.find_nodes: Optional[Callable[[], None]] = find_nodes  # at the first forward with grad
         self.ran_outside = ran_outside
         self.handles = handles  # every output hook's handle, removed at exit (outputs the user kept)
         self.depth = 0  # calls of the watched model's forward in progress
@@ -212,6 +223,9 @@ class ForwardOutputs:
         self.depth -= 1
         if not torch.is_grad_enabled():
             return
+        if self.find_nodes is not None:
+            self.find_nodes()
+            self.find_nodes = None
         for t in _tensors(output):
             if t.requires_grad and t.grad_fn is not None:
                 self.handles.append(t.register_hook(self.on_output_grad))

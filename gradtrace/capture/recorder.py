@@ -47,25 +47,28 @@ class Recorder:
         self.written_log: List[torch.Tensor] = []
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(watched.params)}
         self.optimizer_stepped = False
-        # Each parameter's gradtrace tensor hook, put in and taken out (``install``), and the runs
-        # read without them (``capture/hookless.py``).
-        self.param_hooks = hook_state.ParamHooks(watched.params, [self.param_hook(i) for i in range(len(self.params))])
-        self.hookless = HooklessRuns(watched.params, self.param_hooks, possible=False)
+        # Each parameter's gradtrace tensor hook, put in and taken out, and the runs read without
+        # them (``capture/hookless.py``): made by ``install``.
+        self.param_hooks: Optional[hook_state.ParamHooks] = None
+        self.hookless: Optional[HooklessRuns] = None
 
-    def install(self, hookless_possible: bool) -> None:
-        """Every parameter's tensor hook in; with ``hookless_possible`` (a watched model, plain leaf
-        parameters, no wrapper), ``.backward()`` runs may later be read without them."""
+    def install(self, hookless_possible: bool) -> hook_state.ParamHooks:
+        """Every parameter's tensor hook in (the handle that takes them out); with ``hookless_possible``
+        (a watched model, plain leaf parameters, no wrapper), ``.backward()`` runs may later be read
+        without them."""
+        self.param_hooks = hook_state.ParamHooks(self.params, [self.param_hook(i) for i in range(len(self.params))])
         self.hookless = HooklessRuns(self.params, self.param_hooks, possible=hookless_possible)
         self.hookless.start()
+        return self.param_hooks
 
     def forward_outputs(self, handles: list) -> Optional[ForwardOutputs]:
         """The watched model's forward hooks that mark where each run starts (None: hooks always)."""
-        if not self.hookless.possible:
+        if self.hookless is None or not self.hookless.possible:
             return None
         def on_output_grad(grad: torch.Tensor) -> None:  # a function, not a bound method (see pre_hook)
             self.on_output_grad(grad)
 
-        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles)
+        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles, self.hookless.find_nodes)
 
     @property
     def active(self) -> Optional[Pass]:
@@ -175,6 +178,8 @@ class Recorder:
                 run.pass_.plain = False  # a parameter was reached before the output: not a pattern to learn
             return
         hookless = self.hookless
+        if hookless.nodes is None:  # hooks for good (a parameter without an AccumulateGrad node)
+            return
         flags = hookless.will_execute()
         accumulates = flags is not None
         if accumulates and not any(flags):
@@ -244,7 +249,7 @@ class Recorder:
         finished_now = pass_.auto and not run.nested and pass_ is not self.passes.orphan
         if run.captured:
             run.captured = [(i, g) for i, g in run.captured if self._saw_last(pass_, i)]
-        left = self._run_read(run) if self.hookless.possible else None
+        left = self._run_read(run) if self.hookless is not None and self.hookless.possible else None
         pass_.end_run(run, self.drain_written(),
                       scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
                       read=not finished_now, left=left,
@@ -317,7 +322,7 @@ class Recorder:
         # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
         pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at)
         self.optimizer_stepped = False
-        if self.hookless.possible:  # for the pass end's look at .grad writes no run reported
+        if self.hookless is not None and self.hookless.possible:  # for the pass end's look at unreported writes
             pass_.grads_at_start = list(map(_GRAD, self.params))
         self.passes.active = pass_
         return pass_

@@ -24,12 +24,13 @@ from . import _torch_compat, analysis, render
 from .capture import hook_state, inner, modules, stats, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.identity import ParamIdentity
+from .capture.optim import OptimizerObserver
 from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
 from .capture.reading import READ_AT
 from .capture.recorder import Recorder
 from .errors import GradtraceError
-from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorRecord
+from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorPassFacts, TensorRecord, merge_row_facts
 from .trace import Trace
 
 CUT_MODES = ("modules", "ops", "off")
@@ -45,13 +46,22 @@ _WATCHED_LOCK = threading.Lock()
 
 @dataclass
 class PendingValues:
-    """A registered tensor's value statistics, still on the device (``VALUE_FIELDS``, in order)."""
+    """One ``trace.tensor`` call's value statistics (``VALUE_FIELDS``) and row facts, still on the device.
+
+    ``pass_name`` is the pass the call belongs to: the one open when it was made, or else the next
+    pass to end (an unlabelled backward's tensors are registered before its run begins); None until
+    that pass ends.
+    """
 
     tensor: str
     vector: torch.Tensor
+    pass_name: Optional[str]
+    rows: Optional[Tuple[Tuple[str, ...], torch.Tensor]] = None
 
-    def to_host(self) -> Dict[str, float]:
-        return dict(zip(VALUE_FIELDS, self.vector.tolist()))
+    def to_host(self) -> Tuple[Dict[str, float], Optional[Dict[str, float]]]:
+        values = dict(zip(VALUE_FIELDS, self.vector.tolist()))
+        rows = dict(zip(self.rows[0], self.rows[1].tolist())) if self.rows is not None else None
+        return values, rows
 
 
 @dataclass
@@ -66,7 +76,10 @@ class Recording:
     pending: Dict[str, Pass] = field(default_factory=dict)  # finished, not yet read (insertion order)
     finished: Deque[str] = field(default_factory=collections.deque)  # finished passes, oldest first
     pending_values: List[PendingValues] = field(default_factory=list)
-    pending_rows: List[Tuple[str, Tuple[Tuple[str, ...], torch.Tensor]]] = field(default_factory=list)
+    # Calls read to the host whose pass has not ended yet: (tensor, values, rows), assigned when it does.
+    unassigned: List[Tuple[str, Dict[str, float], Optional[Dict[str, float]]]] = field(default_factory=list)
+    # The forwards each finished pass differentiated (CutLog.take_window), until its record is built.
+    forwards: Dict[str, tuple] = field(default_factory=dict)
     tensor_handles: List[Any] = field(default_factory=list)
     output_handles: List[Any] = field(default_factory=list)  # run-start hooks on the model's outputs
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
@@ -76,6 +89,9 @@ class Recording:
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
     kept: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # keep_grads: each pass's, by name
+    cuts_mode: str = "off"  # watch's cuts=: "off" records no forwards
+    optim: Any = None  # the OptimizerObserver: torch.optim's global step hooks
+    last_forwards: Optional[tuple] = None  # the newest pass's forward lists, shared with equal later ones
 
 
 class LiveTrace(Trace):
@@ -120,15 +136,66 @@ class LiveTrace(Trace):
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None
+            forwards = recording.forwards.pop(name, None)
+            if forwards is not None:
+                record.forward_modules, record.forward_carried, record.forward_cuts = self._shared(forwards)
             self._passes[name] = record
             for tensor_name, facts in tensor_facts.items():
                 self._tensor_record(tensor_name).grads[name] = facts
-        values, recording.pending_values = recording.pending_values, []
-        for item in values:
-            self._tensors[item.tensor].values.merge(item.to_host())
-        rows, recording.pending_rows = recording.pending_rows, []
-        for name, (keys, vector) in rows:
-            self._tensors[name].merge_row_facts(dict(zip(keys, vector.tolist())))
+        pending_values, recording.pending_values = recording.pending_values, []
+        for item in pending_values:
+            host, rows = item.to_host()
+            record = self._tensors[item.tensor]
+            record.values.merge(host)
+            if rows is not None:
+                record.merge_row_facts(rows)
+            if item.pass_name is None:
+                recording.unassigned.append((item.tensor, host, rows))
+            else:
+                self._tensor_pass_facts(item.tensor, item.pass_name, host, rows)
+        if recording.cuts_mode != "off":
+            self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+        if recording.optim is not None:
+            recording.optim.take(self._optimizers)
+            for record in self._optimizers.values():  # steps attributed to a pass dropped meanwhile
+                for name in [n for n in record.passes if n not in self._passes]:
+                    del record.passes[name]
+
+    @property
+    def optimizers(self):
+        self._sync()
+        return self._optimizers
+
+    def _pass_of_step(self) -> Optional[str]:
+        """The pass whose gradients an optimizer step takes: the open one, else the newest finished."""
+        recording = self._recording
+        active = recording.recorder.active
+        if active is not None:
+            return active.name
+        return recording.finished[-1] if recording.finished else None
+
+    def _shared(self, forwards: tuple) -> tuple:
+        """The pass's forward lists, the previous pass's own objects when they are equal (a training loop
+        runs the same forward every step: thousands of kept passes then share one list each)."""
+        recording = self._recording
+        previous = recording.last_forwards
+        out = tuple(old if old is not None and tuple(old) == new else list(new)
+                    for old, new in zip(previous or (None, None, None), forwards))
+        recording.last_forwards = out
+        return (out[0], out[1], out[2] or None)
+
+    def _tensor_pass_facts(self, tensor: str, pass_name: str, values: Dict[str, float],
+                           rows: Optional[Dict[str, float]]) -> None:
+        if pass_name not in self._passes:
+            return  # its pass was dropped (max_passes) before the facts reached the host
+        record = self._tensors[tensor]
+        if record.by_pass is None:
+            record.by_pass = {}
+        facts = record.by_pass.setdefault(pass_name, TensorPassFacts())
+        facts.calls += 1
+        facts.values.merge(values)
+        if rows is not None:
+            merge_row_facts(facts.row_facts, rows)
 
     def verdicts(self):
         self._note_replaced()  # judged on what the watch sees now (and at exit), never per pass in a hook
@@ -163,7 +230,8 @@ class LiveTrace(Trace):
 
     # ---- recording -----------------------------------------------------------
     @contextlib.contextmanager
-    def pass_(self, name: str, *, step_start: bool = False, read_at: str = "pass_end") -> Iterator[None]:
+    def pass_(self, name: str, *, step_start: bool = False, read_at: str = "pass_end",
+              accumulate: bool = False) -> Iterator[None]:
         """Label every engine run inside as pass ``name`` (any number of microbatches).
 
         ``step_start=True``: the pass begins an optimizer step, so ``.grad`` should be
@@ -172,10 +240,14 @@ class LiveTrace(Trace):
         figures at the end of every run that reached it (the latest wins) instead of
         when the pass ends, so a ``zero_grad()`` or clipping done before the pass
         closes does not change them (one read of the gradients per run).
+        ``accumulate=True``: the pass adds to gradients earlier passes left in ``.grad`` on
+        purpose (accumulation across passes), so they are not stale.
         """
         self._require_open("pass_")
         recorder = self._recording.recorder
         _check_pass_options(name, step_start, read_at)
+        if not isinstance(accumulate, bool):
+            raise GradtraceError(f"accumulate is True or False, got {accumulate!r}")
         active = recorder.active
         if active is not None:
             if active.name == name:
@@ -192,7 +264,7 @@ class LiveTrace(Trace):
             # transfers for many finished passes keeps device memory and live objects bounded.
             self._sync()
         self._passes[name] = None  # reserve the name and its place in the order
-        state = recorder.begin_pass(name, step_start=step_start, read_at=read_at)
+        state = recorder.begin_pass(name, step_start=step_start, read_at=read_at, accumulate=accumulate)
         self._recording.cut_mark = self._recording.cut_log.events
         try:
             yield  # the PassTrace is ready once the block exits: read trace.passes[name]
@@ -233,14 +305,15 @@ class LiveTrace(Trace):
         if active is not None and active.name not in record.passes:
             record.passes.append(active.name)
         for seq in recording.cut_log.since(recording.cut_mark):
-            if seq not in record.cuts:
+            # A no_grad call of a module that then ran again with grad did not make this tensor
+            # (a rollout or a reference forward before the loss's own forward).
+            if seq not in record.cuts and not recording.cut_log.ran_with_grad_after(seq):
                 record.cuts.append(seq)
         recording.cut_mark = recording.cut_log.events
-        recording.pending_values.append(PendingValues(name, values.value_stats(t)))
+        recording.pending_values.append(PendingValues(name, values.value_stats(t),
+                                                      active.name if active is not None else None, facts))
         if role is not None:
             record.role = role
-        if facts is not None:
-            recording.pending_rows.append((name, facts))
         if t.requires_grad:
             self._hook_tensor(name, t, active)
         return t
@@ -295,8 +368,16 @@ class LiveTrace(Trace):
         if pass_.auto:
             self._passes[pass_.name] = None
         recording = self._recording
+        if recording.cuts_mode != "off":
+            recording.forwards[pass_.name] = recording.cut_log.take_window()
         recording.pending[pass_.name] = pass_
         recording.finished.append(pass_.name)
+        for item in recording.pending_values:
+            if item.pass_name is None:  # registered before this pass's run began: its tensors
+                item.pass_name = pass_.name
+        unassigned, recording.unassigned = recording.unassigned, []
+        for tensor, host, rows in unassigned:
+            self._tensor_pass_facts(tensor, pass_.name, host, rows)
         if pass_.kept is not None:
             recording.kept[pass_.name] = pass_.take_kept()
         if recording.max_passes is not None:
@@ -317,11 +398,16 @@ class LiveTrace(Trace):
         self._passes.pop(name, None)
         recording.pending.pop(name, None)
         recording.kept.pop(name, None)
+        recording.forwards.pop(name, None)
         gone = set(recording.cut_log.drop_pass(name))
         for record in self._tensors.values():
             record.grads.pop(name, None)
+            if record.by_pass:
+                record.by_pass.pop(name, None)
             if gone and record.cuts:
                 record.cuts = [seq for seq in record.cuts if seq not in gone]
+        for optimizer in self._optimizers.values():
+            optimizer.passes.pop(name, None)
         self.meta.dropped_passes += 1
 
     def _close(self, error: Optional[BaseException] = None) -> None:
@@ -338,6 +424,8 @@ class LiveTrace(Trace):
             handle.remove()
         recording.tensor_handles.clear()
         self.meta.forward_calls = recording.cut_log.root_calls
+        if recording.cuts_mode != "off":
+            self.meta.ran_with_grad = recording.cut_log.ran_with_grad
         self._note_replaced()
         recording.identity = None  # what happens to the model after exit is not the watch's
         self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
@@ -458,7 +546,9 @@ def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
 
 
 def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
-                   statistics: str) -> None:
+                   statistics: str, updates: Any = True) -> None:
+    if not isinstance(updates, bool):
+        raise GradtraceError(f"updates is True or False, got {updates!r}")
     if not isinstance(statistics, str) or statistics not in stats.REDUCTIONS:
         raise GradtraceError(f"statistics={statistics!r} is not one of {', '.join(stats.REDUCTIONS)}")
     if cuts not in CUT_MODES:
@@ -482,7 +572,7 @@ DEFAULT_MAX_PASSES = 256
 
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
           max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None,
-          statistics: str = "auto") -> "Watch":
+          statistics: str = "auto", updates: bool = True) -> "Watch":
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -493,15 +583,19 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     ``max_passes``: keep only the newest N passes (and their kept gradients,
     tensor facts and cuts); the number dropped is in
     ``trace.meta["dropped_passes"]``. None keeps every pass.
-    ``optimizer``: a torch optimizer; the first pass after each of its steps
+    ``optimizer``: accepted for compatibility: every ``torch.optim`` optimizer's steps
+    are seen by themselves (global step hooks), and the first pass after a step
     begins an optimizer step, where stale ``.grad`` is judged.
+    ``updates``: measure what each optimizer step does to the weights (a sample of
+    16 elements per parameter, on the device) for WEIGHTS_UNCHANGED and
+    TINY_UPDATES; False skips it.
     ``statistics``: where pass-end figures are reduced: "auto" (numpy for values on
     the CPU, the device for an accelerator's) or "device" (on the device everywhere,
     never reading a value back before the pass's one transfer: an accelerator's
     path, here to test it on a CPU). Both give the same figures.
     Every hook is removed on exit, whether or not the block raised. A watch is entered once.
     """
-    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics))
+    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics, updates))
 
 
 class Watch:
@@ -524,8 +618,8 @@ class Watch:
 
 @contextlib.contextmanager
 def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
-              statistics: str) -> Iterator[LiveTrace]:
-    _check_options(cuts, keep_grads, max_passes, optimizer, statistics)
+              statistics: str, updates: bool = True) -> Iterator[LiveTrace]:
+    _check_options(cuts, keep_grads, max_passes, optimizer, statistics, updates)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
     with _gc_paused():  # the walk and the trace's per-parameter tables: thousands of objects
         named, root, module_walk = _resolve_target(target)
@@ -547,7 +641,7 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
     try:
         _claim(stack, named)
         with _gc_paused():
-            _register(stack, trace, [p for _, p in named], root, module_walk, cuts, optimizer, wrapper)
+            _register(stack, trace, [p for _, p in named], root, module_walk, cuts, updates, wrapper)
         try:
             yield trace
         except BaseException as e:  # the trace keeps what was recorded, and says how the block ended
@@ -577,7 +671,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
-              root: Optional[nn.Module], module_walk: Optional[list], cuts: str, optimizer: Any,
+              root: Optional[nn.Module], module_walk: Optional[list], cuts: str, updates: bool,
               wrapper: wrappers.Wrapper) -> None:
     """Every hook, each undone by ``stack`` in reverse order on exit."""
     recording = trace._recording
@@ -608,8 +702,9 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
             handles.append(p.register_post_accumulate_grad_hook(sharded_written))
         else:
             handles.append(p.register_post_accumulate_grad_hook(written))
-    if optimizer is not None:
-        handles.append(optimizer.register_step_post_hook(recorder.on_optimizer_step))
+    recording.optim = OptimizerObserver(recorder.names, params, recorder.on_optimizer_step, trace._pass_of_step,
+                                        measure_updates=updates)
+    recording.optim.attach(handles)
     index_of = {id(p): i for i, p in enumerate(params)}
     for flat, members in wrapper.flat_groups:
         indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]
@@ -619,8 +714,10 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     if cuts in ("modules", "ops"):
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
-        ModuleCutDetector(root, recording.cut_log, module_walk, trainable, outputs).attach(batch)
-        trace.meta.ran_with_grad = recording.cut_log.ran_with_grad  # saved as a sorted list
+        ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
+                          outputs).attach(batch)
+        trace.meta.ran_with_grad = set()  # kept current on every read (CutLog.ran_with_grad)
+    recording.cuts_mode = cuts
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)

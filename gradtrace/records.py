@@ -13,14 +13,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple)
+                    Tuple, Union)
 
 from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, ForwardValues, Magnitude,
                      Name, Replacement, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as,
                      stored_name)
 
 __all__ = [
-    "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "Cut",
+    "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "TensorPassFacts",
+    "Cut", "OptimizerRecord",
     "ScalarRecord", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
     "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
 ]
@@ -132,6 +133,12 @@ class PassTrace:
     # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
     # global only after gather()).
     scope: Scope = "local"
+    # The forwards the pass differentiated (cuts="modules"/"ops"; None: not recorded): modules owning
+    # trainable parameters that ran with grad enabled since the previous pass ended, in forward order,
+    # and those of them whose output required grad.
+    forward_modules: Optional[List[str]] = None
+    forward_carried: Optional[List[str]] = None
+    forward_cuts: Optional[List[Count]] = None  # cuts seen outside any pass in that time (Cut.seq)
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -265,6 +272,29 @@ class ValueStats:
 
 
 @dataclass
+class TensorPassFacts:
+    """A registered tensor's value and row facts within one pass (the calls made for it)."""
+
+    calls: Count = 0
+    values: ValueStats = field(default_factory=ValueStats)
+    row_facts: Dict[str, Amount] = field(default_factory=dict)
+
+
+def merge_row_facts(into: Dict[str, float], facts: Mapping[str, float]) -> None:
+    """Fold one call's row facts into ``into``: minima and maxima kept, counts and sums added."""
+    for key, value in facts.items():
+        old = into.get(key)
+        if old is None:
+            into[key] = value
+        elif key.endswith("_min"):
+            into[key] = min(old, value)
+        elif key.endswith("_max"):
+            into[key] = max(old, value)
+        else:
+            into[key] = old + value
+
+
+@dataclass
 class TensorRecord:
     """A tensor the user named with ``trace.tensor(name, t)``."""
 
@@ -290,18 +320,13 @@ class TensorRecord:
     # Per-row facts summed over calls (``capture.values.row_facts``): "rows", "empty_rows",
     # "selected_min/max/sum", "left_padded", "right_padded", "on_padding", "empty_with_tokens", "std ..." bins.
     row_facts: Dict[str, Amount] = field(default_factory=dict)
+    # The same value and row facts per pass (the pass a call was made in, or the next pass to end
+    # after it): a mask empty at step k is judged at step k. Dropped with the pass (max_passes).
+    # None until a pass holds facts (a file from an older gradtrace has none).
+    by_pass: Optional[Dict[str, TensorPassFacts]] = None
 
     def merge_row_facts(self, facts: Mapping[str, float]) -> None:
-        for key, value in facts.items():
-            old = self.row_facts.get(key)
-            if old is None:
-                self.row_facts[key] = value
-            elif key.endswith("_min"):
-                self.row_facts[key] = min(old, value)
-            elif key.endswith("_max"):
-                self.row_facts[key] = max(old, value)
-            else:
-                self.row_facts[key] = old + value
+        merge_row_facts(self.row_facts, facts)
 
     @property
     def padding_side(self) -> Optional[str]:
@@ -328,6 +353,41 @@ class Cut:
     count: Count = 1  # how many times the same cut was seen
     params: Count = 0  # trainable parameters inside the module
     seq: Count = 0  # order of recording
+    # A parameter-free module's cut: the watched parameters its inputs were computed from (the only
+    # ones it can have cut off). None: not asked (a module with parameters, or an op-level cut).
+    upstream: Optional[List[str]] = None
+
+
+@dataclass
+class OptimizerRecord:
+    """An optimizer seen stepping while watched (``torch.optim``'s global step hooks), over the watch.
+
+    ``updates`` says what its steps did to each watched parameter it stepped with a
+    gradient, from a fixed sample of the parameter's elements (see ``capture/optim.py``):
+    ``[steps judged, steps that moved no sampled element whose gradient was nonzero,
+    ||update||^2 and ||weight||^2 of the sample at the latest step, the largest
+    update-to-weight ratio of any step]``. Empty with ``watch(updates=False)``.
+    """
+
+    name: Name  # "AdamW#0": its class and the order gradtrace first saw it in
+    params: List[str] = field(default_factory=list)  # watched parameters in its param groups (latest step)
+    lrs: List[Optional[float]] = field(default_factory=list)  # each param group's lr at the latest step
+    steps: Count = 0  # steps seen while watched
+    # Passes whose gradients it stepped (the pass open at the step, else the newest finished pass),
+    # with the number of steps; dropped with their pass (max_passes).
+    passes: Dict[str, Count] = field(default_factory=dict)
+    updates: Dict[str, List[Magnitude]] = field(default_factory=dict)
+    dtypes: Dict[str, str] = field(default_factory=dict)  # of the parameters in ``updates``
+    max_ratio: Magnitude = 0.0  # the largest whole-step ||update|| / ||weight|| of any step seen
+    # Steps under a torch.amp.GradScaler: [pass, total norm of the gradients handed to the step, the scale].
+    scaled_steps: List[List[Union[None, str, float]]] = field(default_factory=list)
+    # Steps that had no nonzero gradient to apply (every .grad None, or every sampled one zero), and the
+    # passes they followed (the newest 64).
+    empty_steps: Count = 0
+    empty_passes: List[Optional[str]] = field(default_factory=list)
+    # Parameters whose sampled weights its latest step changed although no sampled gradient element was
+    # nonzero (momentum or weight decay acting on a zero or stale .grad): a frozen layer that still moves.
+    drift: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -34,7 +34,8 @@ from typing import Any, Callable, Dict, List, Optional
 from . import schema
 from .errors import GradtraceError
 from .fields import Count, RankFigures, stored, stored_name
-from .records import Cut, GradRecord, InnerProduct, PassTrace, ScalarRecord, TensorRecord, TraceMeta
+from .records import (Cut, GradRecord, InnerProduct, OptimizerRecord, PassTrace, ScalarRecord, TensorRecord,
+                      TraceMeta)
 from .schema import Bad, label
 
 FORMAT = "gradtrace-trace"
@@ -132,7 +133,7 @@ def _encode_pass(p: PassTrace, path: str) -> Dict[str, Any]:
 
 
 def to_dict(trace) -> Dict[str, Any]:
-    return {
+    data = {
         "format": FORMAT,
         "version": VERSION,
         "meta": _encode(trace.meta, "trace.meta"),
@@ -146,6 +147,10 @@ def to_dict(trace) -> Dict[str, Any]:
         "rank_coverage": _encode(getattr(trace, "rank_coverage", None), "trace.rank_coverage"),
         "rank_figures": _encode(getattr(trace, "rank_figures", None) or None, "trace.rank_figures"),
     }
+    optimizers = list((getattr(trace, "optimizers", None) or {}).values())
+    if optimizers:  # written only when one stepped: a trace without any is the file an older gradtrace wrote
+        data["optimizers"] = _encode(optimizers, "trace.optimizers")
+    return data
 
 
 def save(trace, path) -> None:
@@ -376,7 +381,7 @@ def from_dict(data: Any, factory, where: str, work: Optional[LoadWork] = None):
     return factory(c["params"], c["param_shapes"], c["meta"], passes={p.name: p for p in c["passes"]},
                    tensors={t.name: t for t in c["tensors"]}, scalars={s.name: s for s in c["scalars"]},
                    cuts=c["cuts"], inner_products=c["inner_products"], rank_coverage=c["rank_coverage"],
-                   rank_figures=c["rank_figures"])
+                   rank_figures=c["rank_figures"], optimizers={o.name: o for o in c["optimizers"]})
 
 
 def contents_of(data: Any, where: str, work: Optional[LoadWork] = None) -> Dict[str, Any]:
@@ -420,6 +425,7 @@ _TOP_TYPES = {
     "scalars": List[ScalarRecord], "cuts": List[Cut], "inner_products": Optional[List[InnerProduct]],
     "rank_coverage": Optional[Dict[str, Dict[Count, List[str]]]],  # {pass: {rank: [covered parameters]}}
     "rank_figures": Optional[Dict[str, Dict[Count, Dict[str, RankFigures]]]],  # {pass: {rank: {param: figures}}}
+    "optimizers": Optional[List[OptimizerRecord]],  # the optimizers seen stepping (global step hooks)
 }
 _top_fields = schema.object_check(
     "trace", {**{key: schema.check_for(tp) for key, tp in _TOP_TYPES.items()},
@@ -443,7 +449,8 @@ def _contents(data: Dict[str, Any]) -> Dict[str, Any]:
     return {"params": params, "param_shapes": top.get("param_shapes") or {},
             "meta": top.get("meta") or TraceMeta(), "passes": passes, "tensors": top["tensors"],
             "scalars": top["scalars"], "cuts": top["cuts"], "inner_products": top.get("inner_products") or [],
-            "rank_coverage": top.get("rank_coverage"), "rank_figures": top.get("rank_figures")}
+            "rank_coverage": top.get("rank_coverage"), "rank_figures": top.get("rank_figures"),
+            "optimizers": _unique(top.get("optimizers") or [], "optimizers", lambda o: o.name)}
 
 
 def _pass(values: Dict[str, Any], path: str, params: tuple) -> PassTrace:

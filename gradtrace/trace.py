@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 from . import analysis, render, storage
 from .analysis import metrics
 from .errors import GradtraceError
-from .records import Cut, InnerProduct, PassTrace, ScalarRecord, TensorRecord, TraceMeta, Verdict
+from .records import Cut, InnerProduct, OptimizerRecord, PassTrace, ScalarRecord, TensorRecord, TraceMeta, Verdict
 
 
 class PassTable(dict):
@@ -106,7 +106,8 @@ class Trace:
                  scalars: Optional[Dict[str, ScalarRecord]] = None, cuts: Optional[List[Cut]] = None,
                  inner_products: Optional[List[InnerProduct]] = None,
                  rank_coverage: Optional[Dict[str, Dict[int, List[str]]]] = None,
-                 rank_figures: Optional[Dict[str, Dict[int, Dict[str, List[float]]]]] = None):
+                 rank_figures: Optional[Dict[str, Dict[int, Dict[str, List[float]]]]] = None,
+                 optimizers: Optional[Dict[str, OptimizerRecord]] = None):
         self.params = tuple(params)
         self.param_shapes: Dict[str, List[int]] = dict(param_shapes or {})
         self.meta = TraceMeta.of(meta)
@@ -119,6 +120,7 @@ class Trace:
         # {pass: {rank: {parameter: [norm, max |g|, non-finite, stale]}}} for passes whose figures differ across
         # ranks (local gradients, shards); a pass absent here had the same figures on every rank.
         self.rank_figures = rank_figures or {}
+        self._optimizers: Dict[str, OptimizerRecord] = dict(optimizers or {})
 
     # ---- reading -----------------------------------------------------------
     @property
@@ -142,6 +144,11 @@ class Trace:
     @property
     def cuts(self) -> List[Cut]:
         return self._cuts
+
+    @property
+    def optimizers(self) -> Dict[str, OptimizerRecord]:
+        """``{name: OptimizerRecord}``: the optimizers seen stepping while watched ("AdamW#0", ...)."""
+        return self._optimizers
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
         """What pass ``a`` reached that ``b`` did not, and how their magnitudes compare."""

@@ -299,8 +299,11 @@ def expected_reduction(rank: int, world: int) -> Dict:
                 ddp(data(rank, step, width=3), use_b=False).sum().backward()
     except RuntimeError as e:
         error = str(e)
+    first, failed = trace.verdicts()[0], next(v for v in trace.verdicts() if v.code == "PASS_FAILED")
     return {"error": "Expected to have finished reduction" in error,
-            "missing": {name: sorted(p.missing) for name, p in trace.passes.items()}}
+            "missing": {name: sorted(p.missing) for name, p in trace.passes.items()},
+            "first": [first.code, first.severity, sorted(first.evidence.get("parameters", []))],
+            "failure_points_to": failed.evidence.get("explained_by")}
 
 
 def missing_rank(rank: int, world: int) -> Dict:

@@ -52,3 +52,25 @@ def test_gradients_bitwise_identical_on_cuda():
         watched(x).sum().backward()
     for a, b in zip(plain.parameters(), watched.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+@cuda
+def test_no_host_sync_inside_an_optimizer_step():
+    """The step hooks sample weights and gradients on the device: no host read until the trace is read."""
+    model = model_on_gpu()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)  # capturable: AdamW itself never syncs
+    x = torch.randn(32, 64, device="cuda")
+    with gradtrace.watch(model) as trace:
+        for step in range(3):
+            opt.zero_grad()
+            model(x).sum().backward()
+            torch.cuda.synchronize()
+            # The first step lays out the sample once per optimizer (one host-to-device copy of its segments).
+            torch.cuda.set_sync_debug_mode("error" if step else "default")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    (record,) = trace.optimizers.values()
+    assert record.steps == 3 and set(record.updates) == {n for n, _ in model.named_parameters()}
+    assert 0 < record.max_ratio < 1

@@ -146,6 +146,9 @@ def test_the_local_trace_survives_ddps_unfinished_reduction_error(ranks):
     for r in result(ranks, "expected_reduction"):
         assert r["error"]
         assert r["missing"] == {"backward-1": ["module.b.bias", "module.b.weight"]}
+        # the first line names the cause: the head no rank used, not the failure it led to
+        assert r["first"] == ["UNUSED_PARAMS", "error", ["module.b.bias", "module.b.weight"]]
+        assert r["failure_points_to"] == ["UNUSED_PARAMS"]
 
 
 def test_a_rank_that_never_gathers_is_named_within_the_timeout(ranks):

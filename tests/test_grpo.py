@@ -274,12 +274,6 @@ def test_frozen_adapters_are_named_before_training_goes_on(tmp_path, tokenizer):
     assert run.trace is None
 
 
-NEEDS_CAUSAL_RANKING = pytest.mark.xfail(
-    strict=True, reason="PASS_FAILED (the crashed backward) ranks before the TENSOR_NO_GRAD that explains it: "
-                        "needs the diagnosis engineer's causal ranking on main")
-
-
-@NEEDS_CAUSAL_RANKING
 def test_logps_under_no_grad_are_named_at_their_line(tmp_path, tokenizer):
     run = train(tmp_path, tokenizer, trainer_cls=LogpsUnderNoGrad)
     assert run.error is not None  # backward has nothing to differentiate: the step crashes
@@ -288,7 +282,6 @@ def test_logps_under_no_grad_are_named_at_their_line(tmp_path, tokenizer):
     assert first.startswith("gradtrace step 1: TENSOR_NO_GRAD: tensor 'S' ") and f"{HERE}:{line}" in first, first
 
 
-@NEEDS_CAUSAL_RANKING
 def test_logps_detached_are_named_at_their_line_with_op_cuts(tmp_path, tokenizer):
     run = train(tmp_path, tokenizer, trainer_cls=LogpsDetached, cuts="ops")
     line = _line_of(LogpsDetached, "logps.detach()")
@@ -296,9 +289,6 @@ def test_logps_detached_are_named_at_their_line_with_op_cuts(tmp_path, tokenizer
     assert first.startswith("gradtrace step 1: TENSOR_NO_GRAD: tensor 'S' ") and f"{HERE}:{line}" in first, first
 
 
-@pytest.mark.xfail(strict=True, reason="the generation's no_grad (inside the step, upstream of nothing the loss "
-                                       "differentiated) and llama's rotary-embedding detach are blamed first: "
-                                       "needs the diagnosis engineer's causal cut linking")
 def test_a_detached_loss_names_s_first(tmp_path, tokenizer):
     run = train(tmp_path, tokenizer, trainer_cls=LossDetached)
     assert run.error is None  # backward ran: it reached no parameter
@@ -321,8 +311,6 @@ def test_a_crashed_step_is_recorded_and_its_cause_named_at_its_line(trainer_cls,
     assert not any("TENSOR_NO_GRAD: tensor 'rewards" in p or "TENSOR_NO_GRAD: tensor 'A'" in p for p in run.printed)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the diagnosis engineer's per-pass registered-tensor facts: "
-                                       "today a step's rewards are judged together with earlier steps'")
 def test_rewards_collapsing_at_step_2_are_named_in_step_2(tmp_path, tokenizer):
     calls = []
 
@@ -336,7 +324,6 @@ def test_rewards_collapsing_at_step_2_are_named_in_step_2(tmp_path, tokenizer):
     assert re.match(r"gradtrace step 2: (CONSTANT_ROWS|ALL_ZERO_VALUES): tensor '(rewards/collapses|A)'", first), first
 
 
-@pytest.mark.xfail(strict=True, reason="needs the diagnosis engineer's optimizer-step observation (TINY_UPDATES)")
 def test_a_negligible_learning_rate_is_named(tmp_path, tokenizer):
     run = train(tmp_path, tokenizer, learning_rate=1e-9)
     assert run.printed and re.match(r"gradtrace step \d+: TINY_UPDATES: ", run.printed[0]), run.printed

@@ -10,8 +10,8 @@ import pytest
 
 import gradtrace
 from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
-from gradtrace.records import (Cut, GradRecord, PassTrace, ScalarRecord, TensorGradFacts, TensorRecord,
-                               ValueStats)
+from gradtrace.records import (Cut, GradRecord, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
+                               TensorRecord, ValueStats)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("body.weight", "body.bias", "head.weight")
@@ -87,6 +87,18 @@ SCENARIOS = {
                    "on_padding": 2, "empty_with_tokens": 0, "left_padded": 3, "right_padded": 0})}),
     "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
                                                passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
+    "NOT_IN_OPTIMIZER": lambda: trace(optimizers={"SGD#0": OptimizerRecord(
+        name="SGD#0", params=["body.weight", "body.bias"], lrs=[0.1], steps=1, passes={"X": 1})}),
+    "WEIGHTS_UNCHANGED": lambda: trace(optimizers={"AdamW#0": OptimizerRecord(
+        name="AdamW#0", params=list(PARAMS), lrs=[1e-5], steps=3, passes={"X": 3},
+        updates={p: [3.0, 3.0, 0.0, 1.0, 0.0] for p in PARAMS}, dtypes=dict.fromkeys(PARAMS, "bfloat16"))}),
+    "TINY_UPDATES": lambda: trace(optimizers={"SGD#0": OptimizerRecord(
+        name="SGD#0", params=list(PARAMS), lrs=[1e-9], steps=2, passes={"X": 2}, max_ratio=1e-10,
+        updates={p: [2.0, 0.0, 1e-20, 1.0, 1e-10] for p in PARAMS}, dtypes=dict.fromkeys(PARAMS, "float32"))}),
+    "CLIP_BEFORE_UNSCALE": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e3} for p in PARAMS})),
+                                         optimizers={"SGD#0": OptimizerRecord(
+        name="SGD#0", params=list(PARAMS), lrs=[0.1], steps=1, passes={"X": 1},
+        scaled_steps=[["X", 1.0 / 65536, 65536.0]])}),
 }
 
 

@@ -155,8 +155,10 @@ def test_frozen_while_watched_and_a_backward_that_raised_are_findings():
             with trace.pass_("step"):
                 model(torch.randn(2, 4)).sum().backward()
     found = codes(trace)
-    assert found[:2] == ["PASS_FAILED", "FROZEN_WHILE_WATCHED"], found
-    assert "does not require grad" in trace.verdicts()[0].message
+    # The freeze explains the failed backward: it comes first, and the failure points to it.
+    assert found[:2] == ["FROZEN_WHILE_WATCHED", "PASS_FAILED"], found
+    failed = trace.verdicts()[1]
+    assert "does not require grad" in failed.message and failed.evidence["explained_by"] == ["FROZEN_WHILE_WATCHED"]
     assert not trace.report().startswith("gradtrace: no problems found")
 
 

@@ -126,7 +126,7 @@ def test_tensor_not_reached(policy):
             trace.tensor("S", policy(torch.randn(5, 4)).sum(-1))
             policy(torch.randn(5, 4)).sum().backward()
     v = first(trace, "TENSOR_NOT_REACHED")
-    assert v.evidence == {"tensor": "S", "passes": ["Y"]}
+    assert v.evidence == {"tensor": "S", "passes": ["Y"], "upstream": sorted(n for n, _ in policy.named_parameters())}
 
 
 def test_zero_variance_advantages_lead_before_zero_upstream(policy):

@@ -9,14 +9,19 @@ it explains).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional, Set
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
-from .cuts import cut_params, describe_cut, outermost_cuts
+from .cuts import describe_cut, outermost_cuts
+from .optimizer_checks import params_in_no_optimizer
+from .paths import OUTPUT_CUTS, bypassed_adapters, carried_unreached, explainable, forward_rank, on_path
 from .diff import Diff, diff
 from .names import describe_params, group_by_module, in_module
-from .registry import ordered, sort_key, verdict
+from .explain import order
+from .registry import ordered, verdict
 from .replaced import replaced_params
+from .tensor_checks import nonfinite_values
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
 PRINTS_AS_ZERO = 5e-7
@@ -30,17 +35,23 @@ def verdicts(trace) -> List[Verdict]:
     found: List[Verdict] = []
     for kind in ordered():
         found.extend(kind.check(trace, passes, tensors, cuts))
-    found.sort(key=sort_key)
-    return found
+    return order(found)
 
 
-@verdict("NONFINITE", rank=10, severities=("error",),
-         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite")
+@verdict("NONFINITE", rank=10, severities=("error", "info"),
+         meaning="NaN/Inf gradients; names the first parameter in backward order and, with `cuts=\"ops\"`, the op, module and line whose backward produced them and whether its forward values were already non-finite; info where the optimizer step was skipped on them and later steps went on (a GradScaler settling its scale)")
 def check_nonfinite(trace, passes, tensors, cuts):
     out = []
+    skipped = _skipped_steps(trace, passes)
     for p in passes.values():
         bad = [r for r in p.in_backward_order() if r.nonfinite]
-        if bad:
+        if bad and p.name in skipped:
+            out.append(Verdict("NONFINITE", "info",
+                               f"pass {p.name!r}: NaN/Inf gradients in {len(bad)} parameter(s), and no optimizer "
+                               "step was taken on them while later passes stepped: a GradScaler skipped this step "
+                               "(expected while its scale settles), or the loop skipped it on purpose",
+                               {"pass": p.name, "parameters": [r.name for r in bad], "skipped_step": True}))
+        elif bad:
             first = bad[0]
             ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
             evidence = _with_ranks({"pass": p.name, "parameter": first.name,
@@ -52,11 +63,8 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
                                f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
                                f"elements){_nonfinite_origin(trace, p)}", evidence))
+    out.extend(nonfinite_values(trace, passes, tensors))
     for t in tensors.values():
-        if t.values.nonfinite:
-            out.append(Verdict("NONFINITE", "error",
-                               f"tensor {t.name!r} holds {t.values.nonfinite} NaN/Inf values",
-                               {"tensor": t.name, "count": t.values.nonfinite}))
         for pass_name, facts in t.grads.items():
             if facts.nonfinite:
                 out.append(Verdict("NONFINITE", "error",
@@ -64,6 +72,21 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                    f"{facts.nonfinite} NaN/Inf values",
                                    {"tensor": t.name, "pass": pass_name, "count": facts.nonfinite}))
     return out
+
+
+def _skipped_steps(trace, passes: Dict[str, PassTrace]) -> Set[str]:
+    """Passes no optimizer step took, followed by a pass whose gradients were finite and that one stepped."""
+    steps = stepped_by(trace)
+    if not steps:
+        return set()
+    skipped: Set[str] = set()
+    later_ok = False
+    for p in reversed(list(passes.values())):
+        if p.name in steps:
+            later_ok = later_ok or not p.nonfinite
+        elif later_ok:
+            skipped.add(p.name)
+    return skipped
 
 
 def _nonfinite_origin(trace, p: PassTrace) -> str:
@@ -110,16 +133,26 @@ def _with_ranks(evidence: Dict[str, Any], ranks: Optional[List[int]]) -> Dict[st
 
 
 def _linked_cut(trace, record: TensorRecord) -> Optional[Cut]:
-    """The cut of trainable parameters seen while the tensor was being built (the latest one)."""
+    """The cut of trainable parameters seen while the tensor was being built (the latest region).
+
+    ``record.cuts`` lists the cuts seen since the previous registration, in the order of their latest
+    sighting; a no_grad call of a module that then ran again with grad was already left out (live.py).
+    A parameter-free module's cut (rotary embeddings' cos/sin) is never the reason a tensor lost its
+    gradient: parameters upstream of it reach the loss by other paths.
+    """
     by_seq = {cut.seq: cut for cut in trace.cuts}
     candidates = [by_seq[seq] for seq in record.cuts if seq in by_seq]
-    candidates = [c for c in candidates if c.params > 0 or c.kind in ("detach", "non_differentiable")]
+    candidates = [c for c in candidates if c.params > 0 or (c.op is not None and c.kind in OUTPUT_CUTS)]
     if not candidates:
         return None
-    # The outermost of the latest region: the shortest module path among cuts of the last kind seen.
+    # The outermost cut of the latest region: the latest cut, or a cut of a module containing it.
     last = candidates[-1]
-    same = [c for c in candidates if c.kind == last.kind and c.pass_name == last.pass_name]
+    same = [c for c in candidates if c.kind == last.kind and c.pass_name == last.pass_name
+            and (c is last or (c.op is None and c.location == last.location and in_module(last.module, c.module)))]
     return min(same, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
+
+
+DATA_ROLES = ("mask", "attention_mask", "completion_mask", "group")
 
 
 @verdict("TENSOR_NO_GRAD", rank=20, severities=("error",),
@@ -137,9 +170,10 @@ def check_tensor_no_grad(trace, passes, tensors, cuts):
             "; no module ran without grad, so a .detach() or .data in your code is the likely cut: "
             "gradtrace.watch(model, cuts=\"ops\") names the op and line" if trace.meta.cuts == "modules"
             and not t.inference else "")
-        evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls}
+        evidence = {"tensor": t.name, "calls": t.calls, "requires_grad_calls": t.requires_grad_calls,
+                    "passes": list(t.passes)}
         if cut is not None:
-            evidence.update({"kind": cut.kind, "module": cut.module, "location": cut.location})
+            evidence.update({"kind": cut.kind, "module": cut.module, "location": cut.location, "cut": cut.seq})
         out.append(Verdict("TENSOR_NO_GRAD", "error",
                            f"tensor {t.name!r} {how}, so no gradient can flow through it{because}",
                            evidence))
@@ -154,40 +188,81 @@ def _meant_to_carry_grad(t: TensorRecord, passes: Dict[str, PassTrace]) -> bool:
     built is no evidence by itself. It is one when the user said so
     (``expect_grad=True``), when the tensor required grad on other calls, or when
     nothing trained in the passes it was registered in (all passes, if it was
-    registered outside every pass): then it is what the loss was built from.
+    registered outside every pass) and it was not registered as data (a ``role``):
+    then it is what the loss was built from.
     """
     if t.expect_grad or t.requires_grad_calls:
         return True
+    if t.role in DATA_ROLES:
+        return False
     own = [passes[n] for n in t.passes if n in passes] or list(passes.values())
     return not any(p.covered for p in own)
 
 
-def _lost_coverage(reached_anywhere: Set[str], p: PassTrace) -> Set[str]:
-    """Parameters this pass should have reached: reached by another pass, or reachable from its tensors.
+def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
+    """Parameters this pass should have reached: reached by a comparable pass, or reachable from its tensors.
 
-    ``reached_anywhere`` is the union of every pass's coverage: minus this pass's own,
-    it is what the others reached and this one did not (one union, not one per pass).
+    ``reached`` is the union of the coverage of the passes comparable with ``p`` (see
+    ``comparable``): minus this pass's own, it is what they reached and this one did not.
     With nothing to compare against, a cut recorded inside the pass itself may
     still explain every parameter the pass missed (see ``check_graph_cuts``).
     """
-    return (reached_anywhere | set(p.expected or ())) - p.covered
+    return (reached | set(p.expected or ())) - p.covered
+
+
+def stepped_by(trace) -> Dict[str, frozenset]:
+    """``{pass: names of the optimizers that stepped on its gradients}`` (empty: none seen)."""
+    out: Dict[str, set] = {}
+    for record in (getattr(trace, "optimizers", None) or {}).values():
+        for pass_name in record.passes:
+            out.setdefault(pass_name, set()).add(record.name)
+    return {name: frozenset(names) for name, names in out.items()}
+
+
+def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
+    """Passes that stepped different optimizers (a GAN's generator and discriminator steps, actor and
+    critic) reach different parameters by design: they are not compared for coverage."""
+    sa, sb = steps.get(a), steps.get(b)
+    return not sa or not sb or sa == sb
+
+
+def _reached_by_comparable(trace, passes: Dict[str, PassTrace]) -> Dict[str, Set[str]]:
+    """For each pass, the union of the coverage of the passes it may be compared with."""
+    steps = stepped_by(trace)
+    if not steps:
+        everything = set().union(*(p.covered for p in passes.values())) if passes else set()
+        return {name: everything for name in passes}
+    by_group: Dict[frozenset, Set[str]] = {}
+    unstepped: Set[str] = set()
+    for name, p in passes.items():
+        group = steps.get(name)
+        if group:
+            by_group.setdefault(group, set()).update(p.covered)
+        else:
+            unstepped |= p.covered
+    everything = unstepped.union(*by_group.values())
+    return {name: (by_group[steps[name]] | unstepped) if steps.get(name) else everything for name in passes}
 
 
 @verdict("GRAPH_CUT", rank=30, severities=("error",),
-         meaning="a cut (`no_grad`, `inference_mode`, `detach`, `non_differentiable`, `checkpoint`) upstream of parameters that lost coverage: module, location, fix")
+         meaning="a cut (`no_grad`, `inference_mode`, `detach`, `non_differentiable`, `checkpoint`) on the path of the forward a pass differentiated, upstream of parameters that lost coverage: module, location, fix")
 def check_graph_cuts(trace, passes, tensors, cuts):
     explained: Dict[int, Dict[str, Any]] = {}
-    reached_anywhere = set().union(*(p.covered for p in passes.values()))
+    reached = _reached_by_comparable(trace, passes)
     for p in passes.values():
-        compared = _lost_coverage(reached_anywhere, p)
+        compared = _lost_coverage(reached[p.name], p)
+        window = set(p.forward_cuts or ())
         for cut in cuts:
             if cut.pass_name not in (p.name, None):
                 continue
             # Unlabelled cuts (generation, logging) must explain a real loss; a cut
-            # inside the pass may explain whatever the pass missed.
-            lost = compared if compared or cut.pass_name is None else p.missing
-            hit = cut_params(cut, lost) & lost
-            if not hit or (cut.kind not in ("detach", "non_differentiable") and cut.params == 0):
+            # inside the pass, or in the forward it differentiated, may explain whatever the pass missed.
+            inside = cut.pass_name == p.name or cut.seq in window
+            lost = compared if compared or not inside else p.missing
+            if cut.kind not in OUTPUT_CUTS and cut.params == 0:
+                continue
+            hit = explainable(cut, lost, p)
+            if not hit:
                 continue
             entry = explained.setdefault(cut.seq, {"cut": cut, "passes": [], "lost": set()})
             entry["passes"].append(p.name)
@@ -198,7 +273,7 @@ def check_graph_cuts(trace, passes, tensors, cuts):
             if cut is not None and cut.seq not in explained and cut.params > 0:
                 explained[cut.seq] = {"cut": cut, "passes": list(t.passes), "lost": set(), "tensor": t.name}
     out = []
-    for entry in explained.values():
+    for entry in _without_weak_cuts(explained, passes, reached, trace.params):
         cut: Cut = entry["cut"]
         lost = entry["lost"]
         passes_txt = ", ".join(repr(n) for n in entry["passes"]) or "(outside any pass)"
@@ -208,8 +283,29 @@ def check_graph_cuts(trace, passes, tensors, cuts):
                            f"graph cut: {describe_cut(cut)}{lost_txt}. {_cut_fix(cut)}",
                            {"kind": cut.kind, "module": cut.module, "module_type": cut.module_type,
                             "op": cut.op, "location": cut.location, "pass": cut.pass_name,
-                            "passes": entry["passes"], "lost": sorted(lost)}))
+                            "passes": entry["passes"], "lost": sorted(lost), "cut": cut.seq,
+                            **({"tensor": entry["tensor"]} if "tensor" in entry else {})}))
     return out
+
+
+def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, universe) -> List[Dict[str, Any]]:
+    """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
+    loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
+    an op-level cut, or a module whose output carried a gradient that never came back."""
+    weak = [entry for entry in explained.values() if not entry["cut"].params and entry["cut"].op is None]
+    if not weak:
+        return sorted(explained.values(), key=lambda entry: entry["cut"].seq)
+    strong: Set[str] = set()
+    for entry in explained.values():
+        cut = entry["cut"]
+        if cut.params or cut.op is not None:
+            strong |= entry["lost"]
+    for p in passes.values():
+        for params in carried_unreached(p, _lost_coverage(reached[p.name], p) | p.missing, universe).values():
+            strong.update(params)
+    kept = [entry for entry in explained.values()
+            if entry["cut"].params or entry["cut"].op is not None or not entry["lost"] or not entry["lost"] <= strong]
+    return sorted(kept, key=lambda entry: (entry["cut"].params == 0 and entry["cut"].op is None, entry["cut"].seq))
 
 
 def _cut_fix(cut: Cut) -> str:
@@ -230,115 +326,42 @@ def _cut_fix(cut: Cut) -> str:
     }.get(cut.kind, "")
 
 
-@verdict("STALE_GRADS", rank=40, severities=("error",),
-         meaning="`.grad` already held values when a backward pass began (not zeroed)")
+@verdict("STALE_GRADS", rank=40, severities=("error", "warning"),
+         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step (a forgotten `zero_grad()`, or accumulation across passes: `pass_(name, accumulate=True)` says so)")
 def check_stale(trace, passes, tensors, cuts):
     out = []
+    outside = set(params_in_no_optimizer(trace))
+    steps = stepped_by(trace)
+    owned = {o.name: set(o.params) for o in (getattr(trace, "optimizers", None) or {}).values()}
+    previous: Optional[PassTrace] = None
     for p in passes.values():
+        before, previous = previous, p
         stale = sorted(p.stale)
-        if stale:
-            ranks = _ranks_where(trace, p.name, stale, lambda figures: len(figures) > 3 and bool(figures[3]))
-            out.append(Verdict("STALE_GRADS", "error",
-                               f"pass {p.name!r}: .grad already held values when the pass began{_on_ranks(ranks)} "
-                               f"for {len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)}): gradients were not "
-                               "zeroed; call optimizer.zero_grad() before the pass",
-                               _with_ranks({"pass": p.name, "parameters": stale}, ranks)))
-    return out
-
-
-def _is_data(t: TensorRecord) -> bool:
-    return t.requires_grad_calls == 0
-
-
-@verdict("CONSTANT_ROWS", rank=50, severities=("error", "warning", "info"),
-         meaning="rows of a registered data tensor with zero variance (advantage groups), with the fraction: an error when every row, else a warning (half or more) or info")
-def check_constant_rows(trace, passes, tensors, cuts):
-    out = []
-    for t in tensors.values():
-        v = t.values
-        if not _is_data(t) or not t.dtype.startswith(("float", "bfloat", "half", "double")) or not v.rows:
+        if stale and steps.get(p.name):
+            # Only what the step that took this pass's gradients will apply: in a GAN's generator step the
+            # discriminator's .grad still holds its own step's gradients, and nothing steps on them.
+            stepped = set().union(*(owned.get(o, set()) for o in steps[p.name]))
+            stale = [n for n in stale if n in stepped or n in outside]
+        if not stale or (not p.step_start and _accumulating(before, p, stale)):
             continue
-        # All ones is a full mask, not a degenerate group; all zeros is ALL_ZERO_VALUES's to report.
-        if not v.constant_rows or v.min == v.max == 1.0 or v.zeros == v.numel:
-            continue
-        fraction = v.constant_fraction
-        severity = "error" if fraction == 1.0 else "warning" if fraction >= 0.5 else "info"
-        zero = " (all zero)" if v.zeros == v.numel else ""
-        out.append(Verdict("CONSTANT_ROWS", severity,
-                           f"tensor {t.name!r}: {v.constant_rows} of {v.rows} rows ({fraction:.0%}) have zero "
-                           f"variance along the last dim{zero}; group-normalised advantages built from them "
-                           "are zero and give the loss no gradient",
-                           {"tensor": t.name, "fraction": fraction, "rows": v.rows,
-                            "constant_rows": v.constant_rows}))
-    return out
-
-
-@verdict("ALL_ZERO_VALUES", rank=60, severities=("error",),
-         meaning="a registered tensor is all zeros or empty (a mask that selects nothing)")
-def check_all_zero_values(trace, passes, tensors, cuts):
-    out = []
-    for t in tensors.values():
-        v = t.values
-        if v.numel == 0:
-            out.append(Verdict("ALL_ZERO_VALUES", "error", f"tensor {t.name!r} is empty (shape {t.shape})",
-                               {"tensor": t.name, "numel": 0}))
-        elif v.zeros == v.numel:
-            mask_like = t.dtype == "bool" or t.dtype.startswith(("int", "uint"))
-            what = "selects nothing" if mask_like else "is all zeros"
-            rows = (f"; every one of its {v.rows} rows has zero variance (advantages from groups whose "
-                    "rewards were all equal?)" if v.rows and not mask_like and _is_data(t) else "")
-            out.append(Verdict("ALL_ZERO_VALUES", "error",
-                               f"tensor {t.name!r} {what} ({v.numel} elements, every one 0){rows}",
-                               {"tensor": t.name, "numel": v.numel, "rows": v.rows}))
-    return out
-
-
-def _lengths(facts: Dict[str, float]) -> str:
-    rows = facts.get("rows") or 0
-    mean = facts.get("selected_sum", 0.0) / rows if rows else 0.0
-    return (f"selected length mean {mean:.1f}, min {facts.get('selected_min', 0):.0f}, "
-            f"max {facts.get('selected_max', 0):.0f}")
-
-
-ALIGN_HINT = ("ensure the mask aligns with the attention mask's padding (with left padding, generated tokens "
-              "start at the padded prompt width, not at each prompt's own length)")
-
-
-@verdict("EMPTY_ROWS", rank=65, severities=("error", "warning"),
-         meaning="rows of a registered mask that select nothing (zero-length generations), with the count and fraction: an error when every row, else a warning")
-def check_empty_rows(trace, passes, tensors, cuts):
-    out = []
-    for t in tensors.values():
-        facts = t.row_facts
-        rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
-        if not empty or "selected_sum" not in facts:
-            continue
-        fraction = empty / rows if rows else 1.0  # a crafted file can hold empty rows without rows
-        with_tokens = facts.get("empty_with_tokens") or 0
-        hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
-                f"{ALIGN_HINT}" if with_tokens else "")
-        out.append(Verdict("EMPTY_ROWS", "error" if empty == rows else "warning",
-                           f"tensor {t.name!r}: {empty:.0f} of {rows:.0f} rows ({fraction:.0%}) select nothing "
-                           f"(zero-length generations contribute no token); {_lengths(facts)}{hint}",
-                           {"tensor": t.name, "rows": int(rows), "empty_rows": int(empty), "fraction": fraction,
-                            "empty_with_tokens": int(with_tokens)}))
-    return out
-
-
-@verdict("MASK_ON_PADDING", rank=66, severities=("error",),
-         meaning="a completion mask paired with its attention mask selects padding positions")
-def check_mask_on_padding(trace, passes, tensors, cuts):
-    out = []
-    for t in tensors.values():
-        on_padding = t.row_facts.get("on_padding") or 0
-        if not on_padding:
-            continue
-        side = t.padding_side
-        padded = f" ({side}-padded)" if side in ("left", "right", "mixed") else ""
-        out.append(Verdict("MASK_ON_PADDING", "error",
-                           f"tensor {t.name!r}: {on_padding:.0f} selected position(s) fall on padding of its "
-                           f"attention mask{padded}: {ALIGN_HINT}",
-                           {"tensor": t.name, "on_padding": int(on_padding), "padding_side": side}))
+        ranks = _ranks_where(trace, p.name, stale, lambda figures: len(figures) > 3 and bool(figures[3]))
+        which = f"for {len(stale)} parameter(s) ({describe_params(stale, universe=trace.params)})"
+        evidence = _with_ranks({"pass": p.name, "parameters": stale, "step_start": p.step_start}, ranks)
+        if outside and set(stale) <= outside:
+            message = (f"pass {p.name!r}: .grad already held values when the pass began{_on_ranks(ranks)} {which}: "
+                       "they are in no param group of the optimizer that stepped, so its zero_grad() never clears "
+                       "them and they are never updated (see NOT_IN_OPTIMIZER)")
+        elif p.step_start:
+            message = (f"pass {p.name!r}: .grad already held values when the pass began an optimizer step"
+                       f"{_on_ranks(ranks)} {which}: gradients were not zeroed after the previous step, so this "
+                       "step adds to them; call optimizer.zero_grad() before the pass")
+        else:
+            message = (f"pass {p.name!r} began on gradients left in .grad by earlier runs, with no optimizer step "
+                       f"in between{_on_ranks(ranks)}, {which}. Either zero_grad() was forgotten before it (its "
+                       ".grad, and whatever reads it, mixes in the earlier gradients; the figures here are the "
+                       "pass's own), or they are accumulated across passes on purpose: then open it with "
+                       f"trace.pass_({p.name!r}, accumulate=True)")
+        out.append(Verdict("STALE_GRADS", "error" if p.step_start else "warning", message, evidence))
     return out
 
 
@@ -356,53 +379,101 @@ def check_tensor_not_reached(trace, passes, tensors, cuts):
         else:
             report = targets if missed == targets else []
         if report:
+            unreached = [n for n in report if not passes[n].covered] if t.reachable else []
             why = ("none of the requested inputs is reachable through it (reentrant checkpointing hides "
                    "the segment's parameters from autograd.grad)" if t.reach_partial
+                   else f"{len(t.reachable)} trainable parameter(s) are upstream of it and none got a gradient: "
+                        "the loss was cut after it (a .detach() / .data or a tensor rebuilt from its values, "
+                        ".item(), an integer op) or does not use it" if unreached
                    else "the loss does not depend on it, or no requested input is upstream of it")
             out.append(Verdict("TENSOR_NOT_REACHED", "error",
                                f"tensor {t.name!r} requires grad but backward never reached it in pass(es) "
                                f"{', '.join(repr(n) for n in report)}: {why}",
-                               {"tensor": t.name, "passes": report}))
+                               {"tensor": t.name, "passes": report, "upstream": list(t.reachable or ())}))
     return out
 
 
+def likely_cut(cuts: List[Cut], p: PassTrace, params) -> Optional[Cut]:
+    """The cut on the path of ``p``'s forward that explains losing ``params``: one made inside the pass
+    first, then the latest (the one nearest the loss)."""
+    found = [c for c in cuts if c.pass_name in (p.name, None) and (c.params > 0 or c.kind in OUTPUT_CUTS)
+             and on_path(c, p) and explainable(c, params, p)]
+    found = [c for c in found if c.params > 0 or c.op is not None or c.upstream]
+    if not found:
+        return None
+    return max(found, key=lambda c: (c.pass_name == p.name, c.seq))
+
+
 @verdict("NO_COVERAGE", rank=80, severities=("error",),
-         meaning="no trainable parameter received a gradient in a pass; names the likely cut")
+         meaning="no trainable parameter received a gradient in a pass; names the cut on the path of its forward, adapters that did not run, or the module whose output was cut")
 def check_no_coverage(trace, passes, tensors, cuts):
     out = []
     gone = set(replaced_params(trace))
     for p in passes.values():
         if p.covered or (gone and gone.issuperset(p.params)):  # every parameter replaced: gradtrace is blind
             continue
-        likely = next((c for c in cuts if c.pass_name in (p.name, None) and c.params > 0), None)
-        because = f"; likely cut: {describe_cut(likely)}" if likely else ""
-        no_grad = [t.name for t in tensors.values() if p.name in t.passes and t.requires_grad_calls < t.calls]
+        likely = likely_cut(cuts, p, p.params)
+        evidence = {"pass": p.name, "runs": p.runs}
+        because = ""
+        bypassed = bypassed_adapters(p, p.params)
+        if likely is not None:
+            because = f"; likely cut: {describe_cut(likely)}. {_cut_fix(likely)}"
+            evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location,
+                             "cut": likely.seq})
+        elif bypassed:
+            because = (f"; the LoRA adapters did not run: their layers ran but {describe_params(bypassed)} were "
+                       "skipped (peft's disable_adapter(), merged or unloaded adapters, or a forward that bypasses "
+                       "them)")
+            evidence["adapters"] = bypassed
+        else:
+            cut_after = carried_unreached(p, set(p.params), p.params)
+            if cut_after:
+                last = max(cut_after, key=lambda m: forward_rank(p).get(m, -1))
+                because = (f"; module {last!r} ran with grad and its output required grad, but no gradient came "
+                           "back to it: its output was cut after it (a .detach() / .data, or argmax, a comparison "
+                           "or an integer cast in your code)" + _ops_rerun(trace))
+                evidence["module"] = last
+            elif p.forward_modules is not None and not p.forward_modules:
+                because = ("; no module with trainable parameters ran with grad enabled since the previous pass: "
+                           "the loss was built from outputs computed without grad (torch.no_grad() / "
+                           "set_grad_enabled(False) around the forward) or from cached outputs")
+        no_grad = [t.name for t in tensors.values() if p.name in t.passes and t.requires_grad_calls < t.calls
+                   and t.role not in DATA_ROLES]
         if no_grad:  # e.g. every trainable parameter was bypassed (adapters disabled): nothing carries grad
-            because += (f"; tensor(s) {', '.join(repr(n) for n in no_grad)} registered in this pass do not "
+            because = because.rstrip(".") + (f"; tensor(s) {', '.join(repr(n) for n in no_grad)} registered in this pass do not "
                         "require grad: nothing trainable took part in computing them")
         runs = f"{p.runs} engine run(s)" if p.runs else "no engine run that reached a watched tensor"
-        evidence = {"pass": p.name, "runs": p.runs}
-        if likely is not None:
-            evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})
         out.append(Verdict("NO_COVERAGE", "error",
                            f"pass {p.name!r}: no trainable parameter received a gradient ({runs}){because}",
                            evidence))
     return out
 
 
-def _comparable_pairs(passes: Dict[str, PassTrace]):
+def _ops_rerun(trace) -> str:
+    if trace.meta.cuts == "ops":
+        return ""
+    return "; gradtrace.watch(model, cuts=\"ops\") names the op and line"
+
+
+def _comparable_pairs(trace, passes: Dict[str, PassTrace]):
+    steps = stepped_by(trace)
     named = [p for p in passes.values() if not p.auto and p.covered]
-    if len(named) > 6:  # a long run of passes: compare neighbours only
-        return list(zip(named, named[1:]))
-    return [(a, b) for i, a in enumerate(named) for b in named[i + 1:]]
+    if len(named) > 6:  # a long run of passes: compare neighbours only (among those stepping the same optimizers)
+        pairs = []
+        for i, a in enumerate(named):
+            b = next((q for q in named[i + 1:] if comparable(steps, a.name, q.name)), None)
+            if b is not None:
+                pairs.append((a, b))
+        return pairs
+    return [(a, b) for i, a in enumerate(named) for b in named[i + 1:] if comparable(steps, a.name, b.name)]
 
 
 @verdict("COVERAGE_GAP", rank=90, severities=("error",),
-         meaning="parameters reached in one pass but not another, grouped by module")
+         meaning="parameters reached in one pass but not another, grouped by module (passes that step different optimizers are not compared)")
 def check_coverage_gaps(trace, passes, tensors, cuts):
     out = []
     gone = set(replaced_params(trace))
-    for a, b in _comparable_pairs(passes):
+    for a, b in _comparable_pairs(trace, passes):
         d = diff(a, b)
         if gone:  # a parameter replaced between the two passes is not a gap
             d.only_a, d.only_b = d.only_a - gone, d.only_b - gone
@@ -428,6 +499,16 @@ def _gap_hint(d: Diff) -> str:
         return (f". Every one is a LoRA adapter parameter: the adapters were bypassed in {side!r} "
                 "(peft's disable_adapter(), merged weights, or a forward that skips them)")
     return " (not requested in autograd.grad's inputs, bypassed, or cut)"
+
+
+def _accumulating(before: Optional[PassTrace], p: PassTrace, stale: List[str]) -> bool:
+    """One labelled pass per microbatch (``micro0``, ``micro1``, ...): each adds to what the one before left."""
+    return (before is not None and not before.auto and _numbered(before.name) == _numbered(p.name)
+            and set(stale) <= before.covered)
+
+
+def _numbered(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
 
 
 def _is_adapter(param: str) -> bool:
@@ -573,16 +654,62 @@ def check_tiny_grads(trace, passes, tensors, cuts):
     return out
 
 
-@verdict("DETACHED_OUTPUT", rank=145, severities=("warning",),
-         meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in any pass: its output was detached or not used by the loss downstream (op and line with `cuts=\"ops\"`)")
+@verdict("DETACHED_OUTPUT", rank=145, severities=("warning", "error"),
+         meaning="a module ran with grad and its output required grad, yet none of its parameters got a gradient in the pass: its output was cut (detached, argmax, an integer cast) or not used by the loss downstream; names the module whose output was cut (the last such module in forward order; op and line with `cuts=\"ops\"`). An error where it explains an error")
 def check_detached_output(trace, passes, tensors, cuts):
+    if not passes:
+        return []
+    if all(p.forward_carried is None for p in passes.values()):
+        return _detached_over_the_watch(trace, passes, cuts)
+    reached = _reached_by_comparable(trace, passes)
+    never = set(trace.params) - set().union(*(p.covered for p in passes.values()))
+    by_module: Dict[str, Verdict] = {}
+    for p in passes.values():
+        if p.forward_carried is None or (p.failed and p.runs):
+            continue  # a backward cut short by an exception: its figures are partial
+        lost = never | (_lost_coverage(reached[p.name], p) if "backward" in p.kinds else set())
+        candidates = carried_unreached(p, lost, trace.params)
+        if not candidates:
+            continue
+        order = forward_rank(p)
+        cut_at = max(candidates, key=lambda m: order.get(m, -1))
+        found = by_module.get(cut_at)
+        if found is not None:
+            found.evidence["passes"].append(p.name)
+            continue
+        params = candidates[cut_at]
+        shown = repr(cut_at) if cut_at else "the model (its root module)"
+        upstream = [m for m in candidates if m != cut_at and order.get(m, -1) < order.get(cut_at, -1)]
+        victims = sorted(q for m in upstream for q in candidates[m])
+        op_cut = next((c for c in cuts if c.op is not None and c.kind in OUTPUT_CUTS
+                       and c.pass_name in (p.name, None)), None)
+        where = (f": {describe_cut(op_cut)}" if op_cut is not None else
+                 "; gradtrace.watch(model, cuts=\"ops\") names the op and line that cut it"
+                 if trace.meta.cuts != "ops" else "")
+        also = (f"; the modules that fed it lost theirs too ({describe_params(victims, universe=trace.params)})"
+                if victims else "")
+        evidence = {"module": cut_at, "parameters": params + victims, "pass": p.name, "passes": [p.name],
+                    "upstream": upstream}
+        if op_cut is not None:
+            evidence.update({"op": op_cut.op, "location": op_cut.location})
+        by_module[cut_at] = Verdict(
+            "DETACHED_OUTPUT", "warning",
+            f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its output "
+            f"required grad, yet none of its {len(params)} parameter(s) got one; it was cut after it (a "
+            f".detach() / .data, argmax, a comparison or an integer cast) or not used by the loss{also}{where}",
+            evidence)
+    return list(by_module.values())
+
+
+def _detached_over_the_watch(trace, passes, cuts):
+    """Traces without per-pass forwards: modules that ran with grad over the watch, never reached."""
     ran = set(trace.meta.ran_with_grad or ())
-    if not ran or not passes or not any(p.covered for p in passes.values()):
+    if not ran or not any(p.covered for p in passes.values()):
         return []
     reached = set().union(*(p.covered for p in passes.values()))
     out = []
     for module, params in _wholly_unreached_modules(trace.params, reached, ran).items():
-        op_cut = next((c for c in cuts if c.op is not None and c.kind in ("detach", "non_differentiable")), None)
+        op_cut = next((c for c in cuts if c.op is not None and c.kind in OUTPUT_CUTS), None)
         where = (f": {describe_cut(op_cut)}" if op_cut is not None else
                  "; gradtrace.watch(model, cuts=\"ops\") names the op and line that cut it")
         out.append(Verdict("DETACHED_OUTPUT", "warning",
@@ -615,8 +742,8 @@ def _wholly_unreached_modules(params, reached: Set[str], ran: Set[str]) -> Dict[
     return by_module
 
 
-@verdict("UNUSED_PARAMS", rank=150, severities=("warning",),
-         meaning="trainable parameters that received no gradient in any pass")
+@verdict("UNUSED_PARAMS", rank=150, severities=("warning", "error"),
+         meaning="trainable parameters that received no gradient in any pass (an error where it explains an error: DDP's 'Expected to have finished reduction')")
 def check_unused(trace, passes, tensors, cuts):
     if not passes or not any(p.covered for p in passes.values()):
         return []
@@ -630,17 +757,58 @@ def check_unused(trace, passes, tensors, cuts):
                     {"parameters": unused, "modules": list(group_by_module(unused, trace.params))})]
 
 
+# Exceptions whose text says what went wrong with the gradient, and what that means.
+FAILURE_HINTS = (
+    ("does not require grad and does not have a grad_fn",
+     "the loss carries no graph: it was computed under torch.no_grad() / inference_mode, from .detach()ed or "
+     "integer (argmax, comparison) values, or with every trainable parameter frozen"),
+    ("Expected to have finished reduction in the prior iteration",
+     "DDP found parameters that got no gradient in the previous iteration (unused in the forward, or cut): "
+     "make every parameter take part in the loss, or build DDP with find_unused_parameters=True"),
+    ("modified by an inplace operation",
+     "a tensor saved for backward was changed in place after it was saved (x += ..., relu_(inplace=True), "
+     "writing into a slice); torch.autograd.set_detect_anomaly(True) names the forward op"),
+    ("backward through the graph a second time",
+     "a graph was reused after backward freed it: a tensor carried over from a previous step (a hidden state "
+     "or a running loss) needs .detach(), or the first backward retain_graph=True"),
+    ("grad can be implicitly created only for scalar outputs",
+     "backward() was called on a loss that is not a scalar: reduce it (.mean() / .sum()) or pass gradient="),
+    ("leaf Variable that requires grad is being used in an in-place operation",
+     "a parameter (a leaf that requires grad) was changed in place with grad enabled: do manual updates "
+     "under torch.no_grad()"),
+    ("appears to not have been used in the graph",
+     "autograd.grad was asked for an input the loss does not depend on (unused, cut or detached): pass "
+     "allow_unused=True and read which ones came back None; the coverage here lists them"),
+    ("Inference tensors cannot be saved for backward",
+     "a tensor made under torch.inference_mode() (a cache filled during validation or generation) was used in "
+     "a forward with grad"),
+)
+
+
+def failure_hint(error: Optional[str]) -> str:
+    for marker, hint in FAILURE_HINTS:
+        if error and marker in error:
+            return hint
+    return ""
+
+
 @verdict("PASS_FAILED", rank=5, severities=("error",),
-         meaning="a pass (or the watched block) ended with an exception: its backward did not complete")
+         meaning="a pass (or the watched block) ended with an exception: its backward did not complete; says what the error means, and a finding that explains it ranks first")
 def check_pass_failed(trace, passes, tensors, cuts):
-    out = [Verdict("PASS_FAILED", "error",
-                   f"pass {p.name!r} ended with an exception ({p.failed}): its backward did not complete, so "
-                   "its figures are partial", {"pass": p.name, "error": p.failed})
-           for p in passes.values() if p.failed]
+    out = []
+    for p in passes.values():
+        if p.failed:
+            hint = failure_hint(p.failed)
+            out.append(Verdict("PASS_FAILED", "error",
+                               f"pass {p.name!r} ended with an exception ({p.failed})" +
+                               (f": {hint}" if hint else ": its backward did not complete, so its figures are partial"),
+                               {"pass": p.name, "error": p.failed}))
     error = trace.meta.error
     if error and not out:
+        hint = failure_hint(error)
         out.append(Verdict("PASS_FAILED", "error",
-                           f"the watched block ended with an exception ({error}): training did not complete",
+                           f"the watched block ended with an exception ({error})" +
+                           (f": {hint}" if hint else ": training did not complete"),
                            {"pass": None, "error": error}))
     return out
 
@@ -651,10 +819,14 @@ def check_frozen_while_watched(trace, passes, tensors, cuts):
     names = trace.meta.frozen_while_watched
     if not names:
         return []
+    moving = sorted({n for o in (getattr(trace, "optimizers", None) or {}).values() for n in o.drift} & set(names))
+    still = (f"; yet the optimizer still changes {describe_params(moving)} (momentum or weight decay acting on a "
+             "zero .grad left by zero_grad(set_to_none=False)): set their .grad to None, or take them out of the "
+             "optimizer" if moving else "")
     return [Verdict("FROZEN_WHILE_WATCHED", "error",
                     f"{len(names)} parameter(s) stopped requiring grad while watched ({describe_params(names)}): "
-                    "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)",
-                    {"parameters": names})]
+                    "they can no longer train (requires_grad_(False), or a freeze after the optimizer was built)"
+                    + still, {"parameters": names, **({"still_updated": moving} if moving else {})})]
 
 
 @verdict("NO_PASSES", rank=85, severities=("error",),
@@ -667,9 +839,18 @@ def check_no_passes(trace, passes, tensors, cuts):
     seen = [f"{forwards} forward call(s) of the model"] if forwards else []
     if trainable_cuts:
         seen.append(f"{len(trainable_cuts)} graph cut(s) of trainable parameters")
-    likely = trainable_cuts[0] if trainable_cuts else None
-    because = f"; likely cause: {describe_cut(likely)}. {_cut_fix(likely)}" if likely else (
-        " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)")
+    likely = trainable_cuts[-1] if trainable_cuts else None
+    carried = sorted(trace.meta.ran_with_grad or ())
+    if likely is not None:
+        because = f"; likely cause: {describe_cut(likely)}. {_cut_fix(likely)}"
+    elif carried:
+        outer = min(carried, key=lambda m: (m.count(".") + bool(m), m))
+        shown = repr(outer) if outer else "the model"
+        because = (f"; {shown} ran with grad and its output required grad, so the loss was cut from it before "
+                   "backward: .item() / float() / torch.tensor(...) rebuilt it, a .detach() or .data, or backward "
+                   "never ran (an exception, a skipped step)")
+    else:
+        because = " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)"
     evidence = {"forward_calls": forwards, "cuts": len(trainable_cuts)}
     if likely is not None:
         evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})

@@ -1,30 +1,25 @@
-"""Cuts as the analysis sees them: one per region, what each can explain, how to say it and fix it."""
+"""Cuts as the analysis sees them: one per region, how to say each and fix it (what each can explain: paths.py)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Set
+from typing import List
 
 from ..records import Cut
-from .names import in_module
 
 
 def outermost_cuts(cuts: List[Cut]) -> List[Cut]:
-    """One cut per region: drop module-level cuts inside another cut of the same kind and pass."""
+    """One cut per region: drop module-level cuts inside another cut of the same kind and pass.
+
+    Cuts of the same module at different lines stay apart (a rollout and the bug's own forward).
+    """
     kept: List[Cut] = []
     ordered = sorted(cuts, key=lambda c: (c.module.count(".") + bool(c.module), c.seq))
     for cut in ordered:
         if cut.op is None and any(
-                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name
+                k.op is None and k.kind == cut.kind and k.pass_name == cut.pass_name and k.module != cut.module
                 and (k.module == "" or cut.module.startswith(k.module + ".")) for k in kept):
             continue
         kept.append(cut)
     return sorted(kept, key=lambda c: c.seq)
-
-
-def cut_params(cut: Cut, params: Iterable[str]) -> Set[str]:
-    """Parameters a cut can explain losing: those inside the module (and, for a detach, anything)."""
-    if cut.kind in ("detach", "non_differentiable"):
-        return set(params)
-    return {p for p in params if in_module(p, cut.module)}
 
 
 CUT_PHRASES = {

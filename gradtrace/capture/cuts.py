@@ -17,6 +17,7 @@ reads; the stack is only walked the first time a given cut is seen.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -26,11 +27,13 @@ from torch import nn
 
 from ..records import Cut
 from .modules import named_modules, named_parameters
+from .reach import reachable_params
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MODULE_PY = nn.Module.__call__.__code__.co_filename
 _GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+_THIS_FILE = __file__
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 is_grad_enabled = torch.is_grad_enabled
@@ -110,7 +113,9 @@ def checkpoint_caller(segment):
 def _caller_frame():
     """The frame that called the module (skipping torch's Module.__call__ machinery)."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename == _MODULE_PY:
+    # (The root module's hook is called through on_root_forward, a frame of this file: skip it too,
+    # or every call of the root would share one call site and two lines would merge into one cut.)
+    while frame is not None and frame.f_code.co_filename in (_MODULE_PY, _THIS_FILE):
         frame = frame.f_back
     return frame
 
@@ -142,54 +147,97 @@ def _floating_output(value: Any) -> bool:
 
 
 class CutLog:
-    """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site)."""
+    """The cuts of one trace, de-duplicated by (module, kind, op, pass, call site), and the forward calls.
+
+    Forward calls are told apart by a clock shared with the cuts: each forward of a
+    module that owns trainable parameters, run with grad enabled, stamps the module
+    with the clock's next tick (negative when its output did not require grad). A
+    cut and a forward can then be ordered: a ``no_grad`` call of a module that later
+    ran with grad, in the same pass, is not what the pass differentiated.
+    """
 
     def __init__(self, pass_name: Callable[[], Optional[str]]):
         self.by_seq: Dict[int, Cut] = {}  # in order of recording
         self.index: Dict[Tuple, int] = {}  # dedup key -> seq
         self.pass_name = pass_name
-        self.events = 0  # every sighting, deduplicated or not: orders cuts against tensor registration
-        self.last_event: Dict[int, int] = {}  # seq -> event number of its latest sighting
+        self.tick = itertools.count(1).__next__  # the clock: cut sightings and forward calls
+        self.last_event: Dict[int, int] = {}  # seq -> tick of its latest sighting
         self.next_seq = 0
         self.key_of: Dict[int, Tuple] = {}
         self.by_pass: Dict[Optional[str], List[int]] = {}  # seqs recorded inside each pass
         self.root_calls = 0  # forward calls of the watched model itself
-        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
-        # if their parameters still get no gradient, the output was detached or unused downstream.
-        self.ran_with_grad: set = set()
+        # module path -> tick of its latest forward with grad enabled (negated when its output
+        # did not require grad). Only modules that own trainable parameters are stamped.
+        self.grad_forwards: Dict[str, int] = {}
+        self.window_start = 0  # tick at which the current pass window began (see take_window)
+        self.window_outside: Dict[int, None] = {}  # cuts seen outside any pass since then (seq, in order)
 
     @property
     def cuts(self) -> list:
         return list(self.by_seq.values())
-        self.last_event: Dict[int, int] = {}
-        # Modules with trainable parameters that ran with grad and gave an output that requires grad:
-        # if their parameters still get no gradient, the output was detached or unused downstream.
-        self.ran_with_grad: set = set()
+
+    @property
+    def events(self) -> int:
+        """A mark: every cut sighting and forward call after it has a larger tick."""
+        return self.tick()
+
+    @property
+    def ran_with_grad(self) -> set:
+        """Modules that ran with grad and gave an output that requires grad (in their latest call)."""
+        return {name for name, tick in self.grad_forwards.items() if tick > 0}
+
+    def take_window(self) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
+        """The forwards of the pass that just finished: those since the previous pass finished.
+
+        (modules that ran with grad enabled, in forward order; those whose output required grad;
+        cuts seen outside any pass in that time, by seq). A pass's forwards usually run before it
+        (an unlabelled backward) or inside it (a label).
+        """
+        start = self.window_start
+        self.window_start = self.tick()
+        stamped = sorted((abs(tick), name) for name, tick in self.grad_forwards.items() if abs(tick) > start)
+        ran = tuple(name for _, name in stamped)
+        carried = tuple(name for name in ran if self.grad_forwards[name] > 0)
+        outside, self.window_outside = tuple(self.window_outside), {}
+        return ran, carried, outside
+
+    def ran_with_grad_after(self, seq: int) -> bool:
+        """Did the cut's module run again with grad enabled after this cut was last seen?"""
+        cut = self.by_seq.get(seq)
+        if cut is None or cut.op is not None:
+            return False
+        return abs(self.grad_forwards.get(cut.module, 0)) > self.last_event.get(seq, 0)
 
     def record(self, kind: str, module: str, module_type: str, params: int,
-               site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None) -> None:
+               site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None,
+               upstream: Optional[List[str]] = None) -> None:
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
-        self.events += 1
+        tick = self.tick()
         seq = self.index.get(key)
         if seq is not None:
             self.by_seq[seq].count += 1
-            self.last_event[seq] = self.events
+            self.last_event[seq] = tick
+            if pass_name is None:
+                self.window_outside[seq] = None
             return
         seq = self.next_seq
         self.next_seq += 1
         user, library = locations(frame)
         self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
                                inputs_require_grad=inputs_require_grad, pass_name=pass_name,
-                               module_type=module_type, params=params, seq=seq)
+                               module_type=module_type, params=params, seq=seq,
+                               upstream=upstream() if callable(upstream) else upstream)
         self.index[key] = seq
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
-        self.last_event[seq] = self.events
+        self.last_event[seq] = tick
+        if pass_name is None:
+            self.window_outside[seq] = None
 
     def since(self, event: int) -> list:
-        """Seqs of cuts seen after event number ``event``."""
-        return [seq for seq, last in self.last_event.items() if last > event]
+        """Seqs of cuts seen after the mark ``event``, in the order of their latest sighting."""
+        return [seq for seq, last in sorted(self.last_event.items(), key=lambda item: item[1]) if last > event]
 
     def drop_pass(self, name: str) -> List[int]:
         """Forget the cuts recorded inside pass ``name`` (max_passes dropped it); their seqs."""
@@ -227,8 +275,10 @@ class ModuleCutDetector:
     """Forward hooks on every module of the watched model."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
-                 trainable: Optional[Iterable[str]] = None, forward: Optional[Any] = None):
+                 trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None,
+                 forward: Optional[Any] = None):
         self.log = log
+        self.names_by_id = names_by_id or {}  # watched parameters: what a parameter-free cut has upstream
         # The watched model's forward (hookless.ForwardOutputs): told when a trainable module runs with
         # grad outside it, which a hookless reading of the backward would not see.
         self.forward = forward
@@ -252,8 +302,11 @@ class ModuleCutDetector:
         log = self.log
         names = self.names
         module_type = type(module).__name__
-        # A set add (tens of ns) only for modules that own trainable parameters; a no-op otherwise.
-        note_ran = log.ran_with_grad.add if trainable else len
+        # Modules that own trainable parameters are stamped on every forward with grad (a dict
+        # store and a counter: tens of ns); parameter-free modules are not.
+        stamps = log.grad_forwards if trainable else None
+        tick = log.tick
+        names_by_id = self.names_by_id
         # The watched forward (hookless reading): told of a trainable module run with grad outside it.
         outside = self.forward if trainable and name else None
 
@@ -262,18 +315,21 @@ class ModuleCutDetector:
                 # The common case, inlined: one tensor out, and it requires grad.
                 if output.__class__ is Tensor:
                     if output.requires_grad:
-                        note_ran(name)
-                        if outside is not None and not outside.depth:
-                            outside.ran_outside()
+                        if stamps is not None:
+                            stamps[name] = tick()
+                            if outside is not None and not outside.depth:
+                                outside.ran_outside()
                         return
                 else:
                     differentiable = any_requires_grad(output)
                     if differentiable is not False:  # differentiable, or no tensor output at all
-                        if differentiable:
-                            note_ran(name)
+                        if stamps is not None and differentiable:
+                            stamps[name] = tick()
                             if outside is not None and not outside.depth:
                                 outside.ran_outside()
                         return
+                if stamps is not None:
+                    stamps[name] = -tick()  # ran with grad; its output carries none
                 # Judged on inputs, not parameters: an adapter that is simply not
                 # used (peft's disable_adapter) leaves trainable parameters idle
                 # without cutting anything.
@@ -298,7 +354,12 @@ class ModuleCutDetector:
             caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
             site = (caller.f_code, caller.f_lineno) if caller is not None else None
             inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
-            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs)
+            # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
+            # design) can only explain parameters upstream of it: which ones is asked once per site.
+            upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
+                if not trainable and kind in ("detach", "non_differentiable") else None
+            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
+                       upstream=upstream)
 
         if name:
             return on_forward
@@ -312,6 +373,18 @@ class ModuleCutDetector:
             return on_forward(mod, args, kwargs, output)
 
         return on_root_forward
+
+
+def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:
+    """Watched parameters the inputs that require grad were computed from (a walk of their graphs)."""
+    found: set = set()
+    values = list(args) + list((kwargs or {}).values())
+    for value in values:
+        items = value if isinstance(value, (tuple, list)) else value.values() if isinstance(value, dict) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.requires_grad:
+                found |= reachable_params(item, names_by_id)[0]
+    return sorted(found)
 
 
 def _segment_inputs_require_grad(segment) -> bool:

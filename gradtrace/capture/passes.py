@@ -80,12 +80,13 @@ class Pass:
     """One pass: its accumulators while it is open, its device figures once finished, then its record."""
 
     def __init__(self, watched: Watched, name: str, *, auto: bool = False, step_start: bool = False,
-                 read_at: str = "pass_end"):
+                 read_at: str = "pass_end", accumulate: bool = False):
         self.watched = watched
         self.params = watched.params
         self.name = name
         self.auto = auto
         self.step_start = step_start
+        self.accumulate = accumulate  # adds to gradients earlier passes left, on purpose: never stale
         self.phase = Phase.OPEN
         self.runs = 0
         self.kinds: List[str] = []
@@ -168,10 +169,16 @@ class Pass:
         # Earlier runs of this pass put the gradient there themselves. An
         # unlabelled run is its own pass: accumulating microbatches without a
         # label is legitimate, and a copy per parameter per run would be the
-        # price, so it reports .grad as the run left it.
-        if self.auto or index in self._bases or index in self._backward:
+        # price, so it reports .grad as the run left it -- except the first run
+        # after an optimizer step, where stale .grad is judged.
+        if not self.takes_bases or index in self._bases or index in self._backward:
             return
         self._bases[index] = grad.detach().clone()
+
+    @property
+    def takes_bases(self) -> bool:
+        """Does the pass copy a non-None ``.grad`` before its first accumulation (``note_grad_before``)?"""
+        return not ((self.auto and not self.step_start) or self.accumulate)
 
     def expect(self, found: Set[str], partial: bool) -> None:
         """Parameters a registered tensor's graph reaches: the pass is expected to cover them."""
@@ -375,7 +382,9 @@ class Pass:
         grid = device.grid()
         order, names = device.order, self.watched.names
         stale: Set[int] = set()
-        if self.step_start and device.bases is not None:  # accumulating into .grad is legitimate anywhere else
+        # Judged where a step begins (an error) and in labelled passes (a warning: a forgotten zero_grad(),
+        # unless the pass says it accumulates); an unlabelled run inside an accumulation loop keeps no bases.
+        if device.bases is not None:
             stale = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
                      if row[1] != 0.0 or row[2] != 0.0}
         max_abs, bad = grid[:, 1], grid[:, 2]

@@ -51,6 +51,7 @@ class Recorder:
         # them (``capture/hookless.py``): made by ``install``.
         self.param_hooks: Optional[hook_state.ParamHooks] = None
         self.hookless: Optional[HooklessRuns] = None
+        self.starts: Dict[int, tuple] = {}  # task -> how a run began at the model's output, hooks in
 
     def install(self, hookless_possible: bool) -> hook_state.ParamHooks:
         """Every parameter's tensor hook in (the handle that takes them out); with ``hookless_possible``
@@ -169,7 +170,8 @@ class Recorder:
     def on_output_grad(self, grad: torch.Tensor) -> None:
         """Backward reached an output of the watched model's forward: no parameter used in that forward
         has been reached yet. Learn what this run will write (``capture/hookless.py``)."""
-        if not self.enabled:
+        hookless = self.hookless
+        if not self.enabled or hookless.nodes is None:  # (no nodes: hooks for good)
             return
         task = current_task()
         run = self.open_runs.get(task)
@@ -177,13 +179,14 @@ class Recorder:
             if not run.root_seen and run.accumulates:
                 run.pass_.plain = False  # a parameter was reached before the output: not a pattern to learn
             return
-        hookless = self.hookless
-        if hookless.nodes is None:  # hooks for good (a parameter without an AccumulateGrad node)
-            return
         flags = hookless.will_execute()
         accumulates = flags is not None
         if accumulates and not any(flags):
             return  # autograd.grad of tensors other than the watched parameters: nothing of ours
+        if hookless.mode != HOOKLESS:  # the hooks see this run; note what it may teach
+            if accumulates:
+                self._note_start(task, run, hookless.predicted(flags))
+            return
         if run is None:
             run = self.open_run(task, on_accelerator=grad.device.type != "cpu", accumulates=accumulates, first="root")
             if run is None:
@@ -191,26 +194,46 @@ class Recorder:
         elif run.accumulates is None:  # opened by a registered tensor's hook
             self.settle_kind(run, accumulates)
         run.root_seen = True
-        if not accumulates:
-            if hookless.mode == HOOKLESS:  # autograd.grad: its captured parameters get hooks for this run
-                run.armed = hookless.captured()
-                hookless.hooks.arm(run.armed)
+        if not accumulates:  # autograd.grad: its captured parameters get hooks for this run
+            run.armed = hookless.captured()
+            hookless.hooks.arm(run.armed)
             return
         if run.nested or len(self.open_runs) > 1:  # reentrant checkpointing, or runs in two threads at once
             hookless.relearn()
             return
         run.predicted = hookless.predicted(flags)
         run.before = snapshot(hookless.params_of(run.predicted))
-        if hookless.mode == HOOKLESS and not hookless.knows(run.predicted):
+        if not hookless.knows(run.predicted):
             hookless.relearn()  # other parameters than the order learned: hooks in before any is reached
-        elif hookless.mode == HOOKLESS:
-            run.hookless = True
-            pass_ = run.pass_
-            grads = run.before[0]
-            if not pass_.auto and not all(map(operator.is_, grads, itertools.repeat(None))):
-                for index, g in zip(run.predicted, grads):
-                    if g is not None:
-                        pass_.note_grad_before(index, g)
+            return
+        run.hookless = True
+        pass_ = run.pass_
+        grads = run.before[0]
+        if pass_.takes_bases and not all(map(operator.is_, grads, itertools.repeat(None))):
+            for index, g in zip(run.predicted, grads):
+                if g is not None:
+                    pass_.note_grad_before(index, g)
+
+    def _note_start(self, task: int, run: Optional[Run], predicted: List[int]) -> None:
+        """With hooks in: what a run's start looked like, for the run to teach its order at its end.
+
+        The first parameter hook opens the run (as without this), and takes the note: a run no hook
+        ever sees (its parameters swapped out under the watch) is no run, and no pass."""
+        start = (predicted, snapshot(self.hookless.params_of(predicted)))
+        if run is None:
+            if len(self.starts) > 8:  # notes of runs no hook saw
+                self.starts.clear()
+            self.starts[task] = start
+        else:  # opened by a registered tensor's hook: a .backward() run
+            self.settle_kind(run, True)
+            self._take_start(run, start)
+
+    def _take_start(self, run: Run, start) -> None:
+        if run.nested or len(self.open_runs) > 1:
+            run.pass_.plain = False
+            return
+        run.root_seen = True
+        run.predicted, run.before = start
 
     # ---- runs ------------------------------------------------------------
     def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False,
@@ -229,11 +252,19 @@ class Recorder:
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
             run.first = "written" if written else first
+            pass_ = run.pass_
             if nested:
-                run.pass_.plain = False
+                pass_.plain = False
+            if self.optimizer_stepped and pass_.auto and pass_.runs == 1 and not pass_.hit_count:
+                # The first unlabelled run after an optimizer step begins the next step: stale .grad is
+                # judged there (a loop that never calls zero_grad()).
+                pass_.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
             self.open_runs[task] = run
+            start = self.starts.pop(task, None) if self.starts else None
+            if start is not None:  # the model's output was reached first: a run that may teach its order
+                self._take_start(run, start)
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
@@ -318,9 +349,11 @@ class Recorder:
             self.close_run(run)
 
     # ---- passes ----------------------------------------------------------
-    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end") -> Pass:
-        # The first pass after an optimizer step (seen through watch(optimizer=...)) starts a step.
-        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at)
+    def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end",
+                   accumulate: bool = False) -> Pass:
+        # The first pass after an optimizer step (torch.optim's global step hooks) starts a step.
+        pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at,
+                     accumulate=accumulate)
         self.optimizer_stepped = False
         if self.hookless is not None and self.hookless.possible:  # for the pass end's look at unreported writes
             pass_.grads_at_start = list(map(_GRAD, self.params))

@@ -691,8 +691,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     handles.append(recorder.install(hookless_possible=root is not None and wrapper.kind is None and cuts != "off"))
     outputs = recorder.forward_outputs(recording.output_handles)
     if outputs is not None:
-        batch.forward_pre_hook(root, outputs.pre_hook())  # its end is the cut detector's root hook (always called)
-        stack.callback(_remove_all, recording.output_handles)
+        stack.callback(_remove_all, recording.output_handles)  # (the cut detector counts the model's calls)
     for index, p in enumerate(params):
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
@@ -714,8 +713,10 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     if cuts in ("modules", "ops"):
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
-        ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
-                          outputs).attach(batch)
+        detector = ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
+                                     outputs)
+        stack.callback(detector.retire)  # after the wrappers come off (callbacks run last-in, first-out)
+        detector.attach(batch)
         trace.meta.ran_with_grad = set()  # kept current on every read (CutLog.ran_with_grad)
     recording.cuts_mode = cuts
     if cuts == "ops":

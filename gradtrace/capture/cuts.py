@@ -20,12 +20,14 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..records import Cut
+from . import module_calls
 from .modules import named_modules, named_parameters
 from .reach import reachable_params
 
@@ -34,6 +36,7 @@ _MODULE_PY = nn.Module.__call__.__code__.co_filename
 _GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
 _THIS_FILE = __file__
+_CALL_MACHINERY = (_MODULE_PY, _THIS_FILE, module_calls.__file__)
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 is_grad_enabled = torch.is_grad_enabled
@@ -111,11 +114,10 @@ def checkpoint_caller(segment):
 
 
 def _caller_frame():
-    """The frame that called the module (skipping torch's Module.__call__ machinery)."""
+    """The frame that called the module (skipping torch's Module.__call__ machinery and gradtrace's
+    own wrapper and judging frames: every call would otherwise share one call site)."""
     frame = sys._getframe(2)
-    # (The root module's hook is called through on_root_forward, a frame of this file: skip it too,
-    # or every call of the root would share one call site and two lines would merge into one cut.)
-    while frame is not None and frame.f_code.co_filename in (_MODULE_PY, _THIS_FILE):
+    while frame is not None and frame.f_code.co_filename in _CALL_MACHINERY:
         frame = frame.f_back
     return frame
 
@@ -272,7 +274,7 @@ def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]],
 
 
 class ModuleCutDetector:
-    """Forward hooks on every module of the watched model."""
+    """Sees every call of every module of the watched model (``module_calls``) and judges it (``ModuleSite``)."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
                  trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None,
@@ -282,10 +284,13 @@ class ModuleCutDetector:
         # The watched model's forward (hookless.ForwardOutputs): told when a trainable module runs with
         # grad outside it, which a hookless reading of the backward would not see.
         self.forward = forward
+        self.regions = module_calls.Regions()
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
+        self.sites: List["ModuleSite"] = []
         modules = named_modules(root) if modules is None else modules  # a walk already made
+        self.use_hooks = module_calls.needs_hooks(root, modules)
         counts = trainable_counts(root, modules, trainable)
         for name, module in modules:
             self.modules.append((name, module, counts.get(name, 0)))
@@ -293,86 +298,135 @@ class ModuleCutDetector:
             self.trainable[id(module)] = counts.get(name, 0)
 
     def attach(self, hooks) -> None:
-        """Put the forward hooks on (``hooks``: a ``hook_state.HookBatch``, which also removes them)."""
+        """Watch every module's calls (``hooks``: a ``hook_state.HookBatch``, which also takes them off);
+        ``retire`` when the watch ends."""
         for name, module, trainable in self.modules:
-            # The root's hook ends the watched forward's call for hookless reading: called even when it raised.
-            hooks.forward_hook(module, self._hook(name, module, trainable), always_call=not name and self.forward is not None)
+            site = ModuleSite(self, name, module, trainable)
+            self.sites.append(site)
+            module_calls.observe(hooks, module, site, self.use_hooks)
 
-    def _hook(self, name: str, module: nn.Module, trainable: int):
-        log = self.log
-        names = self.names
-        module_type = type(module).__name__
+    def retire(self) -> None:
+        """The watch ended: a wrapper left inside a ``forward`` the user replaced (or on a copy) records nothing."""
+        for site in self.sites:
+            site.retire()
+        self.sites = []
+
+
+class ModuleSite:
+    """One module's call, judged: the stamp of a forward with grad, and the cuts (see the module docstring).
+
+    Called by the module's ``forward`` wrapper or forward hook (``module_calls``). The
+    common case (grad on, a tensor out that requires grad) is inlined in the wrapper:
+    a stamp, nothing else.
+    """
+
+    __slots__ = ("detector", "log", "name", "module_type", "trainable", "root", "stamps", "tick", "outside",
+                 "outputs", "regions", "live")
+
+    def __init__(self, detector: ModuleCutDetector, name: str, module: nn.Module, trainable: int):
+        self.detector = detector
+        self.log = detector.log
+        self.name = name
+        self.module_type = type(module).__name__
+        self.trainable = trainable
+        self.root = not name
         # Modules that own trainable parameters are stamped on every forward with grad (a dict
         # store and a counter: tens of ns); parameter-free modules are not.
-        stamps = log.grad_forwards if trainable else None
-        tick = log.tick
-        names_by_id = self.names_by_id
-        # The watched forward (hookless reading): told of a trainable module run with grad outside it.
-        outside = self.forward if trainable and name else None
+        self.stamps = self.log.grad_forwards if trainable else None
+        self.tick = self.log.tick
+        # The watched forward (hookless reading): told of a trainable module run with grad outside it...
+        self.outside = detector.forward if trainable and name else None
+        # ... and, at the root, the forward itself (its depth, and its outputs).
+        self.outputs = detector.forward if not name else None
+        self.regions: Optional[module_calls.Regions] = detector.regions
+        self.live = True
 
-        def on_forward(mod, args, kwargs, output):
-            if is_grad_enabled():
-                # The common case, inlined: one tensor out, and it requires grad.
-                if output.__class__ is Tensor:
-                    if output.requires_grad:
-                        if stamps is not None:
-                            stamps[name] = tick()
-                            if outside is not None and not outside.depth:
-                                outside.ran_outside()
-                        return
-                else:
-                    differentiable = any_requires_grad(output)
-                    if differentiable is not False:  # differentiable, or no tensor output at all
-                        if stamps is not None and differentiable:
-                            stamps[name] = tick()
-                            if outside is not None and not outside.depth:
-                                outside.ran_outside()
-                        return
-                if stamps is not None:
-                    stamps[name] = -tick()  # ran with grad; its output carries none
-                # Judged on inputs, not parameters: an adapter that is simply not
-                # used (peft's disable_adapter) leaves trainable parameters idle
-                # without cutting anything.
-                if not _inputs_require_grad(args, kwargs):
-                    return
-                kind = "detach" if _floating_output(output) else "non_differentiable"
-            else:
-                if not trainable and not _inputs_require_grad(args, kwargs):
-                    return
-                inference = is_inference_mode_enabled()
-                segment = None if inference else checkpoint_on_stack(sys._getframe(1))
-                if segment is not None:
-                    checkpointed = names.get(id(segment.f_locals.get("self")))
-                    if checkpointed is not None:  # one cut for the checkpointed module, not one per child
-                        path, module = checkpointed
-                        log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
-                                   ("checkpoint", path), frame=checkpoint_caller(segment),
-                                   inputs_require_grad=_segment_inputs_require_grad(segment))
-                        return
-                kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
-            # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
-            caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
-            site = (caller.f_code, caller.f_lineno) if caller is not None else None
-            inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
-            # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
-            # design) can only explain parameters upstream of it: which ones is asked once per site.
-            upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
-                if not trainable and kind in ("detach", "non_differentiable") else None
-            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
-                       upstream=upstream)
+    def __deepcopy__(self, memo) -> "ModuleSite":
+        return self  # a deep-copied model's wrappers record into this watch (as copied hooks did)
 
-        if name:
-            return on_forward
+    def retire(self) -> None:
+        self.live = False
+        self.stamps = self.outside = self.outputs = self.regions = None
 
-        forward = self.forward
+    # ---- the judgments ----------------------------------------------------------------------------
+    def after_grad(self, args, kwargs, output) -> None:
+        """A call that ran with grad enabled: stamped; a cut when its inputs require grad and its output does not."""
+        if not self.live:
+            return
+        name, stamps = self.name, self.stamps
+        if output.__class__ is Tensor:
+            differentiable = output.requires_grad
+        else:
+            differentiable = any_requires_grad(output)
+            if differentiable is None:  # no tensor output at all
+                return
+        if differentiable:
+            if stamps is not None:
+                stamps[name] = self.tick()
+                outside = self.outside
+                if outside is not None and not outside.depth:
+                    outside.ran_outside()
+            return
+        if stamps is not None:
+            stamps[name] = -self.tick()  # ran with grad; its output carries none
+        # Judged on inputs, not parameters: an adapter that is simply not
+        # used (peft's disable_adapter) leaves trainable parameters idle
+        # without cutting anything.
+        if not _inputs_require_grad(args, kwargs):
+            return
+        kind = "detach" if _floating_output(output) else "non_differentiable"
+        self._record(kind, args, kwargs, None)
 
-        def on_root_forward(mod, args, kwargs, output):
-            log.root_calls += 1  # "forwards were seen" even when no backward ever ran
-            if forward is not None:
-                forward(mod, args, kwargs, output)
-            return on_forward(mod, args, kwargs, output)
+    def after_no_grad(self, args, kwargs, output) -> None:
+        """A call with grad disabled (a region's root, or any call of a second thread)."""
+        if not self.live or (not self.trainable and not _inputs_require_grad(args, kwargs)):
+            return
+        inference = is_inference_mode_enabled()
+        segment = None if inference else checkpoint_on_stack(sys._getframe(1))
+        if segment is not None:
+            checkpointed = self.detector.names.get(id(segment.f_locals.get("self")))
+            if checkpointed is not None:  # one cut for the checkpointed module, not one per child
+                path, module = checkpointed
+                self.log.record("checkpoint", path, type(module).__name__, self.detector.trainable[id(module)],
+                                ("checkpoint", path), frame=checkpoint_caller(segment),
+                                inputs_require_grad=_segment_inputs_require_grad(segment))
+                return
+        kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
+        self._record(kind, args, kwargs, segment)
 
-        return on_root_forward
+    def after_root(self, output) -> None:
+        """A call of the watched model itself ended."""
+        if not self.live:
+            return
+        self.log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+        if self.outputs is not None:
+            self.outputs.mark(output)
+
+    def _record(self, kind: str, args, kwargs, segment) -> None:
+        # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
+        caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
+        site = (caller.f_code, caller.f_lineno) if caller is not None else None
+        inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
+        # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
+        # design) can only explain parameters upstream of it: which ones is asked once per site.
+        names_by_id = self.detector.names_by_id
+        upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
+            if not self.trainable and kind in ("detach", "non_differentiable") else None
+        self.log.record(kind, self.name, self.module_type, self.trainable, site, frame=caller,
+                        inputs_require_grad=inputs, upstream=upstream)
+
+    # ---- as a forward hook (module_calls.observe's other way) ------------------------------------------
+    def hook(self, module, args, kwargs, output) -> None:
+        if self.root and self.outputs is not None:
+            self.outputs.depth -= 1  # counted in by the pre-hook; this hook is always called
+        if is_grad_enabled():
+            self.after_grad(args, kwargs, output)
+        else:
+            regions = self.regions
+            if regions is None or regions.thread != threading.get_ident():  # (a region's root records it)
+                self.after_no_grad(args, kwargs, output)
+        if self.root and output is not None:
+            self.after_root(output)
 
 
 def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:

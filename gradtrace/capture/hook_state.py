@@ -142,11 +142,24 @@ class HookBatch:
         module._forward_pre_hooks_with_kwargs[hook_id] = True
         self._entries.append((module._forward_pre_hooks, hook_id, module._forward_pre_hooks_with_kwargs))
 
+    def forward_wrapper(self, module: nn.Module, wrapper: Callable) -> bool:
+        """``module.forward = wrapper`` (an instance attribute, on top of any there); False if refused."""
+        previous = module.__dict__.get("forward", _ABSENT)
+        try:
+            module.__dict__["forward"] = wrapper
+        except (TypeError, AttributeError):  # a module whose __dict__ is not writable (TorchScript)
+            return False
+        self._entries.append((_WRAPPED, module, wrapper, previous))
+        return True
+
     def remove(self) -> None:
         """Idempotent, like ``RemovableHandle.remove``: every hook out of every container it went into."""
         for entry in reversed(self._entries):
             if len(entry) == 1:
                 entry[0].remove()
+                continue
+            if entry[0] is _WRAPPED:
+                _unwrap(*entry[1:])
                 continue
             hook_id = entry[1]
             entry[0].pop(hook_id, None)
@@ -240,6 +253,20 @@ class ParamHooks:
         hooks.pop(hook_id, None)
         if not hooks and self._was_none[i] and tensor.grad_fn is None:  # a leaf: None drops the engine's pre-hook
             tensor._backward_hooks = None
+
+
+_ABSENT = object()  # no instance-level forward before gradtrace's wrapper
+_WRAPPED = object()  # marks a forward-wrapper entry of a HookBatch
+
+
+def _unwrap(module: nn.Module, wrapper: Callable, previous: Any) -> None:
+    """The module's ``forward`` as the watch found it, unless it was replaced since (then it stays)."""
+    if module.__dict__.get("forward") is not wrapper:
+        return
+    if previous is _ABSENT:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = previous
 
 
 def keep_last(tensor: torch.Tensor, hook_id: int) -> bool:

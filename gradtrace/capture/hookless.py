@@ -196,12 +196,14 @@ class HooklessRuns:
 
 
 class ForwardOutputs:
-    """The watched model's forward hooks: the run-start hook on its outputs, and how deep its forward is.
+    """The watched model's forward, as hookless reading needs it: how deep its calls are, and the
+    run-start hook on each of its outputs.
 
     A watched module that runs with grad outside the model's forward (``model[2](h)``
     called directly) makes a graph whose backward may never reach one of the model's
-    outputs: the cut detector's hooks report it (``ran_outside``), and the hooks go back
-    in before that backward can run.
+    outputs: the cut detector reports it (``ran_outside``), and the hooks go back in
+    before that backward can run. The cut detector's root wrapper (or hooks) counts
+    the calls and hands over each output (``mark``).
     """
 
     def __init__(self, on_output_grad: Callable[[torch.Tensor], None], ran_outside: Callable[[], None],
@@ -213,14 +215,14 @@ class ForwardOutputs:
         self.depth = 0  # calls of the watched model's forward in progress
 
     def pre_hook(self) -> Callable:
-        """The forward pre-hook that counts the call in: a plain function (a module deep-copied while
-        watched copies its hooks; a function is copied by reference, a bound method with its object)."""
+        """A forward pre-hook that counts a call in (where the model is seen through forward hooks): a
+        plain function, as a module deep-copied while watched copies a function by reference."""
         def enter(module, args, kwargs) -> None:
             self.depth += 1
         return enter
 
-    def __call__(self, module, args, kwargs, output) -> None:  # always called, even when forward raised
-        self.depth -= 1
+    def mark(self, output) -> None:
+        """A call of the model returned ``output``: a run-start hook on each of its tensors that requires grad."""
         if not torch.is_grad_enabled():
             return
         if self.find_nodes is not None:

@@ -52,6 +52,7 @@ import torch
 
 from .._torch_compat import will_engine_execute_node
 from .hook_state import ParamHooks
+from .reading import RunLeft
 
 # The watch's state.
 NEVER = "never"  # hooks always: hookless runs are not possible for this watch
@@ -61,23 +62,28 @@ HOOKLESS = "hookless"  # hooks out; .backward() runs read at their end
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 
-# (.grad of each parameter, its _version or -1 where .grad is None), in the order of a run's parameters
-Snapshot = Tuple[List[Optional[torch.Tensor]], List[int]]
+# (.grad of each parameter, the _version of each, -1 where .grad is None; None when every .grad is None)
+Snapshot = Tuple[List[Optional[torch.Tensor]], Optional[List[int]]]
 
 
 def snapshot(params: Sequence[torch.Tensor]) -> Snapshot:
     grads = list(map(_GRAD, params))
+    if all(map(operator.is_, grads, itertools.repeat(None))):  # a zeroed (set_to_none) model: no versions to read
+        return grads, None
     try:
         return grads, list(map(_VERSION, grads))
     except AttributeError:  # some .grad is None
         return grads, [-1 if g is None else g._version for g in grads]
 
 
-def changed(before: Snapshot, after: Snapshot) -> List[bool]:
-    """Per parameter: is ``.grad`` another tensor, or the same one changed in place?"""
+def changed(before: Snapshot, after: Snapshot) -> Optional[List[bool]]:
+    """Per parameter: is ``.grad`` another tensor, or the same one changed in place? None: every one is."""
     same = list(map(operator.is_, before[0], after[0]))
-    same_version = list(map(operator.eq, before[1], after[1]))
-    return list(map(operator.not_, map(operator.and_, same, same_version)))
+    if not any(same):
+        return None
+    if before[1] is None or after[1] is None:  # the same object throughout is None throughout
+        return list(map(operator.not_, same))
+    return list(map(operator.or_, map(operator.not_, same), map(operator.ne, before[1], after[1])))
 
 
 def accumulate_grad_nodes(params: List[torch.Tensor]) -> Optional[list]:
@@ -113,6 +119,7 @@ class HooklessRuns:
         self.learned_set: Optional[List[int]] = None  # the parameters of the learned order, in model order
         self.learned_order: Optional[List[int]] = None  # the same, in the engine's order
         self.relearned = 0  # how many times the hooks went back in (tests and benchmarks read it)
+        self._positions: Optional[Callable[[list], tuple]] = None
 
     @property
     def possible(self) -> bool:
@@ -141,9 +148,18 @@ class HooklessRuns:
         """A plain run's order: the hooks come out."""
         self.learned_order = order
         self.learned_set = self.all if len(order) == len(self.all) else sorted(order)
+        self._positions = None
         if self.mode == LEARNING:
             self.mode = HOOKLESS
             self.hooks.disarm(self.all)
+
+    def _learned_positions(self) -> Callable[[list], tuple]:
+        """Picks, from a list in model order over the learned set, its items in the learned engine order."""
+        if self._positions is None:
+            where = dict(zip(self.learned_set, range(len(self.learned_set))))
+            positions = [where[i] for i in self.learned_order]
+            self._positions = operator.itemgetter(*positions) if len(positions) > 1 else (lambda xs: (xs[positions[0]],))
+        return self._positions
 
     # ---- a run's start (the output hook) ---------------------------------------------------------
     def will_execute(self) -> Optional[List[bool]]:
@@ -175,17 +191,35 @@ class HooklessRuns:
         return self.params if indices is self.all else list(map(self.params.__getitem__, indices))
 
     # ---- a run's end --------------------------------------------------------------------------------
+    def left(self, reached: List[int], predicted: List[int], after: Snapshot) -> Optional[RunLeft]:
+        """The reached parameters' part of ``after`` (taken over ``predicted``), in the order the run
+        reported them (``reached``), without a None ``.grad``."""
+        grads, versions = after
+        if not reached or versions is None:
+            return None
+        if reached is self.learned_order and predicted is self.learned_set:
+            pick = self._learned_positions()
+            grads, versions = list(pick(grads)), list(pick(versions))
+        elif reached is not predicted:
+            where = dict(zip(predicted, range(len(predicted))))
+            positions = [where[i] for i in reached]
+            grads, versions = [grads[k] for k in positions], [versions[k] for k in positions]
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            return RunLeft(reached, grads, versions)
+        kept = [k for k, g in enumerate(grads) if g is not None]  # cleared inside the run (optimizer in backward)
+        return RunLeft([reached[k] for k in kept], [grads[k] for k in kept], [versions[k] for k in kept])
+
     def reached(self, predicted: List[int], before: Snapshot, after: Snapshot) -> Tuple[List[int], bool]:
         """The predicted parameters whose ``.grad`` changed, and whether every one did."""
         flags = changed(before, after)
-        if all(flags):
+        if flags is None or all(flags):
             return predicted, True
         return list(itertools.compress(predicted, flags)), False
 
     def in_order(self, reached: List[int]) -> Tuple[List[int], bool]:
         """``reached`` (model order) in the learned engine order; False when the order does not cover it
         (the new ones follow the known ones, in model order)."""
-        if reached == self.learned_set:
+        if reached is self.learned_set or reached == self.learned_set:
             return self.learned_order, True
         members = set(reached)
         known = [i for i in self.learned_order or () if i in members]

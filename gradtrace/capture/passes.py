@@ -147,6 +147,10 @@ class Pass:
     def reached_set(self) -> Set[int]:
         return set(self._hits).union(self._written)
 
+    def reached_all(self) -> bool:
+        """Did runs of the pass report every watched parameter reached?"""
+        return len(self._backward) == len(self.params)
+
     def note_kind(self, kind: str) -> None:
         if kind not in self.kinds:
             self.kinds.append(kind)
@@ -193,7 +197,7 @@ class Pass:
             self.failed = description
 
     def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
-                left: Optional[Dict[int, Tuple[torch.Tensor, int]]] = None,
+                left=None,
                 later: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
@@ -270,9 +274,12 @@ class Pass:
             return
         self.phase = Phase.FINISHED
         order = list(dict.fromkeys(itertools.chain(self._hits, self._written)))
-        hits = Counter(self._hits)
-        for index in set(self._written) - set(hits):
-            hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
+        if len(order) == len(self._hits):  # the common case: every parameter reached once (one run)
+            hits: Dict[int, int] = _ONCE
+        else:
+            hits = Counter(self._hits)
+            for index in set(self._written) - set(hits):
+                hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
         pieces, now = self._pieces(order)
         reading = self._read(now)
         via = reading.via if len(reading.via) == len(order) else {**self._via_before(order), **reading.via}
@@ -314,7 +321,8 @@ class Pass:
         params = self.params
         if not self._bases and not self._handbacks and not self._unseen:  # the common case: .backward() only
             totals = list(map(operator.attrgetter("grad"), map(params.__getitem__, order)))
-            if not any(map(operator.is_, totals, itertools.repeat(None))) and self._reading.all_as_left(params):
+            if not any(map(operator.is_, totals, itertools.repeat(None))) \
+                    and self._reading.all_as_left(params, order, totals):
                 return _Reading(totals, dict.fromkeys(order, "backward"), set(), set())
         reading = _Reading([], {}, set(), set())
         for index in order:
@@ -393,12 +401,12 @@ class Pass:
         # and empty (an FSDP shard with no element: nothing to be zero).
         unknown = _members(order, device.cleared) | (_members(order, device.changed) & (max_abs == 0.0) & (bad == 0))
         zero = (max_abs == 0.0) & (bad == 0) & ~unknown & ~_members(order, device.empty)
-        hits, via = device.hits, device.via
+        hits, via, n = device.hits, device.via, len(order)
         columns = PassColumns(
-            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=_doubles(grid[:, 0]),
-            max_abs=_doubles(max_abs), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
-            via=[via[i] for i in order], order=range(len(order)),
-            stale=[i in stale for i in order] if stale else [False] * len(order), cleared=unknown.tolist())
+            name=list(map(names.__getitem__, order)), hits=[1] * n if hits is _ONCE else [hits[i] for i in order],
+            norm=_doubles(grid[:, 0]), max_abs=_doubles(max_abs), zero=zero.tolist(),
+            nonfinite=bad.astype(np.int64).tolist(), via=list(map(via.__getitem__, order)), order=range(n),
+            stale=[i in stale for i in order] if stale else [False] * n, cleared=unknown.tolist())
         trace = PassTrace.from_columns(columns, name=self.name, params=params, runs=self.runs,
                                        kinds=list(self.kinds), auto=self.auto, kept_grads=self.watched.keep_grads,
                                        step_start=self.step_start, failed=self.failed,
@@ -407,6 +415,10 @@ class Pass:
             trace.expected = sorted(self.expected)
             trace.expected_partial = self.expected_partial
         return trace, {name: _tensor_facts(rows.tolist()) for name, rows in device.tensor_rows.items()}
+
+
+# ``_DeviceFigures.hits`` when every parameter of the pass was reached exactly once.
+_ONCE: Dict[int, int] = {}
 
 
 @dataclass

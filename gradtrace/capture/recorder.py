@@ -24,6 +24,7 @@ from .._torch_compat import is_batched_grad
 from . import hook_state
 from .assign import PassAssigner
 from .hookless import HOOKLESS, LEARNING, ForwardOutputs, HooklessRuns, snapshot
+from .reading import RunLeft
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
 from .wrappers import Wrapper
@@ -297,7 +298,7 @@ class Recorder:
             else:
                 pass_.finish()
 
-    def _run_read(self, run: Run) -> Optional[dict]:
+    def _run_read(self, run: Run) -> Optional[RunLeft]:
         """At a run's end, for hookless runs and the runs that teach them: which parameters the run
         reached (from ``.grad`` identity and version), reported to its pass in the engine's order;
         and what ``.grad`` now holds, for the pass's reading strategy (None: it reads it itself)."""
@@ -320,14 +321,12 @@ class Recorder:
             if not (known and all_changed) or hooked:
                 hookless.relearn()
             pass_.hits(order)
-        elif hookless.mode == LEARNING and pass_.plain and all_changed and sorted(hooked) == reached \
-                and len(hooked) == len(reached) and len(self.open_runs) == 0 and reached:
+            # what the run left, in the order it reported (the reading strategy then compares lists)
+            return hookless.left(order, run.predicted, after)
+        elif hookless.mode == LEARNING and pass_.plain and all_changed and len(hooked) == len(reached) \
+                and reached and not self.open_runs and sorted(hooked) == reached:
             hookless.learn(hooked)
-        if not reached:
-            return None
-        positions = dict(zip(run.predicted, range(len(run.predicted))))
-        grads, versions = after
-        return {i: (grads[positions[i]], versions[positions[i]]) for i in reached if grads[positions[i]] is not None}
+        return hookless.left(reached, run.predicted, after)
 
     def _saw_last(self, pass_: Pass, index: int) -> bool:
         """Did gradtrace's hook see the gradient ``autograd.grad`` hands back for ``index``?"""
@@ -379,15 +378,14 @@ class Recorder:
         written by a backward hookless reading did not see (it never went through the model's output).
         Counted as reached by the pass; the hooks go back in."""
         start, pass_.grads_at_start = pass_.grads_at_start, None
-        if start is None or self.hookless.mode == LEARNING and not pass_.had_hookless_runs:
+        if start is None or pass_.reached_all() or (self.hookless.mode == LEARNING and not pass_.had_hookless_runs):
             return
         now = list(map(_GRAD, self.params))
         new = list(map(operator.is_not, start, now))
         if not any(new):
             return
-        reported = pass_.reached_set()
-        unannounced = [i for i in itertools.compress(range(len(now)), new)
-                       if now[i] is not None and i not in reported]
+        candidates = set(itertools.compress(range(len(now)), new)) - pass_.reached_set()
+        unannounced = sorted(i for i in candidates if now[i] is not None)
         if unannounced:
             pass_.note_written(unannounced)
             self.hookless.relearn()

@@ -1,11 +1,11 @@
 """What ``trace.gather()`` costs, and what ``watch`` adds to a DDP step (gloo, loopback).
 
-    python benchmarks/gather.py --ranks 2,4 --params 2000 --passes 1,10
+    python benchmarks/gather.py --ranks 2,4 --params 1000,4000,16000 --passes 1,10
 
 For each world size it starts that many processes on 127.0.0.1 and measures,
 as medians over ``--repeats`` after a warm-up:
 
-* ``gather()`` of a trace with ``--params`` parameters and 1 or 10 passes, in
+* ``gather()`` of a trace with each of ``--params`` parameters and 1 or 10 passes, in
   two cases: figures that differ on every rank (local gradients, shards: the
   full figures travel) and figures identical on every rank (DDP's reduced
   ``.grad``: only digests travel); bytes each rank receives, computed from the
@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import pickle
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,12 @@ sys.path.insert(0, ROOT)  # the gradtrace of this checkout, in every rank
 import gradtrace  # noqa: E402
 from gradtrace import storage  # noqa: E402
 from gradtrace.distributed import WIDTH  # noqa: E402
+from gradtrace import distributed  # noqa: E402
 from gradtrace.records import PassColumns, PassTrace  # noqa: E402
+
+
+# Digests each rank sends in the handshake (2 before NaN origins travelled): this script also measures older code.
+DIGESTS = getattr(distributed, "DIGESTS", 2)
 
 
 def synthetic_trace(params: int, passes: int, rank: int, identical: bool) -> gradtrace.Trace:
@@ -67,28 +71,32 @@ def old_gather(as_dict, world: int):
     return storage.from_dict(gathered[0], gradtrace.Trace, "rank 0")
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timed(fn, repeats: int):
+    """(wall ms, this thread's CPU ms): medians after a warm-up. The CPU time leaves out waiting for the
+    other ranks (and gloo's own threads): on an oversubscribed machine it is the steadier of the two."""
+    walls, cpus = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu)
+    return statistics.median(walls[1:]) * 1e3, statistics.median(cpus[1:]) * 1e3
 
 
-def gather_rows(rank, world, params, passes_list, repeats):
+def gather_rows(rank, world, params_list, passes_list, repeats, with_old=True):
     rows = []
-    for passes in passes_list:
+    for params, passes in ((n, k) for n in params_list for k in passes_list):
         for identical in (False, True):
             trace = synthetic_trace(params, passes, rank, identical)
-            ms = timed(lambda: trace.gather(), repeats)
-            received = world * (2 * 32 + (0 if identical else passes * params * WIDTH * 8))
+            ms, cpu_ms = timed(lambda trace=trace: trace.gather(), repeats)
+            received = world * (DIGESTS * 32 + (0 if identical else passes * params * WIDTH * 8))
             as_dict = storage.to_dict(trace)
             pickled = len(pickle.dumps(as_dict))
-            old_ms = timed(lambda: old_gather(as_dict, world), repeats)
+            old_ms = (timed(lambda as_dict=as_dict: old_gather(as_dict, world), repeats)[0] if with_old
+                      else float("nan"))
             rows.append({"ranks": world, "params": params, "passes": passes,
-                         "figures": "identical" if identical else "differ", "gather_ms": ms,
+                         "figures": "identical" if identical else "differ", "gather_ms": ms, "cpu_ms": cpu_ms,
                          "ms_per_pass": ms / passes, "bytes_received": received,
                          "old_ms": old_ms, "old_bytes_received": world * pickled,
                          "less_data": world * pickled / received})
@@ -124,11 +132,14 @@ def ddp_step_rows(rank, world, steps):
 
 def worker(rank, world, port, args, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # The parent serves the rendezvous on `port` (bound before the ranks started: no port race).
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        rows = gather_rows(rank, world, args["params"], args["passes"], args["repeats"])
-        rows += ddp_step_rows(rank, world, args["steps"])
+        rows = gather_rows(rank, world, args["params"], args["passes"], args["repeats"], args["old"])
+        if args["steps"]:  # --steps 0: gather only
+            rows += ddp_step_rows(rank, world, args["steps"])
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(rows, f)
@@ -136,29 +147,33 @@ def worker(rank, world, port, args, out):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_store() -> dist.TCPStore:
+    """The ranks' rendezvous, served from this process on a port the OS picked while binding it
+    (a port found free, closed and bound again later by rank 0 can be taken in between)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="2,4")
-    parser.add_argument("--params", type=int, default=2000)
+    parser.add_argument("--params", default="2000", help="parameter counts, comma-separated")
     parser.add_argument("--passes", default="1,10")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=600, help="seconds for each world size")
+    parser.add_argument("--no-old", dest="old", action="store_false",
+                        help="skip the pickled all_gather_object comparison (the slow part of a large run)")
     parser.add_argument("--json")
     a = parser.parse_args(argv)
-    args = {"params": a.params, "passes": [int(p) for p in a.passes.split(",")], "repeats": a.repeats,
+    args = {"params": [int(n) for n in a.params.split(",")], "passes": [int(p) for p in a.passes.split(",")],
+            "repeats": a.repeats, "old": a.old,
             "steps": a.steps}
     rows = []
     for world in (int(r) for r in a.ranks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
-            ctx = mp.start_processes(worker, args=(world, free_port(), args, out), nprocs=world, join=False,
+            store = loopback_store()  # kept alive until the ranks are done
+            ctx = mp.start_processes(worker, args=(world, store.port, args, out), nprocs=world, join=False,
                                      start_method="spawn")
             deadline = time.monotonic() + a.timeout
             while not ctx.join(timeout=1):

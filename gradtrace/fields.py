@@ -20,6 +20,7 @@ __all__ = [
     "Constraint", "NON_NEGATIVE", "FINITE_NON_NEGATIVE", "NON_EMPTY", "Items", "Count", "Magnitude", "Amount",
     "Name", "RankFigures",
     "CutKind", "Via", "RunKind", "Scope", "Severity", "TensorRole", "CutsMode", "Wrapper", "ForwardValues",
+    "ForwardSite", "ForwardCause", "FailureKind",
     "SEVERITIES", "TENSOR_ROLES", "CUT_KINDS", "NOT_STORED", "stored_as", "stored", "stored_name",
 ]
 
@@ -72,12 +73,23 @@ TensorRole = Literal["mask", "attention_mask", "completion_mask", "group"]
 # ``watch(cuts=...)``.
 CutsMode = Literal["modules", "ops", "off"]
 # The distributed wrapper a watched model was in.
-Wrapper = Literal["DDP", "FSDP1", "FSDP2"]
+Wrapper = Literal["DDP", "FSDP1", "FSDP2", "DeepSpeed"]
 # Were the forward values of the op that made a NaN/Inf gradient already non-finite?
 ForwardValues = Literal["finite", "nonfinite", "unknown"]
+# Where a forward's first NaN/Inf was seen: a module's output, a module's input that no module made
+# (the code around the modules made it), or an op's output (cuts="ops").
+ForwardSite = Literal["output", "input", "op"]
+# What made it: a 16-bit value past its dtype's largest ("overflow"), another inf (a division by zero, log 0,
+# an input that held inf: "inf"), a softmax over a row whose every score was masked ("masked_softmax"), or
+# a NaN from finite values otherwise ("nan").
+ForwardCause = Literal["overflow", "inf", "masked_softmax", "nan"]
 # How a watched parameter was lost: another object in its module ("replaced"), or the same object
 # with another tensor inside ("swapped": torch.utils.swap_tensors).
 Replacement = Literal["replaced", "swapped"]
+
+# What gradtrace found behind a failed pass (``records.FailureCause``): an inference-mode tensor saved for
+# backward, a tensor saved for backward and then changed in place, a loss that carries no graph.
+FailureKind = Literal["inference_tensor", "inplace", "no_graph"]
 
 SEVERITIES = get_args(Severity)
 TENSOR_ROLES = get_args(TensorRole)

@@ -11,29 +11,36 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import numbers
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, modules, stats, values, wrappers
+from .capture import hook_state, inner, modules, stats, tied, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
+from .capture.failures import FailureContext
+from .capture.forward_values import ForwardValues
+from .capture.unregistered import UnregisteredModules
 from .capture.identity import ParamIdentity
 from .capture.optim import OptimizerObserver
 from .capture.passes import Pass, Watched
 from .capture.reach import reachable_params
 from .capture.reading import READ_AT
 from .capture.recorder import Recorder
+from .capture.zero_values import ZeroValued
 from .errors import GradtraceError
+from .gc_pause import gc_paused
 from .records import TENSOR_ROLES, VALUE_FIELDS, ScalarRecord, TensorPassFacts, TensorRecord, merge_row_facts
 from .trace import Trace
 
 CUT_MODES = ("modules", "ops", "off")
+
+# Finished passes whose statistics wait on the device before one batch moves them to the host.
+PENDING_BATCH = 64
 
 # Parameters watched by an open watch, by id: a second watch on the same
 # parameters would double-count every gradient. This is the one piece of
@@ -85,6 +92,15 @@ class Recording:
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
     origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
+    # forward_values.ForwardValues: module outputs checked for NaN/Inf on the device; each finished pass's
+    # checks wait in ``windows`` until the pass is read.
+    forward_values: Any = None
+    windows: Dict[str, Any] = field(default_factory=dict)
+    unregistered: Any = None  # unregistered.UnregisteredModules: modules run in the forward outside the tree
+    tied: List[Tuple[torch.Tensor, List[str]]] = field(default_factory=list)  # tensors under several names
+    failures: Any = None  # failures.FailureContext: names the culprit of a failed pass
+    failure_causes: Dict[str, Any] = field(default_factory=dict)  # pass -> its FailureCause, until it is read
+    last_failure: Any = None  # (the exception's identity, its FailureCause): a labelled pass's error reaching the exit
     open: bool = True
     # Which hook containers were None before gradtrace touched them, so exit can give them back.
     hooks_before: hook_state.HookSnapshot = field(default_factory=hook_state.HookSnapshot)
@@ -105,8 +121,11 @@ class LiveTrace(Trace):
                  max_passes: Optional[int], wrapper: Optional[wrappers.Wrapper] = None,
                  reduction: stats.Reduction = stats.HOST, identity: Optional[ParamIdentity] = None):
         super().__init__([n for n, _ in named], {n: list(p.shape) for n, p in named}, meta)
-        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self)
-        recorder = Recorder(watched, wrapper or wrappers.Wrapper(None))
+        wrapper = wrapper or wrappers.Wrapper(None)
+        watched = Watched([n for n, _ in named], [p for _, p in named], keep_grads, reduction, events=self,
+                          wrapper=wrapper)
+        watched.zero_values = ZeroValued(watched.params)
+        recorder = Recorder(watched, wrapper)
         self._recording = Recording(
             recorder=recorder, cut_log=CutLog(recorder.active_pass_name),
             names_by_id={id(p): n for n, p in named}, max_passes=max_passes, identity=identity)
@@ -136,6 +155,12 @@ class LiveTrace(Trace):
             if recording.origins is not None:  # taken for every pass, so nothing piles up
                 origin = recording.origins.take(name)
                 record.nonfinite_origin = origin if record.nonfinite else None
+            cause = recording.failure_causes.pop(name, None)
+            if record.failed:
+                record.failure = cause
+            window = recording.windows.pop(name, None)
+            if window is not None and (record.nonfinite or record.failed):  # a healthy pass's are never read
+                record.forward_checked, record.forward_nonfinite = window.read()
             forwards = recording.forwards.pop(name, None)
             if forwards is not None:
                 record.forward_modules, record.forward_carried, record.forward_cuts = self._shared(forwards)
@@ -199,10 +224,12 @@ class LiveTrace(Trace):
 
     def verdicts(self):
         self._note_replaced()  # judged on what the watch sees now (and at exit), never per pass in a hook
+        self._note_modules()
         return super().verdicts()
 
     def save(self, path) -> None:
         self._note_replaced()
+        self._note_modules()
         super().save(path)
 
     def diff(self, a: str, b: str, precondition: Any = None) -> analysis.Diff:
@@ -270,6 +297,7 @@ class LiveTrace(Trace):
             yield  # the PassTrace is ready once the block exits: read trace.passes[name]
         except BaseException as e:  # a backward that raised (or Ctrl-C) is a finding; the error propagates as it is
             state.fail(_describe_error(e))
+            self._note_failure(name, e)
             raise
         finally:
             recorder.end_pass(state)
@@ -372,6 +400,8 @@ class LiveTrace(Trace):
             recording.forwards[pass_.name] = recording.cut_log.take_window()
         recording.pending[pass_.name] = pass_
         recording.finished.append(pass_.name)
+        if recording.forward_values is not None:  # the checks since the last pass are this pass's forward
+            recording.windows[pass_.name] = recording.forward_values.take()
         for item in recording.pending_values:
             if item.pass_name is None:  # registered before this pass's run began: its tensors
                 item.pass_name = pass_.name
@@ -392,12 +422,38 @@ class LiveTrace(Trace):
             names = self._recording.recorder.names
             self.meta.replaced_params = {names[i]: how for i, how in sorted(changed.items())}
 
+    def _note_failure(self, pass_name: Optional[str], error: BaseException):
+        """The culprit of ``error`` (found while its traceback and the forward's facts are still there)."""
+        recording = self._recording
+        # Not the exception itself: its traceback holds the frames (and tensors) of a failed step, and a loop
+        # that catches it and trains on must not keep them. (The same exception reaching the exit, still
+        # alive, has the same identity and text.)
+        key = (id(error), id(error.__traceback__), str(error))
+        if recording.last_failure is not None and recording.last_failure[0] == key:
+            cause = recording.last_failure[1]
+        else:
+            cause = recording.failures.cause(error) if recording.failures is not None else None
+            recording.last_failure = (key, cause)
+        if pass_name is not None and cause is not None:
+            recording.failure_causes[pass_name] = cause
+        return cause
+
+    def _note_modules(self) -> None:
+        """Tied parameters (frozen or not, now) and modules that ran outside the module tree, in ``meta``."""
+        recording = self._recording
+        if recording.tied:
+            self.meta.tied_params = tied.records(recording.tied)
+        if recording.unregistered is not None:
+            self.meta.unregistered_modules = recording.unregistered.records() or None
+
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""
         recording = self._recording
         self._passes.pop(name, None)
         recording.pending.pop(name, None)
         recording.kept.pop(name, None)
+        recording.windows.pop(name, None)
+        recording.failure_causes.pop(name, None)
         recording.forwards.pop(name, None)
         gone = set(recording.cut_log.drop_pass(name))
         for record in self._tensors.values():
@@ -416,10 +472,16 @@ class LiveTrace(Trace):
         recording.open = False
         recorder = recording.recorder
         recorder.enabled = False
+        cause = self._note_failure(None, error) if error is not None else None  # before the passes end
+        for run in recorder.open_runs.values():  # a run the error cut short: the error is its pass's
+            if cause is not None:
+                recording.failure_causes.setdefault(run.pass_.name, cause)
         recorder.close_open_runs(_describe_error(error) if error is not None else None)
         for label in list(recorder.passes.labels.values()):  # labels still open in any thread
             recorder.end_pass(label)
         recorder.flush_orphan()
+        if recording.forward_values is not None:
+            recording.forward_values.close()
         for handle in recording.tensor_handles:
             handle.remove()
         recording.tensor_handles.clear()
@@ -427,10 +489,15 @@ class LiveTrace(Trace):
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
         self._note_replaced()
+        self._note_modules()
+        recording.unregistered = None  # its weak references die with the model; the records stay
+        recording.tied = []
         recording.identity = None  # what happens to the model after exit is not the watch's
         self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
         if error is not None:
             self.meta.error = _describe_error(error)
+            self.meta.error_cause = cause
+        recording.failures = recording.last_failure = None  # the traceback's frames go with them
 
 
 def _real_number(name: str, value: Any) -> float:
@@ -546,9 +613,11 @@ def _named_pairs(target) -> List[Tuple[str, torch.Tensor]]:
 
 
 def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
-                   statistics: str, updates: Any = True) -> None:
+                   statistics: str, updates: Any = True, forward_values: Any = True) -> None:
     if not isinstance(updates, bool):
         raise GradtraceError(f"updates is True or False, got {updates!r}")
+    if not isinstance(forward_values, bool):
+        raise GradtraceError(f"forward_values is True or False, got {forward_values!r}")
     if not isinstance(statistics, str) or statistics not in stats.REDUCTIONS:
         raise GradtraceError(f"statistics={statistics!r} is not one of {', '.join(stats.REDUCTIONS)}")
     if cuts not in CUT_MODES:
@@ -561,10 +630,6 @@ def _check_options(cuts: str, keep_grads: bool, max_passes: Optional[int], optim
     if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
         raise GradtraceError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
-
-# Finished passes whose statistics wait on the device before one batch moves them to the host.
-PENDING_BATCH = 64
-
 # A watch left open over a training loop keeps this many of the newest passes by default:
 # memory stays bounded (about 100 bytes per parameter per pass) however long it runs.
 DEFAULT_MAX_PASSES = 256
@@ -572,7 +637,7 @@ DEFAULT_MAX_PASSES = 256
 
 def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
           max_passes: Optional[int] = DEFAULT_MAX_PASSES, optimizer: Any = None,
-          statistics: str = "auto", updates: bool = True) -> "Watch":
+          statistics: str = "auto", updates: bool = True, forward_values: bool = True) -> "Watch":
     """Hook every trainable parameter of ``target`` for the duration of the block.
 
     ``target`` is an ``nn.Module`` or an iterable of ``(name, param)``.
@@ -593,9 +658,13 @@ def watch(target, *, cuts: str = "modules", keep_grads: bool = False,
     the CPU, the device for an accelerator's) or "device" (on the device everywhere,
     never reading a value back before the pass's one transfer: an accelerator's
     path, here to test it on a CPU). Both give the same figures.
+    ``forward_values``: check every module's output for NaN/Inf on the device (one small
+    reduction per module call with grad enabled, read only for a pass whose gradients are
+    non-finite), so NONFINITE names where the forward first went non-finite; needs module
+    hooks (``cuts`` "modules" or "ops"). False skips it.
     Every hook is removed on exit, whether or not the block raised. A watch is entered once.
     """
-    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics, updates))
+    return Watch(_watching(target, cuts, keep_grads, max_passes, optimizer, statistics, updates, forward_values))
 
 
 class Watch:
@@ -618,10 +687,10 @@ class Watch:
 
 @contextlib.contextmanager
 def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], optimizer: Any,
-              statistics: str, updates: bool = True) -> Iterator[LiveTrace]:
-    _check_options(cuts, keep_grads, max_passes, optimizer, statistics, updates)
+              statistics: str, updates: bool = True, forward_values: bool = True) -> Iterator[LiveTrace]:
+    _check_options(cuts, keep_grads, max_passes, optimizer, statistics, updates, forward_values)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
-    with _gc_paused():  # the walk and the trace's per-parameter tables: thousands of objects
+    with gc_paused():  # the walk and the trace's per-parameter tables: thousands of objects
         named, root, module_walk = _resolve_target(target)
         wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
         if cuts != "off" and root is None:
@@ -634,45 +703,28 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
             named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
         trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
                           ParamIdentity.of(named, module_walk, wrapper.kind))
-    if wrapper.kind == "FSDP1":
-        shapes = wrappers.fsdp1_shapes(wrapper)
+    shapes = wrapper.shapes()  # FSDP1 and ZeRO-3 leave a slice or an empty placeholder in place
+    if shapes:
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
     stack = contextlib.ExitStack()
     try:
         _claim(stack, named)
-        with _gc_paused():
-            _register(stack, trace, [p for _, p in named], root, module_walk, cuts, updates, wrapper)
+        with gc_paused():
+            _register(stack, trace, [p for _, p in named], root, module_walk, cuts, updates, wrapper,
+                      forward_values, optimizer)
         try:
             yield trace
         except BaseException as e:  # the trace keeps what was recorded, and says how the block ended
             trace._close(e)
             raise
     finally:
-        with _gc_paused():
+        with gc_paused():
             stack.close()  # every hook out, whether registering finished or not
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No garbage collection while hooks go on or come off.
-
-    Registering thousands of hooks allocates tens of thousands of objects, and each
-    700 of them start a collection that walks every object of the process (a model's
-    modules and tensors included): on a 1,000-module chain that was 60 of the 94 us per
-    parameter of entering and leaving a watch. Nothing here makes cycles to collect.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.Tensor],
               root: Optional[nn.Module], module_walk: Optional[list], cuts: str, updates: bool,
-              wrapper: wrappers.Wrapper) -> None:
+              wrapper: wrappers.Wrapper, forward_values: bool = True, optimizer: Any = None) -> None:
     """Every hook, each undone by ``stack`` in reverse order on exit."""
     recording = trace._recording
     recorder = recording.recorder
@@ -688,11 +740,14 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     handles.append(batch)
     # Every parameter's tensor hook in; taken out later for .backward() runs where that is safe
     # (capture/hookless.py): a watched model, plain leaf parameters, no wrapper writing .grad late.
-    handles.append(recorder.install(hookless_possible=root is not None and wrapper.kind is None and cuts != "off"))
+    # (cuts="ops": its op mode and NaN/Inf origins follow every op of the backward's graph; the mode steps
+    # aside while torch.compile traces, and the hooks see compiled runs without a graph break.)
+    handles.append(recorder.install(hookless_possible=root is not None and wrapper.allows_hookless()
+                                    and cuts == "modules"))
     outputs = recorder.forward_outputs(recording.output_handles)
     if outputs is not None:
         stack.callback(_remove_all, recording.output_handles)  # (the cut detector counts the model's calls)
-    for index, p in enumerate(params):
+    for p in params:
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
         if hook_state.is_plain(p):
@@ -704,6 +759,7 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     recording.optim = OptimizerObserver(recorder.names, params, recorder.on_optimizer_step, trace._pass_of_step,
                                         measure_updates=updates)
     recording.optim.attach(handles)
+    wrapper.attach(recorder, stack, params, recorder.param_hook, recording.hooks_before.note, trace.meta)
     index_of = {id(p): i for i, p in enumerate(params)}
     for flat, members in wrapper.flat_groups:
         indices = [index_of[id(p)] for p, _ in members if id(p) in index_of]
@@ -713,17 +769,34 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     if cuts in ("modules", "ops"):
         # The watched names are the module paths' own, except under FSDP1 (the user's names, unwrapped).
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
+        if forward_values:
+            recording.forward_values = ForwardValues()
         detector = ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
-                                     outputs)
+                                     outputs, recording.forward_values, hooks_only=cuts == "ops")
         stack.callback(detector.retire)  # after the wrappers come off (callbacks run last-in, first-out)
         detector.attach(batch)
         trace.meta.ran_with_grad = set()  # kept current on every read (CutLog.ran_with_grad)
+        recording.unregistered = UnregisteredModules(root, module_walk, _optimizers_seen(recording, optimizer))
+        recording.unregistered.attach(handles.append, detector.wrapped_root)
     recording.cuts_mode = cuts
+    if root is not None:
+        recording.failures = FailureContext(module_walk, recording.cut_log, recording.forward_values)
+    if root is not None and wrapper.kind != "FSDP1":  # FSDP1 flattens the parameters it would name
+        recording.tied = tied.tied_parameters(root, module_walk)
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)
         recording.origins = op_mode.origins
+        op_mode.origins.forward_values = recording.forward_values
         stack.enter_context(op_mode.attach(handles.append))
+
+
+def _optimizers_seen(recording: Recording, given: Any) -> Callable[[], List[Any]]:
+    """The optimizers the watch has seen step (torch.optim's global step hooks), and the one it was given."""
+    def optimizers() -> List[Any]:
+        seen = [o.ref() for o in recording.optim.known.values()] if recording.optim is not None else []
+        return [o for o in seen + [given] if o is not None]
+    return optimizers
 
 
 def _close_once(trace: LiveTrace) -> None:

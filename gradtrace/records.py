@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import (AbstractSet, Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence,
                     Tuple, Union)
 
-from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, ForwardValues, Magnitude,
-                     Name, Replacement, RunKind, Scope, Severity, TensorRole, Via, Wrapper, stored, stored_as,
-                     stored_name)
+from .fields import (NOT_STORED, SEVERITIES, TENSOR_ROLES, Amount, Count, CutKind, CutsMode, FailureKind,
+                     ForwardCause, ForwardSite, ForwardValues, Magnitude, Name, Replacement, RunKind, Scope, Severity,
+                     TensorRole, Via, Wrapper, stored, stored_as, stored_name)
 
 __all__ = [
     "GradRecord", "PassColumns", "PassTrace", "TensorGradFacts", "ValueStats", "TensorRecord", "TensorPassFacts",
     "Cut", "OptimizerRecord",
     "ScalarRecord", "Verdict", "TraceMeta", "InnerProduct", "Contribution", "NonfiniteOrigin",
-    "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
+    "ForwardNonfinite", "FailureCause", "UnregisteredModule", "TiedParams", "SEVERITIES", "TENSOR_ROLES", "VALUE_FIELDS",
 ]
 
 # What ``capture.values.value_stats`` computes for a registered tensor, in order;
@@ -129,16 +129,37 @@ class PassTrace:
     failed: Optional[str] = None  # the exception the pass's block ended with, if any
     # cuts="ops": where the first NaN/Inf gradient was born (see capture.opcuts.NonfiniteOrigins)
     nonfinite_origin: Optional[NonfiniteOrigin] = None
+    # A merged trace (gather()): the global ranks whose own backward made the NaN/Inf (cuts="ops" found
+    # ``nonfinite_origin`` there); under DDP every rank's reduced .grad holds it, only these made it.
+    nonfinite_ranks: Optional[List[Count]] = None
     # What the figures are: "local" (this process's gradients: autograd.grad, no wrapper, DDP's
     # no_sync), "reduced" (.grad after DDP's all-reduce) or "sharded" (FSDP: this rank's shard,
     # global only after gather()).
     scope: Scope = "local"
+    # Where the pass's forward first held NaN/Inf (module outputs checked on the device, read only for a
+    # pass whose gradients were non-finite or that failed), and how many values were checked when it was
+    # read (None: not read; checked with no forward_nonfinite: every checked value was finite).
+    forward_nonfinite: Optional[ForwardNonfinite] = None
+    forward_checked: Optional[Count] = None
+    failure: Optional[FailureCause] = None  # the culprit behind ``failed``, where gradtrace could name it
     # The forwards the pass differentiated (cuts="modules"/"ops"; None: not recorded): modules owning
     # trainable parameters that ran with grad enabled since the previous pass ended, in forward order,
     # and those of them whose output required grad.
     forward_modules: Optional[List[str]] = None
     forward_carried: Optional[List[str]] = None
     forward_cuts: Optional[List[Count]] = None  # cuts seen outside any pass in that time (Cut.seq)
+    # Watched parameters whose values were all zero when the pass began (a zero-initialised LoRA B,
+    # lora_up, lora_embedding_A): what explains a sibling's exactly zero gradient. Recorded only for
+    # a pass that had exactly zero gradients (None: not recorded).
+    zero_valued: Optional[List[Name]] = None
+    # Runs of this pass that began after the gradient an earlier run (with no optimizer step in
+    # between) had left in .grad was cleared (set to None or zeroed): zero_grad() inside an
+    # accumulation loop discards what the earlier runs accumulated.
+    grads_reset: Optional[Count] = None  # None: none seen
+    # Why the figures of the parameters marked ``cleared`` are unknown, when a distributed wrapper is
+    # the reason (DDP / FSDP / DeepSpeed keep part of this pass's gradient where it cannot be read
+    # apart from other microbatches'); None: cleared ones were cleared by the user's code.
+    unknown_because: Optional[str] = None
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
@@ -356,6 +377,10 @@ class Cut:
     # A parameter-free module's cut: the watched parameters its inputs were computed from (the only
     # ones it can have cut off). None: not asked (a module with parameters, or an op-level cut).
     upstream: Optional[List[str]] = None
+    # A parameter-free module's detach: an output shares storage with an input that required grad, so
+    # the data flowing through was cut (``x.detach()``, ``x.data``) — not fresh data that never carries
+    # a gradient by design (rotary embeddings' cos/sin). None: not asked.
+    passes_input: Optional[bool] = None
 
 
 @dataclass
@@ -388,6 +413,19 @@ class OptimizerRecord:
     # Parameters whose sampled weights its latest step changed although no sampled gradient element was
     # nonzero (momentum or weight decay acting on a zero or stale .grad): a frozen layer that still moves.
     drift: List[str] = field(default_factory=list)
+    # Step by step: [step number (from 1, over the watch), the largest lr of its param groups (None:
+    # unknown), its whole-step update-to-weight ratio from the sampled elements (None: not measured),
+    # sampled elements with a nonzero gradient, those of them the step left bitwise unchanged]. The first
+    # ``HISTORY_HEAD`` steps and the newest ``HISTORY_TAIL`` are kept: where a learning-rate schedule
+    # killed the updates part-way (an lr of 0 from step k on, a decay to nothing).
+    history: List[List[Optional[float]]] = field(default_factory=list)
+    peak_lr: Magnitude = 0.0  # the largest lr of any step seen (any param group), kept steps or not
+    # Steps that turned finite weights with finite gradients NaN/Inf (the first 8): [step, pass, the
+    # parameters, sampled elements made non-finite] -- the update itself overflowed (Adam's eps in float16).
+    nonfinite_steps: List[List[Union[None, str, float, List[str]]]] = field(default_factory=list)
+
+    HISTORY_HEAD: ClassVar[int] = 16
+    HISTORY_TAIL: ClassVar[int] = 240
 
 
 @dataclass
@@ -424,6 +462,88 @@ class NonfiniteOrigin(ReadsLikeADict):
     module: str = ""  # the module it ran in ("" is the root module or top-level code)
     forward: ForwardValues = "unknown"  # were its forward values already NaN/Inf?
     pass_name: Optional[str] = field(default=None, metadata=stored_as("pass"))
+
+
+@dataclass
+class ForwardNonfinite(ReadsLikeADict):
+    """Where a pass's forward first held NaN/Inf, in forward order (``capture/forward_values.py``).
+
+    ``site`` "output": a module's output, the module made it; "input": a module's input that no
+    module's output held before, made by the code of ``made_by`` around its submodules; "op": an op's
+    output (``watch(cuts="ops")``).
+    """
+
+    module: str  # the module ("" is the root)
+    module_type: str = ""
+    site: ForwardSite = "output"
+    cause: ForwardCause = "nan"
+    nan: bool = False  # it held NaN
+    inf: bool = False  # it held +inf or -inf (an overflow, when no NaN is there too)
+    dtype: str = ""
+    dtype_max: Optional[float] = None  # the dtype's largest finite value
+    op: Optional[str] = None  # site "op": the op, and its file:line
+    location: str = ""
+    made_by: Optional[str] = None  # site "input": the module whose own code made it ("" the root or top level)
+    made_by_type: str = ""
+    after: Optional[str] = None  # the last module whose output was checked finite just before it
+    largest: Optional[Magnitude] = None  # the largest finite |value| checked before it in the same forward
+    largest_in: Optional[str] = None  # the module whose output held that
+    mask: Optional[str] = None  # masked_softmax: the mask argument that held a fully masked row, and its module
+    checked: Count = 0  # values checked before it in the pass's forward
+
+
+@dataclass
+class FailureCause(ReadsLikeADict):
+    """The culprit behind a failed pass, found from the exception and what the watch saw (``capture/failures.py``).
+
+    ``inference_tensor``: ``module`` holds, in ``attribute``, a tensor made under
+    ``torch.inference_mode()`` (at ``location``; "" when that was before the watch began) that a
+    forward with grad (``other``'s) tried to save for backward. ``inplace``: ``module``'s output was
+    saved for backward, then changed in place (by ``other`` when a module did it). ``no_graph``: the
+    loss carries no graph; ``module`` is the last module whose output still carried one.
+    """
+
+    kind: FailureKind
+    module: Optional[str] = None
+    module_type: str = ""
+    attribute: Optional[str] = None
+    location: str = ""
+    other: Optional[str] = None
+    other_type: str = ""
+    variable: Optional[str] = None  # inference_tensor: the failing code's variable that held it
+    dtype: str = ""  # no_graph: the loss's dtype
+    tensor: str = ""  # inplace: torch's description of the tensor ("[torch.FloatTensor [4, 8]], output 0 of Tanh")
+
+
+@dataclass
+class UnregisteredModule(ReadsLikeADict):
+    """A module that ran inside the watched model's forward but is not one of its submodules.
+
+    Kept in a plain list, dict or tuple attribute (or made on the fly), so its parameters are in
+    neither ``model.parameters()`` nor an optimizer built from them, nor the state dict.
+    """
+
+    module: str  # as the user would write it: "encoder.layers[0]" (the type and an index when not found)
+    module_type: str = ""
+    owner: Optional[str] = None  # the watched module whose attribute holds it ("" the root)
+    attribute: Optional[str] = None
+    container: Optional[str] = None  # "list", "dict", "tuple"
+    called_in: Optional[str] = None  # the watched module whose forward called it
+    calls: Count = 0
+    params: Count = 0  # its parameters, its submodules' included
+    trainable: Count = 0  # of them, those requiring grad
+    with_grad: bool = False  # it ran with grad enabled while some of its parameters required grad
+    got_grad: bool = False  # one of its parameters had a .grad when the watch last looked
+    in_optimizer: Optional[bool] = None  # in a param group of the optimizer watch() was given (None: none given)
+
+
+@dataclass
+class TiedParams(ReadsLikeADict):
+    """One parameter tensor reachable under several names (tied weights: ``lm_head.weight`` and ``wte.weight``)."""
+
+    names: List[str]  # every name, in module order; gradtrace reports it under the first
+    requires_grad: bool = True
+    shape: List[Count] = field(default_factory=list)
 
 
 @dataclass
@@ -481,12 +601,21 @@ class TraceMeta(collections.abc.MutableMapping):
     wrapper: Optional[Wrapper] = None  # the distributed wrapper the model was in
     name_prefix: Optional[str] = None  # what the wrapper adds to parameter names ("module." under DDP)
     find_unused_parameters: Optional[bool] = None  # DDP's option
+    zero_stage: Optional[Count] = None  # DeepSpeed's ZeRO stage (0-3)
+    # FSDP1 with use_orig_params=False: the names are FSDP's flat parameters (one per wrapped unit),
+    # not the model's own
+    flat_params: Optional[bool] = None
     forward_calls: Optional[Count] = None  # forward calls of the watched module
     frozen_while_watched: Optional[List[str]] = None  # parameters frozen by the time the watch closed
     replaced_params: Optional[Dict[str, Replacement]] = None  # parameters lost while watched, and how
     ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
     error: Optional[str] = None  # the exception the watched block ended with
+    error_cause: Optional[FailureCause] = None  # the culprit behind ``error``, where gradtrace could name it
+    # Modules that ran inside the watched model's forward without being its submodules.
+    unregistered_modules: Optional[List[UnregisteredModule]] = None
+    tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
+    ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))
     _extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod

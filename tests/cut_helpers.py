@@ -1,4 +1,4 @@
-"""Shared by the cut and checkpoint tests: optional Hugging Face extras, source lines of cut locations."""
+"""Shared by the tests: optional Hugging Face extras, source lines of cut locations, verdict codes."""
 import linecache
 import os
 
@@ -23,3 +23,8 @@ def source_line(location: str, test_file: str) -> str:
 
 def verdicts_of(trace, code):
     return [v for v in trace.verdicts() if v.code == code]
+
+
+def codes(trace):
+    """The verdict codes of ``trace``, most likely cause first."""
+    return [v.code for v in trace.verdicts()]

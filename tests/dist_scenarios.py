@@ -21,12 +21,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradtrace
+from spawn_ranks import connect
 
 STEPS = 30
 DEVICE = torch.device("cpu")  # cuda:<rank> under NCCL (set by the worker)
 # What also runs under NCCL (two GPUs): the scenarios whose models are plain or DDP-wrapped.
-NCCL_SCENARIOS = ["ddp_figures", "ddp_autograd_grad", "nan_on_rank_1", "stale_on_rank_1", "union_and_divergence",
-                  "find_unused", "mismatched_passes", "missing_rank"]
+NCCL_SCENARIOS = ["ddp_figures", "ddp_autograd_grad", "ddp_microbatches", "nan_on_rank_1", "stale_on_rank_1",
+                  "union_and_divergence", "find_unused", "mismatched_passes", "late_rank"]
 
 
 class TwoHeads(nn.Module):
@@ -137,11 +138,28 @@ def fsdp_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
 
 
-def full_gradient(world: int, step: int = 0) -> Dict[str, torch.Tensor]:
-    """The gradient FSDP averages, by hand: the mean over ranks of each rank's loss, on one unsharded copy."""
-    reference = fsdp_model()
-    (sum(reference(data(r, step).double()).sum() for r in range(world)) / world).backward()
+def full_gradient(world: int, step=0, make: Callable[[], nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """The gradient a wrapper averages, by hand: the mean over ranks of each rank's loss (summed over the
+    microbatches ``step``: one or a list), on one unwrapped copy."""
+    reference = (make or fsdp_model)()
+    steps = step if isinstance(step, (list, tuple)) else [step]
+    (sum(reference(data(r, s).double()).sum() for r in range(world) for s in steps) / world).backward()
     return {n: p.grad for n, p in reference.named_parameters()}
+
+
+def local_gradient(rank: int, step, make: Callable[[], nn.Module] = None) -> Dict[str, float]:
+    """This rank's own gradient norms (no averaging) over the microbatches ``step``, by hand."""
+    reference = (make or fsdp_model)()
+    steps = step if isinstance(step, (list, tuple)) else [step]
+    sum(reference(data(rank, s).double()).sum() for s in steps).backward()
+    return {n: float(p.grad.norm()) for n, p in reference.named_parameters()}
+
+
+def unknown_figures(p) -> Dict:
+    """What a pass whose figures a wrapper made unknown says about them."""
+    records = p.records.values()
+    return {"cleared": sorted(p.cleared), "covered": len(p.covered), "because": p.unknown_because,
+            "no_numbers": all(r.norm == 0.0 and r.max_abs == 0.0 and not r.zero for r in records if r.cleared)}
 
 
 def global_figures_match(merged, name: str, full: Dict[str, torch.Tensor]) -> List[str]:
@@ -194,6 +212,187 @@ def fsdp1(rank: int, world: int) -> Dict:
             "unlabelled_bad": global_figures_match(merged, "backward-1", full_gradient(world, 0)),
             "labelled_bad": global_figures_match(merged, "X", full_gradient(world, 1)),
             "merged_codes": [v.code for v in merged.verdicts()]}
+
+
+# ---- one pass per microbatch during gradient accumulation ----------------------------------
+def ddp_microbatches(rank: int, world: int) -> Dict:
+    """DDP accumulation, one pass per microbatch: a no_sync pass is local and exact; the synced pass after it
+    finds this rank's unsynced gradient in .grad and the all-reduce averages both: its own share is unknown
+    (never the per-rank value under "reduced"); one pass over the whole accumulation is exact."""
+    ddp = DDP(six_params())
+    with gradtrace.watch(ddp) as trace:
+        with trace.pass_("mb0"):
+            with ddp.no_sync():
+                ddp(data(rank, 0)).sum().backward()
+        with trace.pass_("mb1"):
+            ddp(data(rank, 1)).sum().backward()
+        ddp.zero_grad()
+        with trace.pass_("step"):
+            with ddp.no_sync():
+                ddp(data(rank, 2)).sum().backward()
+            ddp(data(rank, 3)).sum().backward()
+        ddp.zero_grad()
+        with trace.pass_("synced0"):  # every microbatch synced: the second finds an averaged .grad
+            ddp(data(rank, 4)).sum().backward()
+        with trace.pass_("synced1"):
+            ddp(data(rank, 5)).sum().backward()
+        ddp.zero_grad()
+        with ddp.no_sync():
+            ddp(data(rank, 6)).sum().backward()
+        ddp.zero_grad()  # the unsynced gradient is gone: nothing to mix with
+        with trace.pass_("after_zero"):
+            ddp(data(rank, 7)).sum().backward()
+    passes = trace.passes
+
+    def reduced(steps):
+        return {f"module.{n}": float(g.norm()) for n, g in full_gradient(world, steps, six_params).items()}
+
+    local = {f"module.{n}": v for n, v in local_gradient(rank, 0, six_params).items()}
+    return {"scopes": {n: p.scope for n, p in passes.items()},
+            "mb0_bad": mismatches(passes["mb0"], local), "mb1": unknown_figures(passes["mb1"]),
+            "step_bad": mismatches(passes["step"], reduced([2, 3])),
+            "synced_bad": mismatches(passes["synced0"], reduced(4)) + mismatches(passes["synced1"], reduced(5)),
+            "after_zero_bad": mismatches(passes["after_zero"], reduced(7)),
+            "codes": {c: [v.evidence.get("pass") for v in trace.verdicts() if v.code == c]
+                      for c in {v.code for v in trace.verdicts()}},
+            "errors": [v.code for v in trace.verdicts() if v.severity == "error"]}
+
+
+def ddp_module_watched(rank: int, world: int) -> Dict:
+    """watch(ddp.module): the DDP around it is found at its forward; its figures are labelled as they are."""
+    ddp = DDP(six_params())
+    with gradtrace.watch(ddp.module) as trace:
+        with trace.pass_("alone"):  # the module's own forward, outside DDP: local
+            ddp.module(data(rank, 9)).sum().backward()
+        ddp.zero_grad()
+        with trace.pass_("mb0"):
+            with ddp.no_sync():
+                ddp(data(rank, 0)).sum().backward()
+        local = grad_norms(ddp.module)
+        ddp.zero_grad()
+        with trace.pass_("step"):
+            ddp(data(rank, 1)).sum().backward()
+        reduced = grad_norms(ddp.module)
+    # Inside another wrapper (as Lightning's DDP strategy wraps the LightningModule): still found.
+    model = six_params()
+    outer = DDP(Wrapped(model))
+    with gradtrace.watch(model) as inner_trace:
+        with inner_trace.pass_("step"):
+            outer(data(rank, 1)).sum().backward()
+    return {"wrapper": trace.meta.wrapper, "scopes": {n: p.scope for n, p in trace.passes.items()},
+            "mb0_bad": mismatches(trace.passes["mb0"], local), "step_bad": mismatches(trace.passes["step"], reduced),
+            "step_vs_hand": mismatches(trace.passes["step"], {n: float(g.norm())
+                                                              for n, g in full_gradient(world, 1, six_params).items()}),
+            "inner": [inner_trace.meta.wrapper, inner_trace.passes["step"].scope,
+                      mismatches(inner_trace.passes["step"], grad_norms(model))]}
+
+
+class Wrapped(nn.Module):
+    """A module around the model, the way Lightning's strategy wraps a LightningModule before DDP, calling
+    the model's children rather than the model (as a ``training_step`` may)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        for layer in self.inner:
+            x = layer(x)
+        return x
+
+
+def fsdp1_no_sync(rank: int, world: int) -> Dict:
+    """FSDP1: a no_sync pass holds this rank's full local gradient (scope local, never summed as shards);
+    the synced pass after it also reduces the no_sync microbatch: unknown; one pass over both is exact."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(fsdp_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("mb0"):
+            with model.no_sync():
+                model(data(rank, 0).double()).sum().backward()
+        with trace.pass_("mb1"):
+            model(data(rank, 1).double()).sum().backward()
+        model.zero_grad()
+        with trace.pass_("step"):
+            with model.no_sync():
+                model(data(rank, 2).double()).sum().backward()
+            model(data(rank, 3).double()).sum().backward()
+    merged = trace.gather()
+    return {"scopes": {n: p.scope for n, p in trace.passes.items()},
+            "mb0_bad": mismatches(trace.passes["mb0"], local_gradient(rank, 0)),
+            "merged_mb0_scope": merged.passes["mb0"].scope,
+            "merged_mb0_rank_bad": sorted(n for n, v in merged.rank_figures["mb0"][rank].items()
+                                          if not close(v[0], local_gradient(rank, 0)[n])),
+            "mb1": unknown_figures(trace.passes["mb1"]), "merged_mb1": unknown_figures(merged.passes["mb1"]),
+            "step_bad": global_figures_match(merged, "step", full_gradient(world, [2, 3])),
+            "merged_codes": sorted({v.code for v in merged.verdicts()})}
+
+
+def fsdp2_sync_off(rank: int, world: int) -> Dict:
+    """FSDP2 with set_requires_gradient_sync(False): the run is seen (through the unsharded copies), its
+    gradient stays inside FSDP: covered, counted, local, figures unknown; never NO_COVERAGE."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fsdp_model()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("mb0"):
+            model.set_requires_gradient_sync(False)
+            model(data(rank, 0).double()).sum().backward()
+        with trace.pass_("mb1"):
+            model.set_requires_gradient_sync(True)
+            model(data(rank, 1).double()).sum().backward()
+        model.zero_grad()
+        with trace.pass_("step"):
+            model.set_requires_gradient_sync(False)
+            model(data(rank, 2).double()).sum().backward()
+            model.set_requires_gradient_sync(True)
+            model(data(rank, 3).double()).sum().backward()
+    merged = trace.gather()
+    return {"scopes": {n: p.scope for n, p in trace.passes.items()},
+            "runs": {n: p.runs for n, p in trace.passes.items()},
+            "mb0": unknown_figures(trace.passes["mb0"]), "mb1": unknown_figures(trace.passes["mb1"]),
+            "step_bad": global_figures_match(merged, "step", full_gradient(world, [2, 3])),
+            "local_codes": sorted({v.code for v in trace.verdicts()}),
+            "merged_codes": sorted({v.code for v in merged.verdicts()})}
+
+
+def fsdp1_flat(rank: int, world: int) -> Dict:
+    """FSDP1 without use_orig_params: only flat parameters exist; the trace says so."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(fsdp_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    with gradtrace.watch(model) as trace:
+        model(data(rank).double()).sum().backward()
+    found = trace.verdicts()
+    return {"params": list(trace.params), "flat_params": trace.meta.flat_params,
+            "codes": [(v.code, v.severity) for v in found],
+            "message": next((v.message for v in found if v.code == "FLAT_PARAMS"), ""),
+            "report_first_line": trace.report().splitlines()[0]}
+
+
+def nan_under_ddp(rank: int, world: int) -> Dict:
+    """A NaN born on rank 1 under DDP: the all-reduce puts it in every rank's .grad; the merged NONFINITE
+    names rank 1, where cuts="ops" found the op that made it, and keeps the op."""
+    ddp = DDP(six_params())
+    with gradtrace.watch(ddp, cuts="ops") as trace:
+        with trace.pass_("X"):
+            x = data(rank)
+            if rank == 1:
+                x[0, 0] = float("nan")
+            ddp(x).sum().backward()
+    local = [v for v in trace.verdicts() if v.code == "NONFINITE"]
+    merged = trace.gather()
+    nonfinite = [v for v in merged.verdicts() if v.code == "NONFINITE"]
+    return {"local_origin": bool(trace.passes["X"].nonfinite_origin), "local_count": len(local),
+            "ranks": [v.evidence.get("ranks") for v in nonfinite],
+            "seen_on": [v.evidence.get("seen_on_ranks") for v in nonfinite],
+            "origin_kept": [bool(v.evidence.get("origin")) for v in nonfinite],
+            "messages": [v.message for v in nonfinite],
+            "first_line": merged.report().splitlines()[0]}
 
 
 # ---- the merged view ------------------------------------------------------------------
@@ -303,50 +502,104 @@ def expected_reduction(rank: int, world: int) -> Dict:
     return {"error": "Expected to have finished reduction" in error,
             "missing": {name: sorted(p.missing) for name, p in trace.passes.items()},
             "first": [first.code, first.severity, sorted(first.evidence.get("parameters", []))],
-            "failure_points_to": failed.evidence.get("explained_by")}
+            "failure_points_to": failed.evidence.get("explained_by"), "failure": failed.message}
 
 
-def missing_rank(rank: int, world: int) -> Dict:
-    """Last: rank 1 never calls gather; rank 0 must get an error naming it, not a 30-minute hang."""
+def late_rank(rank: int, world: int, late: int = None) -> Dict:
+    """Last: rank ``late`` (the highest) comes to gather after the others gave up: every rank's error names
+    it, the ranks that came on time and the late one itself, not a 30-minute hang."""
+    late = world - 1 if late is None else late
     model = six_params()
     with gradtrace.watch(model) as trace:
         model(data(rank)).sum().backward()
-    if rank != 0:
-        time.sleep(5)  # alive but elsewhere: rank 0 must time out, not see a closed connection
-        return {}
+    if rank == late:
+        time.sleep(5)  # alive but elsewhere: the others must time out, not see a closed connection
     start = datetime.datetime.now()
     message = expect_error(lambda: trace.gather(timeout=2))
     return {"message": message, "seconds": (datetime.datetime.now() - start).total_seconds()}
 
 
-SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, nan_on_rank_1, stale_on_rank_1,
+def example_probe(rank: int, world: int) -> Dict:
+    """examples/ddp_probe.py: what its docstring promises is what the merged trace says."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "ddp_probe.py")
+    spec = importlib.util.spec_from_file_location("ddp_probe", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    merged = example.probe(DEVICE, steps=2)
+    return {"divergence": [[v.severity, v.evidence["ranks"], v.evidence["parameters"]]
+                           for v in merged.verdicts() if v.code == "RANK_DIVERGENCE"],
+            "docstring": example.__doc__}
+
+
+# ---- a group of some ranks (a world of 3) -----------------------------------------------------
+def subgroup(rank: int, world: int) -> Dict:
+    """gather(group=...) over global ranks 1 and 2: keys, verdicts and errors name them 1 and 2, not 0 and 1."""
+    group = dist.new_group([1, 2])  # every rank of the world takes part in making it
+    if rank == 0:
+        return {}
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(data(rank, width=3), use_b=(rank == 1)).sum().backward()
+        with trace.pass_("N"):
+            x = data(rank, width=3)
+            if rank == 2:
+                x[0, 0] = float("nan")
+            model(x).sum().backward()
+    merged = trace.gather(group=group)
+
+    def mismatched():
+        with gradtrace.watch(model) as other:
+            with other.pass_("A" if rank == 1 else "B"):
+                model(data(rank, width=3)).sum().backward()
+        other.gather(group=group)
+
+    found = merged.verdicts()
+    return {"coverage_keys": sorted(merged.rank_coverage["X"]), "figure_keys": sorted(merged.rank_figures["X"]),
+            "meta_ranks": merged.meta.ranks, "world_size": merged.meta.world_size,
+            "divergence": [v.evidence["ranks"] for v in found if v.code == "RANK_DIVERGENCE"],
+            "nonfinite": [v.evidence.get("ranks") for v in found if v.code == "NONFINITE"],
+            "mismatch": expect_error(mismatched)}
+
+
+SCENARIOS = [ddp_figures, ddp_no_sync, ddp_autograd_grad, fsdp2, fsdp1, ddp_microbatches, ddp_module_watched,
+             fsdp1_no_sync,
+             fsdp2_sync_off, fsdp1_flat, nan_under_ddp, nan_on_rank_1, stale_on_rank_1,
              union_and_divergence,
              lambda rank, world: union_and_divergence(rank, world, find_unused=True), wrapper_prefix,
-             mismatched_passes, expected_reduction, missing_rank]
-NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "nan_on_rank_1", "stale_on_rank_1",
+             mismatched_passes, expected_reduction, example_probe, late_rank]
+NAMES = ["ddp_figures", "ddp_no_sync", "ddp_autograd_grad", "fsdp2", "fsdp1", "ddp_microbatches", "ddp_module_watched",
+         "fsdp1_no_sync",
+         "fsdp2_sync_off", "fsdp1_flat", "nan_under_ddp", "nan_on_rank_1", "stale_on_rank_1",
          "union_and_divergence", "find_unused", "wrapper_prefix", "mismatched_passes", "expected_reduction",
-         "missing_rank"]
+         "example_probe", "late_rank"]
+# A world of 3: a group of two of its ranks, and a late rank among three.
+TRIO_SCENARIOS = [subgroup, late_rank]
+TRIO_NAMES = ["subgroup", "late_rank"]
 
 
-def worker(rank: int, world: int, port: int, out: str, only: List[str], backend: str = "gloo") -> None:
+def worker(rank: int, world: int, port: int, out: str, only: List[str], backend: str = "gloo",
+           suite: str = "pair") -> None:
     global DEVICE
     torch.set_num_threads(1)
     os.environ["GRADTRACE_TEST_OUT"] = out
     if backend == "nccl":
         DEVICE = torch.device("cuda", rank)
         torch.cuda.set_device(DEVICE)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    connect(rank, world, port, backend)  # the test process serves the rendezvous (spawn_ranks)
     results = {}
     try:
-        for name, scenario in zip(NAMES, SCENARIOS):
+        names, scenarios = (TRIO_NAMES, TRIO_SCENARIOS) if suite == "trio" else (NAMES, SCENARIOS)
+        for name, scenario in zip(names, scenarios):
             if only and name not in only:
                 continue
             try:
                 results[name] = scenario(rank, world)
             except Exception:  # the test shows the traceback; the other scenarios still run
                 results[name] = {"crashed": traceback.format_exc()}
-            if name != "missing_rank":
+            if name != "late_rank":
                 dist.barrier()
     finally:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

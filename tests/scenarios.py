@@ -446,7 +446,8 @@ def varied(step, n):
     return torch.arange(n, dtype=torch.float32) % 3 + step
 
 
-@scenario("ALL_ZERO_VALUES", ("'A'", "step-1", "rewards"), "TRL issues: 'GRPO loss is zero' (every group's rewards equal)")
+@scenario("CONSTANT_ROWS", ("'rewards'", "2 of 2 groups", "step-1"),
+          "TRL issues: 'GRPO loss is zero' (every group's rewards equal)")
 def grpo_rewards_saturate(fixed):
     seeded()
     return grpo_steps(Policy(), lambda step, n: varied(step, n) if fixed or step == 0 else torch.ones(n))
@@ -604,29 +605,24 @@ def llama_hook_detaches_a_layer(fixed):
 
 
 def grpo_run(fixed_kwargs, bug_kwargs, fixed, reward=None, freeze_at=None):
-    """A real trl.GRPOTrainer run on a tiny random Llama with LoRA; A and the completion mask registered."""
+    """A real trl.GRPOTrainer run on a tiny random Llama with LoRA; attach() registers the rewards, advantages,
+    masks and S by itself."""
     import tempfile
     import warnings
 
     from gradtrace.integrations.transformers import GradtraceCallback
     from tiny_trainer import characters, grpo_trainer, make_llama, make_tokenizer, with_lora
 
-    def register(trace, inputs):
-        trace.tensor("A", inputs["advantages"])
-        trace.tensor("completion_mask", inputs["completion_mask"])
-
     tokenizer = make_tokenizer()
     callbacks = [FreezeAdapters(freeze_at)] if freeze_at is not None and not fixed else []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = grpo_trainer(tmp, with_lora(make_llama(len(tokenizer))), tokenizer, callbacks,
+                               reward_funcs=reward if reward is not None and not fixed else characters,
                                **(fixed_kwargs if fixed else bug_kwargs))
-        if reward is not None and not fixed:
-            trainer.reward_funcs = [reward]
-        callback = GradtraceCallback(register=register, print_errors=False).attach(trainer)
+        callback = GradtraceCallback(print_errors=False).attach(trainer)
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             trainer.train()
-    del characters
     return callback.trace
 
 
@@ -655,9 +651,18 @@ def constant_reward(completions, **kwargs):
     return [1.0 for _ in completions]
 
 
-@scenario("ALL_ZERO_VALUES", ("'A'",), "TRL issues: 'GRPO loss is always 0' (a reward with no variance)", slow=True)
+@scenario("CONSTANT_ROWS", ("'rewards/constant_reward'", "frac_reward_zero_std", "(100%"),
+          "TRL issues: 'GRPO loss is always 0' (a reward with no variance)", slow=True)
 def trl_grpo_constant_reward(fixed):
     return grpo_run({}, {}, fixed, reward=constant_reward)
+
+
+@scenario("ALL_ZERO_VALUES", ("every completion hit max_completion_length", "completion_mask",
+                              "Raise max_completion_length"),
+          "TRL issues: 'loss is 0 with mask_truncated_completions' (max_completion_length too short)", slow=True)
+def trl_grpo_every_completion_truncated(fixed):
+    return grpo_run({"mask_truncated_completions": True},
+                    {"mask_truncated_completions": True, "max_completion_length": 2}, fixed)
 
 
 @scenario("WEIGHTS_UNCHANGED", ("learning rate is 0",), "TRL/transformers: learning_rate=0 in the config", slow=True)
@@ -674,6 +679,423 @@ def trl_grpo_lr_tiny(fixed):
           slow=True)
 def trl_grpo_adapters_frozen(fixed):
     return grpo_run({"max_steps": 3}, {"max_steps": 3}, fixed, freeze_at=1)
+
+
+# ---- initialisation, schedules and accumulation loops ----------------------------------------------------------
+
+
+class InjectedLoRA(nn.Module):
+    """cloneofsimo/lora's LoraInjectedLinear: a frozen linear plus lora_up(lora_down(x)), lora_up zero."""
+
+    def __init__(self, d_in, d_out, r=2, down_zero=False):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.linear.requires_grad_(False)
+        self.lora_down = nn.Linear(d_in, r, bias=False)
+        self.lora_up = nn.Linear(r, d_out, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        if down_zero:
+            nn.init.zeros_(self.lora_down.weight)  # "init both to zero so training starts at the base model"
+        else:
+            nn.init.normal_(self.lora_down.weight, std=1 / r)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora_up(self.lora_down(x))
+
+
+@scenario("ZERO_GRADS", ("every one", "lora_down", "lora_up", "all zeros"),
+          "cloneofsimo/lora issues: 'LoRA weights never change' -- lora_down and lora_up both initialised to zero")
+def lora_both_factors_zero(fixed):
+    seeded()
+    model = nn.Sequential(InjectedLoRA(8, 16, down_zero=not fixed), nn.Tanh(), InjectedLoRA(16, 4, down_zero=not fixed))
+    return train_steps(model, steps=2)
+
+
+def _schedule_run(make_scheduler, steps, per_batch=True, opt=torch.optim.AdamW, lr=1e-3, epochs=1):
+    seeded()
+    model = Tower()
+    optimizer = opt(model.parameters(), lr=lr)
+    scheduler = make_scheduler(optimizer)
+    with gradtrace.watch(model) as trace:
+        for _ in range(epochs):
+            for _ in range(steps):
+                x, y = batch()
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                if per_batch:
+                    scheduler.step()
+            if not per_batch:
+                scheduler.step()
+    return trace
+
+
+@scenario("WEIGHTS_UNCHANGED", ("from step 2 on", "lr is 0.0", "num_training_steps"),
+          "transformers forum: 'loss stops changing after the first step' -- get_linear_schedule_with_warmup given "
+          "num_training_steps=len(dataloader) // accumulation for a multi-epoch run (t_total too small)")
+def linear_schedule_wrong_total(fixed):
+    from transformers import get_linear_schedule_with_warmup
+    return _schedule_run(lambda opt: get_linear_schedule_with_warmup(opt, 0, num_training_steps=8 if fixed else 1), 8)
+
+
+@scenario("TINY_UPDATES", ("from step 5 on", "lr fell to 1.0e-09", "per batch"),
+          "PyTorch forum: 'model stops learning after a few iterations' -- StepLR(step_size=1, gamma=0.1) stepped "
+          "every batch instead of every epoch")
+def steplr_stepped_per_batch(fixed):
+    return _schedule_run(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1), 4,
+                         per_batch=not fixed, opt=torch.optim.SGD, lr=1e-2, epochs=2)
+
+
+@scenario("ACCUMULATION_RESET", ("zero_grad", "'backward-1'", "once per optimizer step"),
+          "PyTorch forum / HF forum: 'gradient accumulation does not change anything' -- optimizer.zero_grad() "
+          "called before every microbatch's backward, step() every N microbatches")
+def zero_grad_inside_accumulation(fixed):
+    seeded()
+    model = Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    accumulation = 4
+    with gradtrace.watch(model) as trace:
+        for i in range(3 * accumulation):
+            x, y = batch()
+            if not fixed:
+                opt.zero_grad()
+            (F.cross_entropy(model(x), y) / accumulation).backward()
+            if (i + 1) % accumulation == 0:
+                opt.step()
+                if fixed:
+                    opt.zero_grad()
+    return trace
+
+
+# ---- more public bug reports: the loss, the forward, the optimizer -------------------------------------------
+
+
+def _loop(model, loss_of, steps=2, opt=None, raise_ok=False):
+    """zero_grad, loss_of(model, x, y).backward(), step; a RuntimeError from backward ends the watch (as it would
+    end the user's script) and is swallowed outside it."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = None
+    with contextlib.suppress(RuntimeError) if raise_ok else contextlib.nullcontext():
+        with gradtrace.watch(model) as trace:
+            for _ in range(steps):
+                x, y = batch()
+                opt.zero_grad()
+                loss_of(model, x, y).backward()
+                opt.step()
+    return trace
+
+
+@scenario("NO_PASSES", ("torch.tensor(...)", "torch.stack"),
+          "PyTorch forum 23261: 'gradient is lost when use torch.tensor([t1, t2])' -- per-sample outputs gathered "
+          "with torch.tensor(..., requires_grad=True)")
+def outputs_rebuilt_with_torch_tensor(fixed):
+    seeded()
+
+    def loss_of(model, x, y):
+        outs = [model(x[i:i + 1]).squeeze(0) for i in range(len(x))]
+        preds = torch.stack(outs) if fixed else torch.tensor([o.tolist() for o in outs], requires_grad=True)
+        return F.cross_entropy(preds, y)
+    return _loop(Tower(), loss_of)
+
+
+@scenario("NO_PASSES", (".numpy()", "rebuilt"),
+          "PyTorch forum: 'loss decreases but weights never change' -- the loss computed in numpy and wrapped back "
+          "with torch.tensor(loss, requires_grad=True)")
+def loss_computed_in_numpy(fixed):
+    import numpy as np
+    seeded()
+
+    def loss_of(model, x, y):
+        out, target = model(x), F.one_hot(y, 4).float()
+        if fixed:
+            return F.mse_loss(out, target)
+        return torch.tensor(np.mean((out.detach().numpy() - target.numpy()) ** 2), requires_grad=True)
+    return _loop(Tower(), loss_of)
+
+
+@torch.no_grad()
+def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
+    return model.embed(x)
+
+
+@scenario("GRAPH_CUT", ("'embed'", "no_grad"),
+          "nayeon7lee/bert-summarization#7: 'no gradient during training?' -- a helper decorated with "
+          "@torch.no_grad() called from the training step")
+def no_grad_decorated_helper_in_training(fixed):
+    seeded()
+
+    def loss_of(model, x, y):
+        h = model.embed(x) if fixed else _encode_for_logging(model, x)
+        return F.cross_entropy(model.head(torch.tanh(model.block(h))), y)
+    return _loop(Tower(), loss_of)
+
+
+@scenario("ZERO_GRADS", ("input of '4' was all zeros", "ReLU"),
+          "dying ReLU (forum, blog reports): 'the first layers never learn' -- a layer's bias pushed far negative, "
+          "its ReLU outputs 0 for every input")
+def dead_relu_before_the_head(fixed):
+    seeded()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    if not fixed:
+        nn.init.constant_(model[2].bias, -100.0)  # e.g. after one huge update
+    return train_steps(model)
+
+
+class _DataLayer(nn.Module):
+    def __init__(self, fixed):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.fixed = fixed
+
+    def forward(self, x):
+        return self.fc(x if self.fixed else x.data)  # ".data to avoid an in-place error"
+
+
+@scenario("DETACHED_OUTPUT", ("'0'", ".data"),
+          "PyTorch 0.4 migration notes / forum: x.data inside a custom layer's forward silently cuts the graph")
+def data_attribute_in_forward(fixed):
+    seeded()
+    return train_steps(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), _DataLayer(fixed), nn.Linear(16, 4)))
+
+
+class _MaskedLinear(nn.Module):
+    """A pruning layer: weight times a fixed mask."""
+
+    def __init__(self, fixed):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16) * 0.1)
+        self.register_buffer("mask", (torch.rand(4, 16) > 0.5).float())
+        self.fixed = fixed
+
+    def forward(self, x):
+        w = self.weight * self.mask if self.fixed else nn.Parameter(self.weight * self.mask)
+        return x @ w.t()
+
+
+@scenario("DETACHED_OUTPUT", ("'2'", "nn.Parameter(...)", "inside its forward"),
+          "PyTorch forum (pruning): 'masked weights are not updated' -- nn.Parameter(weight * mask) built in forward "
+          "is a new leaf, cut from the registered weight")
+def parameter_rewrapped_in_forward(fixed):
+    seeded()
+    return train_steps(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), _MaskedLinear(fixed)))
+
+
+@scenario("ZERO_GRADS", ("every one", "torch.round", "straight-through"),
+          "PyTorch forum 28628: 'torch.round() gradient' -- rounded predictions in the loss give zero gradients")
+def round_in_the_loss(fixed):
+    seeded()
+
+    def loss_of(model, x, y):
+        p = torch.sigmoid(model(x))
+        return F.mse_loss(p if fixed else torch.round(p), F.one_hot(y, 4).float())
+    return _loop(Tower(), loss_of)
+
+
+@scenario("PASS_FAILED", ("does not require grad", "argmax"),
+          "PyTorch forum 123877: 'retaining grad_fn for one-hot encoded tensors' -- MSE on one_hot(argmax(logits))")
+def mse_on_one_hot_of_argmax(fixed):
+    seeded()
+
+    def loss_of(model, x, y):
+        out = model(x)
+        pred = out.softmax(-1) if fixed else F.one_hot(out.argmax(-1), 4).float()
+        return F.mse_loss(pred, F.one_hot(y, 4).float())
+    return _loop(Tower(), loss_of, raise_ok=True)
+
+
+@scenario("NONFINITE", ("'head.bias'", "cuts=\"ops\""),
+          "pytorch/pytorch#23395, #36923: torch.where backpropagates NaN from the branch it did not take "
+          "(sqrt of negatives)")
+def where_with_nan_in_the_unused_branch(fixed):
+    seeded()
+
+    def loss_of(model, x, y):
+        out = model(x)
+        safe = out.clamp(min=0) if fixed else out
+        return torch.where(out > 0, torch.sqrt(safe), torch.zeros_like(out)).sum()
+    return _loop(Tower(), loss_of)
+
+
+@scenario("STALE_GRADS", ("D.0", "optimizer.zero_grad()", "the zero_grad() of Adam#0"),
+          "Lightning-AI/pytorch-lightning#557, ajbrock/BigGAN-PyTorch#25: the discriminator's gradients are never "
+          "zeroed (zero_grad on the generator's optimizer) and pile up step after step")
+def gan_zero_grad_on_the_wrong_optimizer(fixed):
+    seeded()
+    gan = GAN()
+    opt_g, opt_d = torch.optim.Adam(gan.G.parameters(), 1e-3), torch.optim.Adam(gan.D.parameters(), 1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    with gradtrace.watch(gan) as trace:
+        for _ in range(3):
+            real, z = torch.randn(6, 8), torch.randn(6, 4)
+            (opt_d if fixed else opt_g).zero_grad()
+            (bce(gan.D(real), torch.ones(6, 1)) + bce(gan.D(gan.G(z).detach()), torch.zeros(6, 1))).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            bce(gan.D(gan.G(z)), torch.ones(6, 1)).backward()
+            opt_g.step()
+    return trace
+
+
+@scenario("NONFINITE", ("optimizer Adam#0", "eps", "float16"),
+          "pytorch/pytorch#147437, afiaka87/glide-finetune#5: model.half() with Adam -- NaN weights after the first "
+          "step although the gradients are finite (eps=1e-8 is 0 in float16)")
+def half_precision_adam_default_eps(fixed):
+    seeded()
+    model = Tower().half()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4 if fixed else 1e-8)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            x, y = batch()
+            opt.zero_grad()
+            F.cross_entropy(model(x.half()).float(), y).backward()
+            opt.step()
+    return trace
+
+
+# ---- the forward and the module tree (issue 20, items 5-8) ------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """T5's DenseReluDense: in float16, ``wo`` is where T5 overflows."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.wo(torch.relu(self.wi(x)))
+
+
+@scenario("NONFINITE", ("'ffn.wo'", "float16 max 65504"),
+          "transformers issues: 'T5 fp16 gives NaN loss' (the feed-forward output passes 65504)")
+def fp16_feedforward_overflow(fixed):
+    seeded()
+    model = nn.Sequential()
+    model.add_module("embed", nn.Linear(8, 16))
+    model.add_module("ffn", FeedForward())
+    model.add_module("head", nn.Linear(16, 4))
+    with torch.no_grad():
+        model.ffn.wo.weight.mul_(1e5)  # outputs past 1e5: fine in float32, inf in float16
+    model = model.float() if fixed else model.half()  # the fix users apply: keep that block in float32 / bf16
+    with gradtrace.watch(model) as trace:
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 8
+        model(x.to(next(model.parameters()).dtype)).float().pow(2).mean().backward()
+    return trace
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, padding):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, key_padding_mask=padding)[0].mean(1))
+
+
+@scenario("NONFINITE", ("'attn'", "fully masked softmax row", "key_padding_mask"),
+          "forum: 'nn.MultiheadAttention returns NaN' (a sequence that is all padding)")
+def all_padding_sequence(fixed):
+    seeded()
+    model = PaddedEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        x, y = torch.randn(3, 5, 8), torch.tensor([0, 1, 2])
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[2, 1 if fixed else 0:] = True  # an empty sequence in the batch (fixed: it keeps one token)
+        F.cross_entropy(model(x, padding), y).backward()
+        opt.step()
+    return trace
+
+
+class ListEncoder(nn.Module):
+    def __init__(self, registered: bool):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        layers = [nn.Linear(16, 16) for _ in range(2)]
+        self.layers = nn.ModuleList(layers) if registered else layers
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return self.head(h)
+
+
+@scenario("UNREGISTERED_MODULE", ("self.layers", "nn.ModuleList"),
+          "forum: 'my layers are not updating / not in model.parameters()' (layers in a Python list)")
+def layers_in_a_python_list(fixed):
+    seeded()
+    return train_steps(ListEncoder(registered=fixed))
+
+
+class TiedTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 16)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 12)
+        self.head.weight = self.embed.weight  # tied, as in GPT-2
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.block(self.embed(ids))))
+
+
+@scenario("TIED_FROZEN", ("'head.weight'", "'embed.weight'", "tied"),
+          "transformers forum: 'freezing the embeddings froze lm_head' (tie_word_embeddings)")
+def freeze_embeddings_freezes_tied_head(fixed):
+    seeded()
+    model = TiedTower()
+    if fixed:
+        model.head.weight = nn.Parameter(model.embed.weight.detach().clone())  # untied: the head trains alone
+    model.embed.weight.requires_grad_(False)  # "freeze the input embeddings"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with gradtrace.watch(model) as trace:
+        ids = torch.randint(0, 12, (4, 5), generator=torch.Generator().manual_seed(2))
+        F.cross_entropy(model(ids).reshape(-1, 12), ids.reshape(-1)).backward()
+        opt.step()
+    return trace
+
+
+class RotaryCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cos_cached = None
+
+    def forward(self, x):
+        if self.cos_cached is None or self.cos_cached.shape[0] < x.shape[1]:
+            self.cos_cached = (torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.ones(x.shape[-1])).cos()
+        return self.cos_cached[: x.shape[1]]
+
+
+class RotaryLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rotary, self.q, self.head = nn.Linear(8, 16), RotaryCache(), nn.Linear(16, 16), \
+            nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head((self.q(h) * self.rotary(h)).mean(1))
+
+
+@scenario("PASS_FAILED", ("'rotary'", "inference tensor", "inference_mode()"),
+          "transformers/peft issues: 'Inference tensors cannot be saved for backward' after evaluation")
+def inference_mode_cache_reused(fixed):
+    seeded()
+    model = RotaryLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        with (torch.no_grad() if fixed else torch.inference_mode()):  # evaluation before training
+            model(torch.randn(2, 6, 8))
+        with contextlib.suppress(RuntimeError):
+            with trace.pass_("train"):
+                x, y = torch.randn(2, 6, 8), torch.tensor([0, 3])
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    return trace
 
 
 # ---- healthy runs that must stay clean (no error, no warning) ------------------------------------------------
@@ -768,6 +1190,106 @@ def sparse_embedding_rows_with_adam():
             F.cross_entropy(model(torch.randint(0, 5, (4, 3))), torch.randint(0, 2, (4,))).backward()
             opt.step()
     return trace
+
+
+@healthy
+def peft_embedding_lora_first_steps():
+    """peft's Embedding LoRA: lora_embedding_A starts at zero, so lora_embedding_B's first gradient is exactly zero
+    (a warmup from lr 0 keeps A at zero for a second step)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                                    lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = get_linear_schedule_with_warmup(opt, 2, num_training_steps=4)
+    with gradtrace.watch(model) as trace:
+        for _ in range(4):
+            ids = torch.randint(0, 64, (2, 6))
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            scheduler.step()
+    return trace
+
+
+@healthy
+def schedules_used_as_meant():
+    """A warmup from lr 0 then a cosine decay to a small final lr, per step; StepLR per epoch; OneCycleLR."""
+    from transformers import get_cosine_schedule_with_warmup
+    traces = [_schedule_run(lambda opt: get_cosine_schedule_with_warmup(opt, 3, num_training_steps=16), 16),
+              _schedule_run(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1), 4,
+                            per_batch=False, opt=torch.optim.SGD, lr=1e-2, epochs=3),
+              _schedule_run(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=24), 24),
+              _schedule_run(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=24), 24)]
+    return Merged(traces)
+
+
+class Merged:
+    """Several traces judged as one healthy run: their verdicts together."""
+
+    def __init__(self, traces):
+        self.traces = traces
+
+    def verdicts(self):
+        return [v for t in self.traces for v in t.verdicts()]
+
+
+@healthy
+def grad_norm_probe_then_training_backward():
+    """A gradient-norm probe: backward, read the norm, zero_grad(), then the training backward and step."""
+    seeded()
+    model = Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            x, y = batch()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(retain_graph=True)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the probe reads the norm
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return trace
+
+
+@healthy
+def two_loss_terms_in_labelled_passes_one_step():
+    """A generator whose two loss terms are backpropagated in two labelled passes, then one optimizer step."""
+    seeded()
+    gan = GAN()
+    opt_g = torch.optim.Adam(gan.G.parameters(), lr=1e-3)
+    with gradtrace.watch(gan.G) as trace:
+        for step in range(3):
+            z = torch.randn(6, 4)
+            fake = gan.G(z)
+            opt_g.zero_grad()
+            with trace.pass_(f"g_adv-{step}"):
+                F.binary_cross_entropy_with_logits(gan.D(fake), torch.ones(6, 1)).backward(retain_graph=True)
+            with trace.pass_(f"g_lat-{step}"):
+                fake.pow(2).mean().backward()
+            opt_g.step()
+    return trace
+
+
+@healthy
+def training_in_eval_mode():
+    """model.eval() during training (dropout off, BatchNorm on running statistics) is not a gradient bug: every
+    parameter gets its gradient."""
+    seeded()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    model.eval()
+    return train_steps(model)
+
+
+@healthy
+def frozen_batchnorm_in_train_mode():
+    """BatchNorm's affine parameters frozen, the module left in train mode: its running statistics still move (a
+    buffer, not a gradient), every trainable parameter gets its gradient."""
+    seeded()
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    model[1].requires_grad_(False)
+    return train_steps(model)
 
 
 # ---- running the suite --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ These read the package's source (every import statement, function-level ones
 included) rather than trusting a diagram.
 """
 import ast
+import dataclasses
 import json
 import re
 import subprocess
@@ -25,7 +26,7 @@ PRIVATE = re.compile(r"torch\._C\b|_execution_engine|_foreach_|_flatten_dense|_w
 
 # Lower layers never import higher ones: records, capture, analysis, render/storage, the plain trace, the live one, tools.
 LAYERS = [
-    {"gradtrace.errors", "gradtrace._torch_compat", "gradtrace.fields"},
+    {"gradtrace.errors", "gradtrace._torch_compat", "gradtrace.fields", "gradtrace.gc_pause"},
     {"gradtrace.records", "gradtrace.schema"},
     {"gradtrace.capture"},
     {"gradtrace.analysis"},
@@ -120,11 +121,94 @@ def test_private_torch_apis_live_in_one_module():
     assert offenders == {}
 
 
-def test_every_probe_is_found_on_the_tested_torch():
-    assert torch.__version__.startswith(_torch_compat.TESTED_TORCH)
-    assert {p.name: _torch_compat.FOUND[p.name] is not None for p in _torch_compat.PROBES} == \
-        {p.name: True for p in _torch_compat.PROBES}
-    _torch_compat.require("capture", "stats", "ops")  # nothing missing: no error
+def _release(version: str):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def test_the_installed_torch_is_in_the_declared_range_and_every_probe_works_on_it():
+    low, high = _torch_compat.TORCH_RANGE
+    assert low <= _release(torch.__version__) < high, "the suite runs on a torch gradtrace does not declare"
+    assert _torch_compat.missing(p.feature for p in _torch_compat.PROBES) == [], _torch_compat.BROKEN
+    _torch_compat.require("capture", "stats", "ops", "gather", "fsdp1")  # nothing missing: no error
+
+
+def test_setup_cfg_declares_the_range_the_probes_were_tested_on():
+    low, high = _torch_compat.TORCH_RANGE
+    requirement = re.search(r"^\s*torch\s*([^\n#]*)$", (ROOT / "setup.cfg").read_text(), flags=re.M).group(1)
+    assert requirement.replace(" ", "") == f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    assert f"{low[0]}.{low[1]}" in _torch_compat.TESTED_TORCH
+
+
+# Private torch attributes gradtrace touches outside _torch_compat; each must have a probe that names it.
+TORCH_PRIVATE_ATTRIBUTES = ("_backward_hooks", "_post_accumulate_grad_hooks", "_register_hook_dict",
+                            "_forward_hooks_with_kwargs", "next_id", "_modules", "_parameters", "_call_impl",
+                            "CheckpointFunction", "BackwardCFunction", "_flat_param")
+
+
+def test_every_private_torch_attribute_used_has_a_probe():
+    probed = " ".join(p.name for p in _torch_compat.PROBES)
+    used = set()
+    for path in modules().values():
+        code = path.read_text()
+        used |= {attribute for attribute in TORCH_PRIVATE_ATTRIBUTES if re.search(rf"\b{attribute}\b", code)}
+    assert used and all(attribute in probed for attribute in used), sorted(a for a in used if a not in probed)
+
+
+@pytest.mark.parametrize("probe", [p for p in _torch_compat.PROBES if p.check is not None],
+                         ids=[p.name for p in _torch_compat.PROBES if p.check is not None])
+def test_each_self_test_passes_here_and_a_failing_one_refuses_the_watch(probe, monkeypatch):
+    probe.check(_torch_compat._find(probe))  # the behaviour gradtrace relies on holds on this torch
+
+    def broken(found):
+        raise AssertionError("what a new torch changed")
+
+    changed = dataclasses.replace(probe, check=broken)
+    monkeypatch.setattr(_torch_compat, "PROBES", tuple(changed if p is probe else p for p in _torch_compat.PROBES))
+    monkeypatch.setattr(_torch_compat, "_CHECKED", set())
+    monkeypatch.setattr(_torch_compat, "FOUND", {})
+    monkeypatch.setattr(_torch_compat, "BROKEN", {})
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(GradtraceError) as caught:
+        if probe.feature in ("gather", "fsdp1"):
+            _torch_compat.require(probe.feature)
+        with gradtrace.watch(model, cuts="ops" if probe.feature == "ops" else "modules"):
+            pass
+    message = str(caught.value)
+    assert probe.name in message and "self-test: AssertionError: what a new torch changed" in message
+    assert torch.__version__ in message and probe.needed_for in message
+    assert model.weight._backward_hooks is None and not model._forward_hooks  # nothing was registered
+
+
+def test_the_frame_probes_detect_a_torch_that_moved_its_frames(monkeypatch):
+    """The self-tests look for what frames.py looks for: a torch whose frames moved fails them."""
+    checks = {p.name: p.check for p in _torch_compat.PROBES}
+    monkeypatch.setattr(_torch_compat, "MODULE_CALL_CODE", _release.__code__)
+    with pytest.raises(AssertionError, match="_call_impl frame"):
+        checks["torch.nn.Module._call_impl"](None)
+    monkeypatch.undo()
+    monkeypatch.setattr(_torch_compat, "CHECKPOINT_FILE", "/nowhere/checkpoint.py")
+    with pytest.raises(AssertionError, match="CheckpointFunction's file"):
+        checks["torch.utils.checkpoint.CheckpointFunction"](None)
+    monkeypatch.undo()
+    monkeypatch.setattr(_torch_compat, "FUNCTION_BACKWARD_CODES", frozenset())
+    with pytest.raises(AssertionError, match="BackwardCFunction.apply"):
+        checks["torch.autograd.function.BackwardCFunction.apply"](None)
+    monkeypatch.undo()
+
+    class NoCounter(torch.utils.hooks.RemovableHandle):
+        next_id = "0"
+
+    with pytest.raises(AssertionError, match="next_id"):
+        checks["torch.utils.hooks.RemovableHandle.next_id"](NoCounter)
+
+
+def test_the_fsdp1_probe_is_looked_up_only_when_an_fsdp1_module_is_watched():
+    code = ("import sys, torch, gradtrace; m = torch.nn.Linear(2, 2)\n"
+            "with gradtrace.watch(m, cuts='ops'):\n    m(torch.ones(1, 2)).sum().backward()\n"
+            "print([n for n in sys.modules if n.startswith('torch.distributed.fsdp')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("probe", _torch_compat.PROBES, ids=[p.name for p in _torch_compat.PROBES])
@@ -133,7 +217,7 @@ def test_a_missing_private_api_is_an_error_naming_torch_and_the_feature(probe, m
     model = torch.nn.Linear(2, 2)
     cuts = "ops" if probe.feature == "ops" else "modules"
     with pytest.raises(GradtraceError) as caught:
-        if probe.feature in ("gather", "fsdp1"):  # asked by gather() on NCCL / watch of an FSDP1 module only
+        if probe.feature in ("gather", "fsdp1", "fsdp2", "ddp_module"):  # asked by gather() / watch of a wrapped module only
             _torch_compat.require(probe.feature)
         with gradtrace.watch(model, cuts=cuts):
             pass
@@ -199,3 +283,14 @@ def test_reading_changes_nothing_that_report_or_save_show(tmp_path):
     assert trace.report() == first_report
     trace.save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_every_package_declares_all_and_every_name_in_it_resolves():
+    import importlib
+
+    packages = sorted(str(init.parent.relative_to(ROOT)).replace("/", ".") for init in PACKAGE.rglob("__init__.py"))
+    assert "gradtrace.capture" in packages and "gradtrace.integrations" in packages
+    for name in packages:
+        package = importlib.import_module(name)
+        assert isinstance(getattr(package, "__all__", None), list), f"{name} has no __all__"
+        assert all(getattr(package, attribute, None) is not None for attribute in package.__all__), name

@@ -150,6 +150,58 @@ def test_advantages_all_zero_in_one_step_come_before_the_zero_upstream_they_expl
     assert upstream.evidence["pass"] == "step-2" and upstream.evidence["explained_by"] == ["ALL_ZERO_VALUES"]
 
 
+def grouped_rewards_steps(rewards_at):
+    """GRPO in miniature: rewards and group-normalised advantages registered as groups (rows of 4)."""
+    model = Tower()
+    with gradtrace.watch(model) as trace:
+        for step in range(2):
+            with trace.pass_(f"step-{step}"):
+                rewards = rewards_at(step)
+                trace.tensor("rewards", rewards, role="group")
+                advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+                trace.tensor("advantages", advantages, role="group")
+                S = trace.tensor("S", torch.log_softmax(model(torch.randn(8, 4)), -1)[:, 0])
+                (-(advantages.reshape(-1) * S).mean()).backward()
+            model.zero_grad()
+    return trace
+
+
+def test_rewards_of_one_for_every_completion_lead_as_zero_variance_groups():
+    """All-equal groups of 1.0 with role="group" are not a full mask: the rewards are the cause, named with the
+    fraction TRL logs as frac_reward_zero_std; the all-zero advantages point to them."""
+    trace = grouped_rewards_steps(lambda step: torch.arange(8.0).view(2, 4) if step == 0 else torch.ones(2, 4))
+    found = trace.verdicts()
+    assert found[0].code == "CONSTANT_ROWS" and found[0].evidence["tensor"] == "rewards"
+    assert found[0].evidence["fraction"] == 1.0 and found[0].evidence["passes"] == ["step-1"]
+    assert "2 of 2 groups (100%, as TRL's frac_reward_zero_std counts them)" in found[0].message
+    advantages = next(v for v in found if v.code == "ALL_ZERO_VALUES")
+    assert advantages.evidence["tensor"] == "advantages" and "caused by CONSTANT_ROWS above" in advantages.message
+
+
+def test_an_all_ones_float_tensor_without_a_role_is_still_a_full_mask():
+    model = Tower()
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("step"):
+            trace.tensor("weights", torch.ones(2, 4))
+            model(torch.randn(2, 4)).sum().backward()
+    assert "CONSTANT_ROWS" not in codes(trace)
+
+
+def test_every_completion_truncated_and_masked_is_said_plainly():
+    from gradtrace.integrations.grpo import TRUNCATION_FLAGS
+    model = Tower()
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("step-1"):
+            trace.tensor(TRUNCATION_FLAGS, torch.zeros(4, dtype=torch.bool), expect_grad=False)
+            S = trace.tensor("S", torch.log_softmax(model(torch.randn(4, 4)), -1))
+            (S * 0.0).sum().backward()
+    first = trace.verdicts()[0]
+    assert first.code == "ALL_ZERO_VALUES" and first.message.startswith(
+        "every completion hit max_completion_length (4 of 4 truncated) and mask_truncated_completions=True "
+        "masked them all out of 'completion_mask'")
+    assert "Raise max_completion_length" in first.message
+
+
 def test_ddp_unfinished_reduction_is_explained_by_the_unused_parameter():
     params = ("body.weight", "side.weight")
     ok = PassTrace(name="step-1", params=params, runs=1, kinds=["backward"])
@@ -283,6 +335,35 @@ def test_rotary_embeddings_are_not_named_as_a_cut_on_a_llama():
     assert any(c.module == "model.rotary_emb" for c in trace.cuts)  # cos/sin never carry a gradient
     assert not any(v.code == "GRAPH_CUT" and v.evidence["module"] == "model.rotary_emb" for v in trace.verdicts())
     assert first(trace).code == "GRAPH_CUT" and first(trace).evidence["module"] == "model.layers.0"
+
+
+class _StopGradient(torch.nn.Module):
+    def forward(self, x):
+        return x.detach()  # a parameter-free wrapper that cuts the data flowing through it
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 4)
+        self.stop = _StopGradient()
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.stop(self.embed(x)))
+
+
+def test_a_parameter_free_module_that_detaches_its_input_is_the_cut_not_a_weak_one():
+    # Unlike rotary cos/sin (fresh data, no gradient by design), its output is its input's own data:
+    # the wrapper is where the graph was cut, and the first line names it (not the upstream victim).
+    model = _Gated()
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("X"):
+            model(torch.randn(3, 4)).sum().backward()
+    v = first(trace)
+    assert v.code == "GRAPH_CUT" and v.evidence["module"] == "stop" and v.evidence["kind"] == "detach"
+    assert v.evidence["lost"] == ["embed.bias", "embed.weight"]
+    assert next(c for c in trace.cuts if c.module == "stop").passes_input is True
 
 
 def test_an_argmax_loss_names_the_module_and_the_rerun_in_the_default_mode():

@@ -188,6 +188,7 @@ def test_demo_bug_all_flushes_each_line(monkeypatch):
     assert [n for n in out.flushed_at if n][:lines] == list(range(1, lines + 1))
 
 
+@pytest.mark.slow  # subprocesses that import torch: seconds each
 def test_subprocess_exit_status_for_ci(files):
     out = subprocess.run([sys.executable, "-m", "gradtrace", "show", files["broken"], "--format", "json",
                           "--fail-on", "error"], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -55,6 +55,42 @@ def test_gradients_bitwise_identical_on_cuda():
 
 
 @cuda
+def test_no_host_sync_in_forward_checks_global_hooks_or_healthy_passes():
+    """Module outputs checked for NaN/Inf, masks, the unregistered-module hook: nothing reads back during
+    forward or backward; a NaN pass's checks are read once, when the trace is read (issue 20, items 5-6)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn = nn.Linear(8, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+            self.extra = [nn.Linear(16, 16)]  # unregistered: the global hook sees it
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x, pad):
+            h = self.emb(x)
+            return self.head(self.extra[0](self.attn(h, h, h, key_padding_mask=pad)[0])).mean()
+
+    model = Net().cuda()
+    model.extra[0].cuda()
+    x, pad = torch.randn(2, 5, 8, device="cuda"), torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+    with gradtrace.watch(model) as trace:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(3):
+                with trace.pass_(f"step-{step}"):
+                    model(x, pad).backward()
+            pad[1] = True  # a fully masked row: NaN
+            with trace.pass_("nan"):
+                model(x, pad).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert trace.passes["nan"].forward_nonfinite.cause == "masked_softmax"
+    assert trace.passes["step-0"].forward_checked is None  # healthy: never read
+
+
+@cuda
 def test_no_host_sync_inside_an_optimizer_step():
     """The step hooks sample weights and gradients on the device: no host read until the trace is read."""
     model = model_on_gpu()

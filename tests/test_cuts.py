@@ -304,6 +304,44 @@ def test_op_level_ignores_bookkeeping_custom_functions_and_gradtrace_itself():
     assert not errors(trace)
 
 
+class ScaledTanh(torch.autograd.Function):
+    """setup_context style (no ctx in forward), several ops inside forward, a non-differentiable output."""
+
+    @staticmethod
+    def forward(x, scale):
+        inner = x * scale  # ops inside forward run without grad: never a cut
+        out = torch.tanh(inner)
+        return out, out.argmax(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[0])
+        ctx.scale = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (out,) = ctx.saved_tensors
+        return g * (1 - out * out) * ctx.scale, None
+
+
+def test_custom_function_forwards_are_no_cut_on_any_torch():
+    """torch 2.14/2.15: Function.apply became a builtin (no Python frame), and a custom Function's
+    forward (`x * x`) was reported as a no_grad cut. Its outputs are recognised by the history
+    Function.apply gives them; the ops of its forward never become cuts, in any style of Function."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    x = batch(0)
+    with gradtrace.watch(model, cuts="ops") as trace:
+        with trace.pass_("X"):
+            out, index = ScaledTanh.apply(model[0](x), 2.0)
+            squared = CustomSquare.apply(out)
+            y = trace.tensor("y", model[1](squared).sum() + squared[0, index[0]])
+            y.backward()
+    assert trace.cuts == [] and not errors(trace)
+    assert trace.passes["X"].covered == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert trace.tensors["y"].requires_grad
+
+
 def test_op_level_gradients_are_bitwise_identical():
     torch.manual_seed(0)
     model = Stack()

@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 import gradtrace
 from gradtrace.analysis.names import describe_params, group_by_module
 
+from cut_helpers import codes
+from zoo import LoRALinear
+
 HERE = os.path.basename(__file__)
 SOURCE = open(__file__).read().splitlines()
 
@@ -29,10 +32,6 @@ def verdict(trace, code):
     found = [v for v in trace.verdicts() if v.code == code]
     assert found, [str(v) for v in trace.verdicts()]
     return found[0]
-
-
-def codes(trace):
-    return [v.code for v in trace.verdicts()]
 
 
 class Net(nn.Module):
@@ -84,7 +83,10 @@ def test_a_non_finite_forward_value_is_told_apart(net):
     origin = trace.passes["X"].nonfinite_origin
     assert origin["op"] == "mul" and origin["location"].endswith(line_of("mul-inf"))
     assert origin["forward"] == "nonfinite"
-    assert "already NaN/Inf" in trace.verdicts()[0].message
+    # The forward went non-finite first, at that op: that, not the backward that only carried it, leads.
+    message = trace.verdicts()[0].message
+    assert "forward first went non-finite in op mul" in message and line_of("mul-inf") in message
+    assert "has inf (" in message and "max" not in message  # float32: not called an overflow
 
 
 def test_origin_is_inside_the_module_that_ran_it():
@@ -195,6 +197,11 @@ def test_no_detached_output_when_the_module_output_did_not_need_one(how, net):
         else:
             net(torch.randn(3, 4)).sum().backward()
     assert "DETACHED_OUTPUT" not in codes(trace)
+    # what was recorded: the pass, its coverage, and the side module's no_grad call (a cut, no claim)
+    (recorded,) = trace.passes.values()
+    main = {"body.weight", "body.bias", "head.weight", "head.bias"}
+    assert recorded.covered == main | ({"side.weight"} if how == "partly_reached" else set())
+    assert [(c.kind, c.module) for c in trace.cuts] == ([("no_grad", "side")] if how == "under_no_grad" else [])
 
 
 # ---- 3. row facts of masks and groups -----------------------------------------------------
@@ -391,27 +398,14 @@ def test_a_cut_of_layer_zero_only_is_written_layer_zero():
 # ---- 5. expected patterns stay quiet ----------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.base = nn.Linear(d, d)
-        self.lora_A = nn.Linear(d, 2, bias=False)
-        self.lora_B = nn.Linear(2, d, bias=False)
-        nn.init.zeros_(self.lora_B.weight)  # as peft initialises it
-        self.base.requires_grad_(False)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x))
-
-
 def test_lora_a_zero_while_b_is_zero_is_info_below_everything():
     torch.manual_seed(0)
-    model = nn.Sequential(LoRALinear(4), nn.Tanh(), LoRALinear(4))
+    model = nn.Sequential(LoRALinear(4, 4), nn.Tanh(), LoRALinear(4, 4))
     with gradtrace.watch(model) as trace:
         with trace.pass_("X"):
             model(torch.randn(5, 4)).pow(2).sum().backward()
     for i in (0, 2):  # the fault pattern is real: A's gradient is exactly zero, B's is not
-        assert model[i].lora_A.weight.grad.abs().max() == 0 and model[i].lora_B.weight.grad.abs().max() > 0
+        assert model[i].lora_A.grad.abs().max() == 0 and model[i].lora_B.grad.abs().max() > 0
     v = verdict(trace, "ZERO_GRADS")
     assert v.severity == "info" and v.evidence["zero_partner"] is True
     assert trace.report().startswith("gradtrace: no problems found.")

@@ -3,44 +3,21 @@
 One spawn runs every scenario of ``dist_scenarios`` (each rank checks its own
 figures against an oracle there); each test below reads one scenario's result.
 """
-import json
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradtrace
 
 import dist_scenarios
+from spawn_ranks import result, run_ranks
 
 pytestmark = [pytest.mark.slow,  # real subprocesses: run by the full suite, not the dev loop
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")]
 WORLD = 2
-SPAWN_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(out: str, only=(), backend: str = "gloo") -> list:
-    """Every scenario on WORLD ranks, bounded in time; each rank's results."""
-    ctx = mp.start_processes(dist_scenarios.worker, args=(WORLD, free_port(), out, list(only), backend),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    return [json.loads(open(os.path.join(out, f"rank{r}.json")).read()) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module", params=[
@@ -51,15 +28,13 @@ def ranks(request, tmp_path_factory):
     only = [n for n in os.environ.get("GRADTRACE_DIST_ONLY", "").split(",") if n]
     if request.param == "nccl":
         only = [n for n in dist_scenarios.NCCL_SCENARIOS if not only or n in only]
-    return run_ranks(str(out), only, request.param)
+    return run_ranks(dist_scenarios.worker, WORLD, str(out), (only, request.param))
 
 
-def result(ranks, name):
-    if name not in ranks[0]:
-        pytest.skip(f"{name} does not run on this backend")
-    for r, results in enumerate(ranks):
-        assert "crashed" not in results[name], f"rank {r}:\n{results[name]['crashed']}"
-    return [results[name] for results in ranks]
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """A world of three ranks (a group of two of them; a late rank among three)."""
+    return run_ranks(dist_scenarios.worker, 3, str(tmp_path_factory.mktemp("trio")), ([], "gloo", "trio"))
 
 
 def test_ddp_figures_are_grad_after_backward_returns(ranks):
@@ -149,12 +124,107 @@ def test_the_local_trace_survives_ddps_unfinished_reduction_error(ranks):
         # the first line names the cause: the head no rank used, not the failure it led to
         assert r["first"] == ["UNUSED_PARAMS", "error", ["module.b.bias", "module.b.weight"]]
         assert r["failure_points_to"] == ["UNUSED_PARAMS"]
+        # and the failure itself names what DDP waited for, from the coverage of the iteration before (issue 20)
+        assert r["failure"].startswith(
+            "the watched block ended with an exception: DDP's reduction waited on 2 parameter(s) that got no "
+            "gradient in the previous iteration: module.b"), r["failure"]
 
 
-def test_a_rank_that_never_gathers_is_named_within_the_timeout(ranks):
-    r = result(ranks, "missing_rank")[0]
-    assert "rank(s) 1 of the 2-rank group did not call gather() within 2 s" in r["message"]
-    assert r["seconds"] < 30
+def test_the_ddp_example_names_the_rank_its_docstring_names(ranks):
+    for r in result(ranks, "example_probe"):
+        assert r["divergence"] == [["warning", [1], ["b.bias", "b.weight"]]] * 2  # two steps
+        assert "naming ``b`` and rank 1" in " ".join(r["docstring"].split())
+
+
+def test_every_rank_names_the_late_rank_within_the_timeout(ranks):
+    early, late = result(ranks, "late_rank")
+    for r in (early, late):
+        assert "rank(s) 1 of the 2-rank group did not call gather() within 2 s" in r["message"], r["message"]
+        assert r["seconds"] < 30
+    assert "seen from rank 0" in early["message"]
+    assert "this rank (rank 1) arrived after rank(s) 0 had stopped waiting" in late["message"]
+
+
+def test_every_rank_of_three_names_the_late_one_not_the_rank_that_checks_arrivals(trio):
+    messages = [r["message"] for r in result(trio, "late_rank")]
+    for message in messages:
+        assert "rank(s) 2 of the 3-rank group did not call gather() within 2 s" in message, message
+    assert "seen from rank 1" in messages[1] and "rank 0" not in messages[1].split("(")[1]
+
+
+def test_a_group_of_global_ranks_1_and_2_is_named_1_and_2(trio):
+    r1, r2 = result(trio, "subgroup")[1:]
+    for r in (r1, r2):
+        assert r["coverage_keys"] == [1, 2] and r["figure_keys"] == [1, 2]
+        assert r["meta_ranks"] == [1, 2] and r["world_size"] == 2
+        assert r["divergence"] == [[2]]  # global rank 2 skipped head b
+        assert r["nonfinite"] == [[2]]  # global rank 2 fed the NaN
+        assert "passes differ: rank 1 has ['A'], rank 2 has ['B']" in r["mismatch"], r["mismatch"]
+
+
+# ---- one pass per microbatch during accumulation ----------------------------------------------
+def test_ddp_microbatch_passes_are_exact_or_unknown_never_per_rank_under_reduced(ranks):
+    for r in result(ranks, "ddp_microbatches"):
+        assert r["scopes"] == {"mb0": "local", "mb1": "reduced", "step": "reduced", "synced0": "reduced",
+                               "synced1": "reduced", "backward-1": "local", "after_zero": "reduced"}
+        assert r["mb0_bad"] == [] and r["step_bad"] == [] and r["synced_bad"] == [] and r["after_zero_bad"] == []
+        mb1 = r["mb1"]
+        assert len(mb1["cleared"]) == mb1["covered"] == 6 and mb1["no_numbers"]
+        assert "no_sync" in mb1["because"] and "one pass" in mb1["because"]
+        assert r["codes"] == {"FIGURES_UNKNOWN": ["mb1"]} and r["errors"] == []
+
+
+def test_watching_ddps_module_finds_ddp_and_labels_reduced_figures_reduced(ranks):
+    for r in result(ranks, "ddp_module_watched"):
+        assert r["wrapper"] == "DDP"
+        assert r["scopes"] == {"alone": "local", "mb0": "local", "step": "reduced"}
+        assert r["mb0_bad"] == [] and r["step_bad"] == [] and r["step_vs_hand"] == []
+        assert r["inner"] == ["DDP", "reduced", []]  # a model inside a wrapper inside DDP
+
+
+def test_fsdp1_no_sync_pass_is_local_and_the_next_synced_one_unknown(ranks):
+    for r in result(ranks, "fsdp1_no_sync"):
+        assert r["scopes"] == {"mb0": "local", "mb1": "sharded", "step": "sharded"}
+        assert r["mb0_bad"] == [] and r["merged_mb0_rank_bad"] == []
+        assert r["merged_mb0_scope"] == "local"  # never summed as if shards of one gradient
+        for mb1 in (r["mb1"], r["merged_mb1"]):
+            assert len(mb1["cleared"]) == 6 and mb1["no_numbers"] and "reduced the gradients" in mb1["because"]
+        assert r["step_bad"] == []
+        assert r["merged_codes"] == ["FIGURES_UNKNOWN"]
+
+
+def test_fsdp2_with_gradient_sync_off_is_seen_counted_and_never_no_coverage(ranks):
+    for r in result(ranks, "fsdp2_sync_off"):
+        assert r["scopes"] == {"mb0": "local", "mb1": "sharded", "step": "sharded"}
+        assert r["runs"] == {"mb0": 1, "mb1": 1, "step": 2}
+        assert r["mb0"]["covered"] == 6 and len(r["mb0"]["cleared"]) == 6 and r["mb0"]["no_numbers"]
+        assert "set_requires_gradient_sync(False)" in r["mb0"]["because"]
+        assert len(r["mb1"]["cleared"]) == 6 and "before the pass began" in r["mb1"]["because"]
+        assert r["step_bad"] == []
+        assert r["local_codes"] == ["FIGURES_UNKNOWN"] and r["merged_codes"] == ["FIGURES_UNKNOWN"]
+
+
+def test_fsdp1_flat_parameters_are_named_as_such(ranks):
+    for r in result(ranks, "fsdp1_flat"):
+        assert r["flat_params"] is True and all("flat_param" in n for n in r["params"])
+        assert ["FLAT_PARAMS", "info"] in r["codes"] and "use_orig_params=True" in r["message"]
+        assert r["report_first_line"] == "gradtrace: no problems found."
+
+
+def test_a_nan_born_on_rank_1_under_ddp_is_named_there_with_its_op(ranks):
+    r0, r1 = result(ranks, "nan_under_ddp")
+    assert not r0["local_origin"] and r1["local_origin"]  # only rank 1's backward made it
+    for r in (r0, r1):
+        assert r["ranks"] == [[1]] and r["seen_on"] == [[0, 1]] and r["origin_kept"] == [True]
+        assert "born on rank(s) 1" in r["messages"][0]
+        assert r["first_line"].startswith("gradtrace diagnosis: NONFINITE:")
+    # Rank 0's forward was finite: the NaN came in through the all-reduce, born in rank 1's backward.
+    assert "born in the backward of op" in r0["messages"][0]
+    # Rank 1's own forward went non-finite (its input held the NaN): that leads, as without DDP. (On main
+    # before the issue-23 merge this passed only when earlier scenarios of the worker ran first: alone,
+    # main's rank 1 led with the forward too.)
+    assert r1["messages"][0].startswith("pass 'X': the forward first went non-finite in op linear") \
+        and "in module 'module.0'" in r1["messages"][0]
 
 
 def test_gather_without_a_process_group_is_a_clear_error():

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # real subprocesses
 WIDTH = 4  # gradtrace.distributed.WIDTH: float64 figures per parameter and pass
+DIGESTS = 3  # gradtrace.distributed.DIGESTS: SHA-256 digests per rank in the handshake
 
 
 def test_gather_benchmark_rows(tmp_path):
@@ -23,7 +24,7 @@ def test_gather_benchmark_rows(tmp_path):
     for (passes, figures), r in gathers.items():
         assert math.isfinite(r["gather_ms"]) and r["gather_ms"] > 0 and r["old_ms"] > 0
         full = 2 * passes * 50 * WIDTH * 8
-        assert r["bytes_received"] == 2 * 64 + (0 if figures == "identical" else full)
+        assert r["bytes_received"] == 2 * DIGESTS * 32 + (0 if figures == "identical" else full)
         assert r["old_bytes_received"] > r["bytes_received"]
     (step,) = [r for r in rows if "ddp_step_ms" in r]
     assert step["ddp_step_ms"] > 0 and step["watched_step_ms"] > 0

@@ -386,3 +386,32 @@ def test_an_undefined_gradient_reaching_a_hook_is_not_reached_and_breaks_nothing
             trace.tensor("out", out)
             out.pow(2).mean().backward()
     assert trace.passes["s"].missing == {"w"} and model.w.grad is None
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_compiled_models_unlabelled_backwards_are_each_a_pass(backend):
+    """Regression (merge of main's forward checks): torch.compile's code calls none of the forward
+    wrappers, so no output was marked and, hooks out, its backwards went unseen (3 passes of 7).
+    Each compiled call now puts the hooks back in for its backward."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    names = {n for n, _ in model.named_parameters()}
+    with gradtrace.watch(model) as trace:
+        for _ in range(3):
+            model(x).sum().backward()
+            model.zero_grad()
+        compiled = torch.compile(model, backend=backend)
+        grads = []
+        for _ in range(4):
+            compiled(x).sum().backward()
+            grads.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+            model.zero_grad()
+    passes = list(trace.passes.values())
+    assert len(passes) == 7 and all(p.covered == names and p.runs == 1 for p in passes)
+    for p, g in zip(passes[3:], grads):
+        assert all(abs(float(p.records[n].norm) - g[n]) <= 1e-5 * max(1.0, g[n]) for n in names)
+    torch._dynamo.reset()

@@ -72,7 +72,7 @@ def read_everything(trace) -> None:
         for b in names:
             assert isinstance(str(trace.diff(a, b)), str)
     for p in trace.passes.values():
-        p.covered, p.missing, p.zero, p.stale, p.cleared, p.total_norm, p.max_abs, p.nonfinite
+        _ = p.covered, p.missing, p.zero, p.stale, p.cleared, p.total_norm, p.max_abs, p.nonfinite
     repr(trace)
 
 

@@ -4,6 +4,7 @@ Built from plain records, as ``gather`` builds it; the multi-process path is in
 ``test_distributed.py``.
 """
 import json
+import math
 
 import gradtrace
 from gradtrace.records import GradRecord, PassTrace
@@ -68,3 +69,68 @@ def test_a_sharded_pass_says_whether_its_figures_are_shard_local_or_global():
     p.records = {"a.weight": GradRecord(name="a.weight", hits=1, norm=1.0, max_abs=1.0)}
     assert "shard-local" in gradtrace.Trace(PARAMS, meta={}, passes={"X": p}).report()
     assert "global (gathered shards)" in gradtrace.Trace(PARAMS, meta={"world_size": 2}, passes={"X": p}).report()
+
+
+# ---- rank numbers, NaN origins, figures a wrapper made unknown ----------------------------------
+def nonfinite_pass(scope="reduced", born=None):
+    p = PassTrace(name="X", params=PARAMS, runs=1, kinds=["backward"], scope=scope, nonfinite_ranks=born)
+    p.records = {"a.weight": GradRecord(name="a.weight", hits=1, norm=float("nan"), max_abs=float("nan"),
+                                        nonfinite=4)}
+    return p
+
+
+def test_a_group_of_global_ranks_is_named_by_them_where_figures_were_identical():
+    trace = gradtrace.Trace(PARAMS, meta={"world_size": 2, "ranks": [1, 2]}, passes={"X": nonfinite_pass("local")})
+    (v,) = [v for v in trace.verdicts() if v.code == "NONFINITE"]
+    assert v.evidence["ranks"] == [1, 2] and "on rank(s) 1, 2" in v.message
+
+
+def test_a_nan_reduced_into_every_rank_names_where_it_was_born(tmp_path):
+    trace = gradtrace.Trace(PARAMS, meta={"world_size": 2, "ranks": [0, 1]}, passes={"X": nonfinite_pass(born=[1])})
+    trace.save(tmp_path / "m.json")
+    for t in (trace, gradtrace.load(tmp_path / "m.json")):
+        (v,) = [v for v in t.verdicts() if v.code == "NONFINITE"]
+        assert v.evidence["ranks"] == [1] and v.evidence["seen_on_ranks"] == [0, 1]
+        assert "born on rank(s) 1 (reduced into rank(s) 0' gradients too)" in v.message
+
+
+def test_a_reduced_nan_without_its_origin_does_not_pretend_to_know_where_it_was_born():
+    trace = gradtrace.Trace(PARAMS, meta={"world_size": 2, "cuts": "modules"}, passes={"X": nonfinite_pass()})
+    (v,) = [v for v in trace.verdicts() if v.code == "NONFINITE"]
+    assert "the rank where they were born is not known" in v.message and 'cuts="ops"' in v.message
+
+
+def test_per_rank_figures_are_built_only_for_the_rank_read_and_read_like_the_dict():
+    import numpy as np
+    from gradtrace.distributed import WIDTH, RankCoverage, RankFigures, _pack
+
+    p = PassTrace(name="X", params=PARAMS, runs=1, kinds=["backward"])
+    p.records = {"b.weight": GradRecord(name="b.weight", hits=2, norm=3.0, max_abs=2.0, stale=True, order=0)}
+    rows = np.zeros((2, 2, WIDTH))
+    rows[1, 1] = [9.0, 2.0, 0.0, _pack(p)[0]]  # global rank 7 reached b.weight; rank 5 nothing
+    figures, coverage = RankFigures(rows, list(PARAMS), [5, 7]), RankCoverage(rows, list(PARAMS), [5, 7])
+    assert figures._built == {}
+    assert figures[7] == {"b.weight": [3.0, 2.0, 0, 1]} and list(figures._built) == [7]
+    assert figures == {5: {}, 7: {"b.weight": [3.0, 2.0, 0, 1]}} and coverage == {5: [], 7: ["b.weight"]}
+
+
+def test_figures_a_wrapper_made_unknown_are_a_warning_and_nan_in_metrics_never_a_number():
+    p = PassTrace(name="mb1", params=PARAMS, runs=1, kinds=["backward"], scope="reduced",
+                  unknown_because="a sync averaged it with an unsynced microbatch")
+    p.records = {"a.weight": GradRecord(name="a.weight", hits=1, norm=0.0, max_abs=0.0, cleared=True),
+                 "b.weight": GradRecord(name="b.weight", hits=1, norm=0.0, max_abs=0.0, cleared=True, order=1)}
+    trace = gradtrace.Trace(PARAMS, meta={}, passes={"mb1": p})
+    codes = [v.code for v in trace.verdicts()]
+    assert codes.count("FIGURES_UNKNOWN") == 1 and "CLEARED_GRADS" not in codes
+    assert trace.report().splitlines()[0].startswith("gradtrace diagnosis: FIGURES_UNKNOWN: pass 'mb1'")
+    metrics = trace.metrics(passes="last")
+    assert math.isnan(metrics["gradtrace/total_norm"]) and math.isnan(metrics["gradtrace/max_abs"])
+
+
+def test_a_shards_figures_are_named_shard_until_gathered():
+    p = PassTrace(name="X", params=PARAMS, runs=1, kinds=["backward"], scope="sharded")
+    p.records = {"a.weight": GradRecord(name="a.weight", hits=1, norm=1.0, max_abs=1.0)}
+    local = gradtrace.Trace(PARAMS, meta={}, passes={"X": p}).metrics(passes="last")
+    assert local["gradtrace/shard_total_norm"] == 1.0 and "gradtrace/total_norm" not in local
+    merged = gradtrace.Trace(PARAMS, meta={"world_size": 2}, passes={"X": p}).metrics(passes="last")
+    assert merged["gradtrace/total_norm"] == 1.0 and "gradtrace/shard_total_norm" not in merged

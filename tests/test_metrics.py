@@ -143,6 +143,7 @@ def test_tensorboard_round_trip(tmp_path):
         assert read == {s: pytest.approx(logged[s][key], rel=1e-6) for s in logged}
 
 
+@pytest.mark.slow  # subprocesses that import torch: seconds each
 def test_import_gradtrace_pulls_in_no_optional_extra():
     code = ("import sys, gradtrace, gradtrace.analysis.metrics, gradtrace.testing, gradtrace.render.plot, gradtrace.render.formats, "
             "gradtrace.cli, gradtrace.integrations; gradtrace.cli._parser(); "

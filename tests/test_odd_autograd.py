@@ -107,14 +107,14 @@ def test_watch_entry_on_a_3000_deep_model_is_fast():
     sys.setrecursionlimit(max(limit, 20_000))  # the model itself: building it recurses
     try:
         model = deep(3000)
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time of this thread: a busy machine does not fail it
         with gradtrace.watch(model) as trace:
             pass
-        elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - start
     finally:
         sys.setrecursionlimit(limit)
     assert len(trace.params) == 6000
-    assert elapsed < 1.0 * 3, elapsed  # the goal is 1 s on an idle machine; x3 for a shared one
+    assert cpu < 3.0, cpu  # ~0.5 s of CPU; the cubic walk took ~250 s
 
 
 @pytest.mark.slow  # 20,000 training steps
@@ -124,9 +124,9 @@ def test_report_after_20000_passes_is_fast():
     with gradtrace.watch(lin, max_passes=None) as trace:
         for _ in range(20_000):
             lin(torch.ones(1, 2)).sum().backward()
-    start = time.perf_counter()
+    start = time.thread_time()
     report = trace.report()
-    assert time.perf_counter() - start < 5.0
+    assert time.thread_time() - start < 5.0  # ~1.3 s of CPU; the quadratic report took ~445 s
     assert len(trace.passes) == 20_000 and len(report.splitlines()) < 60
 
 
@@ -138,9 +138,9 @@ def test_report_on_a_flat_1000_module_model_is_fast():
             with trace.pass_(f"p{i}"):
                 flat(torch.randn(1, 2)).sum().backward()
             flat.zero_grad()
-    start = time.perf_counter()
+    start = time.thread_time()
     trace.report()
-    assert time.perf_counter() - start < 2.0
+    assert time.thread_time() - start < 2.0  # ~0.15 s of CPU
 
 
 def test_a_hook_registered_after_watch_that_changes_the_gradient_is_never_recorded_wrong():
@@ -198,4 +198,39 @@ def test_torch_compile_after_an_eager_run_inside_the_watch(cuts, backend, when):
     assert passes["compiled1"].covered == passes["eager"].covered == set(eager)
     assert passes["compiled1"].total_norm == pytest.approx(passes["eager"].total_norm, rel=1e-6)
     assert trace.verdicts() == [] and trace.report().startswith("gradtrace: no problems found")
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor compiles C++: tens of seconds
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_op_mode_stays_out_of_compiled_graphs(backend):
+    """Issue 24: torch.compile(inductor) under cuts="ops" fell back to eager with graph breaks (the mode's
+    frame walks and grad_fn reads were traced). The mode steps aside while dynamo traces: no graph
+    break, the eager gradients; cuts in eager code are still found op by op."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    with gradtrace.watch(model, cuts="ops") as trace:
+        with trace.pass_("eager"):
+            model(x).sum().backward()
+        eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+        compiled = torch.compile(model, backend=backend)
+        counters.clear()
+        for i in range(2):
+            model.zero_grad(set_to_none=True)
+            with trace.pass_(f"compiled{i}"):
+                compiled(x).sum().backward()
+        breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, eager[n], rtol=1e-5, atol=1e-6), n
+        with trace.pass_("eager-cut"):  # the mode still works in eager code after compiling
+            h = model[0](x)
+            model[2](h.detach()).sum().backward()
+    assert breaks == {} and graphs >= 1  # compiled, without a break (a recompile on the 2nd call is fine)
+    assert trace.passes["compiled1"].covered == trace.passes["eager"].covered == set(eager)
+    assert [(c.kind, c.op, c.pass_name) for c in trace.cuts] == [("detach", "detach", "eager-cut")]
     torch._dynamo.reset()

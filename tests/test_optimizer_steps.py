@@ -339,3 +339,34 @@ def test_a_step_the_grad_scaler_skips_on_overflowed_gradients_is_not_an_error():
     v = next(v for v in trace.verdicts() if v.code == "NONFINITE")
     assert v.severity == "info" and v.evidence["skipped_step"]
     assert [v for v in trace.verdicts() if v.severity != "info"] == []
+
+
+# ---- steps that make the weights non-finite ----------------------------------------------------------------
+
+
+def test_a_step_that_turns_finite_weights_nan_is_named_before_the_nan_gradients_it_causes():
+    """model.half() with Adam's default eps: eps is 0 in float16, a small gradient's second moment underflows,
+    the update divides by zero. The gradients of step 1 are finite; the weights after it are not."""
+    model = net(torch.float16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trace = steps(model, opt, n=3)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # the oracle: NaN/Inf weights
+    assert trace.passes["backward-1"].nonfinite == 0 and trace.passes["backward-2"].nonfinite > 0
+    found = trace.verdicts()
+    assert found[0].code == "NONFINITE" and found[0].evidence["updates"] and found[0].evidence["step"] == 1
+    assert "eps" in found[0].message and "float16" in found[0].message
+    later = [v for v in found if v.code == "NONFINITE" and not v.evidence.get("updates")]
+    assert later and all("caused by NONFINITE above" in v.message for v in later)
+
+
+def test_nan_gradients_that_make_nan_weights_are_not_tiny_updates():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(torch.randn(5, 6))
+            torch.where(out > 0, torch.sqrt(out), torch.zeros_like(out)).sum().backward()  # NaN from sqrt(<0)
+            opt.step()
+    assert "NONFINITE" in codes(trace) and "TINY_UPDATES" not in codes(trace)
+    assert not [v for v in trace.verdicts() if v.code == "NONFINITE" and v.evidence.get("updates")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -52,15 +52,19 @@ def png(figure, tmp_path, name):
     return matplotlib.image.imread(path)
 
 
-def pixels_of(image, hex_color, figure=None, tolerance=0.06):
-    """How many pixels are within ``tolerance`` of ``hex_color`` (inside the first axes, if a figure is given)."""
+def pixels_of(image, hex_color, figure=None, tolerance=0.06, axes=None):
+    """How many pixels are within ``tolerance`` of ``hex_color``: inside ``axes`` (an index), or inside
+    every axes of ``figure`` when given (the legend and title are outside), else anywhere."""
     rgb = torch.tensor(matplotlib.colors.to_rgb(hex_color))
     img = torch.from_numpy(image[..., :3].copy())
-    if figure is not None:
-        box = figure.axes[0].get_window_extent()
-        height = img.shape[0]
-        img = img[int(height - box.y1):int(height - box.y0), int(box.x0):int(box.x1)]
-    return int(((img - rgb).abs() <= tolerance).all(-1).sum())
+    if figure is None:
+        return int(((img - rgb).abs() <= tolerance).all(-1).sum())
+    height, count = img.shape[0], 0
+    for ax in figure.axes if axes is None else [figure.axes[axes]]:
+        box = ax.get_window_extent()
+        part = img[int(height - box.y1):int(height - box.y0), int(box.x0):int(box.x1)]
+        count += int(((part - rgb).abs() <= tolerance).all(-1).sum())
+    return count
 
 
 def assert_not_blank(image, size):
@@ -107,10 +111,10 @@ def test_nan_module_gets_a_mark_not_a_blank():
             model(torch.full((2, 3), float("nan"))).sum().backward()
     nonfinite = {n.rsplit(".", 1)[0] for n, r in trace.passes["X"].records.items() if r.nonfinite}
     assert nonfinite == {"0", "2"}  # both layers hold NaN (the last bias's gradient does not depend on x)
-    ax = trace.plot().axes[0]
-    stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+    data, strip = trace.plot().axes
+    stars = [line for line in strip.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
     assert [list(line.get_xdata()) for line in stars] == [[0.0, 1.0]]
-    assert "NaN/Inf (under its bar)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "NaN/Inf (below its bar)" in [t.get_text() for t in data.get_legend().get_texts()]
 
 
 def test_inner_product_contributions(tmp_path):
@@ -140,7 +144,7 @@ def test_deep_model_is_readable(tmp_path):
     for kind in ("flow", "coverage"):
         figure = trace.plot(tmp_path / f"deep_{kind}.png", kind=kind)
         figure.canvas.draw()
-        ax = figure.axes[0]
+        ax = figure.axes[-1]  # the module names sit under the lowest axes (flow: its state strip)
         labels = [t for t in ax.get_xticklabels() if t.get_text()]
         assert 10 <= len(labels) <= gplot.MAX_TICKS
         boxes = [t.get_window_extent() for t in labels]
@@ -197,3 +201,41 @@ def test_errors(monkeypatch, tmp_path):
     with pytest.raises(gradtrace.GradtraceError, match=r"needs matplotlib: pip install matplotlib") as info:
         trace.plot()
     assert '"gradtrace[plot]"' not in str(info.value)
+
+
+@pytest.mark.parametrize("layers", [3, 60], ids=["bars", "markers"])
+def test_flow_marks_sit_on_their_own_strip_never_among_the_data(layers, tmp_path):
+    """Issue 25: the "not reached" row was drawn inside the log axis (~5e-5), on top of real points,
+    and line mode joined categorical modules with zig-zag lines."""
+    model = Deep(layers)
+    with gradtrace.watch(model) as trace:
+        for step, cut in enumerate((None, 1)):
+            with trace.pass_(f"step-{step}"):
+                model(torch.randn(3, 4) * 1e-3, cut=cut).sum().backward()  # small norms: near where marks were
+            model.zero_grad()
+    figure = trace.plot(kind="flow")
+    data, strip = figure.axes
+    image = png(figure, tmp_path, "flow")
+    assert pixels_of(image, gplot.MISSING_COLOR, figure, axes=0) == 0  # no mark among the data
+    assert pixels_of(image, gplot.MISSING_COLOR, figure, axes=1) > 30
+    assert strip.get_window_extent().y1 <= data.get_window_extent().y0 + 1  # the strip lies below
+    points = [line for line in data.get_lines() if line.get_marker() == "o"]
+    if layers == 60:  # marker mode: one series per pass, no line joining two modules
+        assert len(points) == 2 and all(line.get_linestyle() == "None" for line in points)
+    marks = [line for line in strip.get_lines() if line.get_marker() == "x"]
+    reached_x = {x for line in points for x, y in zip(line.get_xdata(), line.get_ydata()) if y == y}
+    assert marks and all(0 <= y < 2 for line in marks for y in line.get_ydata())
+    cut_modules = {"layers.0", "layers.1"}
+    names = list(gplot._modules(trace.params))
+    assert {names[round(x)] for line in marks for x in line.get_xdata()} == cut_modules
+    drawn = reached_x if layers == 60 else {round(b.get_x() + b.get_width() / 2) for b in data.patches
+                                            if b.get_height() > 0}
+    modules = gplot._modules(trace.params)
+    nonzero = {m for m in names for p in trace.passes.values()
+               if gplot._module_norm(p, modules[m])[1] == gplot.OK and gplot._module_norm(p, modules[m])[0] > 0}
+    assert drawn and {names[round(x)] for x in drawn} == nonzero  # every nonzero module, on the data axes
+
+
+def test_a_healthy_flow_plot_has_no_state_strip():
+    figure = two_pass_trace(healthy_model(), keep_grads=False).plot(kind="flow")
+    assert len(figure.axes) == 1

@@ -11,7 +11,7 @@ import pytest
 import gradtrace
 from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
 from gradtrace.records import (Cut, GradRecord, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
-                               TensorRecord, ValueStats)
+                               TensorRecord, TiedParams, UnregisteredModule, ValueStats)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("body.weight", "body.bias", "head.weight")
@@ -39,9 +39,26 @@ def failed_pass(name, error):
     return p
 
 
+def unknown_pass(name, because):
+    p = a_pass(name, **{"head.weight": {"norm": 0.0, "max_abs": 0.0, "cleared": True}})
+    p.unknown_because = because
+    return p
+
+
 def trace(passes_=None, meta=None, **parts):
     return gradtrace.Trace(PARAMS, meta=meta or {}, passes=passes(a_pass("X")) if passes_ is None else passes_,
                            **parts)
+
+
+def accumulation_reset():
+    """Two optimizer steps of two microbatches each, zero_grad() before every backward: the second run of
+    each step began on cleared gradients."""
+    out = []
+    for i in range(1, 5):
+        p = a_pass(f"backward-{i}", auto=True, **{"head.weight": {"norm": float(i)}})
+        p.grads_reset = 1 if i % 2 == 0 else None
+        out.append(p)
+    return out
 
 
 def data_tensor(name, dtype="float32", **values):
@@ -85,6 +102,14 @@ SCENARIOS = {
         name="gen_mask", calls=1, dtype="bool", values=ValueStats(numel=32, zeros=20),
         row_facts={"rows": 4, "empty_rows": 0, "selected_min": 3, "selected_max": 3, "selected_sum": 12,
                    "on_padding": 2, "empty_with_tokens": 0, "left_padded": 3, "right_padded": 0})}),
+    "UNREGISTERED_MODULE": lambda: trace(meta={"unregistered_modules": [UnregisteredModule(
+        module="body.layers[0]", module_type="Linear", owner="body", attribute="layers", container="list",
+        called_in="body", calls=1, params=2, trainable=2, with_grad=True, got_grad=True)]}),
+    "TIED_FROZEN": lambda: trace(meta={"tied_params": [TiedParams(names=["embed.weight", "lm_head.weight"],
+                                                                  requires_grad=False, shape=[8, 4])]}),
+    "FIGURES_UNKNOWN": lambda: trace(passes(unknown_pass("X", "a sync averaged it with no_sync microbatches"))),
+    "FLAT_PARAMS": lambda: gradtrace.Trace(("_flat_param",), meta={"wrapper": "FSDP1", "flat_params": True},
+                                           passes={}),
     "DETACHED_OUTPUT": lambda: gradtrace.Trace(PARAMS, meta={"ran_with_grad": ["body", "head"]},
                                                passes=passes(a_pass("X", reached=("body.weight", "body.bias")))),
     "NOT_IN_OPTIMIZER": lambda: trace(optimizers={"SGD#0": OptimizerRecord(
@@ -95,6 +120,8 @@ SCENARIOS = {
     "TINY_UPDATES": lambda: trace(optimizers={"SGD#0": OptimizerRecord(
         name="SGD#0", params=list(PARAMS), lrs=[1e-9], steps=2, passes={"X": 2}, max_ratio=1e-10,
         updates={p: [2.0, 0.0, 1e-20, 1.0, 1e-10] for p in PARAMS}, dtypes=dict.fromkeys(PARAMS, "float32"))}),
+    "ACCUMULATION_RESET": lambda: trace(passes(*accumulation_reset()), optimizers={"SGD#0": OptimizerRecord(
+        name="SGD#0", params=list(PARAMS), lrs=[0.1], steps=2, passes={"backward-2": 1, "backward-4": 1})}),
     "CLIP_BEFORE_UNSCALE": lambda: trace(passes(a_pass("X", **{p: {"norm": 1e3} for p in PARAMS})),
                                          optimizers={"SGD#0": OptimizerRecord(
         name="SGD#0", params=list(PARAMS), lrs=[0.1], steps=1, passes={"X": 1},

@@ -124,7 +124,7 @@ def test_bad_usage_is_a_gradtrace_error():
         assert_grads_flow(model, lambda m, x: m(x), torch.randn(2, 3))
 
 
-def test_fixture(gradtrace_flow):
+def test_fixture(gradtrace_flow):  # noqa: F811  (the fixture imported above, as pytest passes it)
     assert gradtrace_flow is assert_grads_flow
     with pytest.raises(AssertionError, match="right.weight"):
         gradtrace_flow(DetachedBranch(), mse, _features(0))

@@ -99,5 +99,5 @@ def test_grpo_figures_are_the_reduced_gradients_on_every_rank(ranks):
         for step, logged in r["grad_norm"].items():
             assert r["traced"][f"step-{step}"] == pytest.approx(logged, rel=REL)
         assert r["scopes"] == ["reduced"]
-        assert {"A", "S", "completion_mask", "rewards/characters"} <= set(r["tensors"])
+        assert {"advantages", "S", "completion_mask", "rewards/characters"} <= set(r["tensors"])
         assert r["errors"] == [] and r["printed"] == []

@@ -232,7 +232,7 @@ def test_grpo_register_adds_tensors_beside_the_automatic_ones(tmp_path, capsys):
     assert wrong == [], [str(v) for v in wrong]
     assert _errors(trace) == [], [str(v) for v in _errors(trace)]
     assert trace.tensors["A (shuffled microbatch)"].calls == 2  # one microbatch per step
-    assert trace.tensors["A"].calls == 2 and trace.tensors["A"].role == "group"  # the automatic one, grouped
+    assert trace.tensors["advantages"].calls == 2 and trace.tensors["advantages"].role == "group"  # the automatic one
     for step, logged in collector.grad_norms().items():  # the GRPO loss's pre-clip norm, too
         assert trace.passes[f"step-{step}"].total_norm == pytest.approx(logged, rel=REL)
     assert sorted(collector.grad_norms()) == [1, 2]

@@ -276,7 +276,7 @@ def test_every_stored_field_refuses_a_value_of_the_wrong_type():
     (("passes", 0, "records", "head.weight", "via"), "both ways", r"\.via: expected one of 'backward', 'grad', 'both'"),
     (("tensors", 1, "role"), "weights", r"tensors\[1\]\.role: expected one of 'mask'"),
     (("meta", "cuts"), "all", r"meta\.cuts: expected one of 'modules', 'ops', 'off'"),
-    (("meta", "wrapper"), "DeepSpeed", r"meta\.wrapper: expected one of 'DDP', 'FSDP1', 'FSDP2'"),
+    (("meta", "wrapper"), "Horovod", r"meta\.wrapper: expected one of 'DDP', 'FSDP1', 'FSDP2', 'DeepSpeed'"),
     (("passes", 2, "nonfinite_origin", "forward"), "maybe", r"nonfinite_origin\.forward: expected one of 'finite'"),
     (("passes", 2, "nonfinite_origin", "extra"), 1, r"unknown NonfiniteOrigin field\(s\): 'extra'"),
     (("inner_products", 1, "optimizer"), None, r"inner_products\[1\]: a preconditioned inner product needs"),

@@ -7,6 +7,8 @@ from torch import nn
 
 import gradtrace
 
+from cut_helpers import codes
+
 HERE = os.path.basename(__file__)
 
 
@@ -18,10 +20,6 @@ class Policy(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-
-def codes(trace):
-    return [v.code for v in trace.verdicts()]
 
 
 def first(trace, code):
@@ -98,6 +96,9 @@ def test_data_tensors_that_do_not_require_grad_are_not_errors(policy):
         trace.tensor("mask", torch.ones(2, 5, dtype=torch.bool))
         trace.tensor("rewards", torch.randn(4, 3))
     assert codes(trace) == []
+    mask, rewards = trace.tensors["mask"], trace.tensors["rewards"]  # recorded as data, with their facts
+    assert (mask.requires_grad, mask.shape, mask.dtype) == (False, [2, 5], "bool")
+    assert (rewards.requires_grad, rewards.shape, rewards.grad_fn) == (False, [4, 3], None)
 
 
 def test_expect_grad_makes_a_plain_tensor_an_error(policy):
@@ -230,6 +231,9 @@ def test_zeroed_but_not_none_grads_are_not_stale(policy):
         with trace.pass_("X2"):
             policy(torch.randn(5, 4)).sum().backward()
     assert "STALE_GRADS" not in codes(trace)
+    names = {n for n, _ in policy.named_parameters()}  # both passes recorded, X2 from zeroed .grad
+    assert trace.passes["X"].covered == trace.passes["X2"].covered == names
+    assert not trace.passes["X2"].stale
 
 
 def test_unused_params():

@@ -135,6 +135,14 @@ class GradtraceCutsOff(GradtraceVariant):
     options = {"cuts": "off"}
 
 
+class GradtraceNoForwardValues(GradtraceVariant):
+    """``forward_values=False``: no NaN/Inf check of module outputs. gradtrace minus this is what the checks
+    cost (one small reduction per module call with grad enabled; nothing read back in a healthy pass)."""
+
+    name = "gradtrace_no_forward_values"
+    options = {"forward_values": False}
+
+
 class GradtraceUnread(GradtraceVariant):
     """The passes are never read in the step (they move to the host in batches of 64 at a later
     ``pass_``). gradtrace minus this is what reading ``trace.passes[...]`` every step costs."""
@@ -406,14 +414,15 @@ class TorchLens(Variant):
 
 
 VARIANTS: Tuple[type, ...] = (
-    Variant, GradtraceVariant, GradtraceKeepGrads, GradtraceOps, GradtraceCutsOff, GradtraceUnread, AfterWatch,
+    Variant, GradtraceVariant, GradtraceKeepGrads, GradtraceOps, GradtraceCutsOff, GradtraceNoForwardValues,
+    GradtraceUnread, AfterWatch,
     NoopHook, NoopModuleHooks, ItemHooks, WandbLike, ForeachFloor,
     WandbWatch, WandbWatchDefaultFreq, LightningGradNorm, TorchLens,
 )
 BY_NAME: Dict[str, type] = {cls.name: cls for cls in VARIANTS}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
 GRADTRACE_VARIANTS = ("gradtrace", "gradtrace_keep_grads", "gradtrace_ops", "gradtrace_cuts_off",
-                      "gradtrace_unread", "after_watch")
+                      "gradtrace_no_forward_values", "gradtrace_unread", "after_watch")
 PEERS = ("wandb_watch", "wandb_watch_default", "lightning_grad_norm", "torchlens")
 
 

@@ -10,17 +10,19 @@ it explains).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
+from . import forward
 from .cuts import describe_cut, outermost_cuts
-from .optimizer_checks import params_in_no_optimizer
+from .optimizer_checks import nonfinite_updates, params_in_no_optimizer
 from .paths import OUTPUT_CUTS, bypassed_adapters, carried_unreached, explainable, forward_rank, on_path
 from .diff import Diff, diff
 from .names import describe_params, group_by_module, in_module
 from .explain import order
 from .registry import ordered, verdict
 from .replaced import replaced_params
+from .steps import consumed_by_step, step_windows, stepped_by
 from .tensor_checks import nonfinite_values
 
 # The largest magnitude that `f"{x:.6f}"` prints as 0.000000.
@@ -53,17 +55,24 @@ def check_nonfinite(trace, passes, tensors, cuts):
                                {"pass": p.name, "parameters": [r.name for r in bad], "skipped_step": True}))
         elif bad:
             first = bad[0]
-            ranks = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            seen = _ranks_where(trace, p.name, [r.name for r in bad], lambda figures: figures[2] > 0)
+            where, ranks = _nonfinite_ranks(p, seen)
             evidence = _with_ranks({"pass": p.name, "parameter": first.name,
                                     "parameters": [r.name for r in bad], "count": sum(r.nonfinite for r in bad)},
                                    ranks)
+            if ranks != seen:
+                evidence["seen_on_ranks"] = seen
             if p.nonfinite_origin:
                 evidence["origin"] = p.nonfinite_origin
+            if p.forward_nonfinite:
+                evidence["forward"] = p.forward_nonfinite
             out.append(Verdict("NONFINITE", "error",
-                               f"pass {p.name!r}: NaN/Inf gradients{_on_ranks(ranks)} in {len(bad)} parameter(s); "
-                               f"the first in backward order is {first.name!r} ({first.nonfinite} non-finite "
-                               f"elements){_nonfinite_origin(trace, p)}", evidence))
+                               f"pass {p.name!r}: {forward.forward_lead(p)}NaN/Inf gradients{where} in "
+                               f"{len(bad)} parameter(s); the first in backward order is {first.name!r} "
+                               f"({first.nonfinite} non-finite elements){forward.forward_finite_note(p)}"
+                               f"{_nonfinite_origin(trace, p)}", evidence))
     out.extend(nonfinite_values(trace, passes, tensors))
+    out.extend(nonfinite_updates(trace))
     for t in tensors.values():
         for pass_name, facts in t.grads.items():
             if facts.nonfinite:
@@ -92,6 +101,8 @@ def _skipped_steps(trace, passes: Dict[str, PassTrace]) -> Set[str]:
 def _nonfinite_origin(trace, p: PassTrace) -> str:
     """Where the NaN/Inf was born (cuts="ops"), or the one-line change that finds it on the next run."""
     origin = p.nonfinite_origin
+    if p.forward_nonfinite and (not origin or origin.forward != "finite"):
+        return ""  # the forward's own first NaN/Inf, named above, is where to look
     if not origin:
         if trace.meta.cuts == "ops":
             return ""
@@ -107,8 +118,27 @@ def _nonfinite_origin(trace, p: PassTrace) -> str:
             f"{origin.location}: {forward}")
 
 
+def _nonfinite_ranks(p: PassTrace, seen: Optional[List[int]]) -> Tuple[str, Optional[List[int]]]:
+    """In a merged trace: the words that say which ranks, and the ranks to name (where it was born, if known).
+
+    Under DDP the all-reduce carries a NaN born on one rank into every rank's
+    ``.grad``: the ranks whose figures are non-finite are then not where to look.
+    """
+    if seen is None:
+        return "", None
+    born = list(p.nonfinite_ranks or [])
+    if born:
+        others = sorted(set(seen) - set(born))
+        carried = f" (reduced into rank(s) {', '.join(map(str, others))}' gradients too)" if others else ""
+        return f" born on rank(s) {', '.join(map(str, born))}{carried}", born
+    if p.scope == "reduced" and len(seen) > 1:
+        return (f"{_on_ranks(seen)} (an all-reduce gives every rank the same gradient: the rank where they were "
+                "born is not known)", seen)
+    return _on_ranks(seen), seen
+
+
 def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[List[int]]:
-    """In a merged trace, the ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
+    """In a merged trace, the global ranks whose own figures pass ``test`` for any of ``params`` (None: not merged).
 
     A pass without per-rank figures had the same figures on every rank.
     """
@@ -117,7 +147,7 @@ def _ranks_where(trace, pass_name: str, params: List[str], test) -> Optional[Lis
         return None
     per_rank = (getattr(trace, "rank_figures", None) or {}).get(pass_name)
     if per_rank is None:
-        return list(range(world))
+        return list(trace.meta.ranks or range(world))
     return sorted(rank for rank, figures in per_rank.items()
                   if any(name in figures and test(figures[name]) for name in params))
 
@@ -210,15 +240,6 @@ def _lost_coverage(reached: Set[str], p: PassTrace) -> Set[str]:
     return (reached | set(p.expected or ())) - p.covered
 
 
-def stepped_by(trace) -> Dict[str, frozenset]:
-    """``{pass: names of the optimizers that stepped on its gradients}`` (empty: none seen)."""
-    out: Dict[str, set] = {}
-    for record in (getattr(trace, "optimizers", None) or {}).values():
-        for pass_name in record.passes:
-            out.setdefault(pass_name, set()).add(record.name)
-    return {name: frozenset(names) for name, names in out.items()}
-
-
 def comparable(steps: Dict[str, frozenset], a: str, b: str) -> bool:
     """Passes that stepped different optimizers (a GAN's generator and discriminator steps, actor and
     critic) reach different parameters by design: they are not compared for coverage."""
@@ -292,20 +313,25 @@ def _without_weak_cuts(explained: Dict[int, Dict[str, Any]], passes, reached, un
     """The explaining cuts, a parameter-free module's cut left out where something stronger explains the same
     loss (rotary embeddings' cos/sin never carry a gradient, by design): a cut of a module with parameters,
     an op-level cut, or a module whose output carried a gradient that never came back."""
-    weak = [entry for entry in explained.values() if not entry["cut"].params and entry["cut"].op is None]
+    weak = [entry for entry in explained.values() if _weak(entry["cut"])]
     if not weak:
         return sorted(explained.values(), key=lambda entry: entry["cut"].seq)
     strong: Set[str] = set()
     for entry in explained.values():
-        cut = entry["cut"]
-        if cut.params or cut.op is not None:
+        if not _weak(entry["cut"]):
             strong |= entry["lost"]
     for p in passes.values():
         for params in carried_unreached(p, _lost_coverage(reached[p.name], p) | p.missing, universe).values():
             strong.update(params)
     kept = [entry for entry in explained.values()
-            if entry["cut"].params or entry["cut"].op is not None or not entry["lost"] or not entry["lost"] <= strong]
-    return sorted(kept, key=lambda entry: (entry["cut"].params == 0 and entry["cut"].op is None, entry["cut"].seq))
+            if not _weak(entry["cut"]) or not entry["lost"] or not entry["lost"] <= strong]
+    return sorted(kept, key=lambda entry: (_weak(entry["cut"]), entry["cut"].seq))
+
+
+def _weak(cut: Cut) -> bool:
+    """A parameter-free module's cut of fresh data (rotary cos/sin): never stronger than another explanation.
+    One whose output is its input's own data, detached (``x.detach()`` in a wrapper), is a real cut."""
+    return not cut.params and cut.op is None and not cut.passes_input
 
 
 def _cut_fix(cut: Cut) -> str:
@@ -327,16 +353,21 @@ def _cut_fix(cut: Cut) -> str:
 
 
 @verdict("STALE_GRADS", rank=40, severities=("error", "warning"),
-         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step (a forgotten `zero_grad()`, or accumulation across passes: `pass_(name, accumulate=True)` says so)")
+         meaning="`.grad` already held values when a pass began: an error where an optimizer step began (seen by itself, or `step_start=True`), a warning in a labelled pass that began no step and whose gradients no optimizer step then applied (a forgotten `zero_grad()` before a probe; loss terms backpropagated in passes of their own and applied by one step are accumulation on purpose, as `pass_(name, accumulate=True)` says)")
 def check_stale(trace, passes, tensors, cuts):
     out = []
     outside = set(params_in_no_optimizer(trace))
     steps = stepped_by(trace)
     owned = {o.name: set(o.params) for o in (getattr(trace, "optimizers", None) or {}).values()}
+    windows = step_windows(trace, passes)
     previous: Optional[PassTrace] = None
     for p in passes.values():
         before, previous = previous, p
         stale = sorted(p.stale)
+        if stale and not p.step_start and consumed_by_step(windows, p):
+            # An optimizer step took these gradients as they stood, earlier passes' included, with no
+            # zero_grad() in between: loss terms backpropagated in passes of their own, on purpose.
+            continue
         if stale and steps.get(p.name):
             # Only what the step that took this pass's gradients will apply: in a GAN's generator step the
             # discriminator's .grad still holds its own step's gradients, and nothing steps on them.
@@ -352,9 +383,12 @@ def check_stale(trace, passes, tensors, cuts):
                        "they are in no param group of the optimizer that stepped, so its zero_grad() never clears "
                        "them and they are never updated (see NOT_IN_OPTIMIZER)")
         elif p.step_start:
+            stepping = sorted(steps.get(p.name) or ())
+            whose = (f" (the zero_grad() of {', '.join(stepping)}, the optimizer that steps them: zeroing another "
+                     "optimizer's or model's parameters leaves these)" if stepping and len(owned) > 1 else "")
             message = (f"pass {p.name!r}: .grad already held values when the pass began an optimizer step"
                        f"{_on_ranks(ranks)} {which}: gradients were not zeroed after the previous step, so this "
-                       "step adds to them; call optimizer.zero_grad() before the pass")
+                       f"step adds to them; call optimizer.zero_grad() before the pass{whose}")
         else:
             message = (f"pass {p.name!r} began on gradients left in .grad by earlier runs, with no optimizer step "
                        f"in between{_on_ranks(ranks)}, {which}. Either zero_grad() was forgotten before it (its "
@@ -531,7 +565,7 @@ def check_zero_upstream(trace, passes, tensors, cuts):
 
 
 @verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when a zero partner explains it (LoRA A while B is still zero)")
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when an all-zero parameter of the same module explains it (a zero-initialised adapter factor: LoRA B, lora_up, lora_embedding_A, a zero gate)")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -540,20 +574,112 @@ def check_zero_grads(trace, passes, tensors, cuts):
             continue
         every = len(zero) == len(p.covered)
         if every:
+            factors = sorted(_zero_factors(p))
+            why = (f"; {describe_params(factors, universe=trace.params)} "
+                   f"{'is' if len(factors) == 1 else 'are'} all zeros "
+                   f"({_quoted(factors)}): where two factors of a product are both zero, every factor's "
+                   "gradient is zero and none can move. Initialise at most one factor of each pair to zero "
+                   "(LoRA: the up / B matrix), the other randomly" if factors else "")
+            if not factors:
+                why = ("; no parameter passes a gradient, so the loss's derivative is zero where it leaves the "
+                       "model: a step function on the way (torch.round / floor / sign / a threshold turned into "
+                       "float; a straight-through estimator x + (round(x) - x).detach() keeps the gradient), a loss "
+                       "multiplied by 0, or a mask that selects nothing")
+            evidence = {"pass": p.name, "parameters": zero, "all": True}
+            if factors:
+                evidence["zero_valued"] = factors
             out.append(Verdict("ZERO_GRADS", "error",
                                f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
-                               "zero gradient", {"pass": p.name, "parameters": zero, "all": True}))
+                               f"zero gradient{why}", evidence))
             continue
-        explained = _zero_partner_explained(p, zero)
-        severity = "info" if explained else "warning"
-        why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
-               "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps"
-               if explained else "")
+        explained = _zero_partners(p, zero, trace.params)
+        severity = "info" if explained is not None else "warning"
+        if explained:
+            one = len(explained) == 1
+            why = (f" because {_quoted(explained)} {'is' if one else 'are'} all zeros ({'its' if one else 'their'} "
+                   "initialisation): a factor that is zero makes the other factor's gradient exactly zero until "
+                   "the first optimizer step moves it. Expected on the first steps")
+        elif explained is not None:
+            why = ("; each is a LoRA A matrix whose B partner got a nonzero gradient: B is still zero (its "
+                   "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps")
+        else:
+            why = _dead_input(p, zero)
         out.append(Verdict("ZERO_GRADS", severity,
                            f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
                            f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
-                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained}))
+                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
+                            **({"zero_valued": explained} if explained else {})}))
     return out
+
+
+def _dead_input(p: PassTrace, zero: List[str]) -> str:
+    """A module whose weight's gradient is exactly zero while its bias's is not saw an all-zero input:
+    dW = dY^T X vanishes, db = sum(dY) does not. Named, the last such module in forward order."""
+    records = p.records
+    dead = []
+    for name in zero:
+        module, _, leaf = name.rpartition(".")
+        bias = records.get(f"{module}.bias" if module else "bias")
+        if leaf == "weight" and bias is not None and not bias.zero and not bias.nonfinite:
+            dead.append(module)
+    if not dead:
+        return ""
+    order = {m: i for i, m in enumerate(p.forward_modules or ())}
+    last = max(dead, key=lambda m: order.get(m, -1))
+    shown = repr(last) if last else "the root module"
+    return (f"; the input of {shown} was all zeros (its weight's gradient is exactly zero while its bias's is "
+            "not), so nothing upstream of it gets a gradient: dead activations before it (a ReLU that outputs 0 "
+            "for every input: biases pushed far negative, too high a learning rate, a bad initialisation), or an "
+            "input that is zero")
+
+
+def _quoted(names: List[str], shown: int = 2) -> str:
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _multiplies(param: str) -> bool:
+    """A bias is added, never multiplies: its being zero explains no other parameter's zero gradient."""
+    return param.rsplit(".", 1)[-1] != "bias"
+
+
+def _zero_factors(p: PassTrace) -> List[str]:
+    """Parameters reached in the pass whose values were all zero when it began (not biases)."""
+    return [n for n in (p.zero_valued or ()) if n in p.covered and _multiplies(n)]
+
+
+def _zero_partners(p: PassTrace, zero: List[str], universe) -> Optional[List[str]]:
+    """What explains every exactly zero gradient of the pass, or None where something does not.
+
+    A zero gradient is explained by an all-zero parameter (not a bias) that got a nonzero gradient in
+    the pass and lies in the nearest module enclosing the zero one that holds such a parameter: a
+    zero-initialised factor (LoRA's B, lora_up, lora_embedding_A, a zero gate or a zero-initialised
+    norm at the end of a residual branch) multiplies the other's contribution, so the other's gradient
+    is zero while the factor's is not, until a step moves it. Returns those parameters (an empty list
+    where only peft's naming explains it: a trace recorded before values were probed).
+    """
+    records = p.records
+    moving = [n for n in _zero_factors(p) if not records[n].zero and not records[n].nonfinite]
+    found: List[str] = []
+    for name in zero:
+        partners = _nearest_enclosing(name, moving)
+        if not partners:
+            if p.zero_valued is None and _lora_b_moves(p, name):
+                continue
+            return None
+        found.extend(q for q in partners if q not in found)
+    return found
+
+
+def _nearest_enclosing(param: str, candidates: List[str]) -> List[str]:
+    """The candidates inside the nearest module enclosing ``param`` that holds any of them."""
+    parts = param.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        module = ".".join(parts[:depth])
+        inside = [c for c in candidates if c != param and in_module(c, module)]
+        if inside:
+            return inside
+    return []
 
 
 def _lora_partner(param: str) -> Optional[str]:
@@ -565,18 +691,12 @@ def _lora_partner(param: str) -> Optional[str]:
     return None
 
 
-def _zero_partner_explained(p: PassTrace, zero: List[str]) -> bool:
-    """Every zero gradient belongs to a LoRA A whose B was reached with a nonzero gradient.
-
-    That is the signature of B == 0: dL/dA = B^T (dL/dy) x^T vanishes while dL/dB = (dL/dy)(A x)^T does not.
-    """
-    records = p.records
-    for name in zero:
-        partner = _lora_partner(name)
-        record = records.get(partner) if partner else None
-        if record is None or record.zero or record.nonfinite:
-            return False
-    return True
+def _lora_b_moves(p: PassTrace, name: str) -> bool:
+    """A LoRA A whose B was reached with a nonzero gradient: the signature of B == 0, read off peft's names
+    (for traces saved before values were probed)."""
+    partner = _lora_partner(name)
+    record = p.records.get(partner) if partner else None
+    return record is not None and not record.zero and not record.nonfinite
 
 
 @verdict("RANK_DIVERGENCE", rank=120, severities=("error", "warning"),
@@ -688,17 +808,38 @@ def check_detached_output(trace, passes, tensors, cuts):
                  if trace.meta.cuts != "ops" else "")
         also = (f"; the modules that fed it lost theirs too ({describe_params(victims, universe=trace.params)})"
                 if victims else "")
+        before = [] if victims else _reached_before(p, cut_at, order)
         evidence = {"module": cut_at, "parameters": params + victims, "pass": p.name, "passes": [p.name],
                     "upstream": upstream}
         if op_cut is not None:
             evidence.update({"op": op_cut.op, "location": op_cut.location})
-        by_module[cut_at] = Verdict(
-            "DETACHED_OUTPUT", "warning",
-            f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its output "
-            f"required grad, yet none of its {len(params)} parameter(s) got one; it was cut after it (a "
-            f".detach() / .data, argmax, a comparison or an integer cast) or not used by the loss{also}{where}",
-            evidence)
+        if before:
+            evidence["reached_before"] = before
+            message = (f"pass {p.name!r}: none of the {len(params)} parameter(s) of {shown} got a gradient, though "
+                       f"it ran with grad, its output required grad and modules that ran before it "
+                       f"({', '.join(repr(m) for m in before[:3])}) got theirs: its parameters were cut from its "
+                       "output inside its forward (a weight re-wrapped in nn.Parameter(...), .detach()ed or read "
+                       "through .data: a new leaf on every call), or its output was cut after it (a .detach() / "
+                       f".data, argmax, a comparison or an integer cast){where}")
+        else:
+            message = (f"pass {p.name!r}: the output of {shown} never received a gradient: it ran with grad and its "
+                       f"output required grad, yet none of its {len(params)} parameter(s) got one; it was cut after "
+                       f"it (a .detach() / .data, argmax, a comparison or an integer cast) or not used by the "
+                       f"loss{also}{where}")
+        by_module[cut_at] = Verdict("DETACHED_OUTPUT", "warning", message, evidence)
     return list(by_module.values())
+
+
+def _reached_before(p: PassTrace, module: str, order: Dict[str, int]) -> List[str]:
+    """Modules that ran before ``module`` (not enclosing it) and got gradients while it got none, where no module
+    that ran after it got any: the gradient passed through it to its input, its parameters were cut from its
+    output inside it. (A module after it with gradients means a path around it: its output was cut.)"""
+    here = order.get(module, -1)
+    reached = [m for m in (p.forward_carried or ()) if not in_module(module, m)
+               and any(in_module(q, m) for q in p.covered)]
+    if any(order.get(m, -1) > here for m in reached):
+        return []
+    return [m for m in reached if order.get(m, -1) < here]
 
 
 def _detached_over_the_watch(trace, passes, cuts):
@@ -793,24 +934,37 @@ def failure_hint(error: Optional[str]) -> str:
 
 
 @verdict("PASS_FAILED", rank=5, severities=("error",),
-         meaning="a pass (or the watched block) ended with an exception: its backward did not complete; says what the error means, and a finding that explains it ranks first")
+         meaning="a pass (or the watched block) ended with an exception: its backward did not complete; names the culprit where gradtrace knows it (an inference-mode cache and where it was made, an output changed in place after it was saved, the cut that left the loss without a graph, the parameters DDP waited for), else says what the error means; a finding that explains it ranks first")
 def check_pass_failed(trace, passes, tensors, cuts):
     out = []
+    error, error_cause = trace.meta.error, trace.meta.error_cause
     for p in passes.values():
         if p.failed:
-            hint = failure_hint(p.failed)
-            out.append(Verdict("PASS_FAILED", "error",
-                               f"pass {p.name!r} ended with an exception ({p.failed})" +
-                               (f": {hint}" if hint else ": its backward did not complete, so its figures are partial"),
-                               {"pass": p.name, "error": p.failed}))
-    error = trace.meta.error
+            cause = p.failure or (error_cause if p.failed == error else None)
+            out.append(Verdict("PASS_FAILED", "error", _failure_message(f"pass {p.name!r}", trace, p.name, p.failed,
+                                                                        cause, cuts, "its backward did not complete, "
+                                                                        "so its figures are partial"),
+                               _with_cause({"pass": p.name, "error": p.failed}, cause)))
     if error and not out:
-        hint = failure_hint(error)
-        out.append(Verdict("PASS_FAILED", "error",
-                           f"the watched block ended with an exception ({error})" +
-                           (f": {hint}" if hint else ": training did not complete"),
-                           {"pass": None, "error": error}))
+        out.append(Verdict("PASS_FAILED", "error", _failure_message("the watched block", trace, None, error, error_cause,
+                                                                    cuts, "training did not complete"),
+                           _with_cause({"pass": None, "error": error}, error_cause)))
     return out
+
+
+def _with_cause(evidence: Dict[str, Any], cause) -> Dict[str, Any]:
+    if cause is not None:
+        evidence["cause"] = cause
+    return evidence
+
+
+def _failure_message(what: str, trace, pass_name, error: str, cause, cuts, otherwise: str) -> str:
+    """The culprit first, where gradtrace knows it (the first line is what gets read); else what the error means."""
+    culprit = forward.failure_lead(trace, pass_name, error, cause, cuts)
+    if culprit:
+        return f"{what} ended with an exception: {culprit} ({error})"
+    hint = failure_hint(error)
+    return f"{what} ended with an exception ({error}): {hint or otherwise}"
 
 
 @verdict("FROZEN_WHILE_WATCHED", rank=15, severities=("error",),
@@ -847,13 +1001,21 @@ def check_no_passes(trace, passes, tensors, cuts):
         outer = min(carried, key=lambda m: (m.count(".") + bool(m), m))
         shown = repr(outer) if outer else "the model"
         because = (f"; {shown} ran with grad and its output required grad, so the loss was cut from it before "
-                   "backward: .item() / float() / torch.tensor(...) rebuilt it, a .detach() or .data, or backward "
-                   "never ran (an exception, a skipped step)")
+                   "backward: .item() / float() / .numpy() / torch.tensor(...) rebuilt it (a list of outputs made "
+                   "into a tensor: use torch.stack), a .detach() or .data, argmax / one_hot / a comparison on the "
+                   "way, or backward never ran (an exception, a skipped step, a missing loss.backward())"
+                   + _ops_rerun(trace))
     else:
         because = " (did backward run? an exception, a leaked torch.set_grad_enabled(False), frozen parameters)"
     evidence = {"forward_calls": forwards, "cuts": len(trainable_cuts)}
     if likely is not None:
         evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location})
+    stepped = [o for o in (getattr(trace, "optimizers", None) or {}).values() if o.steps]
+    if stepped:
+        steps = sum(o.steps for o in stepped)
+        because += (f". Meanwhile {', '.join(o.name for o in stepped)} stepped {steps} time(s) with no gradient to "
+                    "apply: nothing trained")
+        evidence["optimizer_steps"] = steps
     return [Verdict("NO_PASSES", "error",
                     f"the watch saw {' and '.join(seen)} but no backward reached a watched parameter{because}",
                     evidence)]
@@ -864,7 +1026,7 @@ def check_no_passes(trace, passes, tensors, cuts):
 def check_cleared(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
-        cleared = sorted(p.cleared)
+        cleared = sorted(p.cleared) if not p.unknown_because else []  # a wrapper's: FIGURES_UNKNOWN says why
         if cleared:
             out.append(Verdict("CLEARED_GRADS", "info",
                                f"pass {p.name!r}: {len(cleared)} gradient(s) were cleared before gradtrace could "

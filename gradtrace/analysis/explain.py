@@ -84,13 +84,21 @@ def _explains(cause: Verdict, effect: Verdict) -> bool:
     c, e = cause.code, effect.code
     if cause is effect:
         return False
-    # 1. A tensor's values explain gradients that vanish or blow up in the same pass.
+    # 1. A tensor's values explain gradients that vanish or blow up in the same pass; rewards (or any data
+    # tensor) with zero variance in every group explain all-zero advantages (not a mask) in the same pass.
+    if c == "CONSTANT_ROWS" and e == "ALL_ZERO_VALUES" and cause.severity == "error":
+        return (cause.evidence.get("tensor") != effect.evidence.get("tensor") and not effect.evidence.get("mask")
+                and _same_pass(cause, effect))
     if _value_fact(cause) and cause.severity == "error":
         if e in ("ZERO_UPSTREAM", "TINY_GRADS") or (e == "ZERO_GRADS" and _all_zero_grads(effect)):
             return _same_pass(cause, effect)
         if e == "NONFINITE" and not _value_fact(effect):
             return _same_pass(cause, effect)
         return False
+    # An optimizer step that made the weights NaN/Inf explains every NaN/Inf gradient after it.
+    if c == "NONFINITE" and cause.evidence.get("updates") and e == "NONFINITE" and not effect.evidence.get("updates") \
+            and not _value_fact(effect):
+        return True
     # 2. A cut, a module whose output was cut, a freeze: coverage lost in the same pass / parameters.
     # A registered tensor that requires grad, with trainable parameters upstream, never reached: the cut
     # lies between it and the loss, so what lost its gradient upstream of it is the effect.

@@ -12,6 +12,7 @@ same keys every step, and unlabelled passes are named ``backward-1``,
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Iterable, List, Union
 
@@ -54,9 +55,10 @@ def metrics(trace, prefix: str = "gradtrace/", per_module: bool = False,
     prefix = safe_key(prefix)
     out: Dict[str, float] = {}
     selected = _select(trace.passes, passes)
+    merged = bool(trace.meta.world_size)
     for label, p in selected:
         scope = prefix + (f"{safe_key(label)}/" if label else "")
-        out.update(_pass_metrics(scope, p))
+        out.update(_pass_metrics(scope, p, merged))
         if per_module:
             out.update(_module_metrics(scope, p))
     if verdicts:
@@ -93,16 +95,21 @@ def _concerns(verdict, names: set) -> bool:
     return not named or bool(named & names)
 
 
-def _pass_metrics(scope: str, p: PassTrace) -> Dict[str, float]:
+def _pass_metrics(scope: str, p: PassTrace, merged: bool = False) -> Dict[str, float]:
+    """A pass's figures. Never a number under a name it does not deserve: where a distributed wrapper
+    made figures unknown, the norm and max are NaN; a shard's figures (FSDP, DeepSpeed ZeRO, before
+    ``gather()``) are named ``shard_total_norm`` / ``shard_max_abs``."""
     total = len(p.params)
     covered = len(p.covered)
+    unknown = bool(p.unknown_because) and bool(p.cleared)
+    figures = "shard_" if p.scope == "sharded" and not merged else ""
     return {
         f"{scope}coverage": covered / total if total else 0.0,
         f"{scope}covered": float(covered),
         f"{scope}params": float(total),
         f"{scope}zero": float(len(p.zero)),
-        f"{scope}total_norm": float(p.total_norm),
-        f"{scope}max_abs": float(p.max_abs),
+        f"{scope}{figures}total_norm": math.nan if unknown else float(p.total_norm),
+        f"{scope}{figures}max_abs": math.nan if unknown else float(p.max_abs),
         f"{scope}nonfinite": float(p.nonfinite),
         f"{scope}runs": float(p.runs),
     }

@@ -7,7 +7,7 @@ stepped while watched gives no verdict.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..records import OptimizerRecord, Verdict
 from .names import describe_params, display_name, group_by_module
@@ -18,6 +18,14 @@ from .registry import verdict
 TINY_RATIO = 1e-7
 # A scaler's scale below this hardly scales: a clip before unscaling would barely be wrong.
 MIN_SCALE = 16.0
+# A learning-rate schedule that decays to nothing: steps whose lr is below this share of the largest lr
+# before them, and whose update-to-weight ratio is below ``DECAYED_RATIO`` of the largest before them
+# (an lr 1e-4 times smaller moves Adam's weights ~1e-4 times less), over at least ``DECAYED_SHARE`` of
+# the steps seen, through the latest. A cosine or linear decay to 0 spends well under 1% of its steps
+# below 1e-4 of its peak; StepLR(step_size=1, gamma=0.1) stepped per batch spends all but its first four.
+DECAYED_LR = 1e-4
+DECAYED_RATIO = 1e-3
+DECAYED_SHARE = 0.25
 
 
 def _stepped(trace) -> List[OptimizerRecord]:
@@ -28,7 +36,8 @@ def params_in_no_optimizer(trace) -> List[str]:
     """Parameters that got a gradient (exactly zero included: LoRA A beside a zero B) but are in no param
     group of any optimizer that stepped."""
     stepped = _stepped(trace)
-    if not stepped:
+    if not stepped or (trace.meta.wrapper == "DeepSpeed" and trace.meta.zero_stage != 0):
+        # DeepSpeed ZeRO's optimizer steps on its own flat fp32 partitions, never on the module's parameters
         return []
     owned = set().union(*(o.params for o in stepped))
     got = set()
@@ -72,12 +81,14 @@ def _lr_text(o: OptimizerRecord) -> str:
 
 
 @verdict("WEIGHTS_UNCHANGED", rank=13, severities=("error",),
-         meaning="optimizer steps with nonzero gradients left parameter values bitwise unchanged (bf16/fp16 weights where lr x update is below half an ulp; lr 0): parameters, dtype, lr")
+         meaning="optimizer steps with nonzero gradients left parameter values bitwise unchanged (bf16/fp16 weights where lr x update is below half an ulp; lr 0; `zero_grad()` between backward and step), in every step or from step k on (a schedule that reached lr 0 early: a wrong `num_training_steps`): parameters, dtype, lr")
 def check_weights_unchanged(trace, passes, tensors, cuts):
-    out = empty_steps(trace, passes)
+    part_way = frozen_part_way(trace)
+    out = empty_steps(trace, passes) + part_way
+    said = {v.evidence["optimizer"] for v in part_way}
     for o in _stepped(trace):
         frozen = [n for n, f in o.updates.items() if f[0] > 0 and f[1] == f[0]]
-        if not frozen:
+        if not frozen or o.name in said:  # parameters first moved in the steps before: the part-way finding
             continue
         judged = max(int(o.updates[n][0]) for n in frozen)
         lr_zero = _lr_zero(o)
@@ -101,6 +112,60 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
                            f"({', '.join(dtypes)}, {_lr_text(o)}): {why}",
                            {"optimizer": o.name, "parameters": sorted(frozen), "dtypes": dtypes, "lrs": o.lrs,
                             "steps": o.steps, "low_precision": bool(low), "lr_zero": lr_zero}))
+    return out
+
+
+def _frozen_from(o: OptimizerRecord) -> Optional[Tuple[int, List[List[Optional[float]]]]]:
+    """The steps that end the watch, each of which left the weights unchanged although their gradients were
+    nonzero (every sampled element with a nonzero gradient bitwise the same, or, not measured, an lr of 0):
+    (the first of them, their history rows); None when the latest step moved the weights."""
+    history = o.history
+    k = len(history)
+    while k > 0 and _left_unchanged(history[k - 1]):
+        k -= 1
+    if k == len(history):
+        return None
+    return int(history[k][0]), history[k:]
+
+
+def _left_unchanged(row: List[Optional[float]]) -> bool:
+    _, lr, ratio, moved, unchanged = row
+    if moved:
+        return unchanged == moved
+    return lr == 0.0 and ratio is None  # not measured (updates=False): an lr of 0 moves nothing
+
+
+def frozen_part_way(trace) -> List[Verdict]:
+    """Steps from k on (k > 1, at least two of them) that left the weights unchanged: a schedule that
+    reached lr 0 early (a wrong num_training_steps / t_total), or updates that round away."""
+    out = []
+    for o in _stepped(trace):
+        found = _frozen_from(o)
+        if found is None:
+            continue
+        first, rows = found
+        count = o.steps - first + 1
+        if first < 2 or count < 2:
+            continue  # from the first step on: check_weights_unchanged; one last step: nothing lost
+        lr_zero = all(row[1] == 0.0 for row in rows)
+        measured = any(row[3] for row in rows)
+        before = [row[1] for row in o.history if row[0] < first and row[1] is not None]
+        was = f" (it was {max(before):.3e} before)" if before and max(before) > 0 else ""
+        did_not = "the weights did not change" if measured else "no step can change a weight"
+        if lr_zero:
+            what = (f"its lr is 0.0{was} and {did_not}, although the gradients were nonzero: the learning-rate "
+                    "schedule reached 0 early (get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup "
+                    "or a LambdaLR given a num_training_steps / t_total smaller than the steps run?). Give the "
+                    "scheduler the real number of optimizer steps (epochs x batches / accumulation)")
+        else:
+            dtypes = sorted({o.dtypes.get(n, "?") for n in o.updates})
+            what = (f"the weights did not change although the gradients were nonzero ({', '.join(dtypes)}, "
+                    f"{_lr_text(o)}): the schedule made lr x update smaller than half an ulp of the weights")
+        out.append(Verdict("WEIGHTS_UNCHANGED", "error",
+                           f"optimizer {o.name}: from step {first} on ({count} of {o.steps} steps), {what}",
+                           {"optimizer": o.name, "from_step": first, "steps": o.steps, "frozen_steps": count,
+                            "lrs": o.lrs, "lr_zero": lr_zero, "parameters": sorted(o.updates),
+                            "low_precision": False}))
     return out
 
 
@@ -141,11 +206,12 @@ def group_ratios(o: OptimizerRecord, universe) -> Dict[str, float]:
 
 
 @verdict("TINY_UPDATES", rank=135, severities=("warning",),
-         meaning="every optimizer step seen moved the weights by an update-to-weight ratio orders of magnitude below its usual range (~1e-3): lr 1e-9, a scheduler stuck near 0; the ratio per module group and the lr")
+         meaning="every optimizer step seen moved the weights by an update-to-weight ratio orders of magnitude below its usual range (~1e-3): lr 1e-9, a scheduler stuck near 0; the ratio per module group and the lr. Or, from step k on, for a quarter of the steps or more, lr and updates fell 1e-4 / 1e-3 below their peak (a scheduler meant per epoch stepped per batch)")
 def check_tiny_updates(trace, passes, tensors, cuts):
-    out = []
+    out = decayed_part_way(trace)
     for o in _stepped(trace):
-        if not o.updates or o.max_ratio >= TINY_RATIO or _lr_zero(o):
+        if not o.updates or o.max_ratio >= TINY_RATIO or _lr_zero(o) or o.nonfinite_steps \
+                or _stepped_on_nonfinite(trace, o):
             continue
         if o.max_ratio == 0.0 and any(d in ("bfloat16", "float16") for d in o.dtypes.values()):
             continue  # low-precision weights that never moved: WEIGHTS_UNCHANGED says why
@@ -161,6 +227,98 @@ def check_tiny_updates(trace, passes, tensors, cuts):
                            {"optimizer": o.name, "max_ratio": o.max_ratio, "ratios": ratios, "lrs": o.lrs,
                             "steps": o.steps}))
     return out
+
+
+def _decayed_from(o: OptimizerRecord) -> Optional[Tuple[int, float, float, int, Optional[float]]]:
+    """The steps that end the watch whose lr and update fell orders of magnitude below the largest before
+    them: (the first of them, the peak lr, the latest lr, the peak lr's step, the largest ratio before)."""
+    history = o.history
+    peaks = []  # (largest lr before, its step, largest ratio before), per row
+    peak_lr, peak_step, peak_ratio = 0.0, 0, 0.0
+    for row in history:
+        peaks.append((peak_lr, peak_step, peak_ratio))
+        step, lr, ratio = row[0], row[1], row[2]
+        if lr is not None and lr > peak_lr:
+            peak_lr, peak_step = lr, int(step)
+        if ratio is not None and ratio > peak_ratio:
+            peak_ratio = ratio
+    k = len(history)
+    while k > 0 and _decayed(history[k - 1], *peaks[k - 1]):
+        k -= 1
+    if k == len(history):
+        return None
+    first_lr, first_step, first_ratio = peaks[k]
+    return int(history[k][0]), first_lr, history[-1][1], first_step, first_ratio or None
+
+
+def _decayed(row: List[Optional[float]], peak_lr: float, peak_step: int, peak_ratio: float) -> bool:
+    _, lr, ratio, _, _ = row
+    if lr is None or not lr > 0.0 or not peak_lr > 0.0 or lr > DECAYED_LR * peak_lr:
+        return False
+    return ratio is None or ratio < TINY_RATIO or (peak_ratio > 0 and ratio <= DECAYED_RATIO * peak_ratio)
+
+
+def decayed_part_way(trace) -> List[Verdict]:
+    """A schedule whose lr fell by orders of magnitude for a large share of the steps, through the latest."""
+    out = []
+    for o in _stepped(trace):
+        found = _decayed_from(o)
+        if found is None:
+            continue
+        first, peak_lr, latest_lr, peak_step, peak_ratio = found
+        count = o.steps - first + 1
+        if count < 2 or count < DECAYED_SHARE * o.steps:
+            continue
+        latest_ratio = o.history[-1][2]
+        moved = (f" and the weights moved by {latest_ratio:.1e} of their norm in the latest step"
+                 + (f" ({peak_ratio:.1e} at most before)" if peak_ratio else "")
+                 if latest_ratio is not None else "")
+        out.append(Verdict("TINY_UPDATES", "warning",
+                           f"optimizer {o.name}: from step {first} on ({count} of {o.steps} steps) its lr fell to "
+                           f"{latest_lr:.1e}, {latest_lr / peak_lr:.0e} of the {peak_lr:.1e} it had at step "
+                           f"{peak_step}{moved}: the learning-rate schedule decays far too fast for anything to "
+                           "train (a scheduler meant to step once per epoch, StepLR / ExponentialLR / "
+                           "MultiStepLR, stepped once per batch?)",
+                           {"optimizer": o.name, "from_step": first, "steps": o.steps, "decayed_steps": count,
+                            "peak_lr": peak_lr, "lr": latest_lr, "lrs": o.lrs, "max_ratio": o.max_ratio,
+                            "latest_ratio": latest_ratio}))
+    return out
+
+
+def nonfinite_updates(trace) -> List[Verdict]:
+    """NONFINITE's share for optimizer steps: finite weights with finite gradients that a step made NaN/Inf."""
+    out = []
+    for o in _stepped(trace):
+        if not o.nonfinite_steps:
+            continue
+        step, pass_name, params, count = o.nonfinite_steps[0]
+        dtypes = sorted({o.dtypes.get(n, "?") for n in params})
+        low = [d for d in dtypes if d in ("float16", "bfloat16")]
+        adam = "adam" in o.name.lower()
+        if low and adam:
+            why = (f"the weights are {'/'.join(low)} and Adam's eps (1e-8 by default) is 0 in float16, so where "
+                   "a gradient is small its second moment underflows and the update divides by zero. Keep float32 "
+                   "master weights (autocast / mixed precision instead of model.half()), or set eps >= 1e-4")
+        elif low:
+            why = (f"the weights are {'/'.join(low)}: the update overflowed their range (keep float32 master "
+                   "weights: autocast / mixed precision instead of model.half())")
+        else:
+            why = f"the update overflowed ({_lr_text(o)}: too large an lr, or a division by ~0 in the optimizer)"
+        after = f" on the gradients of pass {pass_name!r}" if pass_name else ""
+        out.append(Verdict("NONFINITE", "error",
+                           f"optimizer {o.name}: its step {int(step)}{after} turned finite weights NaN/Inf although "
+                           f"their gradients were finite ({int(count)} sampled element(s) of "
+                           f"{describe_params(params, universe=trace.params)}, {', '.join(dtypes)}): {why}; every "
+                           "later gradient is NaN because of it",
+                           {"optimizer": o.name, "step": step, "pass": pass_name, "parameters": list(params),
+                            "dtypes": dtypes, "updates": True}))
+    return out
+
+
+def _stepped_on_nonfinite(trace, o: OptimizerRecord) -> bool:
+    """Did it step on NaN/Inf gradients? Then its weights became NaN: not a tiny update (NONFINITE says it)."""
+    passes = trace.passes
+    return any(name in passes and passes[name].nonfinite for name in o.passes)
 
 
 def _clip_before_unscale(trace, o: OptimizerRecord) -> Optional[list]:

@@ -19,6 +19,11 @@ from .registry import verdict
 # Roles that mark a tensor as a mask: zero-variance rows of a mask are normal, never "advantages".
 MASK_ROLES = ("mask", "attention_mask", "completion_mask")
 
+# The name TRL GRPO's wiring (integrations/grpo.py) registers its per-completion flags under, with
+# ``mask_truncated_completions``: 1 for a completion that ended on its own, 0 for one cut at
+# ``max_completion_length`` (TRL masks those out of ``completion_mask``).
+TRUNCATION_FLAGS = "completions kept by mask_truncated_completions"
+
 
 def facts_by_pass(t: TensorRecord, passes) -> Iterator[Tuple[Optional[str], ValueStats, Dict[str, float]]]:
     """``(pass name or None, values, row facts)``: per pass where the trace keeps them, else the whole watch."""
@@ -67,16 +72,22 @@ def check_constant_rows(trace, passes, tensors, cuts):
     for t in tensors.values():
         if not is_data(t) or t.role in MASK_ROLES or not t.dtype.startswith(("float", "bfloat", "half", "double")):
             continue
+        grouped = t.role == "group"
         for pass_name, v, _ in facts_by_pass(t, passes):
-            # All ones is a full mask, not a degenerate group; all zeros is ALL_ZERO_VALUES's to report.
-            if not v.rows or not v.constant_rows or v.min == v.max == 1.0 or v.zeros == v.numel:
+            # All ones is a full mask, not a degenerate group (unless the rows are declared groups: rewards
+            # of 1.0 for every completion); all zeros is ALL_ZERO_VALUES's to report.
+            if not v.rows or not v.constant_rows or (v.min == v.max == 1.0 and not grouped) or v.zeros == v.numel:
                 continue
             fraction = v.constant_fraction
             severity = "error" if fraction == 1.0 else "warning" if fraction >= 0.5 else "info"
+            rows = (f"{v.constant_rows} of {v.rows} group{'s' if v.rows != 1 else ''} ({fraction:.0%}, as TRL's frac_reward_zero_std counts "
+                    "them) have zero variance" if grouped else
+                    f"{v.constant_rows} of {v.rows} rows ({fraction:.0%}) have zero variance along the last dim")
+            same = (f" (every value is {v.min:g})" if fraction == 1.0 and v.min == v.max and v.min == v.min
+                    else "")
             found.add("CONSTANT_ROWS", severity, t.name, pass_name,
-                      f"tensor {t.name!r}: {v.constant_rows} of {v.rows} rows ({fraction:.0%}) have zero variance "
-                      "along the last dim; group-normalised advantages built from them are zero and give the "
-                      "loss no gradient",
+                      f"tensor {t.name!r}: {rows}{same}; group-normalised advantages built from them are zero and "
+                      "give the loss no gradient",
                       {"fraction": fraction, "rows": v.rows, "constant_rows": v.constant_rows})
     return found.verdicts()
 
@@ -95,13 +106,20 @@ def check_all_zero_values(trace, passes, tensors, cuts):
             if v.numel == 0:
                 found.add("ALL_ZERO_VALUES", "error", t.name, pass_name, f"tensor {t.name!r} is empty (shape {t.shape})",
                           {"numel": 0})
+            elif v.zeros == v.numel and t.name == TRUNCATION_FLAGS:
+                found.add("ALL_ZERO_VALUES", "error", t.name, pass_name,
+                          f"every completion hit max_completion_length ({v.numel} of {v.numel} truncated) and "
+                          "mask_truncated_completions=True masked them all out of 'completion_mask': no token is "
+                          "left for the loss. Raise max_completion_length (or set mask_truncated_completions=False);"
+                          f" tensor {t.name!r} selects nothing",
+                          {"numel": v.numel, "rows": v.rows, "mask": True, "truncated": v.numel})
             elif v.zeros == v.numel:
                 what = "selects nothing" if mask_like else "is all zeros"
                 rows = ("; " + ZERO_ADVANTAGE_HINT.format(rows=v.rows) if v.rows and not mask_like and is_data(t)
                         else "")
                 found.add("ALL_ZERO_VALUES", "error", t.name, pass_name,
                           f"tensor {t.name!r} {what} ({v.numel} elements, every one 0){rows}",
-                          {"numel": v.numel, "rows": v.rows})
+                          {"numel": v.numel, "rows": v.rows, "mask": mask_like})
     return found.verdicts()
 
 
@@ -121,12 +139,14 @@ ALIGN_HINT = ("ensure the mask aligns with the attention mask's padding (with le
 def check_empty_rows(trace, passes, tensors, cuts):
     found = Findings()
     for t in tensors.values():
-        for pass_name, _, facts in facts_by_pass(t, passes):
+        for pass_name, values, facts in facts_by_pass(t, passes):
             rows, empty = facts.get("rows") or 0, facts.get("empty_rows") or 0
             if not empty or "selected_sum" not in facts:
                 continue
             fraction = empty / rows if rows else 1.0  # a crafted file can hold empty rows without rows
             with_tokens = facts.get("empty_with_tokens") or 0
+            if len(t.shape or ()) <= 1 and values.numel and values.zeros == values.numel:
+                continue  # one flag per item, none set: ALL_ZERO_VALUES says it ("1 of 1 rows" would add nothing)
             hint = (f"; {with_tokens:.0f} of them are empty although the attention mask has tokens there: "
                     f"{ALIGN_HINT}" if with_tokens else "")
             found.add("EMPTY_ROWS", "error" if empty == rows else "warning", t.name, pass_name,

@@ -1,4 +1,4 @@
-"""Capture: where the autograd graph was cut, seen from module forward hooks.
+"""Capture: where the autograd graph was cut, judged at every module call (seen through ``module_calls``).
 
 A module call is a cut when
   * it ran with grad disabled while it holds trainable parameters or received
@@ -13,12 +13,13 @@ Cuts are judged on inputs passed by keyword too (transformers passes
 ``disable_adapter``) is not a cut: its hook never fires.
 
 The common case (grad on, output requires grad) returns after two attribute
-reads; the stack is only walked the first time a given cut is seen.
+reads; the stack is only walked the first time a given cut is seen, and every
+walk is ``frames``' (the one frame rule). Each call made with grad also has its
+output checked for NaN/Inf (``forward_values``), from the same wrapper or hook.
 """
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -28,98 +29,16 @@ from torch import nn
 
 from ..records import Cut
 from . import module_calls
+from .frames import checkpoint_caller, checkpoint_on_stack, locations, module_caller
 from .modules import named_modules, named_parameters
 from .reach import reachable_params
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_MODULE_PY = nn.Module.__call__.__code__.co_filename
-_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
-_CHECKPOINT_PY = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
-_THIS_FILE = __file__
-_CALL_MACHINERY = (_MODULE_PY, _THIS_FILE, module_calls.__file__)
-_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+__all__ = ["CutLog", "ModuleCutDetector", "ModuleSite", "trainable_counts", "any_requires_grad"]
 
 is_grad_enabled = torch.is_grad_enabled
 Tensor = torch.Tensor
 is_inference_mode_enabled = torch.is_inference_mode_enabled
-
-
-def _is_internal(filename: str) -> bool:
-    """torch's and gradtrace's own frames (the demo probe counts as user code)."""
-    if filename.startswith(_TORCH_DIR) or filename.startswith("<frozen"):
-        return True  # <stdin>, <string> and notebook cells are the user's
-    return filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py")
-
-
-def short_path(filename: str) -> str:
-    """A file under the working directory as a relative path (``example.py``), any other as it is."""
-    cwd = os.getcwd() + os.sep
-    return filename[len(cwd):] if filename.startswith(cwd) else filename
-
-
-def locations(frame=None) -> Tuple[str, str]:
-    """(the user's file:line, the innermost library frame's file:line or "") for a cut.
-
-    Walking out from the cut: torch's and gradtrace's own frames are skipped; the
-    first frame in site-packages (transformers, trl, peft...) is where a library
-    did it; the first frame outside every library is the user's line.
-    """
-    frame = frame or sys._getframe(1)
-    library = ""
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(filename):
-            here = f"{short_path(filename)}:{frame.f_lineno}"
-            marker = next((m for m in _LIBRARY_MARKERS if m in filename), None)
-            if marker is None:
-                return here, library
-            library = library or f"{filename.split(marker, 1)[1]}:{frame.f_lineno}"
-        frame = frame.f_back
-    return library or "<unknown>", library
-
-
-def user_location(frame=None) -> str:
-    """file:line of the first frame that belongs to the user, not to torch, gradtrace or a library."""
-    return locations(frame or sys._getframe(1))[0]
-
-
-def checkpoint_on_stack(frame=None):
-    """The checkpointed callable's frame when reentrant checkpointing is running this code, else None.
-
-    That frame is the one ``torch/utils/checkpoint.py`` called: its ``self``
-    names the checkpointed module even when a library checkpoints a layer's
-    ``forward`` rather than the module call (transformers 5 does).
-    """
-    frame = frame or sys._getframe(1)
-    called = None
-    while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_PY:
-            return called if called is not None else frame
-        called = frame
-        frame = frame.f_back
-    return None
-
-
-def checkpoint_caller(segment):
-    """The frame that called ``checkpoint(...)``: the first frame outside torch above the segment.
-
-    (The segment's own frames are the checkpointed block's body; pointing there
-    names a line inside the block instead of the checkpoint call to change.)
-    """
-    frame = segment.f_back
-    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
-                                 or frame.f_code.co_filename.startswith("<frozen")):
-        frame = frame.f_back
-    return frame
-
-
-def _caller_frame():
-    """The frame that called the module (skipping torch's Module.__call__ machinery and gradtrace's
-    own wrapper and judging frames: every call would otherwise share one call site)."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename in _CALL_MACHINERY:
-        frame = frame.f_back
-    return frame
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 def any_requires_grad(value: Any) -> Optional[bool]:
@@ -212,7 +131,9 @@ class CutLog:
 
     def record(self, kind: str, module: str, module_type: str, params: int,
                site: Tuple, op: Optional[str] = None, frame=None, inputs_require_grad: Optional[bool] = None,
-               upstream: Optional[List[str]] = None) -> None:
+               upstream: Optional[Callable[[], List[str]]] = None,
+               passes_input: Optional[Callable[[], bool]] = None) -> None:
+        """Note a cut; ``upstream`` / ``passes_input`` are asked only the first time its site is seen."""
         pass_name = self.pass_name()
         key = (module, kind, op, pass_name, site)
         tick = self.tick()
@@ -229,7 +150,8 @@ class CutLog:
         self.by_seq[seq] = Cut(kind=kind, module=module, op=op, location=user, library_location=library,
                                inputs_require_grad=inputs_require_grad, pass_name=pass_name,
                                module_type=module_type, params=params, seq=seq,
-                               upstream=upstream() if callable(upstream) else upstream)
+                               upstream=upstream() if callable(upstream) else upstream,
+                               passes_input=passes_input() if callable(passes_input) else passes_input)
         self.index[key] = seq
         self.key_of[seq] = key
         self.by_pass.setdefault(pass_name, []).append(seq)
@@ -278,19 +200,24 @@ class ModuleCutDetector:
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
                  trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None,
-                 forward: Optional[Any] = None):
+                 forward: Optional[Any] = None, forward_values=None, hooks_only: bool = False):
         self.log = log
         self.names_by_id = names_by_id or {}  # watched parameters: what a parameter-free cut has upstream
         # The watched model's forward (hookless.ForwardOutputs): told when a trainable module runs with
         # grad outside it, which a hookless reading of the backward would not see.
         self.forward = forward
+        self.forward_values = forward_values  # a forward_values.ForwardValues, or None
         self.regions = module_calls.Regions()
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
         self.sites: List["ModuleSite"] = []
+        self.wrapped_root: Optional["ModuleSite"] = None  # the root's site, when a wrapper sees its calls
         modules = named_modules(root) if modules is None else modules  # a walk already made
-        self.use_hooks = module_calls.needs_hooks(root, modules)
+        # hooks_only (cuts="ops"): the op mode's own hooks put every module call on the slow path anyway,
+        # and under torch.compile a forward wrapper is compiled apart from the module call, which then
+        # stays on the stack around the compiled kernels, whose ops the mode would take for cuts.
+        self.use_hooks = hooks_only or module_calls.needs_hooks(root, modules)
         counts = trainable_counts(root, modules, trainable)
         for name, module in modules:
             self.modules.append((name, module, counts.get(name, 0)))
@@ -303,13 +230,15 @@ class ModuleCutDetector:
         for name, module, trainable in self.modules:
             site = ModuleSite(self, name, module, trainable)
             self.sites.append(site)
-            module_calls.observe(hooks, module, site, self.use_hooks)
+            if module_calls.observe(hooks, module, site, self.use_hooks) and site.root:
+                self.wrapped_root = site
 
     def retire(self) -> None:
         """The watch ended: a wrapper left inside a ``forward`` the user replaced (or on a copy) records nothing."""
         for site in self.sites:
             site.retire()
         self.sites = []
+        self.wrapped_root = None
 
 
 class ModuleSite:
@@ -321,7 +250,7 @@ class ModuleSite:
     """
 
     __slots__ = ("detector", "log", "name", "module_type", "trainable", "root", "stamps", "tick", "outside",
-                 "outputs", "regions", "live")
+                 "outputs", "regions", "check_values", "around", "live")
 
     def __init__(self, detector: ModuleCutDetector, name: str, module: nn.Module, trainable: int):
         self.detector = detector
@@ -339,14 +268,18 @@ class ModuleSite:
         # ... and, at the root, the forward itself (its depth, and its outputs).
         self.outputs = detector.forward if not name else None
         self.regions: Optional[module_calls.Regions] = detector.regions
+        # forward_values: NaN/Inf flags of each output made with grad, kept on the device
+        # (capture/forward_values.py); called as check_values(module, args, kwargs, output).
+        forward_values = detector.forward_values
+        self.check_values = forward_values.for_module(name, module) if forward_values is not None else None
+        # At the root, seen through its wrapper: (begin, end) called around each call, in place of forward
+        # pre- and always-called hooks that would send the model's call down Module.__call__'s slow path.
+        self.around = None
         self.live = True
-
-    def __deepcopy__(self, memo) -> "ModuleSite":
-        return self  # a deep-copied model's wrappers record into this watch (as copied hooks did)
 
     def retire(self) -> None:
         self.live = False
-        self.stamps = self.outside = self.outputs = self.regions = None
+        self.stamps = self.outside = self.outputs = self.regions = self.check_values = self.around = None
 
     # ---- the judgments ----------------------------------------------------------------------------
     def after_grad(self, args, kwargs, output) -> None:
@@ -375,7 +308,7 @@ class ModuleSite:
         if not _inputs_require_grad(args, kwargs):
             return
         kind = "detach" if _floating_output(output) else "non_differentiable"
-        self._record(kind, args, kwargs, None)
+        self._record(kind, args, kwargs, None, output)
 
     def after_no_grad(self, args, kwargs, output) -> None:
         """A call with grad disabled (a region's root, or any call of a second thread)."""
@@ -392,7 +325,7 @@ class ModuleSite:
                                 inputs_require_grad=_segment_inputs_require_grad(segment))
                 return
         kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
-        self._record(kind, args, kwargs, segment)
+        self._record(kind, args, kwargs, segment, output)
 
     def after_root(self, output) -> None:
         """A call of the watched model itself ended."""
@@ -402,9 +335,10 @@ class ModuleSite:
         if self.outputs is not None:
             self.outputs.mark(output)
 
-    def _record(self, kind: str, args, kwargs, segment) -> None:
+    def _record(self, kind: str, args, kwargs, segment, output) -> None:
         # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
-        caller = checkpoint_caller(segment) if kind == "checkpoint" else _caller_frame()
+        # (module_caller steps over Module.__call__ and gradtrace's own frames: the wrapper, this site.)
+        caller = checkpoint_caller(segment) if kind == "checkpoint" else module_caller(sys._getframe(1))
         site = (caller.f_code, caller.f_lineno) if caller is not None else None
         inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
         # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
@@ -412,14 +346,24 @@ class ModuleSite:
         names_by_id = self.detector.names_by_id
         upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
             if not self.trainable and kind in ("detach", "non_differentiable") else None
+        # ... and one that hands a grad-carrying input back detached is a real cut (Cut.passes_input).
+        passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
+            if not self.trainable and kind == "detach" else None
         self.log.record(kind, self.name, self.module_type, self.trainable, site, frame=caller,
-                        inputs_require_grad=inputs, upstream=upstream)
+                        inputs_require_grad=inputs, upstream=upstream, passes_input=passes_input)
 
     # ---- as a forward hook (module_calls.observe's other way) ------------------------------------------
     def hook(self, module, args, kwargs, output) -> None:
         if self.root and self.outputs is not None:
             self.outputs.depth -= 1  # counted in by the pre-hook; this hook is always called
+        if _dynamo_compiling():  # torch.compile is tracing: nothing to record at trace time (as the wrappers)
+            if self.root and self.outputs is not None:
+                module_calls.compiled_call(self)
+            return
         if is_grad_enabled():
+            check_values = self.check_values
+            if check_values is not None and output is not None:  # (None: the root's forward raised)
+                check_values(module, args, kwargs, output)
             self.after_grad(args, kwargs, output)
         else:
             regions = self.regions
@@ -439,6 +383,28 @@ def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:
             if isinstance(item, torch.Tensor) and item.requires_grad:
                 found |= reachable_params(item, names_by_id)[0]
     return sorted(found)
+
+
+def _passes_input_through(args, kwargs, output) -> bool:
+    """Does an output share storage with an input that requires grad? (``x.detach()`` and ``x.data`` do;
+    fresh data computed from an input's shape or dtype, like rotary cos/sin, does not.)"""
+    inputs = {t.untyped_storage().data_ptr() for t in _shallow_tensors((args, kwargs)) if t.requires_grad}
+    return any(t.untyped_storage().data_ptr() in inputs for t in _shallow_tensors((output,)))
+
+
+def _shallow_tensors(values) -> List[torch.Tensor]:
+    """Tensors in ``values`` and one level into their tuples, lists and dicts."""
+    found = []
+    for value in values:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list)):
+                found.extend(t for t in item if isinstance(t, torch.Tensor))
+            elif isinstance(item, dict):
+                found.extend(t for t in item.values() if isinstance(t, torch.Tensor))
+    return found
 
 
 def _segment_inputs_require_grad(segment) -> bool:

@@ -22,6 +22,8 @@ DTensor), where tensor hooks do not fire.
 """
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -29,6 +31,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+__all__ = ["ModuleHook", "LeftBehind", "HookBatch", "ParamHooks", "HookSnapshot", "is_plain", "keep_last",
+           "restore"]
 
 # The containers ``Tensor.register_hook`` / ``register_post_accumulate_grad_hook`` create.
 _CONTAINERS = ("_backward_hooks", "_post_accumulate_grad_hooks")
@@ -41,6 +46,44 @@ def _none_containers(tensor: torch.Tensor) -> List[str]:
 def is_plain(tensor: torch.Tensor) -> bool:
     """A plain tensor or parameter, not a subclass (DTensor): its hooks can go straight into its containers."""
     return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+class ModuleHook(functools.partial):
+    """A gradtrace hook in a module's hook dicts: it works on the module it was put on, nowhere else.
+
+    ``copy.deepcopy(model)`` inside a watch (a reference or EMA model) copies the
+    module's hook dicts, and ``torch.save(model)`` / ``pickle`` pickle them. A
+    copy gets a :class:`LeftBehind` instead of the hook: picklable, holding
+    nothing of the trace, and gone from the copy the first time the copy runs.
+    (A ``functools.partial``: called from C, it adds no Python frame per call.)
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return LeftBehind, ()
+
+    def __copy__(self) -> "LeftBehind":
+        return LeftBehind()
+
+    def __deepcopy__(self, memo) -> "LeftBehind":
+        return LeftBehind()
+
+
+class LeftBehind:
+    """What a copied or unpickled module holds where gradtrace's hook was: it does nothing, and on its
+    first call takes itself out of the module's hook dicts (so the copy's forward is fast again)."""
+
+    __slots__ = ("__weakref__",)
+
+    def __call__(self, module: nn.Module, *rest: Any) -> None:
+        if sys.exc_info()[0] is not None:
+            return  # called while a forward raises: torch walks the live dict, which must not change now
+        dicts = [d for name, d in vars(module).items() if name.startswith("_forward") and isinstance(d, dict)]
+        mine = [key for d in dicts for key, value in list(d.items()) if value is self]
+        for d in dicts:  # the hook dicts and their with_kwargs / always_called companions
+            for key in mine:
+                d.pop(key, None)
 
 
 class HookSnapshot:
@@ -110,7 +153,7 @@ class HookBatch:
     def tensor_hook(self, tensor: torch.Tensor, hook: Callable) -> int:
         """``tensor.register_hook(hook)``; the hook's id."""
         if not is_plain(tensor) or not tensor.requires_grad:
-            handle = tensor.register_hook(hook)  # its own checks and errors, and __torch_function__
+            handle = tensor.register_hook(_unserializable(hook))  # its checks and errors, and __torch_function__
             self._entries.append((handle,))
             return handle.id
         hooks = tensor._backward_hooks
@@ -120,14 +163,14 @@ class HookBatch:
             if tensor.grad_fn is not None:
                 tensor.grad_fn._register_hook_dict(tensor)
         hook_id = self._new_id()
-        hooks[hook_id] = hook
+        hooks[hook_id] = _unserializable(hook)
         self._entries.append((hooks, hook_id))
         return hook_id
 
     def forward_hook(self, module: nn.Module, hook: Callable, always_call: bool = False) -> None:
         """``module.register_forward_hook(hook, with_kwargs=True, always_call=always_call)``."""
         hook_id = self._new_id()
-        module._forward_hooks[hook_id] = hook
+        module._forward_hooks[hook_id] = ModuleHook(hook)
         module._forward_hooks_with_kwargs[hook_id] = True
         extra = [module._forward_hooks_with_kwargs]
         if always_call:
@@ -138,7 +181,7 @@ class HookBatch:
     def forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
         """``module.register_forward_pre_hook(hook, with_kwargs=True)``."""
         hook_id = self._new_id()
-        module._forward_pre_hooks[hook_id] = hook
+        module._forward_pre_hooks[hook_id] = ModuleHook(hook)  # a copy of the module gets a LeftBehind
         module._forward_pre_hooks_with_kwargs[hook_id] = True
         self._entries.append((module._forward_pre_hooks, hook_id, module._forward_pre_hooks_with_kwargs))
 
@@ -168,6 +211,16 @@ class HookBatch:
         self._entries.clear()
 
 
+def _unserializable(hook: Callable) -> Callable:
+    """Mark a tensor hook as torch's ``unserializable_hook`` does: pickling a watched parameter
+    (``torch.save(model)`` inside a watch) then leaves it out without a warning per parameter."""
+    try:
+        hook.__torch_unserializable__ = True  # type: ignore[attr-defined]
+    except AttributeError:  # a bound method or builtin: torch warns that it is not saved, which is true
+        pass
+    return hook
+
+
 class ParamHooks:
     """gradtrace's tensor hook on each watched parameter, put in and taken out while the watch is open.
 
@@ -183,7 +236,7 @@ class ParamHooks:
 
     def __init__(self, params: List[torch.Tensor], hooks: List[Callable]):
         self.params = params
-        self.hooks = hooks
+        self.hooks = [_unserializable(hook) for hook in hooks]  # torch.save(model) inside the watch works
         self.ids: List[Optional[int]] = [None] * len(params)  # the RemovableHandle id while in
         self.holds = [0] * len(params)
         self._handles: Dict[int, RemovableHandle] = {}  # subclass parameters: through register_hook
@@ -277,20 +330,13 @@ def keep_last(tensor: torch.Tensor, hook_id: int) -> bool:
     ``torch.autograd.grad`` hands back: moved last, gradtrace sees that value.
     Called between engine runs, never while the engine walks the container.
     """
-    hooks = getattr(tensor, "_backward_hooks")
+    hooks = tensor._backward_hooks
     if hooks is None or len(hooks) < 2 or next(reversed(hooks)) == hook_id or hook_id not in hooks:
         return True
     # Re-inserted, not move_to_end(): the engine walks the dict's own storage, which only a
     # re-insertion reorders (the OrderedDict's linked list is not what C++ iterates).
     hooks[hook_id] = hooks.pop(hook_id)
     return False
-
-
-def snapshot(params: Iterable[torch.Tensor]) -> HookSnapshot:
-    """Call before registering hooks on ``params``; add later tensors with ``note``."""
-    state = HookSnapshot()
-    state.hold(params)
-    return state
 
 
 def restore(state: HookSnapshot) -> None:

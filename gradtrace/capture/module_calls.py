@@ -8,9 +8,10 @@ else gradtrace does. An instance attribute ``module.forward`` keeps the fast pat
 wrapper is a ``functools.partial`` of a module-level function over (site, module),
 so it is cheap to call and survives the ways a model is copied:
 
-* ``copy.deepcopy(model)`` copies the partial with its module argument rebound
-  to the copy (the site, deep-copied as itself, still records into this watch:
-  what copied forward hooks did);
+* ``copy.deepcopy(model)``, ``pickle`` and ``torch.save(model)`` inside a watch
+  give the copy a :class:`LeftBehindForward` instead (as ``hook_state.ModuleHook``
+  gives copied hooks a ``LeftBehind``): it holds nothing of the trace, records
+  nothing, and takes itself out of the copy at its first call;
 * ``inspect.signature(module.forward)`` follows ``__wrapped__`` to the forward it
   replaced (transformers and TRL read forward signatures);
 * a module whose ``forward`` was already an instance attribute is wrapped on top
@@ -35,6 +36,7 @@ second thread entering a module without grad is judged call by call, as before.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 from typing import Optional
@@ -42,9 +44,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._torch_compat import global_module_hooks_registered
 from .hook_state import HookBatch
 
 is_grad_enabled = torch.is_grad_enabled
+# True only while torch.compile traces: the wrappers then only call through (as opcuts' mode steps aside):
+# recording at trace time would be wrong, and tracing the judging and checks breaks the graph.
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 get_ident = threading.get_ident
 Tensor = torch.Tensor
 
@@ -58,29 +64,82 @@ class Regions:
         self.thread: Optional[int] = None
 
 
-def observe(batch: HookBatch, module: nn.Module, site, use_hooks: bool) -> None:
-    """Make ``site`` see every call of ``module``: a ``forward`` wrapper, or forward hooks (``use_hooks``)."""
+class ForwardWrapper(functools.partial):
+    """gradtrace's ``module.forward``: a partial over (site, [the forward it wraps,] module).
+
+    A copy of the module (deepcopy, pickle, torch.save) gets a :class:`LeftBehindForward`
+    in its place: copying the site would copy the trace, and it would record the copy's
+    calls as the watched model's.
+    """
+
+    __slots__ = ()
+
+    def _parts(self):
+        module = self.args[-1]
+        previous = self.args[1] if len(self.args) == 3 else None
+        return module, previous
+
+    def __reduce__(self):
+        return LeftBehindForward, self._parts()
+
+    def __copy__(self) -> "LeftBehindForward":
+        return LeftBehindForward(*self._parts())
+
+    def __deepcopy__(self, memo) -> "LeftBehindForward":
+        module, previous = self._parts()
+        return LeftBehindForward(copy.deepcopy(module, memo), copy.deepcopy(previous, memo))
+
+
+class LeftBehindForward:
+    """What a copied module holds where gradtrace's forward wrapper was: at its first call it puts
+    back the forward the wrapper stood over (the class's, or an instance forward) and calls it."""
+
+    __slots__ = ("module", "previous", "__weakref__")
+
+    def __init__(self, module: nn.Module, previous=None):
+        self.module = module
+        self.previous = previous
+
+    @property
+    def __wrapped__(self):  # what inspect.signature follows, as on the wrapper
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+
+    def __reduce__(self):
+        return LeftBehindForward, (self.module, self.previous)
+
+    def __call__(self, *args, **kwargs):
+        module, previous = self.module, self.previous
+        if module.__dict__.get("forward") is self:
+            if previous is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = previous
+        return (previous if previous is not None else type(module).forward.__get__(module))(*args, **kwargs)
+
+
+def observe(batch: HookBatch, module: nn.Module, site, use_hooks: bool) -> bool:
+    """Make ``site`` see every call of ``module``: a ``forward`` wrapper (True), or forward hooks (False;
+    ``use_hooks``)."""
     if not use_hooks and not module._forward_hooks and not module._forward_pre_hooks:
         previous = module.__dict__.get("forward")
         if previous is None:
-            wrapper = functools.partial(_class_forward_root if site.root else _class_forward, site, module)
+            wrapper = ForwardWrapper(_class_forward_root if site.root else _class_forward, site, module)
             wrapper.__wrapped__ = module.forward  # what inspect.signature follows
         else:
-            wrapper = functools.partial(_instance_forward_root if site.root else _instance_forward,
-                                        site, previous, module)
+            wrapper = ForwardWrapper(_instance_forward_root if site.root else _instance_forward,
+                                     site, previous, module)
             wrapper.__wrapped__ = previous
         if batch.forward_wrapper(module, wrapper):
-            return
+            return True
     if site.root and site.outputs is not None:
         batch.forward_pre_hook(module, site.outputs.pre_hook())
     batch.forward_hook(module, site.hook, always_call=site.root and site.outputs is not None)
+    return False
 
 
 def needs_hooks(root: nn.Module, modules) -> bool:
     """Must every module of this model be seen through forward hooks (see the module docstring)?"""
-    from torch.nn.modules import module as module_py
-
-    if module_py._global_forward_hooks or module_py._global_forward_pre_hooks:
+    if global_module_hooks_registered():
         return True
     return any(isinstance(m, nn.DataParallel) or getattr(m, "_is_replica", False) for _, m in modules)
 
@@ -88,13 +147,18 @@ def needs_hooks(root: nn.Module, modules) -> bool:
 # ---- the wrappers (module-level functions: a partial of one deep-copies with its module) ------------------
 #
 # The parameter holding the module is named ``self``: reentrant checkpointing of a module's ``forward``
-# finds the checkpointed module in that frame's ``self`` (cuts.checkpoint_on_stack), as it would in the
+# finds the checkpointed module in that frame's ``self`` (frames.checkpoint_on_stack), as it would in the
 # class's forward.
 
 
 def _class_forward(site, self, *args, **kwargs):
+    if _dynamo_compiling():
+        return self.__class__.forward(self, *args, **kwargs)
     if is_grad_enabled():
         out = self.__class__.forward(self, *args, **kwargs)
+        check_values = site.check_values  # forward_values' NaN/Inf flags (capture/forward_values.py)
+        if check_values is not None:
+            check_values(self, args, kwargs, out)
         if out.__class__ is Tensor and out.requires_grad:  # the common case, inlined
             stamps = site.stamps
             if stamps is not None:
@@ -112,8 +176,13 @@ def _class_forward(site, self, *args, **kwargs):
 
 
 def _instance_forward(site, previous, self, *args, **kwargs):
+    if _dynamo_compiling():
+        return previous(*args, **kwargs)
     if is_grad_enabled():
         out = previous(*args, **kwargs)
+        check_values = site.check_values
+        if check_values is not None:
+            check_values(self, args, kwargs, out)
         site.after_grad(args, kwargs, out)
         return out
     return _no_grad_call(site, previous, args, kwargs)
@@ -140,14 +209,52 @@ def _no_grad_call(site, forward, args, kwargs):
 
 
 def _class_forward_root(site, self, *args, **kwargs):
-    return _root_call(site, functools.partial(_class_forward, site, self), args, kwargs)
+    return _root_call(site, self, functools.partial(_class_forward, site, self), args, kwargs)
 
 
 def _instance_forward_root(site, previous, self, *args, **kwargs):
-    return _root_call(site, functools.partial(_instance_forward, site, previous, self), args, kwargs)
+    return _root_call(site, self, functools.partial(_instance_forward, site, previous, self), args, kwargs)
 
 
-def _root_call(site, call, args, kwargs):
+def _root_call(site, module, call, args, kwargs):
+    if _dynamo_compiling():
+        if site.outputs is not None:
+            compiled_call(site)
+        return call(*args, **kwargs)
+    around = site.around  # what the watched model's own forward hooks would do (unregistered.py's begin/end)
+    if around is None:
+        return _root_body(site, call, args, kwargs)
+    begin, end = around
+    begin(module, args)
+    out = None
+    try:
+        out = _root_body(site, call, args, kwargs)
+    finally:
+        end(module, args, out)  # always called, as the always-called forward hook it stands for
+    return out
+
+
+_COMPILED_CALL = None  # _compiled_model_called behind torch.compiler.disable, made at the first compile
+
+
+def compiled_call(site) -> None:
+    """Called while torch.compile traces the watched model: its compiled code calls none of the wrappers
+    (no output marked for hookless reading, no trainable module stamped), so every call of the compiled
+    model puts the parameter hooks back in for the backward to come. (Made lazily: torch.compiler.disable
+    imports dynamo, seconds, which only a compile has already paid for; the call is one graph break.)"""
+    global _COMPILED_CALL
+    if _COMPILED_CALL is None:
+        _COMPILED_CALL = torch.compiler.disable(_compiled_model_called)
+    _COMPILED_CALL(site)
+
+
+def _compiled_model_called(site) -> None:
+    outputs = site.outputs
+    if outputs is not None:
+        outputs.ran_outside()  # hooks back in (hookless.HooklessRuns.relearn)
+
+
+def _root_body(site, call, args, kwargs):
     outputs = site.outputs
     if outputs is None:
         out = call(*args, **kwargs)

@@ -25,12 +25,15 @@ with ``argmax`` for logging is no cut: its result never comes back.
 Outside any module forward, only inputs with autograd history (non-leaf
 tensors) count: a parameter read outside a forward is bookkeeping (optimizer
 steps, EMA, logging). Ops inside a module that was itself called with grad
-disabled are left to the module-level detector, which has that call already;
-so is the inside of a custom ``autograd.Function``'s forward (no grad by
-design: the Function brings its own backward).
+disabled are left to the module-level detector, which has that call already.
+Ops inside a custom ``autograd.Function``'s forward run without grad by design
+(the Function brings its own backward): what they make is the Function's
+output, which ``Function.apply`` then gives a history, so a carried tensor that
+requires grad by the time it is used is dropped, never recorded.
 
 A cut names the innermost watched module whose call is on the Python stack
-(``""`` is the root, or no module at all) and the user's line (``cuts.user_location``).
+(``""`` is the root, or no module at all) and the user's line
+(``frames.user_location``); whose code a frame runs is ``frames``' one rule.
 
 Cost: the common op (no candidate alive, output requires grad) returns after
 one call and two attribute reads. Forward pre-hooks and forward hooks only
@@ -42,7 +45,6 @@ module hooks) is recognised by its frames.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
 import weakref
@@ -52,19 +54,21 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._torch_compat import (MODULE_CALL_CODE, function_mode_stack, pop_function_mode, push_function_mode,
-                             current_autograd_node, saved_tensors)
+from .._torch_compat import function_mode_stack, pop_function_mode, push_function_mode, current_autograd_node, \
+    saved_tensors
 from ..records import NonfiniteOrigin
-from .cuts import CutLog, short_path, user_location
+from .cuts import CutLog
+from .frames import GRADTRACE, called_by_gradtrace, first_outside_machinery, innermost_module, kind_of, \
+    short_path, user_location
+from .hook_state import ModuleHook
 from .modules import named_modules
+
+__all__ = ["OpCutMode", "NonfiniteOrigins", "op_name"]
 
 _Tensor = torch.Tensor
 _Size = torch.Size
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_GRADTRACE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not capture/
 _THIS_FILE = __file__
-_CALL_IMPL = MODULE_CALL_CODE
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 is_grad_enabled = torch.is_grad_enabled
 is_inference_mode_enabled = torch.is_inference_mode_enabled
 
@@ -204,6 +208,10 @@ class _CutMode(TorchFunctionMode):
         self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _dynamo_compiling():
+            # True only while torch.compile traces this call: the mode stays out of compiled graphs
+            # (recording at trace time would be wrong, and its frame walks would break the graph).
+            return func(*args, **kwargs) if kwargs else func(*args)
         owner = self.owner
         if owner.pending:
             return owner.follow(func, args, kwargs or {})
@@ -253,8 +261,9 @@ class OpCutMode:
     def attach(self, register: Callable) -> "_Pushed":
         """Register the module hooks with ``register``; return the context that pushes the mode."""
         for _, module in self.modules:
-            register(module.register_forward_pre_hook(self._enter))
-            register(module.register_forward_hook(self._leave, always_call=True))
+            # ModuleHook: a copy of the model (deepcopy, pickle) gets inert stand-ins, never this mode.
+            register(module.register_forward_pre_hook(ModuleHook(self._enter)))
+            register(module.register_forward_hook(ModuleHook(self._leave), always_call=True))
         return _Pushed(self)
 
     def _enter(self, module, args) -> None:
@@ -303,6 +312,11 @@ class OpCutMode:
         for t in _arguments(args, kwargs):
             entry = pending.get(id(t))
             if entry is not None:
+                if t.requires_grad:
+                    # Made without a gradient, given a history afterwards: a custom autograd Function's
+                    # output (its forward runs without grad by design; the Function brings the backward).
+                    del pending[id(t)]
+                    continue
                 carried = entry[1]
                 break
         if carried is None:
@@ -323,7 +337,7 @@ class OpCutMode:
         if _requires_grad(out):
             self._record(carried)  # it rejoined a graph: the gradient it would have carried is lost
             self.origins.watch_node(func, next(t for t in _tensors(out) if t.requires_grad), sys._getframe(1))
-        elif _called_by_gradtrace(sys._getframe(1)):
+        elif called_by_gradtrace(_op_caller(sys._getframe(1))):
             self._record(carried)  # registered with trace.tensor
         else:
             self._carry(out, carried)
@@ -339,10 +353,10 @@ class OpCutMode:
                 return None  # .grad, .shape, .T ...: attribute reads are not cuts, except .data
         elif name in _FRESH:
             return None
-        site = _site_frame(frame, inside_function_ok=kind in ("detach", "non_differentiable"))
+        site = _site_frame(frame)
         if site is None:
-            return None  # gradtrace's own work, or the inside of a custom autograd Function's forward
-        module = self._innermost_module(frame)
+            return None  # gradtrace's own work
+        module = innermost_module(frame, self.module_names)
         if module is None and grad_in < 2:
             return None  # a parameter read outside any forward: optimizer, EMA, logging
         return _Candidate(kind, self.module_names[id(module)] if module is not None else "",
@@ -364,17 +378,6 @@ class OpCutMode:
         self.log.record(candidate.kind, candidate.module, candidate.module_type, candidate.params,
                         candidate.site, op=candidate.op, frame=candidate.place)
 
-    def _innermost_module(self, frame) -> Optional[nn.Module]:
-        """The innermost watched module whose call is on the stack (its forward or its hooks are running)."""
-        names = self.module_names
-        while frame is not None:
-            if frame.f_code is _CALL_IMPL:
-                module = frame.f_locals.get("self")
-                if module is not None and id(module) in names:
-                    return module
-            frame = frame.f_back
-        return None
-
     def _trainable_in(self, module: Optional[nn.Module]) -> int:
         if module is None:
             return len(self.names_by_id)
@@ -394,39 +397,19 @@ def _forget(pending: dict, key: int):
     return forget
 
 
-def _site_frame(frame, inside_function_ok: bool = True):
-    """The first frame outside torch (past this file's), or None when the op is not the user's.
-
-    None when that frame is gradtrace's own, and, unless ``inside_function_ok``,
-    when the op runs inside a custom autograd Function's forward.
-    """
+def _op_caller(frame):
+    """The frame that called the op: past this file's own frames (the mode's plumbing)."""
     while frame is not None and frame.f_code.co_filename == _THIS_FILE:
         frame = frame.f_back
-    site = None
-    while frame is not None:
-        code = frame.f_code
-        if site is None:
-            filename = code.co_filename
-            if not (filename.startswith(_TORCH_DIR) or filename.startswith("<frozen")):
-                if filename.startswith(_GRADTRACE_DIR) and not filename.endswith("demo.py"):
-                    return None  # gradtrace's own work (its demo plays the user's code)
-                site = frame
-                if inside_function_ok:
-                    return site
-        if code is _FUNCTION_APPLY:
-            return None
-        frame = frame.f_back
+    return frame
+
+
+def _site_frame(frame):
+    """The op's site: the first frame outside torch and Python; None when that is gradtrace's own work."""
+    site = first_outside_machinery(_op_caller(frame))
+    if site is None or kind_of(site.f_code.co_filename) == GRADTRACE:
+        return None
     return site
-
-
-def _called_by_gradtrace(frame) -> bool:
-    """Is the first frame outside torch (past this file's) gradtrace's own?"""
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename != _THIS_FILE and not filename.startswith(_TORCH_DIR):
-            return filename.startswith(_GRADTRACE_DIR)
-        frame = frame.f_back
-    return False
 
 
 class _Pushed:
@@ -485,10 +468,15 @@ class NonfiniteOrigins:
         # (pass, info, node name, (produced, incoming) counts, device vector of float64 sums)
         self.flags: List[Tuple[Optional[str], tuple, str, Tuple[int, int], "torch.Tensor"]] = []
         self.enabled = True
+        self.forward_values = None  # a forward_values.ForwardValues: op outputs checked for NaN/Inf too
 
     def watch_node(self, func, out: torch.Tensor, frame) -> None:
-        if getattr(func, "__name__", None) in _ROUTING_OPS:
-            return  # its backward only moves gradients around: it cannot turn finite ones into NaN/Inf
+        name = getattr(func, "__name__", None)
+        # Its backward only moves gradients around: it cannot turn finite ones into NaN/Inf. (Its forward
+        # can still overflow, for the forward check below, when it adds up.)
+        routing = name in _ROUTING_OPS
+        if routing and (self.forward_values is None or name not in _CAN_OVERFLOW):
+            return
         node = out.grad_fn
         if node is None:
             return
@@ -496,6 +484,10 @@ class NonfiniteOrigins:
         if site is None:
             return  # gradtrace's own work
         info = (op_name(func), module, site.f_code.co_filename, site.f_lineno, weakref.ref(out))
+        if self.forward_values is not None:  # forward_values: the op's output checked for NaN/Inf on the device
+            self.forward_values.check_op(info, out)
+        if routing:
+            return
         # The hook must not hold the node (a cycle through C++ that no GC can break): the engine names it.
         node.register_hook(functools.partial(self._on_node, info))
 
@@ -504,14 +496,8 @@ class NonfiniteOrigins:
         site = _site_frame(frame)
         if site is None:
             return None, ""
-        names = self.module_names
-        while frame is not None:
-            if frame.f_code is _CALL_IMPL:
-                module = frame.f_locals.get("self")
-                if module is not None and id(module) in names:
-                    return site, names[id(module)]
-            frame = frame.f_back
-        return site, ""
+        module = innermost_module(frame, self.module_names)
+        return site, "" if module is None else self.module_names[id(module)]
 
     def _on_node(self, info, grad_inputs, grad_outputs) -> None:
         if not self.enabled:
@@ -561,6 +547,11 @@ _ROUTING_OPS = frozenset({
     "where", "sum", "repeat", "repeat_interleave", "roll", "flip", "tril", "triu", "gather", "index_select",
     "embedding", "pad", "dropout", "detach",
 })
+
+
+# Routing ops whose forward can still overflow (a float16 residual sum past 65504).
+_CAN_OVERFLOW = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
+                           "__isub__", "sub_", "sum"})
 
 
 def _origin(pass_name, info, node_name: str, forward: str) -> NonfiniteOrigin:

@@ -41,6 +41,9 @@ from .._torch_compat import flatten_dense_tensors, foreach_norm
 from ..records import OptimizerRecord
 
 SAMPLE = 16  # elements sampled per parameter, evenly spaced over its flattened values
+# Per stepped parameter, over its sampled elements: with a nonzero gradient, of those left bitwise
+# unchanged, ||update||^2, ||weight||^2, finite weights (with finite gradients) the step made NaN/Inf.
+STAT_COLUMNS = 5
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class PendingStep:
     lrs: List[Optional[float]]
     pass_name: Optional[str]
     stepped: List[int] = field(default_factory=list)  # indices measured, in the order of ``stats`` rows
-    stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, 4) float64
+    stats: List[torch.Tensor] = field(default_factory=list)  # per device: (n, STAT_COLUMNS) float64
     scale: Optional[torch.Tensor] = None
     grad_sq: List[torch.Tensor] = field(default_factory=list)
     any_grad: bool = True  # some watched parameter it owns had a .grad
@@ -193,10 +196,13 @@ class OptimizerObserver:
                 after = self._sample_weights(group)
                 moved = grad != 0
                 unchanged = moved & (after == weight)
+                # Finite weights and gradients the step made NaN/Inf: the update itself overflowed.
+                broken = ~torch.isfinite(after) & torch.isfinite(weight) & torch.isfinite(grad)
                 update = after.to(torch.float64) - weight.to(torch.float64)
+                update = torch.where(broken | ~torch.isfinite(update), 0.0, update)
                 columns = torch.stack([moved.to(torch.float64), unchanged.to(torch.float64), update * update,
-                                       weight.to(torch.float64).square()], dim=1)
-                stats = torch.zeros(len(group.order), 4, dtype=torch.float64, device=columns.device)
+                                       weight.to(torch.float64).square(), broken.to(torch.float64)], dim=1)
+                stats = torch.zeros(len(group.order), STAT_COLUMNS, dtype=torch.float64, device=columns.device)
                 step.stats.append(stats.index_add_(0, group.segment, columns))
                 step.stepped.extend(group.order)
 
@@ -289,7 +295,8 @@ class OptimizerObserver:
             record.steps += 1
             if step.pass_name is not None:
                 record.passes[step.pass_name] = record.passes.get(step.pass_name, 0) + 1
-            moved = _fold_updates(record, step, self.names, self.params)
+            moved, unchanged, ratio = _fold_updates(record, step, self.names, self.params)
+            _note_step(record, step.lrs, ratio, moved, unchanged)
             if not step.any_grad or moved == 0:  # nothing to apply: the step cannot change a weight
                 record.empty_steps += 1
                 record.empty_passes.append(step.pass_name)
@@ -301,6 +308,7 @@ class OptimizerObserver:
 
 
 SCALED_STEPS_KEPT = 64
+NONFINITE_STEPS_KEPT = 8
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -311,19 +319,35 @@ def _squares_by_device(grads: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.stack(foreach_norm(gs)).to(torch.float64).square().sum() for gs in by_device.values()]
 
 
+def _note_step(record: OptimizerRecord, lrs: List[Optional[float]], ratio: Optional[float],
+               moved: Optional[float], unchanged: Optional[float]) -> None:
+    """One step's lr and measured figures into ``record.history`` (the first steps and the newest kept)."""
+    known = [lr for lr in lrs if lr is not None and lr == lr]
+    lr = max(known) if known else None
+    if lr is not None and lr > record.peak_lr:
+        record.peak_lr = lr
+    record.history.append([record.steps, lr, ratio, moved or 0.0, unchanged or 0.0])
+    head, tail = OptimizerRecord.HISTORY_HEAD, OptimizerRecord.HISTORY_TAIL
+    if len(record.history) > head + tail:
+        del record.history[head]
+
+
 def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
-                  params: List[torch.Tensor]) -> Optional[float]:
-    """Fold one step's sampled figures into ``record``; the sampled elements with a nonzero gradient (None:
-    not measured)."""
+                  params: List[torch.Tensor]) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """Fold one step's sampled figures into ``record``: (sampled elements with a nonzero gradient, those the
+    step left unchanged, the whole-step update-to-weight ratio), each None where not measured."""
     if not step.stats:
-        return None
+        return None, None, None
     rows = torch.cat([s.cpu() for s in step.stats]).tolist()
-    total_update = total_weight = moved_total = 0.0
-    drift = []
-    for index, (moved, unchanged, update_sq, weight_sq) in zip(step.stepped, rows):
+    total_update = total_weight = moved_total = unchanged_total = 0.0
+    drift, broken = [], []
+    for index, (moved, unchanged, update_sq, weight_sq, made_nonfinite) in zip(step.stepped, rows):
+        if made_nonfinite:
+            broken.append((names[index], int(made_nonfinite)))
         total_update += update_sq
         total_weight += weight_sq
         moved_total += moved
+        unchanged_total += unchanged
         if moved == 0:
             if update_sq > 0:
                 drift.append(names[index])
@@ -338,7 +362,11 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
         figures[2], figures[3] = update_sq, weight_sq
         if weight_sq > 0:
             figures[4] = max(figures[4], (update_sq / weight_sq) ** 0.5)
-    if total_weight > 0:
-        record.max_ratio = max(record.max_ratio, (total_update / total_weight) ** 0.5)
+    if broken and len(record.nonfinite_steps) < NONFINITE_STEPS_KEPT:
+        record.nonfinite_steps.append([record.steps, step.pass_name, [n for n, _ in broken],
+                                       sum(c for _, c in broken)])
+    ratio = (total_update / total_weight) ** 0.5 if total_weight > 0 else None
+    if ratio is not None:
+        record.max_ratio = max(record.max_ratio, ratio)
     record.drift = drift
-    return moved_total
+    return moved_total, unchanged_total, ratio

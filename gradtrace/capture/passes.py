@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from ..records import PassColumns, PassTrace, TensorGradFacts
+from . import wrappers
 from .reading import AS_LEFT, CHANGED, GradReading, reading_for
 from .stats import Figures, Reduction
+from .zero_values import ZeroValued, to_host
 
 
 class PassEvents(Protocol):
@@ -55,6 +57,9 @@ class Watched:
     events: PassEvents
     # Reduction.figures's grouping, cached per order of parameters: passes of a loop repeat it.
     layouts: Dict[tuple, list] = field(default_factory=dict)
+    # Parameters that may be all zero (a zero-initialised adapter factor): probed as each pass begins.
+    zero_values: Optional[ZeroValued] = None
+    wrapper: Optional["wrappers.Wrapper"] = None  # a distributed wrapper: how .grad is read, what a sync hides
 
 
 class Phase(enum.Enum):
@@ -92,9 +97,23 @@ class Pass:
         self.kinds: List[str] = []
         self.failed: Optional[str] = None
         self.scope = "local"  # PassTrace.scope: set by every .backward() run as it ends
+        self._scopes: List[str] = []  # every .backward() run's scope, in order
+        # Set as the pass's first run starts: did a run without sync leave gradients waiting for the next
+        # synced backward (DDP/FSDP no_sync)? Then a synced pass averages them with its own.
+        self.prior_unsynced: Optional[bool] = None
+        # Finished by whoever opened it (a DeepSpeed engine.backward() call), not when its run ends.
+        self.held = False
+        # Parameters whose figures a wrapper's reading cannot give, and why (the first reason given).
+        self._unknown: Set[int] = set()
+        self.unknown_because: Optional[str] = None
+        self._empty_taken: Set[int] = set()  # figures a reading took from empty shards
         self.expected: Optional[Set[str]] = None  # parameters reachable from tensors registered in the pass
         self.expected_partial = False
-        self._reading: GradReading = reading_for(read_at)
+        wrapper = watched.wrapper
+        self._reading: GradReading = wrapper.reading_for(read_at) if wrapper is not None else reading_for(read_at)
+        bind = getattr(self._reading, "bind", None)  # a strategy that reads on a wrapper's word needs its pass
+        if bind is not None:
+            bind(self)
         self._hits: List[int] = []  # parameter indices, in the order the hooks fired (backward order)
         # The parameter hook's one call: a builtin, so no Python frame per parameter.
         self.hit = self._hits.append
@@ -119,6 +138,11 @@ class Pass:
         self.plain = True
         self.grads_at_start: Optional[List[Optional[torch.Tensor]]] = None
         self.had_hookless_runs = False
+        # The values the pass's forward used, of parameters that may be all zero (read only if a
+        # gradient of the pass is exactly zero: see zero_values.py).
+        zero_values = watched.zero_values
+        self._zero_probe = zero_values.probe() if zero_values is not None else None
+        self.resets: List[Optional[torch.Tensor]] = []  # see note_reset
 
     def __repr__(self) -> str:
         return f"<Pass {self.name!r} {self.phase.value}, {self.runs} runs>"
@@ -131,6 +155,11 @@ class Pass:
     @property
     def hit_count(self) -> int:
         return len(self._hits)
+
+    def hits_from(self, start: int) -> Optional[int]:
+        """The first parameter reached at or after position ``start`` of the hit log (None: none)."""
+        hits = self._hits
+        return hits[start] if len(hits) > start else None
 
     def count_run(self) -> "Pass":
         self.runs += 1
@@ -217,6 +246,7 @@ class Pass:
         if run.accumulates:
             self._backward.update(reached)
             self.scope = scope
+            self._scopes.append(scope)
         if written:
             self.note_written(written)
         if read and (run.accumulates or written):
@@ -256,7 +286,38 @@ class Pass:
             # an in-place edit later (``_foreach_mul_``, an optimizer step after ``p.grad = g``) is not the pass's.
             self._handback_pieces.append((first, self.figures(firsts, ("grad",) + tuple(first))))
 
+    def note_reset(self, zeroed: Optional[torch.Tensor]) -> None:
+        """A run of this pass began after the gradient an earlier run left (no optimizer step since) was
+        cleared: set to None (``zeroed`` None), or changed in place, where ``zeroed`` is a device flag that
+        says whether it was zeroed (read with the pass's record)."""
+        self.resets.append(zeroed)
+
+    def _resets_to_host(self) -> Optional[int]:
+        resets, self.resets = self.resets, []
+        flags = [f for f in resets if f is not None]
+        definite = len(resets) - len(flags)
+        return (definite + (int(sum(to_host(flags))) if flags else 0)) or None
+
+    def read_now(self) -> None:
+        """A wrapper says its reduction of the pass's gradients is over: a strategy that reads then, reads."""
+        take = getattr(self._reading, "take", None)
+        if take is not None:
+            take()
+
     # ---- the reading strategy's view -------------------------------------------------
+    @property
+    def backward_indices(self) -> Set[int]:
+        return self._backward
+
+    def set_empty(self, indices: List[int]) -> None:
+        """The reading's latest word: these parameters' local shard has no element (never "exactly zero")."""
+        self._empty_taken = set(indices)
+
+    def set_unknown(self, indices: List[int], reason: Optional[str]) -> None:
+        """The reading's latest word: these parameters' figures cannot be read in this pass, for ``reason``."""
+        self._unknown = set(indices)
+        self.unknown_because = reason if indices else None
+
     def gain(self, index: int, grad: torch.Tensor) -> torch.Tensor:
         """What ``.grad`` gained in this pass (``grad`` minus its value when the pass first reached it)."""
         base = self._bases.get(index)
@@ -292,7 +353,7 @@ class Pass:
             order=order, hits=hits, via=via, pieces=pieces,
             bases=self.figures([self._bases[i] for i in stale_candidates]) if stale_candidates else None,
             stale_candidates=stale_candidates, cleared=reading.cleared, changed=reading.changed,
-            empty=_empty(now, reading.totals),
+            empty=_empty(now, reading.totals) | self._empty_taken,
             tensor_rows={name: torch.stack(rows) for name, rows in self._tensor_rows.items()})
         self._release()
         self.watched.events.pass_finished(self)
@@ -339,7 +400,11 @@ class Pass:
         if index in self._backward:
             grad, status = self._reading.backward_grad(param, index)
             if grad is None:
-                grad = reading.unknown(param, index)
+                wrapper = self.watched.wrapper
+                if wrapper is not None and self.scope != wrappers.LOCAL and wrapper.holds_none_of(param):
+                    grad = param.new_zeros(0)  # this rank's shard holds none of it: empty, not unknown
+                else:
+                    grad = reading.unknown(param, index)
             elif status == CHANGED:
                 reading.changed.add(index)
             parts.append(self.gain(index, grad) if status in (AS_LEFT, CHANGED) else grad)
@@ -399,7 +464,11 @@ class Pass:
         # Three states kept apart: exactly zero (max |g| is 0, from a gradient really read), cleared
         # (unknown: .grad was gone, or zeroed in place after its run, or a handed-back tensor edited),
         # and empty (an FSDP shard with no element: nothing to be zero).
-        unknown = _members(order, device.cleared) | (_members(order, device.changed) & (max_abs == 0.0) & (bad == 0))
+        hidden, reason = self._unknown_by_wrapper(device)
+        if hidden:  # read, but not this pass's own: no number at all rather than a wrong one
+            grid[_members(order, hidden)] = 0.0
+        unknown = (_members(order, device.cleared | hidden)
+                   | (_members(order, device.changed) & (max_abs == 0.0) & (bad == 0)))
         zero = (max_abs == 0.0) & (bad == 0) & ~unknown & ~_members(order, device.empty)
         hits, via, n = device.hits, device.via, len(order)
         columns = PassColumns(
@@ -410,11 +479,50 @@ class Pass:
         trace = PassTrace.from_columns(columns, name=self.name, params=params, runs=self.runs,
                                        kinds=list(self.kinds), auto=self.auto, kept_grads=self.watched.keep_grads,
                                        step_start=self.step_start, failed=self.failed,
-                                       scope=self.scope if "backward" in self.kinds else "local")
+                                       scope=self.scope if "backward" in self.kinds else "local",
+                                       grads_reset=self._resets_to_host(), unknown_because=reason)
+        probe, self._zero_probe = self._zero_probe, None
+        if probe is not None:  # read while candidates last: a candidate read as nonzero is never probed again
+            zero_valued = self.watched.zero_values.read(probe)
+            if zero.any():
+                trace.zero_valued = [names[i] for i in zero_valued]
         if self.expected is not None:
             trace.expected = sorted(self.expected)
             trace.expected_partial = self.expected_partial
         return trace, {name: _tensor_facts(rows.tolist()) for name, rows in device.tensor_rows.items()}
+
+
+    def _unknown_by_wrapper(self, device: "_DeviceFigures") -> Tuple[Set[int], Optional[str]]:
+        """Parameters whose figures a distributed wrapper put out of reach in this pass, and why.
+
+        A pass's figure is what ``.grad`` gained over it. Around a sync that is exact
+        when the sync averaged only gradients the pass can tell apart: its own, and a
+        ``.grad`` it found already averaged. It is not when the pass found this rank's
+        unsynced gradient (an earlier ``no_sync`` microbatch) and the sync averaged it
+        with the pass's own; nor when the gradient of a pass without sync stays inside
+        the wrapper (FSDP2); nor when a run without sync follows a synced one.
+        """
+        wrapper, unknown, reason = self.watched.wrapper, set(self._unknown), self.unknown_because
+        scopes = self._scopes
+        if wrapper is None or not scopes or not wrapper.syncs():
+            return unknown, reason
+        backward = [i for i in device.order if i in self._backward]
+        found: Set[int] = set()
+        if scopes[-1] == wrappers.LOCAL and any(s != wrappers.LOCAL for s in scopes):
+            found, why = set(backward), wrappers.MIXED_RUNS
+        elif scopes[-1] == wrappers.LOCAL and wrapper.local_figures_hidden():
+            found, why = set(backward), wrappers.LOCAL_HIDDEN
+        elif self.prior_unsynced and wrapper.hides_unsynced():
+            found, why = set(backward), wrappers.INHERITED_HIDDEN
+        elif self.prior_unsynced and scopes[-1] != wrappers.LOCAL and device.bases is not None:
+            # .grad held this rank's unsynced gradient where it was not zero when the pass began
+            found = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
+                     if row[1] != 0.0 or row[2] != 0.0}
+            why = wrappers.INHERITED
+        if found:
+            unknown |= found
+            reason = reason or why
+        return unknown, reason
 
 
 # ``_DeviceFigures.hits`` when every parameter of the pass was reached exactly once.

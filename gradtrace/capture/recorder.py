@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import operator
 import threading
-from typing import Callable, Dict, List, Optional
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,8 +26,10 @@ from . import hook_state
 from .assign import PassAssigner
 from .hookless import HOOKLESS, LEARNING, ForwardOutputs, HooklessRuns, snapshot
 from .reading import RunLeft
+from .optim import _sample
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
+from . import wrappers
 from .wrappers import Wrapper
 
 
@@ -48,6 +51,11 @@ class Recorder:
         self.written_log: List[torch.Tensor] = []
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(watched.params)}
         self.optimizer_stepped = False
+        # What the latest .backward() run left in .grad since the last optimizer step, for one parameter
+        # it reached: (index, a weak reference to that .grad, its version). The next run sees from it
+        # whether zero_grad() ran in between (see ``_check_reset``).
+        self.last_written: Optional[Tuple[int, weakref.ref, int]] = None
+        self.last_scope: Optional[str] = None  # the scope of the latest .backward() run (a wrapper's sync)
         # Each parameter's gradtrace tensor hook, put in and taken out, and the runs read without
         # them (``capture/hookless.py``): made by ``install``.
         self.param_hooks: Optional[hook_state.ParamHooks] = None
@@ -262,12 +270,43 @@ class Recorder:
                 pass_.step_start, self.optimizer_stepped = True, False
             if accumulates is not None:
                 self.settle_kind(run, accumulates)
+            if not nested and accumulates is not False and self.last_written is not None:
+                self._check_reset(pass_)
             self.open_runs[task] = run
+            if run.pass_.prior_unsynced is None:  # the pass's first run: before it adds anything
+                wrapper = self.wrapper
+                run.pass_.prior_unsynced = (self.last_scope == wrappers.LOCAL and wrapper.syncs()
+                                            and wrapper.unsynced_left())
             start = self.starts.pop(task, None) if self.starts else None
             if start is not None:  # the model's output was reached first: a run that may teach its order
                 self._take_start(run, start)
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
+
+    def _check_reset(self, pass_: Pass) -> None:
+        """A run begins: was the gradient the previous run left (no optimizer step since) cleared?
+
+        Set to None is seen at once; changed in place (``zero_grad(set_to_none=False)`` zeroes it, a
+        clip scales it) is told apart by a device flag over a sample of it, read with the pass's record.
+        A .grad replaced by another tensor was the user's own doing: not a reset.
+        """
+        index, ref, version = self.last_written
+        self.last_written = None
+        grad = self.params[index].grad
+        if grad is None:
+            pass_.note_reset(None)
+        elif ref() is grad and grad._version != version:
+            with torch.no_grad():
+                pass_.note_reset(_sample(grad).count_nonzero() == 0)
+
+    def _remember_written(self, run: Run) -> None:
+        """After a .backward() run (and every other end-of-run callback: DDP's reduction writes .grad):
+        what it left in .grad for the first parameter it reached."""
+        index = run.pass_.hits_from(run.start)
+        if index is None:
+            return
+        grad = self.params[index].grad
+        self.last_written = (index, weakref.ref(grad), grad._version) if grad is not None else None
 
     @staticmethod
     def settle_kind(run: Run, accumulates: bool) -> None:
@@ -278,17 +317,20 @@ class Recorder:
         with self.lock:
             self.open_runs.pop(run.task, None)
         pass_ = run.pass_
-        finished_now = pass_.auto and not run.nested and pass_ is not self.passes.orphan
+        finished_now = pass_.auto and not pass_.held and not run.nested and pass_ is not self.passes.orphan
         if run.captured:
             run.captured = [(i, g) for i, g in run.captured if self._saw_last(pass_, i)]
+        scope = self.wrapper.backward_scope() if run.accumulates else None  # now: DDP's no_sync()
+        if scope is not None and not run.nested:
+            self.last_scope = scope
         left = self._run_read(run) if self.hookless is not None and self.hookless.possible else None
-        pass_.end_run(run, self.drain_written(),
-                      scope=self.wrapper.backward_scope() if run.accumulates else None,  # now: DDP's no_sync()
-                      read=not finished_now, left=left,
+        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now, left=left,
                       # Under read_at="run_end", read .grad only after every other end-of-run callback of
                       # this run: DDP queues its finalize_backward (which writes the averaged gradient)
                       # after ours; a callback queued from a callback runs after all of them.
                       later=at_run_end if in_engine else None)
+        if in_engine and run.accumulates and not run.nested:
+            at_run_end(lambda: self._remember_written(run))
         if finished_now:
             if in_engine:
                 # .grad is final only after every other end-of-run callback of this run (DDP's
@@ -359,8 +401,16 @@ class Recorder:
         self.passes.active = pass_
         return pass_
 
+    def begin_held_pass(self) -> Pass:
+        """An automatic pass opened (and later ended) by a wrapper around a backward it sees whole."""
+        pass_ = Pass(self.watched, self.passes.auto_name(True), auto=True)
+        pass_.held = True
+        self.passes.active = pass_
+        return pass_
+
     def on_optimizer_step(self, *args, **kwargs) -> None:
         self.optimizer_stepped = True
+        self.last_written = None  # clearing .grad after a step is how a step ends
 
     def end_pass(self, pass_: Pass) -> None:
         self.passes.release(pass_)

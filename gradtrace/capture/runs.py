@@ -18,10 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .._torch_compat import current_autograd_node, current_graph_task_id, queue_callback, will_engine_execute_node
-
-# The frame every custom autograd Function's backward runs under; an engine run
-# that starts while it is on the stack was started from inside another run.
-_FUNCTION_PY = torch.autograd.function.__file__
+from .frames import function_backward_on_stack
 
 current_task: Callable[[], int] = current_graph_task_id
 
@@ -52,13 +49,7 @@ def started_inside_another_run(depth: int = 2) -> bool:
 
     ``depth`` skips this function's callers inside gradtrace: the walk starts at the hook.
     """
-    frame = sys._getframe(depth)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "apply" and code.co_filename == _FUNCTION_PY:
-            return True
-        frame = frame.f_back
-    return False
+    return function_backward_on_stack(sys._getframe(depth))
 
 
 class Run:

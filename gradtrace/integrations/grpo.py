@@ -23,7 +23,7 @@ generation the step's batch came from, still in group order:
   (NaN everywhere: TRL's ``nansum`` would hide it). Rows are groups, so
   CONSTANT_ROWS gives the fraction of zero-variance groups (TRL's
   ``frac_reward_zero_std``) and NaN rewards are counted apart from it;
-* ``A``: the advantages, grouped (``role="group"``);
+* ``advantages``: the advantages, grouped (``role="group"``);
 * ``completion_mask``: the loss mask (completion mask times tool mask) paired with
   the positions that hold a generated token (up to and including the first
   EOS / padding token), so a misaligned mask shows as MASK_ON_PADDING and a
@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..analysis.tensor_checks import TRUNCATION_FLAGS  # the analysis explains an all-zero one by its name
 from .patching import InstancePatches
 from .steps import StepTracer
 
@@ -53,7 +54,6 @@ __all__ = ["GRPOWiring", "is_grpo_like", "TRUNCATION_FLAGS"]
 REQUIRED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
             "num_generations")
 
-TRUNCATION_FLAGS = "completions kept by mask_truncated_completions"
 
 # Data, never meant to carry a gradient: a cut seen while it was built (generation, scoring) is not its fault.
 DATA = {"expect_grad": False}
@@ -148,7 +148,7 @@ class GRPOWiring:
             tensors.extend(self._rewards_tensors(rewards_per_func.detach(), group))
         advantages = output.get("advantages") if isinstance(output, dict) else None
         if isinstance(advantages, torch.Tensor):
-            tensors.append(("A", _grouped(advantages.detach(), group), GROUP))
+            tensors.append(("advantages", _grouped(advantages.detach(), group), GROUP))
         tensors.extend(self._mask_tensors(output))
         return Generation(tensors)
 

@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from transformers import TrainerCallback
 
+from ..capture.deepspeed_engine import is_deepspeed_engine
 from ..errors import GradtraceError
 from . import grpo
 from .patching import InstancePatches
@@ -177,9 +178,10 @@ class GradtraceCallback(TrainerCallback):
 
     # ---- inside ----------------------------------------------------------------
     def _watched(self, model):
-        """What the Trainer steps with: its DDP wrapper (attached), else the model it hands callbacks."""
+        """What the Trainer steps with: its DDP wrapper or DeepSpeed engine (attached), else the model it hands
+        callbacks. (The wrapper decides what .grad holds; DeepSpeed keeps ZeRO's gradients in the engine.)"""
         wrapped = getattr(self._trainer, "model_wrapped", None) if self._trainer is not None else None
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) or is_deepspeed_engine(wrapped):
             return wrapped
         if model is None and self._trainer is not None:
             model = self._trainer.model

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..analysis.names import describe_params, module_of
+from ..analysis.names import module_of
 from ..errors import GradtraceError
 
 KINDS = ("flow", "coverage", "inner")
@@ -138,17 +138,27 @@ def _width(columns: int) -> float:
 
 
 # ---- flow -------------------------------------------------------------------------------
-def _flow(Figure, trace, chosen) -> "Figure":
+def _flow(Figure, trace, chosen):
+    """Norm per module (log axis), and below it, on a strip of its own, a mark for every module that got
+    nothing, exactly zero or NaN: a mark never sits inside the data range, on top of a real point."""
     modules = _modules(trace.params)
     names = list(modules)
-    figure = Figure(figsize=(_width(len(names)) + 2.5, 5.5), layout="constrained")
-    ax = figure.add_subplot()
-    bars = len(names) * len(chosen) <= MAX_BARS  # few modules: grouped bars; many: one line per pass
+    per_pass = [[_module_norm(p, modules[m]) for m in names] for p in chosen]
+    seen = {state for figures in per_pass for _, state in figures}
+    bars = len(names) * len(chosen) <= MAX_BARS  # few modules: grouped bars; many: one marker row per pass
+    rows = 1 if bars else len(chosen)
+    strip = bool(seen - {OK})
+    figure = Figure(figsize=(_width(len(names)) + 2.5, 5.5 + (0.2 * rows if strip else 0)), layout="constrained")
+    if strip:
+        grid = figure.add_gridspec(2, 1, height_ratios=[5.0, 0.5 + 0.25 * rows])
+        ax = figure.add_subplot(grid[0])
+        marks = figure.add_subplot(grid[1], sharex=ax)
+    else:
+        ax = marks = figure.add_subplot()
     width = 0.8 / len(chosen)
-    any_positive, unreached, seen = False, [], set()
-    for i, p in enumerate(chosen):
+    any_positive, unreached = False, []
+    for i, (p, figures) in enumerate(zip(chosen, per_pass)):
         color = PASS_COLORS[i % len(PASS_COLORS)]
-        figures = [_module_norm(p, modules[m]) for m in names]
         ys = [norm if state == OK and norm > 0 else float("nan") for norm, state in figures]
         any_positive = any_positive or any(y == y for y in ys)
         offset = (i - (len(chosen) - 1) / 2) * width if bars else 0.0
@@ -156,9 +166,11 @@ def _flow(Figure, trace, chosen) -> "Figure":
         if bars:
             ax.bar(x, [0.0 if y != y else y for y in ys], width=width, color=color, label=p.name)
         else:
-            ax.plot(x, ys, color=color, marker="o", markersize=3, linewidth=1.2, label=p.name)
-        _mark_states(ax, x, [state for _, state in figures], row=i if not bars else 0)
-        seen.update(state for _, state in figures)
+            # Markers only: modules are categories, and a line between two of them would mean nothing
+            # (it zig-zags between attention and MLP norms).
+            ax.plot(x, ys, color=color, marker="o", markersize=4, linestyle="none", label=p.name)
+        if strip:
+            _mark_states(marks, x, [state for _, state in figures], row=i if not bars else 0)
         missing = [m for m, (_, state) in zip(names, figures) if state == MISSING]
         if missing:
             unreached.append(f"not reached in {p.name!r}: {_compress(missing)}")
@@ -167,7 +179,13 @@ def _flow(Figure, trace, chosen) -> "Figure":
     else:
         ax.set_yticks([])
         ax.text(0.5, 0.5, "no module received a nonzero gradient", transform=ax.transAxes, ha="center")
-    _ticks(ax.set_xticks, ax.set_xticklabels, names, rotation=90 if len(names) > 8 else 0)
+    if strip:
+        marks.set_ylim(rows - 0.5, -0.5)  # first pass on top
+        marks.set_yticks(range(rows))
+        marks.set_yticklabels([p.name for p in chosen] if not bars else ["state"], fontsize=8)
+        marks.tick_params(axis="y", length=0)
+        ax.tick_params(axis="x", labelbottom=False)
+    _ticks(marks.set_xticks, marks.set_xticklabels, names, rotation=90 if len(names) > 8 else 0)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("gradient norm per module (log)" if any_positive else "gradient norm per module")
     ax.grid(True, which="major", axis="y", alpha=0.3)
@@ -180,13 +198,12 @@ MARKS = ((MISSING, "x", MISSING_COLOR, "not reached"), (ZERO, "v", ZERO_COLOR, "
 
 
 def _mark_states(ax, x: List[float], states: List[int], row: int) -> None:
-    """A mark at the bottom of the axes for every module that got nothing, exactly zero or NaN: never a blank."""
-    height = 0.03 + 0.045 * row  # axes units: one row of marks per line (bars sit above their own marks)
+    """On the state strip: a mark for every module that got nothing, exactly zero or NaN, never a blank."""
     for state, mark, color, _ in MARKS:
         at = [xj for xj, s in zip(x, states) if s == state]
         if at:
-            ax.plot(at, [height] * len(at), linestyle="none", marker=mark, markersize=7, color=color,
-                    markeredgewidth=2, transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.plot(at, [row] * len(at), linestyle="none", marker=mark, markersize=7, color=color,
+                    markeredgewidth=2)
 
 
 def _compress(modules: List[str]) -> str:
@@ -225,7 +242,7 @@ def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen:
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    rows = "under its bar" if bars else "one row per pass"
+    rows = "below its bar" if bars else "one row per pass, below"
     for state, mark, color, text in MARKS:
         if state in seen:  # only the marks the plot shows: a healthy run's plot has no red in it
             handles.append(Line2D([], [], linestyle="none", marker=mark, color=color, markeredgewidth=2))
@@ -239,7 +256,7 @@ def _flow_legend(ax, chosen, all_passes, unreached: List[str], bars: bool, seen:
 
 
 # ---- coverage -----------------------------------------------------------------------------
-def _coverage(Figure, trace, chosen) -> "Figure":
+def _coverage(Figure, trace, chosen):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -263,7 +280,7 @@ def _coverage(Figure, trace, chosen) -> "Figure":
 
 
 # ---- inner products --------------------------------------------------------------------------
-def _inner(Figure, trace) -> "Figure":
+def _inner(Figure, trace):
     summaries = list(trace.inner_products)[-MAX_INNER:]
     if not summaries:
         raise GradtraceError("the trace has no inner products to plot: open it with "

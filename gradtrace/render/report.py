@@ -41,7 +41,7 @@ def report(trace) -> str:
                 _verdicts(verdicts, list(passes))]
     if len(groups) >= 2:
         sections.append(_coverage_by_module(trace, groups))
-    sections += [_top_params(passes), _cuts(trace), _tensors(trace), _row_facts(trace), _scalars(trace),
+    sections += [_top_params(passes), _cuts(trace), _tied(trace), _tensors(trace), _row_facts(trace), _scalars(trace),
                  _inner(trace)]
     # Escaped once, whole: every name, location and message taken from a trace file is in it.
     return safe("\n\n".join(s for s in sections if s) + "\n")
@@ -163,6 +163,22 @@ def _cuts(trace) -> str:
             for c, pass_label, count in _cut_rows(cuts)]
     return "graph cuts (outermost module of each region)\n" + _table(
         rows, ["kind", "module", "op", "pass", "seen", "trainable", "location"])
+
+
+# Tied groups listed in the report; a model with more says how many it left out.
+TIED_SHOWN = 10
+
+
+def _tied(trace) -> str:
+    """Tensors reachable under several names: gradtrace reports each under its first name only."""
+    tied = list(trace.meta.tied_params or ())
+    if not tied:
+        return ""
+    rows = [[", ".join(t.names), "yes" if t.requires_grad else "no (frozen through every name)",
+             "x".join(map(str, t.shape))] for t in tied[:TIED_SHOWN]]
+    more = f"\n(and {len(tied) - TIED_SHOWN} more)" if len(tied) > TIED_SHOWN else ""
+    return ("tied parameters (one tensor under several names; figures are under the first name)\n"
+            + _table(rows, ["names", "trainable", "shape"]) + more)
 
 
 def _cut_rows(cuts):

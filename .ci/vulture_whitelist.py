@@ -48,3 +48,7 @@ tb  # the same
 check_figures_unknown  # unused function (gradtrace/analysis/wrapped.py): a registered verdict check
 check_flat_params  # unused function (gradtrace/analysis/wrapped.py): a registered verdict check
 DIGESTS  # unused variable (gradtrace/distributed.py): read by benchmarks/gather.py for the bytes it reports
+
+# Issue 23 (hookless reading, forward wrappers): read by tests and benchmarks, or by the inspect module.
+_.relearned  # HooklessRuns: how often hooks went back in (tests/test_hookless.py and benchmarks read it)
+_.__wrapped__  # forward wrappers and their stand-ins on copies: inspect.signature follows it (module_calls.py)

@@ -28,7 +28,8 @@ from .errors import GradtraceError
 
 __all__ = ["Probe", "PROBES", "TORCH_RANGE", "require", "missing", "saved_tensors", "fsdp1_flat_params",
            "fsdp1_syncing", "fsdp1_flat_grads_left", "fsdp1_outside_shard", "fsdp2_groups", "fsdp2_syncing",
-           "fsdp2_unsharded_copies", "fsdp2_unsynced_left", "active_ddp"]
+           "fsdp2_unsharded_copies", "fsdp2_unsynced_left", "active_ddp",
+           "global_module_hooks_registered"]
 
 # The torch releases the test suite runs on: >= the first, < the second (setup.cfg declares the same;
 # a test keeps them equal).
@@ -103,6 +104,20 @@ def _check_forward_hooks_with_kwargs(_) -> None:
         module._forward_hooks_with_kwargs.pop(-1, None)
     if len(seen) != 1 or seen[0][1] != {}:
         raise AssertionError("a hook put in _forward_hooks/_forward_hooks_with_kwargs was not called with kwargs")
+
+
+def _global_module_hooks() -> Tuple[dict, dict]:
+    from torch.nn.modules import module as module_py
+
+    return module_py._global_forward_hooks, module_py._global_forward_pre_hooks
+
+
+def _check_global_module_hooks(found) -> None:
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert len(found[0]) > 0, "a registered global forward hook is not in _global_forward_hooks"
+    finally:
+        handle.remove()
 
 
 def _check_handle_counter(handle_class) -> None:
@@ -273,6 +288,9 @@ PROBES = (
     Probe("torch.nn.Module._forward_hooks_with_kwargs",
           "module forward hooks that see inputs passed by keyword (cut detection)", "capture",
           lambda: nn.Module()._forward_hooks_with_kwargs, _check_forward_hooks_with_kwargs),
+    Probe("torch.nn.modules.module._global_forward_hooks / _global_forward_pre_hooks",
+          "seeing module calls through forward wrappers unless global module hooks are registered", "capture",
+          _global_module_hooks, _check_global_module_hooks),
     Probe("torch.utils.hooks.RemovableHandle.next_id",
           "hook ids that never collide with the user's", "capture",
           lambda: torch.utils.hooks.RemovableHandle, _check_handle_counter),
@@ -408,6 +426,15 @@ foreach_norm = _get("torch._foreach_norm")
 function_mode_stack = _get("torch.overrides._get_current_function_mode_stack")
 pop_function_mode = _get("torch._C._pop_torch_function_stack")
 push_function_mode = _get("torch._C._push_on_torch_function_stack")
+
+
+def global_module_hooks_registered() -> bool:
+    """Are torch's global module forward (pre-)hooks registered now? (Every module call then takes
+    ``Module.__call__``'s slow path anyway.)"""
+    hooks, pre_hooks = _get("torch.nn.modules.module._global_forward_hooks / _global_forward_pre_hooks")
+    return bool(hooks) or bool(pre_hooks)
+
+
 # Frames the stack walks in capture/frames.py look for (code objects compared with `is`, files with ==).
 # A missing one leaves a value no frame matches; require("capture") refuses to watch before that matters.
 MODULE_CALL_CODE = _find(_BY_NAME["torch.nn.Module._call_impl"])

@@ -88,6 +88,7 @@ class Recording:
     # The forwards each finished pass differentiated (CutLog.take_window), until its record is built.
     forwards: Dict[str, tuple] = field(default_factory=dict)
     tensor_handles: List[Any] = field(default_factory=list)
+    output_handles: List[Any] = field(default_factory=list)  # run-start hooks on the model's outputs
     reached_for: set = field(default_factory=set)  # (tensor, pass) pairs whose graph was walked
     cut_mark: int = 0  # cut-log events seen when the last tensor was registered
     origins: Any = None  # cuts="ops": the NonfiniteOrigins that locate where a NaN/Inf gradient is born
@@ -179,6 +180,7 @@ class LiveTrace(Trace):
                 self._tensor_pass_facts(item.tensor, item.pass_name, host, rows)
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+            self.meta.returned_by_model = set(recording.cut_log.returned) or None
         if recording.optim is not None:
             recording.optim.take(self._optimizers)
             for record in self._optimizers.values():  # steps attributed to a pass dropped meanwhile
@@ -487,6 +489,7 @@ class LiveTrace(Trace):
         self.meta.forward_calls = recording.cut_log.root_calls
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+            self.meta.returned_by_model = set(recording.cut_log.returned) or None
         self._note_replaced()
         self._note_modules()
         recording.unregistered = None  # its weak references die with the model; the records stay
@@ -689,18 +692,19 @@ def _watching(target, cuts: str, keep_grads: bool, max_passes: Optional[int], op
               statistics: str, updates: bool = True, forward_values: bool = True) -> Iterator[LiveTrace]:
     _check_options(cuts, keep_grads, max_passes, optimizer, statistics, updates, forward_values)
     _torch_compat.require("capture", "stats", *(("ops",) if cuts == "ops" else ()))
-    named, root, module_walk = _resolve_target(target)
-    wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
-    if cuts != "off" and root is None:
-        cuts = "off"  # module hooks need the module; parameters alone give coverage only
-    meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
-            "model": type(root).__name__ if root is not None else None,
-            "max_passes": max_passes, "dropped_passes": 0}
-    meta.update(wrapper.meta())
-    if wrapper.kind == "FSDP1":
-        named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
-    trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
-                      ParamIdentity.of(named, module_walk, wrapper.kind))
+    with gc_paused():  # the walk and the trace's per-parameter tables: thousands of objects
+        named, root, module_walk = _resolve_target(target)
+        wrapper = wrappers.distributed_wrapper(root, [p for _, p in named])
+        if cuts != "off" and root is None:
+            cuts = "off"  # module hooks need the module; parameters alone give coverage only
+        meta = {"torch": torch.__version__, "cuts": cuts, "keep_grads": keep_grads,
+                "model": type(root).__name__ if root is not None else None,
+                "max_passes": max_passes, "dropped_passes": 0}
+        meta.update(wrapper.meta())
+        if wrapper.kind == "FSDP1":
+            named = [(wrappers.user_name(n), p) for n, p in named]  # the names the user's model gives
+        trace = LiveTrace(named, meta, keep_grads, max_passes, wrapper, stats.reduction_for(statistics),
+                          ParamIdentity.of(named, module_walk, wrapper.kind))
     shapes = wrapper.shapes()  # FSDP1 and ZeRO-3 leave a slice or an empty placeholder in place
     if shapes:
         trace.param_shapes.update({n: shapes[id(p)] for n, p in named if id(p) in shapes})
@@ -736,8 +740,16 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
     sharded_written = recorder.sharded_written_hook()
     batch = hook_state.HookBatch()
     handles.append(batch)
-    for index, p in enumerate(params):
-        recorder.hook_ids.append(batch.tensor_hook(p, recorder.param_hook(index)))
+    # Every parameter's tensor hook in; taken out later for .backward() runs where that is safe
+    # (capture/hookless.py): a watched model, plain leaf parameters, no wrapper writing .grad late.
+    # (cuts="ops": its op mode and NaN/Inf origins follow every op of the backward's graph; the mode steps
+    # aside while torch.compile traces, and the hooks see compiled runs without a graph break.)
+    handles.append(recorder.install(hookless_possible=root is not None and wrapper.allows_hookless()
+                                    and cuts == "modules"))
+    outputs = recorder.forward_outputs(recording.output_handles)
+    if outputs is not None:
+        stack.callback(_remove_all, recording.output_handles)  # (the cut detector counts the model's calls)
+    for p in params:
         # Only where tensor hooks do not fire (FSDP2's DTensor): a post-accumulate hook can never
         # be fully removed (see capture/hook_state.py), and on a plain tensor the tensor hook sees all.
         if hook_state.is_plain(p):
@@ -761,11 +773,13 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         trainable = recorder.names if wrapper.kind != "FSDP1" else None
         if forward_values:
             recording.forward_values = ForwardValues()
-        ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
-                          recording.forward_values).attach(batch)
+        detector = ModuleCutDetector(root, recording.cut_log, module_walk, trainable, recording.names_by_id,
+                                     outputs, recording.forward_values, hooks_only=cuts == "ops")
+        stack.callback(detector.retire)  # after the wrappers come off (callbacks run last-in, first-out)
+        detector.attach(batch)
         trace.meta.ran_with_grad = set()  # kept current on every read (CutLog.ran_with_grad)
         recording.unregistered = UnregisteredModules(root, module_walk, _optimizers_seen(recording, optimizer))
-        recording.unregistered.attach(handles.append)
+        recording.unregistered.attach(handles.append, detector.wrapped_root)
     recording.cuts_mode = cuts
     if root is not None:
         recording.failures = FailureContext(module_walk, recording.cut_log, recording.forward_values)

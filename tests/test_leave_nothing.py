@@ -309,9 +309,12 @@ def test_hooks_put_straight_into_containers_take_ids_a_handle_never_reuses():
         assert len(ours) == 1 and handle.id not in ours and module_handle.id not in ours_forward
         handle.remove()
         module_handle.remove()
+        # gradtrace sees module calls through an instance ``forward`` wrapper (capture/module_calls.py),
+        # which the user's hook handle cannot take off
         assert set(model.weight._backward_hooks) == ours and set(model._forward_hooks) == ours_forward
+        assert "forward" in vars(model)
         with trace.pass_("X"):
             model(torch.ones(1, 2)).sum().backward()
     assert seen == [] and trace.passes["X"].covered == {"weight", "bias"}
-    assert model.weight._backward_hooks is None and not model._forward_hooks
+    assert model.weight._backward_hooks is None and not model._forward_hooks and "forward" not in vars(model)
     assert not model._forward_hooks_with_kwargs

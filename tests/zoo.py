@@ -275,7 +275,7 @@ def _order_hooks(params, order):
     handles = []
     for n, p in params:
         def hook(grad, _n=n):
-            if _n not in order:
+            if grad is not None and _n not in order:  # None: an undefined gradient, the parameter is not reached
                 order.append(_n)
         handles.append(p.register_hook(hook))
     return handles

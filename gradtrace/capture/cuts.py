@@ -1,4 +1,4 @@
-"""Capture: where the autograd graph was cut, seen from module forward hooks.
+"""Capture: where the autograd graph was cut, judged at every module call (seen through ``module_calls``).
 
 A module call is a cut when
   * it ran with grad disabled while it holds trainable parameters or received
@@ -13,27 +13,40 @@ Cuts are judged on inputs passed by keyword too (transformers passes
 ``disable_adapter``) is not a cut: its hook never fires.
 
 The common case (grad on, output requires grad) returns after two attribute
-reads; the stack is only walked the first time a given cut is seen.
+reads; the stack is only walked the first time a given cut is seen, and every
+walk is ``frames``' (the one frame rule). Each call made with grad also has its
+output checked for NaN/Inf (``forward_values``), from the same wrapper or hook.
 """
 from __future__ import annotations
 
 import itertools
 import sys
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..records import Cut
+from . import module_calls
 from .frames import checkpoint_caller, checkpoint_on_stack, locations, module_caller
 from .modules import named_modules, named_parameters
 from .reach import reachable_params
 
-__all__ = ["CutLog", "ModuleCutDetector", "trainable_counts", "any_requires_grad"]
+__all__ = ["CutLog", "ModuleCutDetector", "ModuleSite", "trainable_counts", "any_requires_grad"]
 
 is_grad_enabled = torch.is_grad_enabled
 Tensor = torch.Tensor
 is_inference_mode_enabled = torch.is_inference_mode_enabled
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
+def _top_level_tensors(value: Any) -> List[torch.Tensor]:
+    """The tensors a forward returned: the output itself, or the items of a tuple, list or dict (a ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [item for item in items if isinstance(item, torch.Tensor)]
 
 
 def any_requires_grad(value: Any) -> Optional[bool]:
@@ -85,6 +98,11 @@ class CutLog:
         # module path -> tick of its latest forward with grad enabled (negated when its output
         # did not require grad). Only modules that own trainable parameters are stamped.
         self.grad_forwards: Dict[str, int] = {}
+        # This forward's trainable module outputs that required grad (id of a single-tensor output -> module),
+        # cleared at each end of the watched model's forward, and the modules whose output the model returned
+        # as is: an output the loss then ignores (an auxiliary head) is unused, not cut.
+        self.outputs_by_id: Dict[int, str] = {}
+        self.returned: Dict[str, None] = {}
         self.window_start = 0  # tick at which the current pass window began (see take_window)
         self.window_outside: Dict[int, None] = {}  # cuts seen outside any pass since then (seq, in order)
 
@@ -191,18 +209,28 @@ def trainable_counts(root: nn.Module, modules: List[Tuple[str, nn.Module]],
 
 
 class ModuleCutDetector:
-    """Forward hooks on every module of the watched model."""
+    """Sees every call of every module of the watched model (``module_calls``) and judges it (``ModuleSite``)."""
 
     def __init__(self, root: nn.Module, log: CutLog, modules: Optional[List[Tuple[str, nn.Module]]] = None,
                  trainable: Optional[Iterable[str]] = None, names_by_id: Optional[Dict[int, str]] = None,
-                 forward_values=None):
+                 forward: Optional[Any] = None, forward_values=None, hooks_only: bool = False):
         self.log = log
         self.names_by_id = names_by_id or {}  # watched parameters: what a parameter-free cut has upstream
+        # The watched model's forward (hookless.ForwardOutputs): told when a trainable module runs with
+        # grad outside it, which a hookless reading of the backward would not see.
+        self.forward = forward
         self.forward_values = forward_values  # a forward_values.ForwardValues, or None
+        self.regions = module_calls.Regions()
         self.modules = []
         self.names = {}  # id(module) -> (path, module)
         self.trainable = {}  # id(module) -> trainable parameters inside it
+        self.sites: List["ModuleSite"] = []
+        self.wrapped_root: Optional["ModuleSite"] = None  # the root's site, when a wrapper sees its calls
         modules = named_modules(root) if modules is None else modules  # a walk already made
+        # hooks_only (cuts="ops"): the op mode's own hooks put every module call on the slow path anyway,
+        # and under torch.compile a forward wrapper is compiled apart from the module call, which then
+        # stays on the stack around the compiled kernels, whose ops the mode would take for cuts.
+        self.use_hooks = hooks_only or module_calls.needs_hooks(root, modules)
         counts = trainable_counts(root, modules, trainable)
         for name, module in modules:
             self.modules.append((name, module, counts.get(name, 0)))
@@ -210,81 +238,161 @@ class ModuleCutDetector:
             self.trainable[id(module)] = counts.get(name, 0)
 
     def attach(self, hooks) -> None:
-        """Put the forward hooks on (``hooks``: a ``hook_state.HookBatch``, which also removes them)."""
+        """Watch every module's calls (``hooks``: a ``hook_state.HookBatch``, which also takes them off);
+        ``retire`` when the watch ends."""
         for name, module, trainable in self.modules:
-            hooks.forward_hook(module, self._hook(name, module, trainable))
+            site = ModuleSite(self, name, module, trainable)
+            self.sites.append(site)
+            if module_calls.observe(hooks, module, site, self.use_hooks) and site.root:
+                self.wrapped_root = site
 
-    def _hook(self, name: str, module: nn.Module, trainable: int):
-        log = self.log
-        names = self.names
-        module_type = type(module).__name__
+    def retire(self) -> None:
+        """The watch ended: a wrapper left inside a ``forward`` the user replaced (or on a copy) records nothing."""
+        for site in self.sites:
+            site.retire()
+        self.sites = []
+        self.wrapped_root = None
+
+
+class ModuleSite:
+    """One module's call, judged: the stamp of a forward with grad, and the cuts (see the module docstring).
+
+    Called by the module's ``forward`` wrapper or forward hook (``module_calls``). The
+    common case (grad on, a tensor out that requires grad) is inlined in the wrapper:
+    a stamp, nothing else.
+    """
+
+    __slots__ = ("detector", "log", "name", "module_type", "trainable", "root", "stamps", "tick", "outside",
+                 "outputs", "regions", "check_values", "around", "live")
+
+    def __init__(self, detector: ModuleCutDetector, name: str, module: nn.Module, trainable: int):
+        self.detector = detector
+        self.log = detector.log
+        self.name = name
+        self.module_type = type(module).__name__
+        self.trainable = trainable
+        self.root = not name
         # Modules that own trainable parameters are stamped on every forward with grad (a dict
         # store and a counter: tens of ns); parameter-free modules are not.
-        stamps = log.grad_forwards if trainable else None
-        tick = log.tick
-        names_by_id = self.names_by_id
-        # forward_values: NaN/Inf flags of this call's output, kept on the device (capture/forward_values.py).
-        check_values = self.forward_values.for_module(name, module) if self.forward_values is not None else None
+        self.stamps = self.log.grad_forwards if trainable else None
+        self.tick = self.log.tick
+        # The watched forward (hookless reading): told of a trainable module run with grad outside it...
+        self.outside = detector.forward if trainable and name else None
+        # ... and, at the root, the forward itself (its depth, and its outputs).
+        self.outputs = detector.forward if not name else None
+        self.regions: Optional[module_calls.Regions] = detector.regions
+        # forward_values: NaN/Inf flags of each output made with grad, kept on the device
+        # (capture/forward_values.py); called as check_values(module, args, kwargs, output).
+        forward_values = detector.forward_values
+        self.check_values = forward_values.for_module(name, module) if forward_values is not None else None
+        # At the root, seen through its wrapper: (begin, end) called around each call, in place of forward
+        # pre- and always-called hooks that would send the model's call down Module.__call__'s slow path.
+        self.around = None
+        self.live = True
 
-        def on_forward(mod, args, kwargs, output):
-            if is_grad_enabled():
-                if check_values is not None:  # forward_values (see above)
-                    check_values(mod, args, kwargs, output)
-                # The common case, inlined: one tensor out, and it requires grad.
+    def retire(self) -> None:
+        self.live = False
+        self.stamps = self.outside = self.outputs = self.regions = self.check_values = self.around = None
+
+    # ---- the judgments ----------------------------------------------------------------------------
+    def after_grad(self, args, kwargs, output) -> None:
+        """A call that ran with grad enabled: stamped; a cut when its inputs require grad and its output does not."""
+        if not self.live:
+            return
+        name, stamps = self.name, self.stamps
+        if output.__class__ is Tensor:
+            differentiable = output.requires_grad
+        else:
+            differentiable = any_requires_grad(output)
+            if differentiable is None:  # no tensor output at all
+                return
+        if differentiable:
+            if stamps is not None:
+                stamps[name] = self.tick()
                 if output.__class__ is Tensor:
-                    if output.requires_grad:
-                        if stamps is not None:
-                            stamps[name] = tick()
-                        return
-                else:
-                    differentiable = any_requires_grad(output)
-                    if differentiable is not False:  # differentiable, or no tensor output at all
-                        if stamps is not None and differentiable:
-                            stamps[name] = tick()
-                        return
-                if stamps is not None:
-                    stamps[name] = -tick()  # ran with grad; its output carries none
-                # Judged on inputs, not parameters: an adapter that is simply not
-                # used (peft's disable_adapter) leaves trainable parameters idle
-                # without cutting anything.
-                if not _inputs_require_grad(args, kwargs):
-                    return
-                kind = "detach" if _floating_output(output) else "non_differentiable"
-            else:
-                if not trainable and not _inputs_require_grad(args, kwargs):
-                    return
-                inference = is_inference_mode_enabled()
-                segment = None if inference else checkpoint_on_stack(sys._getframe(1))
-                if segment is not None:
-                    checkpointed = names.get(id(segment.f_locals.get("self")))
-                    if checkpointed is not None:  # one cut for the checkpointed module, not one per child
-                        path, module = checkpointed
-                        log.record("checkpoint", path, type(module).__name__, self.trainable[id(module)],
-                                   ("checkpoint", path), frame=checkpoint_caller(segment),
-                                   inputs_require_grad=_segment_inputs_require_grad(segment))
-                        return
-                kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
-            # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
-            caller = checkpoint_caller(segment) if kind == "checkpoint" else module_caller(sys._getframe(1))
-            site = (caller.f_code, caller.f_lineno) if caller is not None else None
-            inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
-            # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
-            # design) can only explain parameters upstream of it: which ones is asked once per site.
-            upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
-                if not trainable and kind in ("detach", "non_differentiable") else None
-            passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
-                if not trainable and kind == "detach" else None
-            log.record(kind, name, module_type, trainable, site, frame=caller, inputs_require_grad=inputs,
-                       upstream=upstream, passes_input=passes_input)
+                    self.log.outputs_by_id[id(output)] = name
+                outside = self.outside
+                if outside is not None and not outside.depth:
+                    outside.ran_outside()
+            return
+        if stamps is not None:
+            stamps[name] = -self.tick()  # ran with grad; its output carries none
+        # Judged on inputs, not parameters: an adapter that is simply not
+        # used (peft's disable_adapter) leaves trainable parameters idle
+        # without cutting anything.
+        if not _inputs_require_grad(args, kwargs):
+            return
+        kind = "detach" if _floating_output(output) else "non_differentiable"
+        self._record(kind, args, kwargs, None, output)
 
-        if name:
-            return on_forward
+    def after_no_grad(self, args, kwargs, output) -> None:
+        """A call with grad disabled (a region's root, or any call of a second thread)."""
+        if not self.live or (not self.trainable and not _inputs_require_grad(args, kwargs)):
+            return
+        inference = is_inference_mode_enabled()
+        segment = None if inference else checkpoint_on_stack(sys._getframe(1))
+        if segment is not None:
+            checkpointed = self.detector.names.get(id(segment.f_locals.get("self")))
+            if checkpointed is not None:  # one cut for the checkpointed module, not one per child
+                path, module = checkpointed
+                self.log.record("checkpoint", path, type(module).__name__, self.detector.trainable[id(module)],
+                                ("checkpoint", path), frame=checkpoint_caller(segment),
+                                inputs_require_grad=_segment_inputs_require_grad(segment))
+                return
+        kind = "inference_mode" if inference else "checkpoint" if segment is not None else "no_grad"
+        self._record(kind, args, kwargs, segment, output)
 
-        def on_root_forward(mod, args, kwargs, output):
-            log.root_calls += 1  # "forwards were seen" even when no backward ever ran
-            return on_forward(mod, args, kwargs, output)
+    def after_root(self, output) -> None:
+        """A call of the watched model itself ended."""
+        if not self.live:
+            return
+        log = self.log
+        log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+        if log.outputs_by_id:
+            for tensor in _top_level_tensors(output):
+                module = log.outputs_by_id.get(id(tensor))  # alive, so its id is no dead output's
+                if module is not None and tensor.requires_grad:
+                    log.returned[module] = None
+            log.outputs_by_id.clear()
+        if self.outputs is not None:
+            self.outputs.mark(output)
 
-        return on_root_forward
+    def _record(self, kind: str, args, kwargs, segment, output) -> None:
+        # A checkpointed function's children are located at the checkpoint(...) call, not inside it.
+        # (module_caller steps over Module.__call__ and gradtrace's own frames: the wrapper, this site.)
+        caller = checkpoint_caller(segment) if kind == "checkpoint" else module_caller(sys._getframe(1))
+        site = (caller.f_code, caller.f_lineno) if caller is not None else None
+        inputs = _segment_inputs_require_grad(segment) if kind == "checkpoint" else None
+        # A parameter-free module that cuts (rotary embeddings' cos/sin are non-differentiable by
+        # design) can only explain parameters upstream of it: which ones is asked once per site.
+        names_by_id = self.detector.names_by_id
+        upstream = (lambda: _upstream_params(args, kwargs, names_by_id)) \
+            if not self.trainable and kind in ("detach", "non_differentiable") else None
+        # ... and one that hands a grad-carrying input back detached is a real cut (Cut.passes_input).
+        passes_input = (lambda: _passes_input_through(args, kwargs, output)) \
+            if not self.trainable and kind == "detach" else None
+        self.log.record(kind, self.name, self.module_type, self.trainable, site, frame=caller,
+                        inputs_require_grad=inputs, upstream=upstream, passes_input=passes_input)
+
+    # ---- as a forward hook (module_calls.observe's other way) ------------------------------------------
+    def hook(self, module, args, kwargs, output) -> None:
+        if self.root and self.outputs is not None:
+            self.outputs.depth -= 1  # counted in by the pre-hook; this hook is always called
+        if _dynamo_compiling():  # torch.compile is tracing: nothing to record at trace time (as the wrappers)
+            if self.root and self.outputs is not None:
+                module_calls.compiled_call(self)
+            return
+        if is_grad_enabled():
+            check_values = self.check_values
+            if check_values is not None and output is not None:  # (None: the root's forward raised)
+                check_values(module, args, kwargs, output)
+            self.after_grad(args, kwargs, output)
+        else:
+            regions = self.regions
+            if regions is None or regions.thread != threading.get_ident():  # (a region's root records it)
+                self.after_no_grad(args, kwargs, output)
+        if self.root and output is not None:
+            self.after_root(output)
 
 
 def _upstream_params(args, kwargs, names_by_id: Dict[int, str]) -> List[str]:

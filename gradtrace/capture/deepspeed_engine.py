@@ -239,7 +239,8 @@ class EngineReading:
     def bind(self, pass_) -> None:
         self.pass_ = pass_
 
-    def run_ended(self, pass_, indices: List[int]) -> None:
+    def run_ended(self, pass_, indices: List[int], left=None) -> None:
+        # (``left``: never given here: a DeepSpeed engine is never read hookless, see Wrapper.allows_hookless)
         self._note_first_run()
         self.dirty = True
         if self.watch.stage and not self.watch.inside_backward:
@@ -320,7 +321,7 @@ class EngineReading:
     def backward_grad(self, param: torch.Tensor, index: int) -> Tuple[Optional[torch.Tensor], str]:
         return None, CLEARED
 
-    def all_as_left(self, params: List[torch.Tensor]) -> bool:
+    def all_as_left(self, params: List[torch.Tensor], order: List[int], grads: List[torch.Tensor]) -> bool:
         return True
 
     def release(self) -> None:

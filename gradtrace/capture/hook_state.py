@@ -26,13 +26,14 @@ import functools
 import sys
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ModuleHook", "LeftBehind", "HookBatch", "HookSnapshot", "is_plain", "keep_last", "restore"]
+__all__ = ["ModuleHook", "LeftBehind", "HookBatch", "ParamHooks", "HookSnapshot", "is_plain", "keep_last",
+           "restore"]
 
 # The containers ``Tensor.register_hook`` / ``register_post_accumulate_grad_hook`` create.
 _CONTAINERS = ("_backward_hooks", "_post_accumulate_grad_hooks")
@@ -166,18 +167,42 @@ class HookBatch:
         self._entries.append((hooks, hook_id))
         return hook_id
 
-    def forward_hook(self, module: nn.Module, hook: Callable) -> None:
-        """``module.register_forward_hook(hook, with_kwargs=True)``."""
+    def forward_hook(self, module: nn.Module, hook: Callable, always_call: bool = False) -> None:
+        """``module.register_forward_hook(hook, with_kwargs=True, always_call=always_call)``."""
         hook_id = self._new_id()
         module._forward_hooks[hook_id] = ModuleHook(hook)
         module._forward_hooks_with_kwargs[hook_id] = True
-        self._entries.append((module._forward_hooks, hook_id, module._forward_hooks_with_kwargs))
+        extra = [module._forward_hooks_with_kwargs]
+        if always_call:
+            module._forward_hooks_always_called[hook_id] = True
+            extra.append(module._forward_hooks_always_called)
+        self._entries.append((module._forward_hooks, hook_id, *extra))
+
+    def forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
+        """``module.register_forward_pre_hook(hook, with_kwargs=True)``."""
+        hook_id = self._new_id()
+        module._forward_pre_hooks[hook_id] = ModuleHook(hook)  # a copy of the module gets a LeftBehind
+        module._forward_pre_hooks_with_kwargs[hook_id] = True
+        self._entries.append((module._forward_pre_hooks, hook_id, module._forward_pre_hooks_with_kwargs))
+
+    def forward_wrapper(self, module: nn.Module, wrapper: Callable) -> bool:
+        """``module.forward = wrapper`` (an instance attribute, on top of any there); False if refused."""
+        previous = module.__dict__.get("forward", _ABSENT)
+        try:
+            module.__dict__["forward"] = wrapper
+        except (TypeError, AttributeError):  # a module whose __dict__ is not writable (TorchScript)
+            return False
+        self._entries.append((_WRAPPED, module, wrapper, previous))
+        return True
 
     def remove(self) -> None:
         """Idempotent, like ``RemovableHandle.remove``: every hook out of every container it went into."""
         for entry in reversed(self._entries):
             if len(entry) == 1:
                 entry[0].remove()
+                continue
+            if entry[0] is _WRAPPED:
+                _unwrap(*entry[1:])
                 continue
             hook_id = entry[1]
             entry[0].pop(hook_id, None)
@@ -194,6 +219,107 @@ def _unserializable(hook: Callable) -> Callable:
     except AttributeError:  # a bound method or builtin: torch warns that it is not saved, which is true
         pass
     return hook
+
+
+class ParamHooks:
+    """gradtrace's tensor hook on each watched parameter, put in and taken out while the watch is open.
+
+    In, the hook sees every run that reaches the parameter (``.backward()`` and
+    ``autograd.grad``) at the price of a Python call per parameter per run. Out, a
+    ``.backward()`` run calls nothing per parameter (``capture/hookless.py`` reads it).
+    Each parameter's hook is counted in (``arm``) and out (``disarm``): it stays while
+    anyone holds it. A container emptied by ``disarm`` that was None when the watch
+    began is set back to None: an empty dict still makes the engine call into Python
+    for the parameter. Called between engine runs or from a run's own start or end,
+    never while the engine walks a parameter's container (a hook of that parameter).
+    """
+
+    def __init__(self, params: List[torch.Tensor], hooks: List[Callable]):
+        self.params = params
+        self.hooks = [_unserializable(hook) for hook in hooks]  # torch.save(model) inside the watch works
+        self.ids: List[Optional[int]] = [None] * len(params)  # the RemovableHandle id while in
+        self.holds = [0] * len(params)
+        self._handles: Dict[int, RemovableHandle] = {}  # subclass parameters: through register_hook
+        self._was_none = [p._backward_hooks is None for p in params]
+        self.plain = list(map(is_plain, params))
+
+    def arm(self, indices: Iterable[int]) -> List[int]:
+        """Hold each parameter's hook in; the indices whose hook went in now."""
+        added = []
+        holds, ids = self.holds, self.ids
+        for i in indices:
+            holds[i] += 1
+            if ids[i] is None:
+                ids[i] = self._put(i)
+                if ids[i] is not None:
+                    added.append(i)
+        return added
+
+    def disarm(self, indices: Iterable[int]) -> None:
+        """Let go of each parameter's hook; out where nobody holds it any more."""
+        holds = self.holds
+        for i in indices:
+            if holds[i] > 0:
+                holds[i] -= 1
+            if holds[i] == 0 and self.ids[i] is not None:
+                self._take(i)
+
+    def remove(self) -> None:
+        """Every hook out (at exit), whoever held it."""
+        for i, hook_id in enumerate(self.ids):
+            self.holds[i] = 0
+            if hook_id is not None:
+                self._take(i)
+
+    def _put(self, i: int) -> Optional[int]:
+        """Put parameter ``i``'s hook in; its id (None: a subclass parameter frozen since watch began,
+        which ``register_hook`` refuses; it gets its hook when next armed)."""
+        tensor = self.params[i]
+        if not self.plain[i]:
+            try:
+                handle = tensor.register_hook(self.hooks[i])
+            except RuntimeError:
+                return None
+            self._handles[i] = handle
+            return handle.id
+        # A plain tensor's container takes the hook even while it does not require grad (frozen during
+        # the watch, e.g. peft's disable_adapter()): it fires again once it does.
+        hooks = tensor._backward_hooks
+        if hooks is None:  # what register_hook does: assigning the dict installs the engine's pre-hook
+            hooks = tensor._backward_hooks = OrderedDict()
+            if tensor.grad_fn is not None:
+                tensor.grad_fn._register_hook_dict(tensor)
+        hook_id = HookBatch._new_id()
+        hooks[hook_id] = self.hooks[i]
+        return hook_id
+
+    def _take(self, i: int) -> None:
+        hook_id, self.ids[i] = self.ids[i], None
+        handle = self._handles.pop(i, None)
+        if handle is not None:
+            handle.remove()
+            return
+        tensor = self.params[i]
+        hooks = tensor._backward_hooks
+        if hooks is None:
+            return
+        hooks.pop(hook_id, None)
+        if not hooks and self._was_none[i] and tensor.grad_fn is None:  # a leaf: None drops the engine's pre-hook
+            tensor._backward_hooks = None
+
+
+_ABSENT = object()  # no instance-level forward before gradtrace's wrapper
+_WRAPPED = object()  # marks a forward-wrapper entry of a HookBatch
+
+
+def _unwrap(module: nn.Module, wrapper: Callable, previous: Any) -> None:
+    """The module's ``forward`` as the watch found it, unless it was replaced since (then it stays)."""
+    if module.__dict__.get("forward") is not wrapper:
+        return
+    if previous is _ABSENT:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = previous
 
 
 def keep_last(tensor: torch.Tensor, hook_id: int) -> bool:

@@ -132,6 +132,12 @@ class Pass:
         self._tensor_rows: Dict[str, List[torch.Tensor]] = {}  # registered tensors: (3,) figures per delivery
         self._device: Optional[_DeviceFigures] = None
         self.kept: Optional[Dict[str, torch.Tensor]] = None  # keep_grads: the pass's gradients, by name
+        # Hookless reading (capture/hookless.py): may a run of this pass teach the engine's order (no
+        # nested run, no parameter reached before the model's output)? .grad of every parameter when the
+        # labelled pass began; did a run of it go without parameter hooks?
+        self.plain = True
+        self.grads_at_start: Optional[List[Optional[torch.Tensor]]] = None
+        self.had_hookless_runs = False
         # The values the pass's forward used, of parameters that may be all zero (read only if a
         # gradient of the pass is exactly zero: see zero_values.py).
         zero_values = watched.zero_values
@@ -159,6 +165,21 @@ class Pass:
         self.runs += 1
         return self
 
+    def hits(self, indices: List[int]) -> None:
+        """A hookless run reached these parameters (in the engine's order)."""
+        self._hits.extend(indices)
+        self.had_hookless_runs = True
+
+    def hits_since(self, start: int) -> List[int]:
+        return self._hits[start:]
+
+    def reached_set(self) -> Set[int]:
+        return set(self._hits).union(self._written)
+
+    def reached_all(self) -> bool:
+        """Did runs of the pass report every watched parameter reached?"""
+        return len(self._backward) == len(self.params)
+
     def note_kind(self, kind: str) -> None:
         if kind not in self.kinds:
             self.kinds.append(kind)
@@ -183,10 +204,14 @@ class Pass:
         # label is legitimate, and a copy per parameter per run would be the
         # price, so it reports .grad as the run left it -- except the first run
         # after an optimizer step, where stale .grad is judged.
-        if (self.auto and not self.step_start) or self.accumulate or index in self._bases \
-                or index in self._backward:
+        if not self.takes_bases or index in self._bases or index in self._backward:
             return
         self._bases[index] = grad.detach().clone()
+
+    @property
+    def takes_bases(self) -> bool:
+        """Does the pass copy a non-None ``.grad`` before its first accumulation (``note_grad_before``)?"""
+        return not ((self.auto and not self.step_start) or self.accumulate)
 
     def expect(self, found: Set[str], partial: bool) -> None:
         """Parameters a registered tensor's graph reaches: the pass is expected to cover them."""
@@ -201,16 +226,19 @@ class Pass:
             self.failed = description
 
     def end_run(self, run, written: List[int], scope: Optional[str], read: bool,
+                left=None,
                 later: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """A run of this pass ended (``run``: a ``runs.Run``; its hooks' findings are in it).
 
         ``written``: parameters whose ``.grad`` was written without a tensor hook;
         ``scope``: what a ``.backward()`` run's figures are (None for other runs);
         ``read``: let the reading strategy note what the run left (not for a pass that
-        is finishing right now anyway). ``later``: queues a callback after the run's other
-        end-of-run callbacks; a run-end reading waits for them (DDP's ``finalize_backward``
-        writes the averaged gradient there). A run cut short that is closed after its pass
-        finished (at exit) adds nothing.
+        is finishing right now anyway); ``left``: ``.grad`` and its version as the run
+        left them, already read (hookless reading), for some of the parameters.
+        ``later``: queues a callback after the run's other end-of-run callbacks; a
+        run-end reading waits for them (DDP's ``finalize_backward`` writes the averaged
+        gradient there, so what was read before is not used). A run cut short that is
+        closed after its pass finished (at exit) adds nothing.
         """
         if self.phase is not Phase.OPEN:
             return
@@ -228,7 +256,7 @@ class Pass:
             if later is not None and self._reading.reads_values:
                 later(lambda: self._reading.run_ended(self, indices))
             else:
-                self._reading.run_ended(self, indices)
+                self._reading.run_ended(self, indices, left)
         if run.captured:
             self._add_handbacks(run.captured)
         for name, row in run.tensor_grads:
@@ -307,9 +335,12 @@ class Pass:
             return
         self.phase = Phase.FINISHED
         order = list(dict.fromkeys(itertools.chain(self._hits, self._written)))
-        hits = Counter(self._hits)
-        for index in set(self._written) - set(hits):
-            hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
+        if len(order) == len(self._hits):  # the common case: every parameter reached once (one run)
+            hits: Dict[int, int] = _ONCE
+        else:
+            hits = Counter(self._hits)
+            for index in set(self._written) - set(hits):
+                hits[index] = 1  # written without a tensor-hook delivery (FSDP2)
         pieces, now = self._pieces(order)
         reading = self._read(now)
         via = reading.via if len(reading.via) == len(order) else {**self._via_before(order), **reading.via}
@@ -351,7 +382,8 @@ class Pass:
         params = self.params
         if not self._bases and not self._handbacks and not self._unseen:  # the common case: .backward() only
             totals = list(map(operator.attrgetter("grad"), map(params.__getitem__, order)))
-            if not any(map(operator.is_, totals, itertools.repeat(None))) and self._reading.all_as_left(params):
+            if not any(map(operator.is_, totals, itertools.repeat(None))) \
+                    and self._reading.all_as_left(params, order, totals):
                 return _Reading(totals, dict.fromkeys(order, "backward"), set(), set())
         reading = _Reading([], {}, set(), set())
         for index in order:
@@ -438,12 +470,12 @@ class Pass:
         unknown = (_members(order, device.cleared | hidden)
                    | (_members(order, device.changed) & (max_abs == 0.0) & (bad == 0)))
         zero = (max_abs == 0.0) & (bad == 0) & ~unknown & ~_members(order, device.empty)
-        hits, via = device.hits, device.via
+        hits, via, n = device.hits, device.via, len(order)
         columns = PassColumns(
-            name=[names[i] for i in order], hits=[hits[i] for i in order], norm=_doubles(grid[:, 0]),
-            max_abs=_doubles(max_abs), zero=zero.tolist(), nonfinite=bad.astype(np.int64).tolist(),
-            via=[via[i] for i in order], order=range(len(order)),
-            stale=[i in stale for i in order] if stale else [False] * len(order), cleared=unknown.tolist())
+            name=list(map(names.__getitem__, order)), hits=[1] * n if hits is _ONCE else [hits[i] for i in order],
+            norm=_doubles(grid[:, 0]), max_abs=_doubles(max_abs), zero=zero.tolist(),
+            nonfinite=bad.astype(np.int64).tolist(), via=list(map(via.__getitem__, order)), order=range(n),
+            stale=[i in stale for i in order] if stale else [False] * n, cleared=unknown.tolist())
         trace = PassTrace.from_columns(columns, name=self.name, params=params, runs=self.runs,
                                        kinds=list(self.kinds), auto=self.auto, kept_grads=self.watched.keep_grads,
                                        step_start=self.step_start, failed=self.failed,
@@ -491,6 +523,10 @@ class Pass:
             unknown |= found
             reason = reason or why
         return unknown, reason
+
+
+# ``_DeviceFigures.hits`` when every parameter of the pass was reached exactly once.
+_ONCE: Dict[int, int] = {}
 
 
 @dataclass

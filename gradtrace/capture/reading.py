@@ -38,6 +38,16 @@ _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
+class RunLeft:
+    """What a run left in ``.grad``, read at its end (hookless reading): the parameters, their tensors
+    and versions, aligned lists."""
+
+    __slots__ = ("indices", "grads", "versions")
+
+    def __init__(self, indices: List[int], grads: List[torch.Tensor], versions: List[int]):
+        self.indices, self.grads, self.versions = indices, grads, versions
+
+
 # What ``backward_grad`` says about the tensor it returns.
 AS_LEFT, CHANGED, CLEARED = "as_left", "changed", "cleared"
 
@@ -60,8 +70,9 @@ class GradReading(Protocol):
     # work, such as DDP's all-reduce), or only note which tensor each run left?
     reads_values: bool
 
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
-        """A run that wrote ``.grad`` ended; ``indices``: the parameters it reached (backward order)."""
+    def run_ended(self, pass_: PassView, indices: List[int], left: Optional[RunLeft] = None) -> None:
+        """A run that wrote ``.grad`` ended; ``indices``: the parameters it reached (backward order);
+        ``left``: ``.grad`` and its version already read for some of them (hookless reading)."""
 
     def pieces(self) -> List[Tuple[List[int], Figures]]:
         """Figures already taken (indices, figures), oldest first; a later piece overrides an earlier one."""
@@ -69,8 +80,9 @@ class GradReading(Protocol):
     def backward_grad(self, param: torch.Tensor, index: int) -> Tuple[Optional[torch.Tensor], str]:
         """``.grad`` as the pass left it, and AS_LEFT, CHANGED (in place since its last run) or CLEARED (unknown)."""
 
-    def all_as_left(self, params: List[torch.Tensor]) -> bool:
-        """Is every ``.grad`` a run left still that tensor, unchanged? (The pass end's fast path.)"""
+    def all_as_left(self, params: List[torch.Tensor], order: List[int], grads: List[torch.Tensor]) -> bool:
+        """Is every ``.grad`` a run left still that tensor, unchanged? (The pass end's fast path; ``grads``:
+        ``.grad`` of the parameters ``order`` names, now.)"""
 
     def release(self) -> None:
         """Drop every tensor held: the pass has ended."""
@@ -79,19 +91,33 @@ class GradReading(Protocol):
 class ReadAtPassEnd:
     """Read ``.grad`` when the pass ends; remember what each run left, to tell cleared from zero."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "last")
     reads_values = False
 
     def __init__(self) -> None:
         # index -> (the .grad tensor its last run left, that tensor's version then)
         self.left: Dict[int, Tuple[torch.Tensor, int]] = {}
+        # The latest run's RunLeft when it holds every entry of ``left`` (one run, or runs reaching the
+        # same parameters: a loop's microbatches): the pass end compares lists, not a dict.
+        self.last: Optional[RunLeft] = None
 
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
+    def run_ended(self, pass_: PassView, indices: List[int], left: Optional[RunLeft] = None) -> None:
+        if left is not None:
+            self.left.update(zip(left.indices, zip(left.grads, left.versions)))
+            self.last = left if len(self.left) == len(left.indices) else None
+            if len(left.indices) == len(indices):
+                return
+            done = set(left.indices)
+            indices = [i for i in indices if i not in done]
+        else:
+            self.last = None
         grads = list(map(_GRAD, map(pass_.params.__getitem__, indices)))  # C-level loops: this runs per parameter
         try:
             self.left.update(zip(indices, zip(grads, map(_VERSION, grads))))
         except AttributeError:  # a .grad that is None: kept out
             self.left.update((i, (g, g._version)) for i, g in zip(indices, grads) if g is not None)
+        if indices:
+            self.last = None
 
     def pieces(self) -> List[Tuple[List[int], Figures]]:
         return []
@@ -109,16 +135,20 @@ class ReadAtPassEnd:
             return grad, CHANGED
         return grad, AS_LEFT
 
-    def all_as_left(self, params: List[torch.Tensor]) -> bool:
+    def all_as_left(self, params: List[torch.Tensor], order: List[int], grads: List[torch.Tensor]) -> bool:
         left = self.left
         if not left:
             return True
+        last = self.last
+        if last is not None and last.indices == order:  # the common case: three C-level loops
+            return all(map(operator.is_, grads, last.grads)) and list(map(_VERSION, grads)) == last.versions
         kept = list(map(_FIRST, left.values()))
         return (all(map(operator.is_, map(_GRAD, map(params.__getitem__, left)), kept))
                 and all(map(operator.eq, map(_VERSION, kept), map(_SECOND, left.values()))))
 
     def release(self) -> None:
         self.left.clear()
+        self.last = None
 
 
 class ReadAtRunEnd:
@@ -130,9 +160,11 @@ class ReadAtRunEnd:
     def __init__(self) -> None:
         self.taken: List[Tuple[List[int], Figures]] = []
 
-    def run_ended(self, pass_: PassView, indices: List[int]) -> None:
+    def run_ended(self, pass_: PassView, indices: List[int], left: Optional[RunLeft] = None) -> None:
         params = pass_.params
-        kept = [(i, g) for i, g in zip(indices, (params[i].grad for i in indices)) if g is not None]
+        read = dict(zip(left.indices, left.grads)) if left is not None else {}
+        kept = [(i, g) for i, g in zip(indices, (read[i] if i in read else params[i].grad for i in indices))
+                if g is not None]
         if kept:
             self.taken.append(([i for i, _ in kept], pass_.figures([pass_.gain(i, g) for i, g in kept])))
 
@@ -143,7 +175,7 @@ class ReadAtRunEnd:
         grad = param.grad
         return (grad, AS_LEFT) if grad is not None else (None, CLEARED)
 
-    def all_as_left(self, params: List[torch.Tensor]) -> bool:
+    def all_as_left(self, params: List[torch.Tensor], order: List[int], grads: List[torch.Tensor]) -> bool:
         return True
 
     def release(self) -> None:

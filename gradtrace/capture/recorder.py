@@ -13,6 +13,8 @@ a pass's state itself.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
@@ -22,11 +24,16 @@ import torch
 from .._torch_compat import is_batched_grad
 from . import hook_state
 from .assign import PassAssigner
+from .hookless import HOOKLESS, LEARNING, ForwardOutputs, HooklessRuns, snapshot
+from .reading import RunLeft
 from .optim import _sample
 from .passes import Pass, Watched
 from .runs import Run, at_run_end, current_task, run_accumulates_grad, started_inside_another_run
 from . import wrappers
 from .wrappers import Wrapper
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 class Recorder:
@@ -44,12 +51,34 @@ class Recorder:
         self.written_log: List[torch.Tensor] = []
         self.index_of: Dict[int, int] = {id(p): i for i, p in enumerate(watched.params)}
         self.optimizer_stepped = False
-        self.hook_ids: List[int] = []  # each parameter's gradtrace tensor hook, by index (RemovableHandle.id)
         # What the latest .backward() run left in .grad since the last optimizer step, for one parameter
         # it reached: (index, a weak reference to that .grad, its version). The next run sees from it
         # whether zero_grad() ran in between (see ``_check_reset``).
         self.last_written: Optional[Tuple[int, weakref.ref, int]] = None
         self.last_scope: Optional[str] = None  # the scope of the latest .backward() run (a wrapper's sync)
+        # Each parameter's gradtrace tensor hook, put in and taken out, and the runs read without
+        # them (``capture/hookless.py``): made by ``install``.
+        self.param_hooks: Optional[hook_state.ParamHooks] = None
+        self.hookless: Optional[HooklessRuns] = None
+        self.starts: Dict[int, tuple] = {}  # task -> how a run began at the model's output, hooks in
+
+    def install(self, hookless_possible: bool) -> hook_state.ParamHooks:
+        """Every parameter's tensor hook in (the handle that takes them out); with ``hookless_possible``
+        (a watched model, plain leaf parameters, no wrapper), ``.backward()`` runs may later be read
+        without them."""
+        self.param_hooks = hook_state.ParamHooks(self.params, [self.param_hook(i) for i in range(len(self.params))])
+        self.hookless = HooklessRuns(self.params, self.param_hooks, possible=hookless_possible)
+        self.hookless.start()
+        return self.param_hooks
+
+    def forward_outputs(self, handles: list) -> Optional[ForwardOutputs]:
+        """The watched model's forward hooks that mark where each run starts (None: hooks always)."""
+        if self.hookless is None or not self.hookless.possible:
+            return None
+        def on_output_grad(grad: torch.Tensor) -> None:  # a function, not a bound method (see pre_hook)
+            self.on_output_grad(grad)
+
+        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles, self.hookless.find_nodes)
 
     @property
     def active(self) -> Optional[Pass]:
@@ -64,10 +93,12 @@ class Recorder:
         param = self.params[index]
         open_runs = self.open_runs
 
-        def on_grad(grad: torch.Tensor) -> None:
+        def on_grad(grad: Optional[torch.Tensor]) -> None:
+            if grad is None:  # an undefined gradient (a backward returned None for it): not reached
+                return
             run = open_runs.get(current_task())
             if run is None:
-                run = self.open_run(current_task(), on_accelerator=grad.device.type != "cpu")
+                run = self.open_run(current_task(), on_accelerator=grad.device.type != "cpu", first="param")
                 if run is None:
                     return
             if run.accumulates is None:  # opened by a registered tensor's hook
@@ -131,33 +162,108 @@ class Recorder:
     def tensor_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         figures = self.watched.reduction.tensor_figures
 
-        def on_tensor_grad(grad: torch.Tensor) -> None:
+        def on_tensor_grad(grad: Optional[torch.Tensor]) -> None:
+            if grad is None:  # an undefined gradient: backward brought it nothing
+                return
             run = self.open_runs.get(current_task())
             if run is None:
                 # Whether this run writes .grad is only known at a parameter (a leaf).
-                run = self.open_run(current_task(), from_tensor=True, on_accelerator=grad.device.type != "cpu")
+                run = self.open_run(current_task(), from_tensor=True, on_accelerator=grad.device.type != "cpu",
+                                    first="tensor")
                 if run is None:
                     return
             run.tensor_grads.append((name, figures(grad)))
 
         return on_tensor_grad
 
+    def on_output_grad(self, grad: torch.Tensor) -> None:
+        """Backward reached an output of the watched model's forward: no parameter used in that forward
+        has been reached yet. Learn what this run will write (``capture/hookless.py``)."""
+        hookless = self.hookless
+        if not self.enabled or hookless.nodes is None:  # (no nodes: hooks for good)
+            return
+        task = current_task()
+        run = self.open_runs.get(task)
+        if run is not None and (run.root_seen or run.first in ("param", "written")):
+            if not run.root_seen and run.accumulates:
+                run.pass_.plain = False  # a parameter was reached before the output: not a pattern to learn
+            return
+        flags = hookless.will_execute()
+        accumulates = flags is not None
+        if accumulates and not any(flags):
+            return  # autograd.grad of tensors other than the watched parameters: nothing of ours
+        if hookless.mode != HOOKLESS:  # the hooks see this run; note what it may teach
+            if accumulates:
+                self._note_start(task, run, hookless.predicted(flags))
+            return
+        if run is None:
+            run = self.open_run(task, on_accelerator=grad.device.type != "cpu", accumulates=accumulates, first="root")
+            if run is None:
+                return
+        elif run.accumulates is None:  # opened by a registered tensor's hook
+            self.settle_kind(run, accumulates)
+        run.root_seen = True
+        if not accumulates:  # autograd.grad: its captured parameters get hooks for this run
+            run.armed = hookless.captured()
+            hookless.hooks.arm(run.armed)
+            return
+        if run.nested or len(self.open_runs) > 1:  # reentrant checkpointing, or runs in two threads at once
+            hookless.relearn()
+            return
+        run.predicted = hookless.predicted(flags)
+        run.before = snapshot(hookless.params_of(run.predicted))
+        if not hookless.knows(run.predicted):
+            hookless.relearn()  # other parameters than the order learned: hooks in before any is reached
+            return
+        run.hookless = True
+        pass_ = run.pass_
+        grads = run.before[0]
+        if pass_.takes_bases and not all(map(operator.is_, grads, itertools.repeat(None))):
+            for index, g in zip(run.predicted, grads):
+                if g is not None:
+                    pass_.note_grad_before(index, g)
+
+    def _note_start(self, task: int, run: Optional[Run], predicted: List[int]) -> None:
+        """With hooks in: what a run's start looked like, for the run to teach its order at its end.
+
+        The first parameter hook opens the run (as without this), and takes the note: a run no hook
+        ever sees (its parameters swapped out under the watch) is no run, and no pass."""
+        start = (predicted, snapshot(self.hookless.params_of(predicted)))
+        if run is None:
+            if len(self.starts) > 8:  # notes of runs no hook saw
+                self.starts.clear()
+            self.starts[task] = start
+        else:  # opened by a registered tensor's hook: a .backward() run
+            self.settle_kind(run, True)
+            self._take_start(run, start)
+
+    def _take_start(self, run: Run, start) -> None:
+        if run.nested or len(self.open_runs) > 1:
+            run.pass_.plain = False
+            return
+        run.root_seen = True
+        run.predicted, run.before = start
+
     # ---- runs ------------------------------------------------------------
     def open_run(self, task: int, from_tensor: bool = False, on_accelerator: bool = False,
-                 written: bool = False) -> Optional[Run]:
+                 written: bool = False, accumulates: Optional[bool] = None, first: str = "param") -> Optional[Run]:
         if not self.enabled:
             return None
         with self.lock:
             run = self.open_runs.get(task)
             if run is not None:
                 return run
-            accumulates = True if written else None if from_tensor else run_accumulates_grad()
+            if accumulates is None:
+                accumulates = True if written else None if from_tensor else run_accumulates_grad()
             # A write from FSDP2's post-backward runs under its autograd Function's backward,
             # which would look nested; a post-accumulate hook only fires in a top-level .backward().
             nested = False if written else started_inside_another_run()
             run = Run(task, nested, self.passes.assign(task, nested, accumulates, self.open_runs.values(),
                                                        on_accelerator))
+            run.first = "written" if written else first
             pass_ = run.pass_
+            if nested:
+                pass_.plain = False
             if self.optimizer_stepped and pass_.auto and pass_.runs == 1 and not pass_.hit_count:
                 # The first unlabelled run after an optimizer step begins the next step: stale .grad is
                 # judged there (a loop that never calls zero_grad()).
@@ -171,6 +277,9 @@ class Recorder:
                 wrapper = self.wrapper
                 run.pass_.prior_unsynced = (self.last_scope == wrappers.LOCAL and wrapper.syncs()
                                             and wrapper.unsynced_left())
+            start = self.starts.pop(task, None) if self.starts else None
+            if start is not None:  # the model's output was reached first: a run that may teach its order
+                self._take_start(run, start)
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
@@ -214,7 +323,8 @@ class Recorder:
         scope = self.wrapper.backward_scope() if run.accumulates else None  # now: DDP's no_sync()
         if scope is not None and not run.nested:
             self.last_scope = scope
-        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now,
+        left = self._run_read(run) if self.hookless is not None and self.hookless.possible else None
+        pass_.end_run(run, self.drain_written(), scope=scope, read=not finished_now, left=left,
                       # Under read_at="run_end", read .grad only after every other end-of-run callback of
                       # this run: DDP queues its finalize_backward (which writes the averaged gradient)
                       # after ours; a callback queued from a callback runs after all of them.
@@ -230,9 +340,39 @@ class Recorder:
             else:
                 pass_.finish()
 
+    def _run_read(self, run: Run) -> Optional[RunLeft]:
+        """At a run's end, for hookless runs and the runs that teach them: which parameters the run
+        reached (from ``.grad`` identity and version), reported to its pass in the engine's order;
+        and what ``.grad`` now holds, for the pass's reading strategy (None: it reads it itself)."""
+        hookless = self.hookless
+        if run.armed:
+            hookless.hooks.disarm(run.armed)
+        if run.predicted is None:
+            if hookless.mode == HOOKLESS and run.accumulates is None and not run.root_seen:
+                hookless.relearn()  # a run only a registered tensor saw: it went round the model's output
+            return None
+        after = snapshot(hookless.params_of(run.predicted))
+        reached, all_changed = hookless.reached(run.predicted, run.before, after)
+        pass_ = run.pass_
+        hooked = pass_.hits_since(run.start)
+        if run.hookless:
+            if hooked:  # the hooks went back in during the run: they reported these themselves
+                seen = set(hooked)
+                reached = [i for i in reached if i not in seen]
+            order, known = hookless.in_order(reached)
+            if not (known and all_changed) or hooked:
+                hookless.relearn()
+            pass_.hits(order)
+            # what the run left, in the order it reported (the reading strategy then compares lists)
+            return hookless.left(order, run.predicted, after)
+        elif hookless.mode == LEARNING and pass_.plain and all_changed and len(hooked) == len(reached) \
+                and reached and not self.open_runs and sorted(hooked) == reached:
+            hookless.learn(hooked)
+        return hookless.left(reached, run.predicted, after)
+
     def _saw_last(self, pass_: Pass, index: int) -> bool:
         """Did gradtrace's hook see the gradient ``autograd.grad`` hands back for ``index``?"""
-        if hook_state.keep_last(self.params[index], self.hook_ids[index]):
+        if hook_state.keep_last(self.params[index], self.param_hooks.ids[index]):
             return True
         # A hook registered after ours ran after it and may have changed the gradient handed
         # back: this run's figure is unknown; from the next run on, ours runs last.
@@ -256,6 +396,8 @@ class Recorder:
         pass_ = Pass(self.watched, name, step_start=step_start or self.optimizer_stepped, read_at=read_at,
                      accumulate=accumulate)
         self.optimizer_stepped = False
+        if self.hookless is not None and self.hookless.possible:  # for the pass end's look at unreported writes
+            pass_.grads_at_start = list(map(_GRAD, self.params))
         self.passes.active = pass_
         return pass_
 
@@ -278,7 +420,25 @@ class Recorder:
         written = self.drain_written()  # writes no tensor hook announced (FSDP2) land in the labelled pass
         if written:
             pass_.note_written(written)
+        self._unannounced_writes(pass_)
         pass_.finish()
+
+    def _unannounced_writes(self, pass_: Pass) -> None:
+        """A ``.grad`` that became a new tensor during the pass although no run reported its parameter:
+        written by a backward hookless reading did not see (it never went through the model's output).
+        Counted as reached by the pass; the hooks go back in."""
+        start, pass_.grads_at_start = pass_.grads_at_start, None
+        if start is None or pass_.reached_all() or (self.hookless.mode == LEARNING and not pass_.had_hookless_runs):
+            return
+        now = list(map(_GRAD, self.params))
+        new = list(map(operator.is_not, start, now))
+        if not any(new):
+            return
+        candidates = set(itertools.compress(range(len(now)), new)) - pass_.reached_set()
+        unannounced = sorted(i for i in candidates if now[i] is not None)
+        if unannounced:
+            pass_.note_written(unannounced)
+            self.hookless.relearn()
 
     def flush_orphan(self) -> None:
         self.passes.flush_orphan()

@@ -55,7 +55,8 @@ def started_inside_another_run(depth: int = 2) -> bool:
 class Run:
     """One engine run: its task id, whether it writes ``.grad``, whether it is nested, and what it saw."""
 
-    __slots__ = ("task", "accumulates", "nested", "pass_", "start", "captured", "tensor_grads")
+    __slots__ = ("task", "accumulates", "nested", "pass_", "start", "captured", "tensor_grads",
+                 "first", "root_seen", "predicted", "before", "hookless", "armed")
 
     def __init__(self, task: int, nested: bool, pass_):  # pass_: a passes.Pass
         self.task = task
@@ -67,3 +68,13 @@ class Run:
         self.start = pass_.hit_count
         self.captured: List[Tuple[int, torch.Tensor]] = []  # autograd.grad: the gradients handed back
         self.tensor_grads: List[Tuple[str, torch.Tensor]] = []
+        # Hookless reading (capture/hookless.py): what opened the run ("param", "tensor", "root" for an
+        # output of the watched forward, "written"); did an output hook see it; the parameters the
+        # engine named for it and their .grad / version at its start; read without parameter hooks?
+        # the parameters given hooks for this run only (autograd.grad).
+        self.first = "param"
+        self.root_seen = False
+        self.predicted: Optional[List[int]] = None
+        self.before = None
+        self.hookless = False
+        self.armed: List[int] = []

@@ -12,19 +12,24 @@ gradient's values, a DTensor's local shard, a complex gradient's modulus):
 * ``nonfinite``: how many elements are NaN or +-Inf.
 
 Both reductions follow those definitions, over one grouping (``Reduction.figures``):
-gradients of up to ``SMALL_NUMEL`` elements are concatenated per device and
-dtype, in batches of at most ``BATCH_NUMEL`` elements, and reduced by segment
-(a torch op costs a few microseconds of dispatch however small its input);
-larger ones are reduced one by one, and where a reduction needs a converted
-copy (bfloat16/float16 to a wider type, a scaled float64) it converts
-``CHUNK_NUMEL`` elements at a time. So the memory a pass end takes on top of
-the gradients is bounded by those pieces, never a copy of every gradient.
+gradients of up to ``small_numel`` elements (the reduction's) are concatenated
+per device and dtype, in batches of at most ``BATCH_NUMEL`` elements, and
+reduced by segment (a torch op costs a few microseconds of dispatch however
+small its input); larger ones are reduced one by one, and where a reduction
+needs a converted copy (bfloat16/float16 to a wider type, a scaled float64) it
+converts ``CHUNK_NUMEL`` elements at a time. So the memory a pass end takes on
+top of the gradients is bounded by those pieces, never a copy of every gradient.
 
 * ``HostReduction``: for values already on the host (CPU tensors). Reading a
-  value back costs nothing there, so it takes fast float32 paths and redoes,
-  exactly, the rare rows that need it (a norm out of float32's safe range, a
-  NaN/Inf count where max |x| is not finite), found from the figures themselves.
-  Values on an accelerator go to ``DeviceReduction``.
+  value back costs nothing there, so it takes fast paths and redoes, exactly,
+  the rare rows that need it (a norm out of float32's safe range, a NaN/Inf
+  count where max |x| is not finite), found from the figures themselves. A
+  gradient above ``HOST_SMALL_NUMEL`` elements is read twice in place and
+  never copied: ``aminmax`` for max |x|, BLAS ``dot`` for the sum of squares
+  (float32 products summed in float32 per ``DOT_NUMEL`` elements, the partial
+  sums in float64: under 1e-6 relative rounding at any size, where torch's
+  float32 norm reached 1e-4 at 4M elements). Its rows are numpy arrays: the
+  host transfer is free. Values on an accelerator go to ``DeviceReduction``.
 * ``DeviceReduction``: never reads a value back (no host synchronisation): every
   row takes the exact path, with no branch on values.
 
@@ -37,15 +42,22 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .._torch_compat import flatten_dense_tensors, foreach_norm
 
-# Gradients up to this many elements are concatenated and reduced together.
+# Gradients up to this many elements are concatenated and reduced together: on the device, where
+# a kernel launch costs more than reading 65,536 values...
 SMALL_NUMEL = 1 << 16
+# ... and on the host, where converting a concatenation to float64 costs 7 times a float32 BLAS dot
+# of the gradient where it lies (measured: 35 vs 4 us at 65,536 elements): above this, one by one.
+HOST_SMALL_NUMEL = 1 << 12
+# The host's float32 dot of a large gradient sums this many products in float32 (4e-7 relative rounding
+# measured at this size), the partial sums in float64.
+DOT_NUMEL = 1 << 18
 # At most this many elements go into one concatenated buffer (its float64 copies bound the memory).
 BATCH_NUMEL = 1 << 18
 # A large gradient that needs a converted copy is converted this many elements at a time.
@@ -85,11 +97,12 @@ def _chunks(t: torch.Tensor) -> List[torch.Tensor]:
 class Figures:
     """The figures of ``count`` gradients, still where they were computed; ``to_host`` reads them once.
 
-    A row per gradient: (norm, max |g|, NaN/Inf count), float64."""
+    A row per gradient: (norm, max |g|, NaN/Inf count), float64: a torch tensor on the device that
+    computed it, or a numpy array when the host reduction computed it there (nothing left to read)."""
 
     __slots__ = ("per_device", "count")
 
-    def __init__(self, per_device: Dict[torch.device, Tuple[List[int], torch.Tensor]], count: int):
+    def __init__(self, per_device: Dict[torch.device, Tuple[List[int], "Rows"]], count: int):
         self.per_device = per_device  # {device: (positions in the input, (n, 3) float64 rows)}
         self.count = count
 
@@ -99,11 +112,19 @@ class Figures:
         if len(self.per_device) == 1:
             positions, rows = next(iter(self.per_device.values()))
             if len(positions) == n and all(map(operator.eq, positions, range(n))):
-                return rows.cpu().numpy()  # the common case: one device, one group, already in order
+                return _on_host(rows)  # the common case: one device, one group, already in order
         out = np.zeros((n, 3))
         for positions, rows in self.per_device.values():
-            out[np.asarray(positions, dtype=np.int64)] = rows.cpu().numpy()
+            out[np.asarray(positions, dtype=np.int64)] = _on_host(rows)
         return out
+
+
+# (n, 3) float64 figures: numpy when computed on the host, a torch tensor on the device that computed them.
+Rows = Union[np.ndarray, torch.Tensor]
+
+
+def _on_host(rows: Rows) -> np.ndarray:
+    return rows if isinstance(rows, np.ndarray) else rows.cpu().numpy()
 
 
 # (device, dtype, small?, positions, where each gradient of a small batch lies in its flat buffer)
@@ -114,6 +135,7 @@ class Reduction:
     """Figures of many gradients in a few batched kernels; subclasses say how a group is reduced."""
 
     name = ""
+    small_numel = SMALL_NUMEL  # gradients up to this many elements are concatenated and reduced together
 
     def figures(self, grads: Sequence[torch.Tensor], layout_cache: Optional[Dict[Tuple, Layout]] = None,
                 key: Optional[Tuple] = None) -> Figures:
@@ -144,12 +166,13 @@ class Reduction:
         g = dense(grad.detach() if grad.requires_grad else grad)
         if g.numel() == 0:
             return torch.zeros(3, dtype=torch.float64, device=g.device)
-        return self._large([g], g.dtype)[0]
+        row = self._large([g], g.dtype)[0]
+        return torch.from_numpy(row) if isinstance(row, np.ndarray) else row
 
     def _layout(self, values: List[torch.Tensor]) -> Layout:
         groups: Dict[Tuple[torch.device, torch.dtype, bool], List[int]] = {}
         for i, g in enumerate(values):
-            groups.setdefault((g.device, g.dtype, g.numel() <= SMALL_NUMEL), []).append(i)
+            groups.setdefault((g.device, g.dtype, g.numel() <= self.small_numel), []).append(i)
         layout: Layout = []
         for (device, dtype, small), idx in groups.items():
             if not small:
@@ -159,8 +182,8 @@ class Reduction:
                 layout.append((device, dtype, True, batch, Segments([values[i] for i in batch])))
         return layout
 
-    def _reduce(self, values: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tuple[List[int], torch.Tensor]]:
-        per_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
+    def _reduce(self, values: List[torch.Tensor], layout: Layout) -> Dict[torch.device, Tuple[List[int], Rows]]:
+        per_device: Dict[torch.device, Tuple[List[int], List[Rows]]] = {}
         for device, dtype, small, idx, segments in layout:
             tensors = [values[i] for i in idx]
             if tensors[0].dtype != dtype or tensors[0].device != device:
@@ -170,17 +193,23 @@ class Reduction:
             rows = self._small(tensors, segments) if small else self._large(tensors, dtype)
             # create_graph=True gradients require grad: their figures never join the graph (checked per
             # group, not per gradient; torch.no_grad() around every call cost more on small models).
-            parts.append(rows.detach() if rows.requires_grad else rows)
-        return {dev: (pos, parts[0] if len(parts) == 1 else torch.cat(parts))
-                for dev, (pos, parts) in per_device.items()}
+            parts.append(rows.detach() if isinstance(rows, torch.Tensor) and rows.requires_grad else rows)
+        return {dev: (pos, parts[0] if len(parts) == 1 else _joined(parts)) for dev, (pos, parts) in per_device.items()}
 
     # What a reduction defines: the (n, 3) figures of a batch of small gradients (concatenated,
     # ``segments`` says where each lies) and of large gradients of one dtype.
-    def _small(self, tensors: List[torch.Tensor], segments: "Segments") -> torch.Tensor:
+    def _small(self, tensors: List[torch.Tensor], segments: "Segments") -> Rows:
         raise NotImplementedError
 
-    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> Rows:
         raise NotImplementedError
+
+
+def _joined(parts: List[Rows]) -> Rows:
+    """One device's row groups as one array (all numpy on the host, all torch on a device)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    return torch.cat([torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in parts])
 
 
 def _batches(values: List[torch.Tensor], idx: List[int]) -> List[List[int]]:
@@ -266,14 +295,15 @@ class HostReduction(Reduction):
     """Values on the host are read back freely: fast paths, and exact redos only where the figures say so."""
 
     name = "host"
+    small_numel = HOST_SMALL_NUMEL
 
-    def _small(self, tensors: List[torch.Tensor], segments: Segments) -> torch.Tensor:
+    def _small(self, tensors: List[torch.Tensor], segments: Segments) -> Rows:
         """One concatenation in torch, the segment reductions in numpy (about 1 us a call, not a few)."""
         if tensors[0].device.type != "cpu":
             return DEVICE._small(tensors, segments)
         n = segments.count
         if segments.total == 0:
-            return torch.zeros(n, 3, dtype=torch.float64)
+            return np.zeros((n, 3))
         flat = segments.concatenated(tensors)
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()  # bfloat16 and float16 values are exact in float32
@@ -283,29 +313,55 @@ class HostReduction(Reduction):
         with np.errstate(all="ignore"):  # float64 squares of extreme float64 gradients overflow: redone below
             return _segment_figures_host(x, segments, n)
 
-    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The tensors' own-dtype norm where it is exact, float64 (scaled for float64 values) for the rows
-        that need it; bfloat16/float16 in float64, a chunk at a time (no float32 copy of the whole)."""
+    def _large(self, tensors: List[torch.Tensor], dtype: torch.dtype) -> Rows:
+        """Each gradient read where it lies, twice in a row (the second read finds it in the cache):
+        ``aminmax`` for max |x| and BLAS ``dot`` for the sum of squares (float32 or float64, as the values
+        are); the rows that need it redone exactly (float64, scaled for float64 values); bfloat16/float16
+        in float64 a chunk at a time (numpy has no bfloat16; no float32 copy of the whole)."""
         if tensors[0].device.type != "cpu":
             return DEVICE._large(tensors, dtype)
-        amax = torch.stack([_max_abs(t) for t in tensors]).to(torch.float64)
-        if dtype not in (torch.float32, torch.float64):  # bfloat16 / float16: a chunk at a time, in float64
-            norms = torch.stack([_combined(foreach_norm(_chunks(t), 2, dtype=torch.float64)) for t in tensors])
-            bad = [float(_nonfinite_count(t)) if not math.isfinite(top) else 0.0
-                   for t, top in zip(tensors, amax.tolist())]
-            return torch.stack([norms, amax, torch.tensor(bad, dtype=torch.float64)], dim=1)
-        norms = torch.stack(foreach_norm(tensors)).to(torch.float64)
-        lo, hi = SAFE_RANGE[dtype]
-        bad = [0.0] * len(tensors)
-        for i, (norm, top) in enumerate(zip(norms.tolist(), amax.tolist())):
-            if not math.isfinite(top):
-                bad[i] = float(_nonfinite_count(tensors[i]))
-            elif (top > 0.0 and not lo <= top <= hi) or not math.isfinite(norm):
-                norms[i] = _exact_norm(tensors[i], scale_exponent(top) if dtype == torch.float64 else 0)
-        return torch.stack([norms, amax, torch.tensor(bad, dtype=torch.float64)], dim=1)
+        narrow = dtype not in (torch.float32, torch.float64)
+        bounds, norms = [], []
+        for t in tensors:
+            bounds.extend(torch.aminmax(t))
+            norms.append(math.nan if narrow else _dot_norm(t))
+        both = torch.stack(bounds)
+        lows, highs = (both.detach() if both.requires_grad else both).to(torch.float64).numpy().reshape(-1, 2).T
+        amax = np.maximum(highs, -lows)  # NaN propagates
+        rows = np.zeros((len(tensors), 3))
+        rows[:, 0] = norms
+        rows[:, 1] = amax
+        lo, hi = SAFE_RANGE.get(dtype, (0.0, math.inf))
+        for i, (t, top, norm) in enumerate(zip(tensors, amax.tolist(), norms)):
+            if not math.isfinite(top):  # aminmax propagates NaN: the norm is NaN with a NaN, inf with only Infs
+                rows[i, 0], rows[i, 2] = top, float(_nonfinite_count(t))
+            elif top == 0.0:
+                rows[i, 0] = 0.0  # every value is zero: so is the norm
+            elif narrow:
+                rows[i, 0] = float(_combined(foreach_norm(_chunks(t), 2, dtype=torch.float64)))
+            elif not (lo <= top <= hi) or not math.isfinite(norm):
+                # squares out of the dtype's safe range: float64 sums, float64 values scaled first
+                rows[i, 0] = float(_exact_norm(t, scale_exponent(top) if dtype == torch.float64 else 0))
+        return rows
 
 
-def _segment_figures_host(x: np.ndarray, segments: Segments, n: int) -> torch.Tensor:
+def _dot_norm(t: torch.Tensor) -> float:
+    """sqrt(sum x**2) of a float32/float64 gradient from BLAS dot products of ``DOT_NUMEL`` elements, their
+    sum in float64 (no copy of a contiguous gradient). Exact to rounding where max |x| is in the dtype's
+    safe range (the caller redoes the others); NaN where numpy cannot share the values (redone too)."""
+    x = (t.detach() if t.requires_grad else t).reshape(-1)
+    try:
+        flat = x.numpy()
+    except (RuntimeError, TypeError):  # a view numpy cannot share (a negative bit)
+        return math.nan
+    with np.errstate(all="ignore"):  # an out-of-range square overflows or underflows: that row is redone
+        if flat.size <= DOT_NUMEL:
+            return math.sqrt(float(np.dot(flat, flat)))
+        return math.sqrt(math.fsum(float(np.dot(c, c)) for c in (flat[k:k + DOT_NUMEL]
+                                                                 for k in range(0, flat.size, DOT_NUMEL))))
+
+
+def _segment_figures_host(x: np.ndarray, segments: Segments, n: int) -> np.ndarray:
     at, filled = segments.reduce_at, segments.filled
     amax = np.maximum.reduceat(np.abs(x), at).astype(np.float64)  # NaN propagates
     wide = x.astype(np.float64)  # float32 squares neither under- nor overflow in float64
@@ -324,7 +380,7 @@ def _segment_figures_host(x: np.ndarray, segments: Segments, n: int) -> torch.Te
             factor = math.ldexp(1.0, scale_exponent(float(amax[i])))
             scaled = wide[segments.starts[i]:segments.end(i)] * factor
             norms[i] = math.sqrt(float(np.dot(scaled, scaled))) / factor
-    return torch.from_numpy(np.stack([norms, amax, bad], axis=1))
+    return np.stack([norms, amax, bad], axis=1)
 
 
 def _spread(values: np.ndarray, filled: np.ndarray) -> np.ndarray:

@@ -68,13 +68,18 @@ class UnregisteredModules:
         self.depth: Dict[int, int] = {}  # thread id -> watched forwards open in it
         self.handle = None  # the global hook's handle while a watched forward runs
 
-    def attach(self, register: Callable[[Any], None]) -> None:
-        """Hooks on the root that put the global hook on around its forward; ``register`` keeps their handles."""
-        # ModuleHook: copy.deepcopy(model) and pickle copy a module's hooks; a copy gets inert stand-ins
-        # (never this object and its lock), and pickling does not fail on a bound method's lock.
+    def attach(self, register: Callable[[Any], None], root_site=None) -> None:
+        """Hooks on the root that put the global hook on around its forward; ``register`` keeps their handles.
+        With ``root_site`` (the cut detector's ``ModuleSite`` of the root, seen through a forward wrapper:
+        capture/module_calls.py) its wrapper calls them instead, and the model's call keeps its fast path."""
+        register(self)  # removal (as a handle): a forward still running at exit takes the global hook with it
+        if root_site is not None:
+            root_site.around = (self._begin, self._end)
+            return
+        # ModuleHook: copy.deepcopy(model), pickle and torch.save inside the watch give the copy an inert
+        # LeftBehind, which takes itself out (a closure was kept by the copy, and could not be pickled).
         register(self.root.register_forward_pre_hook(ModuleHook(self._begin)))
         register(self.root.register_forward_hook(ModuleHook(self._end), always_call=True))
-        register(self)  # removal (as a handle): a forward still running at exit takes the global hook with it
 
     def remove(self) -> None:
         with self.lock:
@@ -85,7 +90,9 @@ class UnregisteredModules:
 
     def _begin(self, module, args) -> None:
         if module is not self.root or _dynamo_compiling():
-            return  # (not traced into a compiled forward: dynamo would break its graph on the thread id)
+            # (a copy of the watched model carried a hook: its forward is not watched; torch.compile tracing:
+            # nothing to register at trace time, and the thread lookup would break the graph)
+            return
         thread = threading.get_ident()
         if not is_grad_enabled() and thread not in self.depth:
             return  # generation, evaluation: nothing there trains, and a token loop must not pay for the hook
@@ -95,10 +102,10 @@ class UnregisteredModules:
                 self.handle = register_module_forward_hook(self._on_call)
 
     def _end(self, module, args, output) -> None:
-        if _dynamo_compiling():
+        if module is not self.root or _dynamo_compiling():
             return
         thread = threading.get_ident()
-        if module is not self.root or thread not in self.depth:
+        if thread not in self.depth:
             return
         with self.lock:
             depth = self.depth.get(thread, 0) - 1

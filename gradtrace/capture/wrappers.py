@@ -174,6 +174,13 @@ class Wrapper:
             return self.engine.shapes()
         return {id(p): shape for _, members in self.flat_groups for p, shape in members}
 
+    def allows_hookless(self) -> bool:
+        """May ``.backward()`` runs be read without parameter hooks (capture/hookless.py)? Not under a
+        wrapper: DDP, FSDP and DeepSpeed write .grad in their own callbacks, after the engine's run ends;
+        nor in a process group, where a DDP around the watched module is only found at its first
+        forward (``InnerDdp``), after the hooks were taken out."""
+        return self.kind is None and self.engine is None and not _in_a_process_group()
+
     def adopt_ddp(self, ddp: nn.Module) -> None:
         """The watched module turned out to run inside ``ddp``: its all-reduce decides what .grad holds."""
         self.kind, self.root = "DDP", ddp

@@ -169,7 +169,8 @@ class PassTrace:
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
     # Figures derived from the records, each computed once: the analysis reads every kept pass on every
     # verdicts() call (a training loop judges each step over up to max_passes passes).
-    _derived: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
+    # (init=False: dataclasses.replace -- gather's merged passes -- must not carry the old pass's figures over)
+    _derived: Optional[Dict[str, Any]] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_columns(cls, columns: PassColumns, **fields) -> "PassTrace":

@@ -370,3 +370,23 @@ def test_nan_gradients_that_make_nan_weights_are_not_tiny_updates():
             opt.step()
     assert "NONFINITE" in codes(trace) and "TINY_UPDATES" not in codes(trace)
     assert not [v for v in trace.verdicts() if v.code == "NONFINITE" and v.evidence.get("updates")]
+
+
+def test_float32_weights_that_do_not_move_because_their_gradients_vanish_say_so():
+    """A deep stack of sigmoids: gradients ~1e-8 at the bottom, lr x |g| below float32's resolution of the weights.
+    The cause is the gradient flow, not the learning rate (old message: 'lr 0 in their param group, or an update
+    that vanishes')."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(30):
+        layers += [nn.Linear(16, 16), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(4, 16)), torch.tensor([0, 1, 0, 1])).backward()
+            opt.step()
+    first = trace.report().splitlines()[0]
+    assert first.startswith("gradtrace diagnosis: WEIGHTS_UNCHANGED: optimizer SGD#0") and "float32" in first
+    assert "their gradients vanish: the largest |g| among them is" in first and "saturating activations" in first

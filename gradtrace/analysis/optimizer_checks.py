@@ -108,7 +108,8 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
                    "update rounds away (keep float32 master weights: autocast or mixed precision instead of "
                    "model.to(bfloat16), or an optimizer with Kahan summation)")
         else:
-            why = "the step produced no change (lr 0 in their param group, or an update that vanishes)"
+            why = _vanished(o, frozen, passes) or \
+                "the step produced no change (lr 0 in their param group, or an update that vanishes)"
         every = len(frozen) == len(o.updates)
         out.append(Verdict("WEIGHTS_UNCHANGED", "error",
                            f"optimizer {o.name} stepped {o.steps} time(s) on nonzero gradients, yet left "
@@ -118,6 +119,23 @@ def check_weights_unchanged(trace, passes, tensors, cuts):
                            {"optimizer": o.name, "parameters": sorted(frozen), "dtypes": dtypes, "lrs": o.lrs,
                             "steps": o.steps, "low_precision": bool(low), "lr_zero": lr_zero}))
     return out
+
+
+# float32 resolves about 6e-8 of a weight: an update below ~1e-8 rounds away on weights of size ~0.1.
+_VANISHING = 1e-8
+
+
+def _vanished(o: OptimizerRecord, frozen: List[str], passes) -> str:
+    """Why float32 weights did not move under a nonzero lr, when their gradients say so: the gradients vanish."""
+    lr = max((x for x in o.lrs if x), default=None) if o.lrs else None
+    stepped = [passes[name] for name in (o.passes or ()) if name in passes]
+    largest = max((r.max_abs for p in stepped for n in frozen if (r := p.records.get(n)) is not None), default=None)
+    if lr is None or largest is None or not largest or lr * largest >= _VANISHING:
+        return ""
+    return (f"their gradients vanish: the largest |g| among them is {largest:.1e}, so lr x |g| <= {lr * largest:.1e}, "
+            "below what float32 weights resolve; the gradient flow is the fault, not the optimizer (a deep stack "
+            "of saturating activations such as sigmoid/tanh, or a bad initialisation: use ReLU/GELU, "
+            "normalisation, residual connections or a better init)")
 
 
 def _frozen_from(o: OptimizerRecord) -> Optional[Tuple[int, List[List[Optional[float]]]]]:

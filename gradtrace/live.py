@@ -180,6 +180,7 @@ class LiveTrace(Trace):
                 self._tensor_pass_facts(item.tensor, item.pass_name, host, rows)
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+            self.meta.returned_by_model = set(recording.cut_log.returned) or None
         if recording.optim is not None:
             recording.optim.take(self._optimizers)
             for record in self._optimizers.values():  # steps attributed to a pass dropped meanwhile
@@ -488,6 +489,7 @@ class LiveTrace(Trace):
         self.meta.forward_calls = recording.cut_log.root_calls
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
+            self.meta.returned_by_model = set(recording.cut_log.returned) or None
         self._note_replaced()
         self._note_modules()
         recording.unregistered = None  # its weak references die with the model; the records stay

@@ -169,7 +169,8 @@ class PassTrace:
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)
     # Figures derived from the records, each computed once: the analysis reads every kept pass on every
     # verdicts() call (a training loop judges each step over up to max_passes passes).
-    _derived: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
+    # (init=False: dataclasses.replace -- gather's merged passes -- must not carry the old pass's figures over)
+    _derived: Optional[Dict[str, Any]] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_columns(cls, columns: PassColumns, **fields) -> "PassTrace":
@@ -643,6 +644,9 @@ class TraceMeta(collections.abc.MutableMapping):
     frozen_while_watched: Optional[List[str]] = None  # parameters frozen by the time the watch closed
     replaced_params: Optional[Dict[str, Replacement]] = None  # parameters lost while watched, and how
     ran_with_grad: Optional[AbstractSet[str]] = None  # modules seen running with grad enabled
+    # Modules whose output the watched model returned as one of its outputs (an auxiliary head's logits):
+    # when none of their parameters get a gradient while others do, the loss did not use that output.
+    returned_by_model: Optional[AbstractSet[str]] = None
     error: Optional[str] = None  # the exception the watched block ended with
     error_cause: Optional[FailureCause] = None  # the culprit behind ``error``, where gradtrace could name it
     # Modules that ran inside the watched model's forward without being its submodules.

@@ -177,3 +177,18 @@ def test_a_copied_memo_or_a_saved_trace_starts_without_the_cache(tmp_path):
     path = tmp_path / "t.json"
     trace.save(str(path))
     assert _seen(gradtrace.load(str(path)).verdicts()) == first
+
+
+def test_a_pass_copied_with_replace_derives_its_figures_again():
+    """gather() builds merged passes with dataclasses.replace: the cached figures of the local pass (here: no
+    NaN) must not carry over to the merged one (the merged NONFINITE vanished: test_distributed)."""
+    import dataclasses
+
+    from gradtrace.records import GradRecord, PassTrace
+
+    local = PassTrace(name="X", params=("a",), runs=1, kinds=["backward"])
+    local.records = {"a": GradRecord("a", hits=1, norm=1.0, max_abs=1.0)}
+    assert local.nonfinite == 0 and not local.nonfinite_in_backward_order()
+    merged = dataclasses.replace(local, _records={"a": GradRecord("a", hits=1, norm=1.0, max_abs=1.0, nonfinite=3)},
+                                 _columns=None, _covered=None)
+    assert merged.nonfinite == 3 and [r.name for r in merged.nonfinite_in_backward_order()] == ["a"]

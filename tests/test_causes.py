@@ -308,6 +308,54 @@ def test_per_pass_facts_survive_save_and_load(tmp_path):
 # ---- 4. the right module -----------------------------------------------------------------------------------------
 
 
+class WithAuxHead(nn.Module):
+    """YOLOX #885 / pytorch #43259: the model returns an auxiliary head's output that the loss ignores."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head, self.aux_head = nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.head(f), self.aux_head(f)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_returned_output_the_loss_ignores_is_unused_not_detached(fixed):
+    torch.manual_seed(0)
+    model = WithAuxHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    with gradtrace.watch(model) as trace:
+        for step in range(2):
+            with trace.pass_(f"step-{step}"):
+                opt.zero_grad()
+                out, aux = model(x)
+                loss = F.mse_loss(out, y) + (0.4 * F.mse_loss(aux, y) if fixed else 0)
+                loss.backward()
+            opt.step()
+    first_line = trace.report().splitlines()[0]
+    if fixed:
+        assert first_line == "gradtrace: no problems found."
+        return
+    assert first_line.startswith("gradtrace diagnosis: UNUSED_PARAMS: 2 trainable parameter(s) received no "
+                                 "gradient in any pass: aux_head (2 params); the model returns the output of "
+                                 "'aux_head' and no loss used it"), first_line  # old code: DETACHED_OUTPUT, 'cut'
+    assert "DETACHED_OUTPUT" not in {v.code for v in trace.verdicts()}
+    assert trace.meta.returned_by_model == {"head", "aux_head"}
+
+
+def test_returned_by_model_survives_save_and_load(tmp_path):
+    model = WithAuxHead()
+    with gradtrace.watch(model) as trace:
+        model(torch.randn(2, 8))[0].sum().backward()
+    trace.save(tmp_path / "t.json")
+    loaded = gradtrace.load(tmp_path / "t.json")
+    assert set(loaded.meta.returned_by_model) == {"head", "aux_head"}
+    assert loaded.report().splitlines()[0] == trace.report().splitlines()[0]
+
+
 def test_detached_output_names_the_module_whose_output_was_cut_not_the_upstream_victim():
     model = Tower()
     with gradtrace.watch(model) as trace:

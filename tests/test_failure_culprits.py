@@ -135,6 +135,29 @@ def test_an_inplace_relu_after_tanh_names_both_modules():
                             "then modified in place by module '2' (ReLU)")
 
 
+class FunctionalTanhThenInplaceReLU(nn.Module):
+    """imgclsmob #13: torch.tanh in the forward's own code (no module), then a module ReLU(inplace=True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.activ, self.fc2 = nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.activ(torch.tanh(self.fc1(x))))
+
+
+def test_an_inplace_module_after_a_functional_op_is_named():
+    model = FunctionalTanhThenInplaceReLU()
+    with gradtrace.watch(model) as trace:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            with trace.pass_("train"):
+                model(torch.randn(4, 8)).sum().backward()
+    first = trace.report().splitlines()[0]
+    assert first.startswith("gradtrace diagnosis: PASS_FAILED: pass 'train' ended with an exception: a tensor "
+                            "saved for backward ([torch.FloatTensor [4, 8]], output of Tanh) was then modified in "
+                            "place by module 'activ' (ReLU), built with inplace=True"), first
+
+
 def test_an_inplace_change_in_the_parents_own_code():
     class Block(nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ on one thread and -6.371689e-10 on two: 4e-6 apart). In a shown block, a line th
 line that begins with it (long lines are cut). The demo's figures come from
 torch 2.13's random streams: on another torch release these are skipped.
 
-(The README's worked example has its own exact golden test in test_api.py;
+(The demo and diff blocks live in docs/cli.md; the README's worked example has its own exact golden test in test_api.py;
 benchmark timings are measurements, not golden output.)
 """
 import os
@@ -94,21 +94,21 @@ def gradtrace_cli(*args, cwd=ROOT) -> str:
     return done.stdout
 
 
-def test_readme_demo_bug_all():
-    assert_shows(block("README.md", "healthy "), gradtrace_cli("demo", "--bug", "all"))
+def test_cli_page_demo_bug_all():
+    assert_shows(block("docs/cli.md", "healthy "), gradtrace_cli("demo", "--bug", "all"))
 
 
-def test_readme_demo_story(tmp_path):
+def test_cli_page_demo_story(tmp_path):
     """Run from another directory: the locations it prints do not depend on where gradtrace sits."""
-    assert_shows(block("README.md", "gradtrace demo, the entropy probe"), gradtrace_cli("demo", cwd=tmp_path))
+    assert_shows(block("docs/cli.md", "gradtrace demo, the entropy probe"), gradtrace_cli("demo", cwd=tmp_path))
 
 
-def test_readme_cli_diff_and_the_table_names_modules_as_the_verdict_does(tmp_path):
+def test_cli_page_diff_and_the_table_names_modules_as_the_verdict_does(tmp_path):
     gradtrace_cli("demo", "--healthy", "--save", "healthy.json", cwd=tmp_path)
     gradtrace_cli("demo", "--bug", "adapters_bypassed", "--save", "bypassed.json", cwd=tmp_path)
     out = gradtrace_cli("diff", "healthy.json", "bypassed.json", "Y", "Y", "--format", "markdown",
                         "--fail-on", "error", cwd=tmp_path)
-    shown = block("README.md", "$ python -m gradtrace diff").split("\n", 1)[1].rsplit("exit 1", 1)[0]
+    shown = block("docs/cli.md", "$ python -m gradtrace diff").split("\n", 1)[1].rsplit("exit 1", 1)[0]
     assert_shows(shown, out)
     # the table and the verdict (Markdown-escaped) name the same group, blocks.*
     assert "`blocks.*.fc.lora_A`" in out and "blocks.\\*.fc.lora\\_A \\(2 params\\)" in out and "{0,1}" not in out

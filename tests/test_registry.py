@@ -162,6 +162,7 @@ def test_a_code_or_rank_cannot_be_registered_twice():
 
 
 def test_readme_verdict_table_is_the_registry():
+    """docs/how-it-decides.md includes this table from the README (a snippet), so there is one copy."""
     readme = (ROOT / "README.md").read_text()
     match = re.search(r"<!-- verdicts:start -->\n(.*?)\n<!-- verdicts:end -->", readme, flags=re.S)
     assert match, "README.md has no generated verdict table (between <!-- verdicts:start/end --> markers)"

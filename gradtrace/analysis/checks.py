@@ -865,6 +865,7 @@ def check_detached_output(trace, passes, tensors, cuts):
     union = covered_union(memo, passes.values())
     never = memo.get(("never", Ident(trace.params), union), _never_reached, memo, trace.params, union)
     by_module: Dict[str, Verdict] = {}
+    returned = trace.meta.returned_by_model or ()
     for p in passes.values():
         if p.forward_carried is None or (p.failed and p.runs):
             continue  # a backward cut short by an exception: its figures are partial
@@ -877,6 +878,8 @@ def check_detached_output(trace, passes, tensors, cuts):
             continue
         order = forward_rank(p)
         cut_at = max(candidates, key=lambda m: order.get(m, -1))
+        if cut_at in returned and p.covered:
+            continue  # the model returned its output and the loss used others: unused (UNUSED_PARAMS), not cut
         found = by_module.get(cut_at)
         if found is not None:
             found.evidence["passes"].append(p.name)
@@ -982,10 +985,27 @@ def check_unused(trace, passes, tensors, cuts):
     unused = list(memo.get(("unused", Ident(trace.params), reached, gone), _unreached, trace.params, reached, gone))
     if not unused:
         return []
+    evidence = {"parameters": unused, "modules": list(group_by_module(unused, trace.params))}
+    ignored = _outputs_the_loss_ignored(trace, unused)
+    said = ""
+    if ignored:
+        evidence["returned_unused"] = ignored
+        said = (f"; the model returns the output of {', '.join(repr(m) for m in ignored)} and no loss used it "
+                "(an auxiliary head or an extra output): add it to the loss, or leave it out of the model "
+                "(under DDP: find_unused_parameters=True)")
     return [Verdict("UNUSED_PARAMS", "warning",
                     f"{len(unused)} trainable parameter(s) received no gradient in any pass: "
-                    f"{describe_params(unused, universe=trace.params)}",
-                    {"parameters": unused, "modules": list(group_by_module(unused, trace.params))})]
+                    f"{describe_params(unused, universe=trace.params)}{said}", evidence)]
+
+
+def _outputs_the_loss_ignored(trace, unused: List[str]) -> List[str]:
+    """Modules the model returned the output of, none of whose parameters got a gradient."""
+    returned = trace.meta.returned_by_model
+    if not returned:
+        return []
+    lost = set(unused)
+    return sorted(m for m in returned
+                  if m and (inside := [n for n in trace.params if in_module(n, m)]) and lost.issuperset(inside))
 
 
 # Exceptions whose text says what went wrong with the gradient, and what that means.

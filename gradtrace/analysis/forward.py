@@ -98,6 +98,11 @@ def describe_failure(cause: Optional[FailureCause]) -> str:
         return (f"{_module(cause.module, cause.module_type)} holds a cached inference tensor{held}, {made}, and "
                 f"a forward with grad reused it{used}{variable}; build the cache under torch.no_grad() instead, "
                 f"or clone it")
+    if cause.kind == "inplace" and cause.module is None:  # the op ran in a forward's own code, not as a module
+        what = f" ({cause.tensor})" if cause.tensor else ""
+        return (f"a tensor saved for backward{what} was then modified in place by "
+                f"{_module(cause.other, cause.other_type)}, built with inplace=True; make it out of place "
+                f"(inplace=False)")
     if cause.kind == "inplace":
         by = f" by {_module(cause.other, cause.other_type)}" if cause.other else ""
         what = f" ({cause.tensor})" if cause.tensor else ""

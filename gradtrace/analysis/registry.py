@@ -5,8 +5,8 @@
     def nonfinite(trace, passes, tensors, cuts) -> List[Verdict]: ...
 
 ``rank`` orders root causes before the effects they explain (lower first,
-within a severity). The README's verdict table is generated from here
-(``markdown_table``) and a test keeps the two equal; another test checks that
+within a severity). The README's verdict table (docs/how-it-decides.md includes it) is generated
+from here (``markdown_table``) and a test keeps the two equal; another test checks that
 every registered code is produced by a real scenario.
 """
 from __future__ import annotations

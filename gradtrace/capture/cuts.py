@@ -41,6 +41,14 @@ is_inference_mode_enabled = torch.is_inference_mode_enabled
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
+def _top_level_tensors(value: Any) -> List[torch.Tensor]:
+    """The tensors a forward returned: the output itself, or the items of a tuple, list or dict (a ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [item for item in items if isinstance(item, torch.Tensor)]
+
+
 def any_requires_grad(value: Any) -> Optional[bool]:
     """Whether any tensor in ``value`` requires grad; None when it holds no tensor (shallow)."""
     if isinstance(value, torch.Tensor):
@@ -90,6 +98,11 @@ class CutLog:
         # module path -> tick of its latest forward with grad enabled (negated when its output
         # did not require grad). Only modules that own trainable parameters are stamped.
         self.grad_forwards: Dict[str, int] = {}
+        # This forward's trainable module outputs that required grad (id of a single-tensor output -> module),
+        # cleared at each end of the watched model's forward, and the modules whose output the model returned
+        # as is: an output the loss then ignores (an auxiliary head) is unused, not cut.
+        self.outputs_by_id: Dict[int, str] = {}
+        self.returned: Dict[str, None] = {}
         self.window_start = 0  # tick at which the current pass window began (see take_window)
         self.window_outside: Dict[int, None] = {}  # cuts seen outside any pass since then (seq, in order)
 
@@ -296,6 +309,8 @@ class ModuleSite:
         if differentiable:
             if stamps is not None:
                 stamps[name] = self.tick()
+                if output.__class__ is Tensor:
+                    self.log.outputs_by_id[id(output)] = name
                 outside = self.outside
                 if outside is not None and not outside.depth:
                     outside.ran_outside()
@@ -331,7 +346,14 @@ class ModuleSite:
         """A call of the watched model itself ended."""
         if not self.live:
             return
-        self.log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+        log = self.log
+        log.root_calls += 1  # "forwards were seen" even when no backward ever ran
+        if log.outputs_by_id:
+            for tensor in _top_level_tensors(output):
+                module = log.outputs_by_id.get(id(tensor))  # alive, so its id is no dead output's
+                if module is not None and tensor.requires_grad:
+                    log.returned[module] = None
+            log.outputs_by_id.clear()
         if self.outputs is not None:
             self.outputs.mark(output)
 

@@ -115,7 +115,7 @@ class FailureContext:
             return None
         op = re.sub(r"Backward\d*$", "", described.group(2))
         made_by, changed_by = self.forward_values.changed_in_place(int(versions.group(1)), op)
-        if made_by is None:
+        if made_by is None and changed_by is None:
             return None
         return FailureCause(kind="inplace", module=made_by, module_type=self._type(made_by), other=changed_by,
                             other_type=self._type(changed_by), tensor=f"{described.group(1)}, output of {op}")

@@ -32,7 +32,7 @@ import inspect
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -151,6 +151,7 @@ class ForwardValues:
         self.lock = threading.Lock()
         self.enabled = True
         self.types: Dict[str, str] = {}  # module path -> type name, for the description of what is read
+        self.inplace: Set[str] = set()  # modules built to change their input in place (ReLU(inplace=True))
         # Every module call's output since the last take, in forward order: (module, storage address,
         # version, requires grad). What a failed backward's culprit is looked up in (``failures.py``).
         self.outputs: List[Tuple[str, int, int, bool]] = []
@@ -159,6 +160,8 @@ class ForwardValues:
     def for_module(self, name: str, module: nn.Module):
         """The checker the module's forward hook calls with grad enabled: ``check(module, args, kwargs, output)``."""
         module_type = self.types[name] = type(module).__name__
+        if getattr(module, "inplace", False) is True:
+            self.inplace.add(name)
         out_site = Site("output", name, module_type)
         in_site = Site("input", name, module_type)
         masks = [(position, arg, Site("mask", name, module_type, mask=arg, masked_when=_masked_when(module, arg)))
@@ -323,7 +326,10 @@ class ForwardValues:
         for name, _, version, _ in reversed(outputs):
             if version == saved_at and self.types.get(name, "").lower() == wanted:
                 return name, None
-        return None, None
+        # The op ran in a forward's own code (torch.tanh), not as a module: an in-place module (ReLU(inplace=True))
+        # whose output reached a higher version is the change.
+        changer = next((o[0] for o in reversed(outputs) if o[0] in self.inplace and o[2] > saved_at), None)
+        return None, changer
 
 
 class Window:

@@ -163,6 +163,7 @@ def _class_forward(site, self, *args, **kwargs):
             stamps = site.stamps
             if stamps is not None:
                 stamps[site.name] = site.tick()
+                site.log.outputs_by_id[id(out)] = site.name  # was it returned by the model? (cuts.ModuleSite)
                 outside = site.outside
                 if outside is not None and not outside.depth:
                     outside.ran_outside()

@@ -54,7 +54,7 @@ class _NoObserver:
     def __init__(self, *args, **kwargs):
         pass
 
-    def attach(self, register) -> None:
+    def attach(self, register, root_site=None) -> None:
         pass
 
     def records(self) -> list:

@@ -195,6 +195,41 @@ def test_a_layer_made_on_every_forward_is_named_by_type_and_caller():
     assert "outside the module tree (made on the fly" in v[0].message
 
 
+def test_the_global_hook_is_sampled_after_the_first_forwards():
+    """Issue 23: the global hook slows every module call, so it is on in the first 3 grad-enabled watched
+    forwards and then in one out of 64; the plain-list layers are found, and so is a module made only in a
+    later forward (seen in a sampled one)."""
+    from gradtrace.capture import unregistered
+
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = self.encoder(x)
+            return nn.Linear(1, 1)(h) if self.calls >= 60 else h  # made on the fly, from the 60th forward on
+
+    torch.manual_seed(0)
+    model, before = Late(), _global_hooks()
+    inside = []
+    model.encoder.inp.register_forward_hook(lambda m, a, o: inside.append(_global_hooks() != before))
+    with gradtrace.watch(model) as trace:
+        with torch.no_grad():
+            model(torch.randn(3, 4))  # not counted: no grad
+        for _ in range(unregistered.SAMPLE_EVERY):
+            model(torch.randn(3, 4)).sum().backward()
+    on = [i for i, present in enumerate(inside[1:], 1) if present]
+    assert inside[0] is False and on == [1, 2, 3, unregistered.SAMPLE_EVERY]
+    assert not inside[10] and _global_hooks() == before
+    records = {r.module: r for r in trace.meta.unregistered_modules}
+    assert records["encoder.layers[0]"].calls == 4 and records["encoder.layers[1]"].calls == 4
+    assert "<Linear #0 made in the forward of the root module>" in records
+    assert trace.report().splitlines()[0].startswith("gradtrace diagnosis: UNREGISTERED_MODULE: ")
+
+
 def test_unregistered_parameters_the_optimizer_holds_are_a_warning():
     torch.manual_seed(0)
     model = Model()

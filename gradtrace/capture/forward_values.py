@@ -23,15 +23,14 @@ a healthy pass's checks are dropped unread.
 
 Cost: about one small reduction per module call (measured in benchmarks/forward_checks.py).
 Not checked: forwards without grad (generation, evaluation), integer outputs, empty tensors.
-A tensor is checked once per forward (remembered by a weak reference and its version: changed in
-place, it is checked again).
+A tensor is checked once per forward (remembered with its version until the forward returns: changed
+in place, it is checked again).
 """
 from __future__ import annotations
 
 import inspect
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -112,16 +111,17 @@ def _masked_when(module: nn.Module, name: str) -> str:
 
 class _Thread(threading.local):
     def __init__(self):
-        # id(tensor) -> (weak reference, _version) when checked, in the current forward. Weak, and compared
-        # by identity: a freed activation's id comes back at once for the next one (and holding them would
-        # keep activations alive that the forward frees).
-        self.seen: Dict[int, Tuple[Any, int]] = {}
+        # id(tensor) -> (the tensor, its _version) when checked, in the current forward: compared by identity
+        # (a freed activation's id comes back at once for the next one). Held, not weakly referenced (a weak
+        # reference per output cost as much as the rest of the bookkeeping): only until the watched forward
+        # returns (or the pass ends), and a forward with grad keeps most of its outputs for backward anyway.
+        self.seen: Dict[int, Tuple[Tensor, int]] = {}
 
 
 def _checked(seen: Dict[int, Tuple[Any, int]], t: Tensor) -> bool:
     """Was ``t`` itself checked in this forward, at its current version?"""
     entry = seen.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version
+    return entry is not None and entry[0] is t and entry[1] == t._version
 
 
 # Modules that cannot turn finite inputs into NaN/Inf (elementwise activations, dropout, identity): their
@@ -145,7 +145,7 @@ class ForwardValues:
         self.sites: List[Any] = []
         self.dtypes: List[torch.dtype] = []
         self.values: List[Any] = []
-        self.chunks: List[Tuple[List[Any], List[torch.dtype], Tensor]] = []  # stacked: sites, dtypes, (2n,) values
+        self.chunks: List[Tuple[List[Any], List[torch.dtype], Tensor]] = []  # stacked: sites, dtypes, (2, n) values
         self.count = 0  # checks in the current window
         self.thread = _Thread()
         self.lock = threading.Lock()
@@ -167,43 +167,58 @@ class ForwardValues:
         masks = [(position, arg, Site("mask", name, module_type, mask=arg, masked_when=_masked_when(module, arg)))
                  for position, arg in mask_parameters(module)]
         thread = self.thread
-        log = self._log
         root = not name
         outputs = self.outputs.append  # the list is cleared in place, never replaced
         reduce = module_type not in PASS_THROUGH
+        # The pending checks' lists are replaced by every fold: looked up per call (attribute reads, no method).
+        this = self
 
         def check(mod, args, kwargs, output) -> None:
-            if not self.enabled or mod is not module or _dynamo_compiling():
+            if not this.enabled or mod is not module or _dynamo_compiling():
                 return  # (a deepcopy carries the hook along; a compiled forward is not traced through checks)
             seen = thread.seen
             try:
                 out = output if output.__class__ is Tensor else first_floating(output)
                 if out is not None and out.is_floating_point():
-                    outputs((name, out.data_ptr(), out._version, out.requires_grad))
+                    version = out._version
+                    outputs((name, out.data_ptr(), version, out.requires_grad))
                 else:
                     out = None
                 x = args[0] if args and args[0].__class__ is Tensor else (
                     first_floating(args) if args else first_floating(kwargs) if kwargs else None)
                 if x is not None:  # was the input checked in this forward, at its current version? (inlined)
                     entry = seen.get(id(x))
-                    x_checked = entry is not None and entry[0]() is x and entry[1] == x._version
+                    x_checked = entry is not None and entry[0] is x and entry[1] == x._version
                 if not reduce:
                     if out is not None and x is not None and x_checked:  # finite in, finite out
-                        seen[id(out)] = (weakref.ref(out), out._version)
+                        seen[id(out)] = (out, version)
                     return
                 if x is not None and not x_checked and x is not out and x.is_floating_point():
-                    log(in_site, x, seen)
+                    this._log(in_site, x, seen)
                 if masks:
-                    self._check_masks(masks, args, kwargs, seen)
+                    this._check_masks(masks, args, kwargs, seen)
                 if out is not None:
-                    entry = seen.get(id(out))
-                    if entry is None or entry[0]() is not out or entry[1] != out._version:
-                        log(out_site, out, seen)
+                    key = id(out)
+                    entry = seen.get(key)
+                    if entry is None or entry[0] is not out or entry[1] != version:
+                        # _log, inlined: grad off around the reduction (no graph node, no detach op)
+                        seen[key] = (out, version)
+                        set_grad_enabled(False)
+                        try:
+                            pair = _aminmax(out)
+                        finally:
+                            set_grad_enabled(True)  # (module checks run with grad enabled)
+                        values = this.values
+                        values.append(pair)
+                        this.sites.append(out_site)
+                        this.dtypes.append(out.dtype)
+                        if len(values) >= CHUNK:
+                            this._fold()
             except (RuntimeError, TypeError, ValueError):
-                pass  # an inference tensor (no version counter), a tensor without storage: not checked
+                pass  # an inference tensor (no version counter), a tensor without storage, an empty one: not checked
             finally:
                 if root or len(seen) > _MAX_SEEN:
-                    seen.clear()  # a new forward's tensors are new: ids of freed ones may come back
+                    seen.clear()  # a new forward's tensors are new: the checked ones are let go
 
         return check
 
@@ -215,7 +230,7 @@ class ForwardValues:
 
     def _log(self, site, t: Tensor, seen: Dict[int, Tuple[Any, int]], grad_was: bool = True) -> None:
         """Reduce ``t`` to (min, max) on the device. Module hooks call it with grad enabled (``grad_was``)."""
-        seen[id(t)] = (weakref.ref(t), t._version)
+        seen[id(t)] = (t, t._version)
         # Grad off around the reduction: no graph node holding ``t`` for a min and a max, and no detach()
         # (an op of its own: it cost as much as the reduction).
         set_grad_enabled(False)
@@ -238,7 +253,7 @@ class ForwardValues:
                 m = args[position]
             if not isinstance(m, Tensor) or not m.numel() or m.dim() == 0 or _checked(seen, m):
                 continue
-            seen[id(m)] = (weakref.ref(m), m._version)
+            seen[id(m)] = (m, m._version)
             m = m.detach()
             if m.is_floating_point():
                 # (the smallest row maximum, the smallest value): an additive mask (negative values) masks a
@@ -260,11 +275,12 @@ class ForwardValues:
             self.sites, self.dtypes, self.values = [], [], []
             if not values:
                 return
-            flat = [v for pair in values for v in pair]
+            # (2, n): the lows, then the highs (one stack; dtypes promote: bool, half -> float).
+            flat = [pair[0] for pair in values] + [pair[1] for pair in values]
             try:
-                stacked = torch.stack(flat)  # dtypes promote (bool, half -> float)
+                stacked = torch.stack(flat).view(2, -1)
             except RuntimeError:  # model parallel: values on several devices, stacked on the first one's
-                stacked = torch.stack([v.to(flat[0].device) for v in flat])
+                stacked = torch.stack([v.to(flat[0].device) for v in flat]).view(2, -1)
             self.chunks.append((sites, dtypes, stacked))
             self.count += len(sites)
             if len(self.outputs) > MAX_CHECKS:
@@ -279,6 +295,7 @@ class ForwardValues:
         with self.lock:
             chunks, self.chunks, self.count = self.chunks, [], 0
             self.outputs.clear()
+        self.thread.seen.clear()  # (a forward of submodules called without the root: its tensors let go)
         return Window(chunks, self.types)
 
     def close(self) -> None:
@@ -286,6 +303,7 @@ class ForwardValues:
         self.sites, self.dtypes, self.values = [], [], []
         self.chunks = []
         self.outputs.clear()
+        self.thread.seen.clear()
 
     def last_with_grad(self) -> Optional[str]:
         """The last module (in forward order, since the last pass) whose output carried a gradient."""
@@ -326,11 +344,11 @@ class Window:
         if not self.chunks:
             return 0, None
         device = self.chunks[0][2].device
-        values = torch.cat([v.to(device, torch.float64) for _, _, v in self.chunks]).tolist()
+        lows, highs = torch.cat([v.to(device, torch.float64) for _, _, v in self.chunks], dim=1).tolist()
         sites = [(_as_site(site), dtype) for entry_sites, dtypes, _ in self.chunks
                  for site, dtype in zip(entry_sites, dtypes)]
         self.chunks = []
-        pairs = [(values[2 * i], values[2 * i + 1]) for i in range(len(sites))]
+        pairs = list(zip(lows, highs))
         found = first_nonfinite(sites, pairs)
         if found is not None:
             found.module_type = found.module_type or self.types.get(found.module, "")

@@ -549,3 +549,17 @@ def test_a_failed_pass_says_what_its_error_means(bad, says):
                 bad(model, torch.randn(3, 4))
     v = next(v for v in trace.verdicts() if v.code == "PASS_FAILED")
     assert says in v.message
+
+
+@pytest.mark.parametrize("name, hint", [("mask", False), ("loss_weights", False), ("advantages", True)])
+def test_the_rewards_hint_is_only_for_tensors_that_hold_groups(name, hint):
+    """A float mask registered without a role (labels != -100 as float) that is all zero selects nothing; the
+    'rewards all equal' hint belongs to advantages and rewards only (the old code gave it to any float tensor)."""
+    model = nn.Linear(4, 1)
+    with gradtrace.watch(model) as trace:
+        with trace.pass_("step"):
+            weights = trace.tensor(name, torch.zeros(8))
+            (model(torch.randn(8, 4)).squeeze(-1) * weights).sum().backward()
+    found = next(v for v in trace.verdicts() if v.code == "ALL_ZERO_VALUES")
+    assert ("rewards" in found.message) is hint, found.message
+    assert ("selects nothing" in found.message) is (name == "mask")

@@ -317,3 +317,19 @@ def test_an_op_check_under_no_grad_leaves_grad_off():
             h.mul_(2)
             assert not torch.is_grad_enabled()
         assert torch.is_grad_enabled()
+
+
+def test_a_log_of_zero_under_ops_is_named_at_the_log_not_the_next_op():
+    """-inf beside finite values is an additive mask only where a mask is built or moved; a log of 0 is where the
+    forward went non-finite (the old code skipped it and named the mean after it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with gradtrace.watch(model, cuts="ops") as trace:
+        with trace.pass_("p"):
+            probs = torch.softmax(model(torch.randn(16, 4)), -1) * torch.tensor([1.0, 0.0])
+            logp = torch.log(probs)
+            (-logp.mean()).backward()
+    first = trace.report().splitlines()[0]
+    assert first.startswith("gradtrace diagnosis: NONFINITE: pass 'p': the forward first went non-finite in op log "
+                            "at "), first
+    assert "test_forward_values.py:" in first

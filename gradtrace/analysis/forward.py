@@ -73,7 +73,8 @@ def forward_lead(p: PassTrace) -> str:
 def forward_finite_note(p: PassTrace) -> str:
     if p.forward_nonfinite is None and p.forward_checked:
         return (f"; every module output of the forward was finite ({p.forward_checked} checked): "
-                "the NaN/Inf is born in backward")
+                "the NaN/Inf is born in backward, or in code outside the modules (the loss: a log of 0, "
+                "a division by 0)")
     return ""
 
 

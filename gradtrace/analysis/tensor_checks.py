@@ -11,6 +11,8 @@ on its whole-watch figures, as before.
 """
 from __future__ import annotations
 
+import re
+
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..records import TensorRecord, ValueStats, Verdict
@@ -96,12 +98,20 @@ ZERO_ADVANTAGE_HINT = ("every one of its {rows} rows has zero variance: groups w
                        "rewards that were NaN and zeroed by the trainer (see the reward functions' outputs)")
 
 
+# Names that say a tensor holds per-group values (advantages, rewards, returns, scores) or a mask: the rewards
+# hint is only given for the former, and a float tensor named like a mask "selects nothing".
+_GROUP_NAMES = re.compile(r"adv|reward|return|score|^a$", re.IGNORECASE)
+_MASK_NAMES = re.compile(r"mask", re.IGNORECASE)
+
+
 @verdict("ALL_ZERO_VALUES", rank=60, severities=("error",),
          meaning="a registered tensor is all zeros or empty in a pass (a mask that selects nothing)")
 def check_all_zero_values(trace, passes, tensors, cuts):
     found = Findings()
     for t in tensors.values():
-        mask_like = t.dtype == "bool" or t.dtype.startswith(("int", "uint")) or t.role in MASK_ROLES
+        mask_like = t.dtype == "bool" or t.dtype.startswith(("int", "uint")) or t.role in MASK_ROLES \
+            or bool(_MASK_NAMES.search(t.name))
+        grouped = t.role == "group" or bool(_GROUP_NAMES.search(t.name))
         for pass_name, v, _ in facts_by_pass(t, passes):
             if v.numel == 0:
                 found.add("ALL_ZERO_VALUES", "error", t.name, pass_name, f"tensor {t.name!r} is empty (shape {t.shape})",
@@ -115,8 +125,8 @@ def check_all_zero_values(trace, passes, tensors, cuts):
                           {"numel": v.numel, "rows": v.rows, "mask": True, "truncated": v.numel})
             elif v.zeros == v.numel:
                 what = "selects nothing" if mask_like else "is all zeros"
-                rows = ("; " + ZERO_ADVANTAGE_HINT.format(rows=v.rows) if v.rows and not mask_like and is_data(t)
-                        else "")
+                rows = ("; " + ZERO_ADVANTAGE_HINT.format(rows=v.rows)
+                        if v.rows and not mask_like and grouped and is_data(t) else "")
                 found.add("ALL_ZERO_VALUES", "error", t.name, pass_name,
                           f"tensor {t.name!r} {what} ({v.numel} elements, every one 0){rows}",
                           {"numel": v.numel, "rows": v.rows, "mask": mask_like})

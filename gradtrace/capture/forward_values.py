@@ -368,9 +368,19 @@ def _bad(low: float, high: float) -> bool:
     return not (math.isfinite(low) and math.isfinite(high))
 
 
-def _negative_infinity_only(low: float, high: float) -> bool:
-    """Only -inf beside finite values: how additive masks look (a mask module's output), not an overflow."""
-    return low == -math.inf and math.isfinite(high)
+# Ops that build additive attention masks (-inf where masked): their -inf is by design. Any other op's -inf
+# (log of 0, a division by 0) is where the forward went non-finite.
+_MASK_BUILDERS = frozenset({"masked_fill", "masked_fill_", "where", "full", "full_like", "new_full", "fill_",
+                            "triu", "tril", "triu_", "tril_", "zeros", "zeros_like", "expand", "to", "add", "sub",
+                            "__add__", "__radd__", "__sub__", "__rsub__", "unsqueeze", "view", "reshape", "repeat"})
+
+
+def _negative_infinity_only(site: Site, low: float, high: float) -> bool:
+    """Only -inf beside finite values: how additive masks look (a mask module's output, or an op that builds
+    or moves one), not an overflow or a log of 0."""
+    if not (low == -math.inf and math.isfinite(high)):
+        return False
+    return site.op is None or site.op in _MASK_BUILDERS
 
 
 def first_nonfinite(sites: List[Tuple[Site, torch.dtype]], pairs: List[Tuple[float, float]]
@@ -380,7 +390,7 @@ def first_nonfinite(sites: List[Tuple[Site, torch.dtype]], pairs: List[Tuple[flo
     bad = [i for i in values if _bad(*pairs[i])]
     if not bad:
         return None
-    first = next((i for i in bad if not _negative_infinity_only(*pairs[i])), bad[0])
+    first = next((i for i in bad if not _negative_infinity_only(sites[i][0], *pairs[i])), bad[0])
     site, dtype = sites[first]
     low, high = pairs[first]
     nan = math.isnan(low) or math.isnan(high)

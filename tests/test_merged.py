@@ -5,6 +5,7 @@ Built from plain records, as ``gather`` builds it; the multi-process path is in
 """
 import json
 import math
+import re
 
 import gradtrace
 from gradtrace.records import GradRecord, PassTrace
@@ -125,6 +126,11 @@ def test_figures_a_wrapper_made_unknown_are_a_warning_and_nan_in_metrics_never_a
     assert trace.report().splitlines()[0].startswith("gradtrace diagnosis: FIGURES_UNKNOWN: pass 'mb1'")
     metrics = trace.metrics(passes="last")
     assert math.isnan(metrics["gradtrace/total_norm"]) and math.isnan(metrics["gradtrace/max_abs"])
+    # the report's tables say unknown too (they showed 0.000e+00 under 'reduced')
+    report = trace.report()
+    summary = next(line for line in report.splitlines() if line.startswith("mb1 "))
+    assert "unknown" in summary and "0.000e+00" not in summary
+    assert re.search(r"a\.weight +1 +unknown +unknown +cleared", report)
 
 
 def test_a_shards_figures_are_named_shard_until_gathered():

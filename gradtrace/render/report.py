@@ -67,8 +67,11 @@ def _summary(trace, groups) -> str:
         expected = f"{len(p.expected)}{'+' if p.expected_partial else ''}" if p.expected is not None else "-"
         norms = [q.total_norm for q in members]
         norm = sci(norms[0]) if len(norms) == 1 else f"{sci(min(norms))}..{sci(max(norms))}"
+        largest = sci(max(q.max_abs for q in members))
+        if any(q.unknown_because and q.cleared for q in members):  # a wrapper hid them: no number, not 0
+            norm = largest = "unknown"
         row = [group.label, "/".join(p.kinds) or "-", sum(q.runs for q in members), f"{len(p.covered)}/{n}",
-               expected, max(len(q.zero) for q in members), norm, sci(max(q.max_abs for q in members)),
+               expected, max(len(q.zero) for q in members), norm, largest,
                sum(q.nonfinite for q in members)]
         if with_scope:
             row.insert(2, _scope(trace, p))
@@ -146,8 +149,9 @@ def _top_params(passes) -> str:
         if not p.records:
             continue
         top = sorted(p.records.values(), key=lambda r: -r.norm)[:TOP_PARAMS]
-        rows = [[display_name(r.name), r.hits, sci(r.norm), sci(r.max_abs),
-                 "yes" if r.zero else "cleared" if r.cleared else "", r.nonfinite or ""]
+        rows = [[display_name(r.name), r.hits, "unknown" if r.cleared else sci(r.norm),
+                 "unknown" if r.cleared else sci(r.max_abs), "yes" if r.zero else "cleared" if r.cleared else "",
+                 r.nonfinite or ""]
                 for r in top]
         out.append(f"top parameters in {p.name!r}\n" +
                    _table(rows, ["parameter", "hits", "norm", "max |g|", "zero", "nonfinite"]))

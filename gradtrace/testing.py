@@ -144,8 +144,12 @@ def _message(failures: Dict[str, List[str]], checked: int, trace) -> str:
     for what, names in failures.items():
         shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
         lines.append(f"  {len(names)} {what}: {shown}")
-        lines.append(f"      by module: {describe_params(names)}")
-    findings = [str(v) for v in trace.verdicts() if v.severity != "info"]
+        lines.append(f"      by module: {describe_params(names, universe=trace.params)}")
+    failed_names = {n for names in failures.values() for n in names}
+    # Info findings are shown when they are about a failing parameter: they say why it failed (a zero gradient
+    # expected while a LoRA B is still zero), where the assertion was stricter than the diagnosis.
+    findings = [str(v) for v in trace.verdicts()
+                if v.severity != "info" or failed_names & set(v.evidence.get("parameters") or ())]
     if findings:
         lines.append("gradtrace's diagnosis (most likely root cause first):")
         lines += [f"  {i}. {text}" for i, text in enumerate(findings, 1)]

@@ -120,3 +120,29 @@ def test_docs_plain_loop_output(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "plain_loop.py")], capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=600, check=True)
     assert_shows(block("docs/plain-loop.md", "step 0:"), done.stdout)
+
+
+def _pytest_page_run(tmp_path, code: str, name: str) -> str:
+    (tmp_path / name).write_text(code)
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["gradtrace.pytest_plugin"]\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=600)
+    return done.stdout
+
+
+def _assertion_lines(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if line.startswith("E "))
+
+
+def test_pytest_page_outputs(tmp_path):
+    """docs/pytest.md: the failing test's assertion message, and the one without allow_zero (an info finding about
+    the failing parameters says why)."""
+    page = (ROOT / "docs" / "pytest.md").read_text()
+    code = re.search(r"## Real output: a detached adapter\n\n```python\n(.*?)```", page, flags=re.S).group(1)
+    shown = _assertion_lines(block("docs/pytest.md", "$ python -m pytest -q test_adapters.py"))
+    assert_shows(shown, _assertion_lines(_pytest_page_run(tmp_path, code, "test_adapters.py")))
+    fixed_but_strict = code.replace(', allow_zero=["*.lora_A.*"]', "").replace(".detach())", ")")
+    shown = block("docs/pytest.md", "E       AssertionError: gradients do not flow: 2 of 4 checked parameter(s) "
+                                    "failed\nE         2 got an exactly zero gradient")
+    assert_shows(shown, _assertion_lines(_pytest_page_run(tmp_path, fixed_but_strict, "test_strict.py")))

@@ -23,10 +23,10 @@ failed (PASS_FAILED) in ``on_exception``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import GradtraceError
-from .steps import StepOptions, StepTracer
+from .steps import StepOptions, StepTracer, StepViews
 
 __all__ = ["GradtraceCallback"]
 
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
                              "(or pip install lightning)") from None
 
 
-class GradtraceCallback(Callback):
+class GradtraceCallback(StepViews, Callback):
     """Trace every optimizer step of a Lightning run as pass ``step-<n>`` of one trace (``.trace``).
 
     ``every``, ``max_passes``, ``cuts``, ``save_dir``, ``save_every``,
@@ -62,26 +62,6 @@ class GradtraceCallback(Callback):
                                              prefix=prefix, per_module=per_module, gather=gather),
                                  read_at="pass_end")
         self.log = log
-
-    @property
-    def trace(self):
-        """The trace of the current (or last) run: one pass per optimizer step."""
-        return self._steps.trace
-
-    @property
-    def merged(self):
-        """Under torch.distributed, every rank's trace merged at the end of training (``gather=True``)."""
-        return self._steps.merged
-
-    @property
-    def metrics(self) -> Dict[str, float]:
-        """The newest judged step's metrics."""
-        return self._steps.metrics
-
-    @property
-    def printed(self):
-        """Every line the callback printed, in order."""
-        return list(self._steps.printed)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._steps.start(pl_module)

@@ -57,7 +57,7 @@ from ..live import CUT_MODES, watch
 from ..records import Verdict
 from ..render.text import safe
 
-__all__ = ["StepOptions", "StepTracer", "World", "identity", "unscale_pass"]
+__all__ = ["StepOptions", "StepTracer", "StepViews", "World", "identity", "unscale_pass"]
 
 
 # What makes two verdicts the same finding: the code, the severity and what it names (never counts or pass
@@ -158,6 +158,34 @@ def identity(v: Verdict) -> Tuple:
 def about_step(v: Verdict, name: str) -> bool:
     """Does the verdict concern pass ``name`` (it names it) or no pass in particular?"""
     return concerns_passes(v, {name})
+
+
+class StepViews:
+    """What a user reads off a framework callback (transformers', Lightning's) that keeps a ``StepTracer``
+    in ``self._steps``: the same four views for both."""
+
+    _steps: "StepTracer"
+
+    @property
+    def trace(self):
+        """The trace of the current (or last) training run, one pass per optimizer step; readable during and
+        after it."""
+        return self._steps.trace
+
+    @property
+    def merged(self):
+        """Under torch.distributed, every rank's trace merged at the end of training (``gather=True``)."""
+        return self._steps.merged
+
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """The newest judged step's metrics."""
+        return self._steps.metrics
+
+    @property
+    def printed(self):
+        """Every line the callback printed, in order."""
+        return list(self._steps.printed)
 
 
 class StepTracer:

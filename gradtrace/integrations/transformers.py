@@ -50,14 +50,14 @@ from ..capture.deepspeed_engine import is_deepspeed_engine
 from ..errors import GradtraceError
 from . import grpo
 from .patching import InstancePatches
-from .steps import StepOptions, StepTracer, unscale_pass
+from .steps import StepOptions, StepTracer, StepViews, unscale_pass
 
 __all__ = ["GradtraceCallback"]
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
-class GradtraceCallback(TrainerCallback):
+class GradtraceCallback(StepViews, TrainerCallback):
     """Trace every optimizer step of a ``transformers.Trainer`` (or a TRL trainer) as pass ``step-<n>``.
 
     ``every``: judge step ``n`` (verdicts, metrics, printed findings) when
@@ -88,27 +88,6 @@ class GradtraceCallback(TrainerCallback):
         self._logged = True  # the newest metrics already went into a training log
         self._scale: Optional[float] = None  # the GradScaler's scale during the open step
         self._warned = False
-
-    # ---- what a user reads -----------------------------------------------------
-    @property
-    def trace(self):
-        """The trace of the current (or last) training run; readable during and after it."""
-        return self._steps.trace
-
-    @property
-    def merged(self):
-        """Under torch.distributed, every rank's trace merged at the end of training (``gather=True``)."""
-        return self._steps.merged
-
-    @property
-    def metrics(self) -> Dict[str, float]:
-        """The newest judged step's metrics."""
-        return self._steps.metrics
-
-    @property
-    def printed(self):
-        """Every line the callback printed, in order."""
-        return list(self._steps.printed)
 
     # ---- wiring ---------------------------------------------------------------
     def attach(self, trainer) -> "GradtraceCallback":

@@ -202,6 +202,7 @@ def test_the_frame_probes_detect_a_torch_that_moved_its_frames(monkeypatch):
         checks["torch.utils.hooks.RemovableHandle.next_id"](NoCounter)
 
 
+@pytest.mark.slow  # seconds each: the dev loop stays under a minute
 def test_the_fsdp1_probe_is_looked_up_only_when_an_fsdp1_module_is_watched():
     code = ("import sys, torch, gradtrace; m = torch.nn.Linear(2, 2)\n"
             "with gradtrace.watch(m, cuts='ops'):\n    m(torch.ones(1, 2)).sum().backward()\n"

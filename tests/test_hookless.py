@@ -388,6 +388,7 @@ def test_an_undefined_gradient_reaching_a_hook_is_not_reached_and_breaks_nothing
     assert trace.passes["s"].missing == {"w"} and model.w.grad is None
 
 
+@pytest.mark.slow  # seconds each: the dev loop stays under a minute
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_a_compiled_models_unlabelled_backwards_are_each_a_pass(backend):
     """Regression (merge of main's forward checks): torch.compile's code calls none of the forward

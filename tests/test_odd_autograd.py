@@ -101,6 +101,7 @@ def deep(depth):
     return Nest(depth)
 
 
+@pytest.mark.slow  # seconds each: the dev loop stays under a minute
 def test_watch_entry_on_a_3000_deep_model_is_fast():
     """Regression: entry was cubic in the nesting depth (3,000 deep: ~250 s)."""
     limit = sys.getrecursionlimit()
@@ -130,6 +131,7 @@ def test_report_after_20000_passes_is_fast():
     assert len(trace.passes) == 20_000 and len(report.splitlines()) < 60
 
 
+@pytest.mark.slow  # seconds each: the dev loop stays under a minute
 def test_report_on_a_flat_1000_module_model_is_fast():
     """Regression: report() was O(module groups x passes x params) on a flat nn.Sequential."""
     flat = nn.Sequential(*[nn.Linear(2, 2) for _ in range(1000)])

@@ -53,6 +53,7 @@ def test_every_report_lists_tied_pairs_and_a_trainable_pair_is_no_finding():
     assert "embed.weight, head.weight  yes" in section.splitlines()[2]
 
 
+@pytest.mark.slow  # seconds each: the dev loop stays under a minute
 def test_a_shared_module_under_two_names_and_a_deep_chain():
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.ReLU(), shared)

@@ -12,32 +12,16 @@ import torch
 from torch import nn
 
 import gradtrace
+from scenarios import InjectedLoRA  # cloneofsimo/lora's layer, as the scenario suite builds it
 
 
 def zero_grads(trace):
     return [v for v in trace.verdicts() if v.code == "ZERO_GRADS"]
 
 
-class InjectedLoRA(nn.Module):
-    """cloneofsimo/lora's LoraInjectedLinear: a frozen linear plus lora_up(lora_down(x)), lora_up zero."""
-
-    def __init__(self, d_in=8, d_out=8, r=2, down_zero=False):
-        super().__init__()
-        self.linear = nn.Linear(d_in, d_out)
-        self.linear.requires_grad_(False)
-        self.lora_down = nn.Linear(d_in, r, bias=False)
-        self.lora_up = nn.Linear(r, d_out, bias=False)
-        nn.init.zeros_(self.lora_up.weight)
-        if down_zero:
-            nn.init.zeros_(self.lora_down.weight)
-
-    def forward(self, x):
-        return self.linear(x) + self.lora_up(self.lora_down(x))
-
-
 def lora_net(down_zero=False):
     torch.manual_seed(0)
-    return nn.Sequential(InjectedLoRA(down_zero=down_zero), nn.Tanh(), InjectedLoRA(down_zero=down_zero))
+    return nn.Sequential(InjectedLoRA(8, 8, down_zero=down_zero), nn.Tanh(), InjectedLoRA(8, 8, down_zero=down_zero))
 
 
 def oracle_zero(model, x):

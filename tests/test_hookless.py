@@ -345,6 +345,57 @@ def test_two_threads_backward_on_one_model_at_once():
             assert all(r.hits == 1 for r in pt.records.values())
 
 
+def test_a_forward_in_a_second_thread_keeps_the_hooks_in_until_exit():
+    """Taking a hook out sets the parameter's container to None, which destroys the engine's C++
+    pre-hook: a backward in another thread about to call it read freed memory (CI on torch 2.6:
+    ``vector::_M_range_check: __n (which is 1248) >= this->size() (which is 1)``). Once the model
+    has run with grad in a second thread, no container is reset before the watch ends."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+    with gradtrace.watch(model) as trace:
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            model(_features(step)).sum().backward()
+        assert _state(trace).mode == HOOKLESS and _hooks_out(model)  # one thread: the hooks came out
+        other = threading.Thread(target=lambda: model(_features(7)))  # a forward with grad, no backward
+        other.start()
+        other.join(timeout=60)
+        assert _state(trace).mode == LEARNING and not _hooks_out(model)  # back in before its backward could run
+        containers = [p._backward_hooks for p in model.parameters()]
+        for step in range(3):  # plain one-thread runs, which would teach the order and take the hooks out
+            model.zero_grad(set_to_none=True)
+            with trace.pass_(f"s{step}"):
+                model(_features(step)).sum().backward()
+            assert _state(trace).mode == LEARNING
+            assert all(p._backward_hooks is c and len(c) == 1 for p, c in zip(model.parameters(), containers))
+    assert _hooks_out(model)  # put back as found at exit
+    names = {n for n, _ in model.named_parameters()}
+    for step in range(3):
+        pt = trace.passes[f"s{step}"]
+        assert pt.covered == names and all(r.hits == 1 for r in pt.records.values())
+
+
+def test_a_second_thread_running_only_under_no_grad_leaves_the_hooks_out():
+    """Generation in a background thread (no grad) cannot start a backward: the watch stays hookless."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def generate():
+        with torch.no_grad():
+            model(_features(7))
+
+    with gradtrace.watch(model) as trace:
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            model(_features(step)).sum().backward()
+        other = threading.Thread(target=generate)
+        other.start()
+        other.join(timeout=60)
+        model.zero_grad(set_to_none=True)
+        model(_features(3)).sum().backward()
+        assert _state(trace).mode == HOOKLESS and _hooks_out(model)
+
+
 def test_generation_under_no_grad_between_steps_keeps_the_hooks_out():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))

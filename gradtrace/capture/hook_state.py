@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -232,6 +233,13 @@ class ParamHooks:
     began is set back to None: an empty dict still makes the engine call into Python
     for the parameter. Called between engine runs or from a run's own start or end,
     never while the engine walks a parameter's container (a hook of that parameter).
+
+    Setting a container to None destroys the engine's C++ pre-hook for that tensor:
+    a backward in another thread that is about to call it then reads freed memory
+    (torch 2.6 raised ``vector::_M_range_check``). So a model run in two threads is
+    ``HooklessRuns.pin``-ned (hooks in for good: no container is reset until exit),
+    and ``arm`` / ``disarm`` hold a lock, so that pinning from another thread waits
+    for a disarm in progress instead of interleaving with it.
     """
 
     def __init__(self, params: List[torch.Tensor], hooks: List[Callable]):
@@ -242,34 +250,40 @@ class ParamHooks:
         self._handles: Dict[int, RemovableHandle] = {}  # subclass parameters: through register_hook
         self._was_none = [p._backward_hooks is None for p in params]
         self.plain = list(map(is_plain, params))
+        # One lock per call, not per parameter: a whole arm or disarm happens before another starts.
+        # Reentrant: HooklessRuns holds it around a change of mode and the arm or disarm it makes.
+        self.lock = threading.RLock()
 
     def arm(self, indices: Iterable[int]) -> List[int]:
         """Hold each parameter's hook in; the indices whose hook went in now."""
         added = []
         holds, ids = self.holds, self.ids
-        for i in indices:
-            holds[i] += 1
-            if ids[i] is None:
-                ids[i] = self._put(i)
-                if ids[i] is not None:
-                    added.append(i)
+        with self.lock:
+            for i in indices:
+                holds[i] += 1
+                if ids[i] is None:
+                    ids[i] = self._put(i)
+                    if ids[i] is not None:
+                        added.append(i)
         return added
 
     def disarm(self, indices: Iterable[int]) -> None:
         """Let go of each parameter's hook; out where nobody holds it any more."""
         holds = self.holds
-        for i in indices:
-            if holds[i] > 0:
-                holds[i] -= 1
-            if holds[i] == 0 and self.ids[i] is not None:
-                self._take(i)
+        with self.lock:
+            for i in indices:
+                if holds[i] > 0:
+                    holds[i] -= 1
+                if holds[i] == 0 and self.ids[i] is not None:
+                    self._take(i)
 
     def remove(self) -> None:
         """Every hook out (at exit), whoever held it."""
-        for i, hook_id in enumerate(self.ids):
-            self.holds[i] = 0
-            if hook_id is not None:
-                self._take(i)
+        with self.lock:
+            for i, hook_id in enumerate(self.ids):
+                self.holds[i] = 0
+                if hook_id is not None:
+                    self._take(i)
 
     def _put(self, i: int) -> Optional[int]:
         """Put parameter ``i``'s hook in; its id (None: a subclass parameter frozen since watch began,

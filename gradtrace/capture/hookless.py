@@ -34,6 +34,10 @@ once the watch knows the run's shape:
    and, when a labelled pass ends, a ``.grad`` that is a new tensor although no
    run seen reached it (a backward that never went through the model's output:
    counted as reached by the pass).
+5. **Two threads.** Once the model's forward has run with grad in a second thread,
+   the hooks go in for good (``pin``): runs of two threads may overlap, where
+   ``.grad`` cannot tell them apart, and taking a hook out destroys the engine's
+   pre-hook that another thread's backward may be calling (``hook_state.ParamHooks``).
 
 Where hooks are always used: a watch of bare parameters (no forward to hook),
 ``cuts="off"`` (no module hooks to see a submodule called on its own), wrappers
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from threading import get_ident
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -119,6 +124,7 @@ class HooklessRuns:
         self.learned_set: Optional[List[int]] = None  # the parameters of the learned order, in model order
         self.learned_order: Optional[List[int]] = None  # the same, in the engine's order
         self.relearned = 0  # how many times the hooks went back in (tests and benchmarks read it)
+        self.pinned = False  # the model ran in two threads: hooks in until the watch ends
         self._positions: Optional[Callable[[list], tuple]] = None
 
     @property
@@ -139,19 +145,27 @@ class HooklessRuns:
 
     def relearn(self) -> None:
         """Hooks back in for the runs to come (and the rest of the current one)."""
-        if self.mode == HOOKLESS:
-            self.mode = LEARNING
-            self.relearned += 1
-            self.hooks.arm(self.all)
+        with self.hooks.lock:  # (a mode and its hooks change together: see pin)
+            if self.mode == HOOKLESS:
+                self.mode = LEARNING
+                self.relearned += 1
+                self.hooks.arm(self.all)
+
+    def pin(self) -> None:
+        """The model ran in a second thread: hooks back in, and never out again until the watch ends."""
+        with self.hooks.lock:  # not between another thread's check in learn and its disarm
+            self.pinned = True
+            self.relearn()
 
     def learn(self, order: List[int]) -> None:
-        """A plain run's order: the hooks come out."""
+        """A plain run's order: the hooks come out (unless pinned)."""
         self.learned_order = order
         self.learned_set = self.all if len(order) == len(self.all) else sorted(order)
         self._positions = None
-        if self.mode == LEARNING:
-            self.mode = HOOKLESS
-            self.hooks.disarm(self.all)
+        with self.hooks.lock:
+            if self.mode == LEARNING and not self.pinned:
+                self.mode = HOOKLESS
+                self.hooks.disarm(self.all)
 
     def _learned_positions(self) -> Callable[[list], tuple]:
         """Picks, from a list in model order over the learned set, its items in the learned engine order."""
@@ -241,12 +255,16 @@ class ForwardOutputs:
     """
 
     def __init__(self, on_output_grad: Callable[[torch.Tensor], None], ran_outside: Callable[[], None],
-                 handles: list, find_nodes: Callable[[], None]):
+                 handles: list, find_nodes: Callable[[], None], second_thread: Callable[[], None]):
         self.on_output_grad = on_output_grad
         self.find_nodes: Optional[Callable[[], None]] = find_nodes  # at the first forward with grad
         self.ran_outside = ran_outside
         self.handles = handles  # every output hook's handle, removed at exit (outputs the user kept)
         self.depth = 0  # calls of the watched model's forward in progress
+        # The thread of the first forward with grad; a forward with grad in another calls
+        # ``second_thread`` (once), before that thread can run a backward through its output.
+        self.thread: Optional[int] = None
+        self.second_thread: Optional[Callable[[], None]] = second_thread
 
     def pre_hook(self) -> Callable:
         """A forward pre-hook that counts a call in (where the model is seen through forward hooks): a
@@ -259,6 +277,13 @@ class ForwardOutputs:
         """A call of the model returned ``output``: a run-start hook on each of its tensors that requires grad."""
         if not torch.is_grad_enabled():
             return
+        me = get_ident()
+        if me != self.thread:
+            if self.thread is None:
+                self.thread = me
+            elif self.second_thread is not None:
+                self.second_thread()
+                self.second_thread = None
         if self.find_nodes is not None:
             self.find_nodes()
             self.find_nodes = None

@@ -78,7 +78,8 @@ class Recorder:
         def on_output_grad(grad: torch.Tensor) -> None:  # a function, not a bound method (see pre_hook)
             self.on_output_grad(grad)
 
-        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles, self.hookless.find_nodes)
+        return ForwardOutputs(on_output_grad, self.hookless.relearn, handles, self.hookless.find_nodes,
+                              self.hookless.pin)
 
     @property
     def active(self) -> Optional[Pass]:

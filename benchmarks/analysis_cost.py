@@ -61,7 +61,7 @@ class MoE(nn.Module):
             gate = layer["router"](x).mean(0).softmax(-1)
             top = gate.topk(2)
             x = x + sum(w * layer["experts"][int(i)]["down"](torch.relu(layer["experts"][int(i)]["up"](x)))
-                        for w, i in zip(top.values, top.indices))
+                        for w, i in zip(top.values, top.indices, strict=False))
         return self.head(x).pow(2).mean()
 
 

@@ -140,7 +140,7 @@ def run(name: str, rounds: int, warmup: int) -> Dict[str, Dict[str, float]]:
         cpu = [s[0] for s in samples[v]]
         out[v] = {"cpu_ms": statistics.median(cpu) * 1e3,
                   "wall_ms": statistics.median(s[1] for s in samples[v]) * 1e3,
-                  "ratio": statistics.median(s[0] / p[0] for s, p in zip(samples[v], plain)),
+                  "ratio": statistics.median(s[0] / p[0] for s, p in zip(samples[v], plain, strict=False)),
                   "calls": calls}
     return out
 

@@ -93,7 +93,7 @@ def run(workload: str, shape, rounds: int, warmup: int, optimizer: str) -> Dict[
     base = runners[0]
     out = {}
     for runner in runners:
-        ratios = [a / b for a, b in zip(runner.thread, base.thread) if b > 0]
+        ratios = [a / b for a, b in zip(runner.thread, base.thread, strict=False) if b > 0]
         extra = statistics.median(runner.thread) - statistics.median(base.thread)
         out[runner.variant] = {
             "step_thread_ms": 1e3 * statistics.median(runner.thread),

@@ -492,7 +492,7 @@ def fsdp1_flat_params(root: nn.Module) -> list:
     for module in root.modules():
         flat = getattr(module, "_flat_param", None) if isinstance(module, FullyShardedDataParallel) else None
         if flat is not None and getattr(flat, "_params", None) is not None:  # use_orig_params=True
-            groups.append((flat, [(p, list(shape)) for p, shape in zip(flat._params, flat._shapes)]))
+            groups.append((flat, [(p, list(shape)) for p, shape in zip(flat._params, flat._shapes, strict=False)]))
     return groups
 
 
@@ -550,7 +550,7 @@ def fsdp1_outside_shard(groups: list) -> set:
     for flat, members in groups:
         infos = getattr(flat, "_shard_param_infos", None)
         if infos is not None and len(infos) == len(members):
-            outside.update(id(p) for (p, _), info in zip(members, infos) if not info.in_shard)
+            outside.update(id(p) for (p, _), info in zip(members, infos, strict=False) if not info.in_shard)
     return outside
 
 

@@ -419,7 +419,7 @@ def adam_cross(opt: torch.optim.Adam, params, g_x, g_y) -> torch.Tensor:
     group = opt.param_groups[0]
     beta2, eps = group["betas"][1], group["eps"]
     total = torch.zeros((), dtype=torch.float64)
-    for p, gx, gy in zip(params, g_x, g_y):
+    for p, gx, gy in zip(params, g_x, g_y, strict=False):
         if gx is None or gy is None:
             continue
         state = opt.state[p]
@@ -457,7 +457,7 @@ def probe(policy, opt, r: Rollout, s: Settings, trace) -> Tuple[float, float, fl
         for mb in batches:
             loss = grpo_loss(policy, r, mb, mask, n_tokens, s, trace)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            g_y = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(g_y, grads)]
+            g_y = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(g_y, grads, strict=False)]
 
     lr = opt.param_groups[0]["lr"]
     u_cross = adam_cross(opt, params, g_x, g_y).item()

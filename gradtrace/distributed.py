@@ -205,7 +205,7 @@ class Arrival:
         late = sorted({r for seen in said for r in seen})
         if not late:
             self._forget_previous_call()
-        return late, [r for r, seen in zip(ranks, said) if seen]
+        return late, [r for r, seen in zip(ranks, said, strict=False) if seen]
 
     def _forget_previous_call(self) -> None:
         """Every rank is past its previous call now: that call's keys of this rank are read by nobody."""
@@ -233,7 +233,7 @@ class LocalView:
         self.pass_names = list(self.passes)
 
     def description(self) -> Dict[str, Any]:
-        return {"params": [[n, s] for n, s in zip(self.names, self.shapes)], "passes": self.pass_names}
+        return {"params": [[n, s] for n, s in zip(self.names, self.shapes, strict=False)], "passes": self.pass_names}
 
     def figures(self) -> np.ndarray:
         """(passes, parameters, WIDTH) float64; zeros for a parameter a pass did not reach."""
@@ -280,7 +280,7 @@ def _mismatch_message(descriptions: List[Dict[str, Any]], ranks: List[int]) -> s
     base, first = descriptions[0], ranks[0]
     lines = []
     base_params = {n: s for n, s in base["params"]}
-    for rank, d in zip(ranks[1:], descriptions[1:]):
+    for rank, d in zip(ranks[1:], descriptions[1:], strict=False):
         params = {n: s for n, s in d["params"]}
         only_here = sorted(set(params) - set(base_params))
         only_base = sorted(set(base_params) - set(params))
@@ -358,7 +358,8 @@ class RankFigures(PerRank):
         nonfinite = picked[:, 2].astype(np.int64).tolist()
         stale = ((flags & STALE) > 0).astype(np.int64).tolist()
         names = self._names
-        return {names[i]: [n, m, b, s] for i, n, m, b, s in zip(idx.tolist(), norm, max_abs, nonfinite, stale)}
+        rows = zip(idx.tolist(), norm, max_abs, nonfinite, stale, strict=False)
+        return {names[i]: [n, m, b, s] for i, n, m, b, s in rows}
 
 
 class RankCoverage(PerRank):
@@ -416,7 +417,7 @@ def _renamed(p: PassTrace, local: LocalView, origin: Dict[str, Any]) -> PassTrac
     """This rank's pass under the normalised names (its figures were the same on every rank)."""
     columns = PassColumns(**{f: p.column(f) for f in PassColumns.__dataclass_fields__})
     if local.names != local.local_names:
-        rename = dict(zip(local.local_names, local.names))
+        rename = dict(zip(local.local_names, local.names, strict=False))
         columns.name = list(map(rename.__getitem__, columns.name))
         expected = sorted(rename.get(n, n) for n in p.expected) if p.expected is not None else None
     else:
@@ -426,7 +427,7 @@ def _renamed(p: PassTrace, local: LocalView, origin: Dict[str, Any]) -> PassTrac
 
 def _merged_origin(name: str, every_origin: List[Dict[str, Any]], ranks: List[int]) -> Dict[str, Any]:
     """Where a pass's NaN/Inf was born: the first rank's finding, and every rank that found one."""
-    found = [(rank, origins[name]) for rank, origins in zip(ranks, every_origin) if name in origins]
+    found = [(rank, origins[name]) for rank, origins in zip(ranks, every_origin, strict=False) if name in origins]
     if not found:
         return {"nonfinite_origin": None, "nonfinite_ranks": None}
     return {"nonfinite_origin": NonfiniteOrigin(**found[0][1]), "nonfinite_ranks": [rank for rank, _ in found]}
@@ -452,7 +453,7 @@ def _merged(trace, factory, local: LocalView, differing: np.ndarray, per_rank: O
         passes[pass_name] = _merged_pass(p, rows, names, origin)
     meta = trace.meta.copy()
     meta.world_size, meta.ranks, meta.name_prefix = len(ranks), list(ranks), ""
-    shapes = {n: list(s) for n, s in zip(names, local.shapes)}
+    shapes = {n: list(s) for n, s in zip(names, local.shapes, strict=False)}
     return factory(names, shapes, meta, passes=passes, tensors=dict(trace.tensors), scalars=dict(trace.scalars),
                    cuts=list(trace.cuts), inner_products=list(trace.inner_products), rank_coverage=coverage,
                    rank_figures=rank_figures)

@@ -66,8 +66,8 @@ class PendingValues:
     rows: Optional[Tuple[Tuple[str, ...], torch.Tensor]] = None
 
     def to_host(self) -> Tuple[Dict[str, float], Optional[Dict[str, float]]]:
-        values = dict(zip(VALUE_FIELDS, self.vector.tolist()))
-        rows = dict(zip(self.rows[0], self.rows[1].tolist())) if self.rows is not None else None
+        values = dict(zip(VALUE_FIELDS, self.vector.tolist(), strict=False))
+        rows = dict(zip(self.rows[0], self.rows[1].tolist(), strict=False)) if self.rows is not None else None
         return values, rows
 
 
@@ -206,7 +206,7 @@ class LiveTrace(Trace):
         recording = self._recording
         previous = recording.last_forwards
         out = tuple(old if old is not None and tuple(old) == new else list(new)
-                    for old, new in zip(previous or (None, None, None), forwards))
+                    for old, new in zip(previous or (None, None, None), forwards, strict=False))
         recording.last_forwards = out
         return (out[0], out[1], out[2] or None)
 
@@ -248,7 +248,7 @@ class LiveTrace(Trace):
                                      "open the trace with gradtrace.watch(model, keep_grads=True)")
             return super().diff(a, b)
         result = render.rendered(analysis.diff(passes[a], passes[b]))
-        params = dict(zip(self._recording.recorder.names, self._recording.recorder.params))
+        params = dict(zip(self._recording.recorder.names, self._recording.recorder.params, strict=False))
         summary = inner.inner_products(a, b, kept[a], kept[b], precondition, params)
         result.inner = summary
         self.inner_products = [s for s in self.inner_products
@@ -495,7 +495,8 @@ class LiveTrace(Trace):
         recording.unregistered = None  # its weak references die with the model; the records stay
         recording.tied = []
         recording.identity = None  # what happens to the model after exit is not the watch's
-        self.meta.frozen_while_watched = [n for n, p in zip(recorder.names, recorder.params) if not p.requires_grad]
+        named = zip(recorder.names, recorder.params, strict=False)
+        self.meta.frozen_while_watched = [n for n, p in named if not p.requires_grad]
         if error is not None:
             self.meta.error = _describe_error(error)
             self.meta.error_cause = cause

@@ -113,7 +113,7 @@ class PassColumns:
 
     def records(self) -> Dict[str, GradRecord]:
         fields = [getattr(self, f.name) for f in dataclasses.fields(GradRecord)]
-        return {values[0]: GradRecord(*values) for values in zip(*fields)}
+        return {values[0]: GradRecord(*values) for values in zip(*fields, strict=False)}
 
 
 @dataclass

@@ -410,7 +410,7 @@ def contents_of(data: Any, where: str, work: Optional[LoadWork] = None) -> Dict[
 def _add_analysis_work(work: LoadWork, contents: Dict[str, Any]) -> LoadWork:
     """Adds the parts of LoadWork that grow faster than the file: pairs of what the analysis compares."""
     covered = [frozenset(p.records) for p in contents["passes"] if p.records]
-    changes = sum(1 for a, b in zip(covered, covered[1:]) if a != b)
+    changes = sum(1 for a, b in zip(covered, covered[1:], strict=False) if a != b)
     distinct = min(len(set(covered)), 6)  # a few passes are compared pairwise, a long run neighbour to neighbour
     work.coverage = len(contents["params"]) * (changes + distinct * (distinct - 1) // 2)
     work.cuts, work.tensors = len(contents["cuts"]), len(contents["tensors"])

@@ -123,7 +123,8 @@ def ddp_autograd_grad(rank: int, world: int) -> Dict:
         with trace.pass_("Y"):
             params = list(ddp.module.parameters())
             grads = torch.autograd.grad(ddp.module(data(rank)).sum(), params)
-    expected = {f"module.{n}": float(g.double().norm()) for (n, _), g in zip(ddp.module.named_parameters(), grads)}
+    named = zip(ddp.module.named_parameters(), grads, strict=True)
+    expected = {f"module.{n}": float(g.double().norm()) for (n, _), g in named}
     merged = trace.gather()
     mine = merged.rank_figures["Y"][rank]
     return {"scope": trace.passes["Y"].scope, "mismatches": mismatches(trace.passes["Y"], expected),
@@ -592,7 +593,7 @@ def worker(rank: int, world: int, port: int, out: str, only: List[str], backend:
     results = {}
     try:
         names, scenarios = (TRIO_NAMES, TRIO_SCENARIOS) if suite == "trio" else (NAMES, SCENARIOS)
-        for name, scenario in zip(names, scenarios):
+        for name, scenario in zip(names, scenarios, strict=True):
             if only and name not in only:
                 continue
             try:

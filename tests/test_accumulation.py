@@ -41,7 +41,8 @@ def test_zero_grad_before_every_microbatch_is_named(set_to_none):
                 applied.append([p.grad.clone() for p in model.parameters()])
                 twin = copy.deepcopy(model)  # unwatched: the oracle is no pass of the trace
                 last = torch.autograd.grad(F.cross_entropy(twin(x), y) / accumulation, list(twin.parameters()))
-                assert all(torch.equal(a, b) for a, b in zip(applied[-1], last))  # only the last microbatch's
+                # only the last microbatch's
+                assert all(torch.equal(a, b) for a, b in zip(applied[-1], last, strict=True))
                 opt.step()
     assert [p.grads_reset for p in trace.passes.values()] == [None, 1, 1, 1] * 2
     first = trace.verdicts()[0]

@@ -249,5 +249,5 @@ def test_after_watch_steps_like_a_model_never_watched():
     assert all(p.grad is None for p in v.params)  # the watched pass left no gradient behind
     v.take_grads(v.loss())
     wl.loss_of(never(wl.batch), wl.batch).backward()
-    for (name, p), q in zip(v.named, (q for _, q in trainable(never))):
+    for (name, p), q in zip(v.named, (q for _, q in trainable(never)), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)

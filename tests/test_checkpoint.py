@@ -128,7 +128,7 @@ def test_reentrant_autograd_grad_misses_the_segment_with_a_checkpoint_cut(cuts):
     model = Segmented(use_reentrant=True)
     named = trainable(model)
     trace, grads = x_backward_then_y_grad(model, named, cuts)
-    unreached = {n for (n, _), g in zip(named, grads) if g is None}
+    unreached = {n for (n, _), g in zip(named, grads, strict=True) if g is None}
     assert unreached == {n for n, _ in named if n.startswith("blocks.0.")}
 
     y = trace.passes["Y"]

@@ -50,7 +50,7 @@ def test_gradients_bitwise_identical_on_cuda():
     plain(x).sum().backward()
     with gradtrace.watch(watched):
         watched(x).sum().backward()
-    for a, b in zip(plain.parameters(), watched.parameters()):
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
 
 

@@ -126,7 +126,7 @@ def two_passes(model, trace, cut=None, seeds=(0, 1)):
         finally:
             model.cut = None
         grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
-    return dict(zip([n for n, _ in named], grads))
+    return dict(zip([n for n, _ in named], grads, strict=True))
 
 
 # ---------------------------------------------------------------- module level: no_grad / inference_mode
@@ -291,7 +291,7 @@ def test_op_level_ignores_bookkeeping_custom_functions_and_gradtrace_itself():
             loss.backward()
         opt.step()  # in-place updates and weight decay on parameters under no_grad
         with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
+            for e, p in zip(ema, model.parameters(), strict=True):
                 e.lerp_(p, 0.1)  # EMA
         norms = [p.detach().norm() for p in model.parameters()]  # logging
         logged = [loss.detach()]  # logging a computed value: detached, never used for a gradient
@@ -355,9 +355,9 @@ def test_op_level_gradients_are_bitwise_identical():
         with trace.pass_("Y"):
             g = torch.autograd.grad(model(batch(0)).sum(), list(model.parameters()))
     g_ref = torch.autograd.grad(reference(batch(0)).sum(), list(reference.parameters()))
-    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), n
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         assert torch.equal(a, b)
     assert trace.cuts == []
 
@@ -528,7 +528,7 @@ def test_healthy_gpt2_has_no_cut_and_no_error(lora, cuts):
             grads = torch.autograd.grad((S * A).sum(), [p for _, p in named], allow_unused=True)
     assert trace.cuts == []
     assert not errors(trace), errors(trace)
-    reached = {n for (n, _), g in zip(named, grads) if g is not None}
+    reached = {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
     assert trace.passes["Y"].covered == reached
     assert trace.passes["X"].covered == {n for n, p in named if p.grad is not None}
 
@@ -575,7 +575,7 @@ def test_gpt2_lora_block_output_detached_by_a_hook(cuts):
                 grads = torch.autograd.grad(S.sum(), [p for _, p in named], allow_unused=True)
     finally:
         handle.remove()
-    lost = {n for (n, _), g in zip(named, grads) if g is None}
+    lost = {n for (n, _), g in zip(named, grads, strict=True) if g is None}
     assert lost == lora_names(model)
     assert trace.passes["X"].covered - trace.passes["Y"].covered == lost
     verdict = only([v for v in verdicts_of(trace, "GRAPH_CUT") if v.evidence["op"] is None])
@@ -609,7 +609,7 @@ def test_gpt2_lora_detach_inside_a_block_found_at_op_level(monkeypatch):
             monkeypatch.setattr(block, "forward", detaching_forward)
             S = trace.tensor("S", seq_logprobs(model, *padded_batch(2)))
             grads = torch.autograd.grad(S.sum(), [p for _, p in named], allow_unused=True)
-    lost = {n for (n, _), g in zip(named, grads) if g is None}
+    lost = {n for (n, _), g in zip(named, grads, strict=True) if g is None}
     assert lost == {n for n in lora_names(model) if f"{BLOCK}.0." in n} and lost
     assert trace.passes["X"].covered - trace.passes["Y"].covered == lost
 

@@ -114,7 +114,7 @@ def test_gradtraces_own_trainer_callback_watches_the_engine(ranks):
     for r in result(ranks, "callback/3"):
         assert r["wrapper"] == "DeepSpeed" and r["zero_stage"] == 3
         assert len(r["merged"]) == len(r["grad_norm"]) == 2
-        for traced, norm in zip(r["merged"], r["grad_norm"]):
+        for traced, norm in zip(r["merged"], r["grad_norm"], strict=True):
             assert ds_scenarios.close(traced, norm, 1e-5), r
         assert r["logged_keys"] == ["gradtrace/shard_total_norm"]  # per step, before gather: a shard's
         assert r["codes"] == []

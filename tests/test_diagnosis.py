@@ -132,7 +132,7 @@ def test_ops_mode_leaves_gradients_alone_and_a_healthy_run_quiet(net):
     with gradtrace.watch(net, cuts="ops") as trace:
         with trace.pass_("Y"):
             got = torch.autograd.grad(net(x).sum(), used)
-    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
     assert trace.passes["Y"].nonfinite_origin is None
     assert "NONFINITE" not in codes(trace)
 
@@ -166,7 +166,7 @@ def test_detached_module_output_is_explained_in_the_default_mode():
     model = side_model()
     x = torch.randn(3, 4)
     oracle = torch.autograd.grad(model(x).sum(), list(model.parameters()), allow_unused=True)
-    unreached = {n for (n, _), g in zip(model.named_parameters(), oracle) if g is None}
+    unreached = {n for (n, _), g in zip(model.named_parameters(), oracle, strict=True) if g is None}
     assert unreached == {"side.weight", "side.bias"}
     with gradtrace.watch(model) as trace:
         model(x).sum().backward()

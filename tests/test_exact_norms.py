@@ -118,7 +118,7 @@ def test_exact_on_cuda_without_a_host_sync(n):
         figures = stats.DEVICE.figures(grads)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for row, g in zip(figures.to_host(), grads):
+    for row, g in zip(figures.to_host(), grads, strict=True):
         assert_exact(row, g, f"cuda {g.dtype} x{n}")
 
 
@@ -149,7 +149,7 @@ def test_mixed_batch_every_row_exact(code_path):
     grads.append(torch.zeros(0, dtype=torch.float64))
     cache = {}
     for _ in range(2):  # the second call takes the cached layout
-        for row, g in zip(host_rows(code_path, grads, layout_cache=cache, key=("k",)), grads):
+        for row, g in zip(host_rows(code_path, grads, layout_cache=cache, key=("k",)), grads, strict=True):
             assert_exact(row, g, f"{g.dtype} x{g.numel()}")
     assert cache
 
@@ -190,7 +190,7 @@ def test_property_random_magnitudes(dtype, fraction, sizes, zeros, seed, code_pa
             g[: n // 2] = 0
         grads.append(g)
         fraction = (fraction * 7.31 + 0.17) % 1.0  # other rows at other magnitudes
-    for row, g in zip(host_rows(code_path, grads), grads):
+    for row, g in zip(host_rows(code_path, grads), grads, strict=True):
         assert_exact(row, g, f"{dtype} x{g.numel()}")
 
 
@@ -234,7 +234,7 @@ def test_watch_records_exact_norms_at_the_extremes(kind, code_path):
             else:
                 grads = torch.autograd.grad(model(), params)
     pt = trace.passes["P"]
-    for (name, _), g, c in zip(model.named_parameters(), grads, model.consts.values()):
+    for (name, _), g, c in zip(model.named_parameters(), grads, model.consts.values(), strict=True):
         assert torch.equal(g, c), f"{name}: the test model's gradient is not c"
         record = pt.records[name]
         want_norm, want_top, _ = reference(g)
@@ -262,7 +262,7 @@ def test_empty_gradients_between_others_stay_zero_and_do_not_shift_rows(code_pat
     # numpy's reduceat gives an empty segment its neighbour's first element: the CPU path must not.
     grads = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0), torch.tensor([float("inf"), 1.0]),
              torch.zeros(0, 5), torch.tensor([1e-30] * 3), torch.zeros(0)]
-    for row, g in zip(host_rows(code_path, grads), grads):
+    for row, g in zip(host_rows(code_path, grads), grads, strict=True):
         assert_exact(row, g, f"shape {tuple(g.shape)}")
     assert host_rows(code_path, [torch.zeros(0), torch.zeros(0, 2)]) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
@@ -276,7 +276,7 @@ def test_extreme_float64_gradients_raise_no_numpy_warning(code_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = host_rows(code_path, grads)
-    for row, g in zip(rows, grads):
+    for row, g in zip(rows, grads, strict=True):
         assert_exact(row, g)
 
 

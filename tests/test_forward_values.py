@@ -207,11 +207,12 @@ def test_nothing_changes_with_forward_checks_weights_grads_optimizer_state_and_r
         return model, opt, grads, torch.get_rng_state()
 
     plain, watched = run(False), run(True)
-    for a, b in zip(plain[0].state_dict().values(), watched[0].state_dict().values()):
+    for a, b in zip(plain[0].state_dict().values(), watched[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert all(torch.equal(a, b) for a, b in zip(plain[0].extra[0].parameters(), watched[0].extra[0].parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(plain[2], watched[2]))
-    for sa, sb in zip(plain[1].state_dict()["state"].values(), watched[1].state_dict()["state"].values()):
+    extra = zip(plain[0].extra[0].parameters(), watched[0].extra[0].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in extra)
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], watched[2], strict=True))
+    for sa, sb in zip(plain[1].state_dict()["state"].values(), watched[1].state_dict()["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(plain[3], watched[3])
 

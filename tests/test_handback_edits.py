@@ -48,7 +48,7 @@ def test_scaling_handed_back_gradients_in_place_keeps_their_figures(statistics):
             want_max = [g.abs().max().item() for g in gs]
             torch._foreach_mul_(list(gs), 1e-3)  # the caller's own tensors, changed before the pass closes
     records = trace.passes["Y"].records
-    for name, norm, top in zip(names, want, want_max):
+    for name, norm, top in zip(names, want, want_max, strict=True):
         assert math.isclose(records[name].norm, norm, rel_tol=1e-6), f"{name}: the norm after the caller's edit"
         assert records[name].max_abs == pytest.approx(top, rel=1e-6)
         assert not records[name].cleared
@@ -64,14 +64,14 @@ def test_handed_back_gradients_stepped_and_zeroed_in_place_are_not_exactly_zero(
             params = list(model.parameters())
             gs = torch.autograd.grad(_loss(model), params)
             want = _norms(gs)
-            for p, g in zip(params, gs):
+            for p, g in zip(params, gs, strict=True):
                 p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=False)
         assert all(not g.any() for g in gs)  # really zeroed in place
     pt = trace.passes["Y"]
     assert pt.zero == set()
-    for name, norm in zip(names, want):
+    for name, norm in zip(names, want, strict=True):
         assert math.isclose(pt.records[name].norm, norm, rel_tol=1e-6), name
     codes = [v.code for v in trace.verdicts()]
     assert "ZERO_GRADS" not in codes and "ZERO_GRADS" not in str(trace.report())
@@ -101,11 +101,11 @@ def test_edits_after_the_last_run_of_several_leave_the_sum_exact(statistics):
         with trace.pass_("Y"):
             first = torch.autograd.grad(_loss(model, 0), params)
             second = torch.autograd.grad(_loss(model, 1), params)
-            want = _norms([a + b for a, b in zip(first, second)])
+            want = _norms([a + b for a, b in zip(first, second, strict=True)])
             torch._foreach_mul_(list(first), 0.5)
             torch._foreach_mul_(list(second), 0.5)
     records = trace.passes["Y"].records
-    for name, norm in zip(names, want):
+    for name, norm in zip(names, want, strict=True):
         assert math.isclose(records[name].norm, norm, rel_tol=1e-6), name
         assert records[name].hits == 2 and not records[name].cleared
 

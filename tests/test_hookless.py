@@ -367,7 +367,8 @@ def test_a_forward_in_a_second_thread_keeps_the_hooks_in_until_exit():
             with trace.pass_(f"s{step}"):
                 model(_features(step)).sum().backward()
             assert _state(trace).mode == LEARNING
-            assert all(p._backward_hooks is c and len(c) == 1 for p, c in zip(model.parameters(), containers))
+            held = zip(model.parameters(), containers, strict=True)
+            assert all(p._backward_hooks is c and len(c) == 1 for p, c in held)
     assert _hooks_out(model)  # put back as found at exit
     names = {n for n, _ in model.named_parameters()}
     for step in range(3):
@@ -464,6 +465,6 @@ def test_a_compiled_models_unlabelled_backwards_are_each_a_pass(backend):
             model.zero_grad()
     passes = list(trace.passes.values())
     assert len(passes) == 7 and all(p.covered == names and p.runs == 1 for p in passes)
-    for p, g in zip(passes[3:], grads):
+    for p, g in zip(passes[3:], grads, strict=True):
         assert all(abs(float(p.records[n].norm) - g[n]) <= 1e-5 * max(1.0, g[n]) for n in names)
     torch._dynamo.reset()

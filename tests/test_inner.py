@@ -34,11 +34,11 @@ def hand_gradients(model, xs, ys):
     params = list(model.parameters())
     gx = [torch.zeros_like(p) for p in params]
     for x in xs:
-        for acc, g in zip(gx, torch.autograd.grad(loss_x(model, x), params)):
+        for acc, g in zip(gx, torch.autograd.grad(loss_x(model, x), params), strict=True):
             acc += g
     gy = [torch.zeros_like(p) for p in params]
     for y in ys:
-        for acc, g in zip(gy, torch.autograd.grad(loss_y(model, y), params)):
+        for acc, g in zip(gy, torch.autograd.grad(loss_y(model, y), params), strict=True):
             acc += g
     return params, gx, gy
 
@@ -61,7 +61,7 @@ def test_dot_and_cosine(setup):
     params, gx, gy = hand_gradients(model, xs, ys)
     trace = run_probe(model, xs, ys)
     d = trace.diff("X", "Y")
-    dot = sum((a.double() * b.double()).sum().item() for a, b in zip(gx, gy))
+    dot = sum((a.double() * b.double()).sum().item() for a, b in zip(gx, gy, strict=True))
     nx = math.sqrt(sum(a.double().pow(2).sum().item() for a in gx))
     ny = math.sqrt(sum(b.double().pow(2).sum().item() for b in gy))
     assert d.dot == pytest.approx(dot, rel=1e-5)
@@ -78,7 +78,7 @@ def test_adam_preconditioned_u_cross(setup):
     (group,) = opt.param_groups
     beta2, eps = group["betas"][1], group["eps"]
     u_cross, ny_pre = 0.0, 0.0
-    for p, a, b in zip(params, gx, gy):
+    for p, a, b in zip(params, gx, gy, strict=True):
         state = opt.state[p]
         v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
         denom = v_hat.sqrt() + eps

@@ -32,7 +32,7 @@ def run(make_scheduler, steps, opt_cls=torch.optim.AdamW, lr=1e-3, per_batch=Tru
                 before = [p.detach().clone() for p in net.parameters()]
                 lrs.append(opt.param_groups[0]["lr"])
                 opt.step()
-                moved.append(any(not torch.equal(b, p) for b, p in zip(before, net.parameters())))
+                moved.append(any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True)))
                 if per_batch:
                     scheduler.step()
             if not per_batch:

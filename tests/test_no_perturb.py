@@ -42,7 +42,7 @@ def _train_step(model, make_inputs, loss_fn, trace=None):
 
 def _assert_bitwise(a, b):
     assert len(a) == len(b)
-    for i, (ga, gb) in enumerate(zip(a, b)):
+    for i, (ga, gb) in enumerate(zip(a, b, strict=True)):
         if ga is None or gb is None:
             assert ga is None and gb is None, f"gradient {i}: {ga is None} vs {gb is None}"
         else:
@@ -57,7 +57,7 @@ def test_gradients_bitwise_identical_with_and_without_watch(zoo_case, options):
     with gradtrace.watch(model, **options) as trace:
         got_x, got_y = _train_step(model, make_inputs, loss_fn, trace)
     _assert_bitwise(got_x, want_x)
-    for a, b in zip(got_y, want_y):
+    for a, b in zip(got_y, want_y, strict=True):
         _assert_bitwise(a, b)
     # .grad after watch exit is still what the X pass left, bitwise
     _assert_bitwise([p.grad for _, p in trainable(model)], want_x)

@@ -113,7 +113,7 @@ def test_bf16_weights_with_a_small_lr_are_unchanged_and_the_dtype_is_named():
     model = net(torch.bfloat16)
     before = [p.detach().clone() for p in model.parameters()]
     trace = steps(model, torch.optim.AdamW(model.parameters(), lr=1e-5), n=2)
-    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
     v = trace.verdicts()[0]
     assert v.code == "WEIGHTS_UNCHANGED" and "bfloat16" in v.message and "1.000e-05" in v.message
     names = [n for n, _ in model.named_parameters()]
@@ -152,7 +152,7 @@ def test_the_sampled_update_ratio_matches_the_weights_own_change():
     before = [p.detach().clone() for p in model.parameters()]
     trace = steps(model, opt, n=1)
     (record,) = trace.optimizers.values()
-    for (name, p), b in zip(model.named_parameters(), before):
+    for (name, p), b in zip(model.named_parameters(), before, strict=True):
         flat_b, flat_a = b.reshape(-1), p.detach().reshape(-1)
         stride = max(1, flat_b.numel() // SAMPLE)
         ub = (flat_a[::stride][:SAMPLE] - flat_b[::stride][:SAMPLE]).double().square().sum().item()
@@ -196,7 +196,7 @@ def test_weights_optimizer_state_and_rng_are_identical_with_and_without_watch():
                 opt.step()
         return model, opt, torch.get_rng_state()
     (m1, o1, r1), (m2, o2, r2) = train(False), train(True)
-    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
     s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
     assert all(torch.equal(s1[k][f], s2[k][f]) for k in s1 for f in s1[k])
     assert torch.equal(r1, r2)
@@ -278,7 +278,7 @@ def test_zero_grad_between_backward_and_step_leaves_the_weights_unchanged(set_to
             model(torch.randn(5, 6)).sum().backward()
             opt.zero_grad(set_to_none=set_to_none)  # the bug: clears what backward just made
             opt.step()
-    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     v = trace.verdicts()[0]
     assert v.code == "WEIGHTS_UNCHANGED" and v.evidence["cleared_before_step"]
     assert "between backward() and step()" in v.message

@@ -74,7 +74,7 @@ def test_runs_outside_pass_get_one_automatic_pass_each(zoo_case):
 
     names = list(trace.passes)
     assert len(names) == 3 and len(set(names)) == 3, names
-    for pass_name, want, kind in zip(names, wants, ("backward", "backward", "grad")):
+    for pass_name, want, kind in zip(names, wants, ("backward", "backward", "grad"), strict=True):
         pt = trace.passes[pass_name]
         assert pt.auto, pass_name
         assert pt.runs == 1, pass_name

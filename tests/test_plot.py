@@ -223,7 +223,7 @@ def test_flow_marks_sit_on_their_own_strip_never_among_the_data(layers, tmp_path
     if layers == 60:  # marker mode: one series per pass, no line joining two modules
         assert len(points) == 2 and all(line.get_linestyle() == "None" for line in points)
     marks = [line for line in strip.get_lines() if line.get_marker() == "x"]
-    reached_x = {x for line in points for x, y in zip(line.get_xdata(), line.get_ydata()) if y == y}
+    reached_x = {x for line in points for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if y == y}
     assert marks and all(0 <= y < 2 for line in marks for y in line.get_ydata())
     cut_modules = {"layers.0", "layers.1"}
     names = list(gplot._modules(trace.params))

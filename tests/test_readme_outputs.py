@@ -58,7 +58,8 @@ def same_line(shown: str, actual: str) -> bool:
         shown_parts[-1] = shown_parts[-1].rstrip()
     if shown_parts != actual_parts or len(shown_numbers) != len(actual_numbers):
         return False
-    return all(float(a) == pytest.approx(float(s), rel=1e-5, abs=0) for s, a in zip(shown_numbers, actual_numbers))
+    pairs = zip(shown_numbers, actual_numbers, strict=True)
+    return all(float(a) == pytest.approx(float(s), rel=1e-5, abs=0) for s, a in pairs)
 
 
 def assert_shows(shown: str, actual: str) -> None:

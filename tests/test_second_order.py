@@ -32,7 +32,7 @@ def _batch(seed=0):
 def _assert_figures(pt, names, grads):
     """The pass's records equal the oracle gradients ``grads`` (one per name)."""
     assert pt.covered == set(names)
-    for name, g in zip(names, grads):
+    for name, g in zip(names, grads, strict=True):
         g = g.detach().double()
         record = pt.records[name]
         assert math.isclose(record.norm, g.norm().item(), rel_tol=1e-6), name
@@ -62,20 +62,20 @@ def test_autograd_grad_with_create_graph_is_recorded(statistics):
             params = list(model.parameters())
             grads = torch.autograd.grad(model(x).pow(2).mean(), params, create_graph=True)
         assert all(g.requires_grad for g in grads)  # still differentiable: gradtrace took nothing away
-        fast = [p - 0.1 * g for p, g in zip(params, grads)]
+        fast = [p - 0.1 * g for p, g in zip(params, grads, strict=True)]
         with trace.pass_("outer"):
-            y = torch.func.functional_call(model, dict(zip(names, fast)), (_batch(1),))
+            y = torch.func.functional_call(model, dict(zip(names, fast, strict=True)), (_batch(1),))
             y.pow(2).mean().backward()
     _assert_figures(trace.passes["inner"], names, want)
     # The outer pass: the meta-gradient through the inner step, as plain autograd gives it.
     o_params = list(oracle.parameters())
     o_grads = torch.autograd.grad(oracle(x).pow(2).mean(), o_params, create_graph=True)
-    o_fast = [p - 0.1 * g for p, g in zip(o_params, o_grads)]
-    meta = torch.autograd.grad(torch.func.functional_call(oracle, dict(zip(names, o_fast)), (_batch(1),))
+    o_fast = [p - 0.1 * g for p, g in zip(o_params, o_grads, strict=True)]
+    meta = torch.autograd.grad(torch.func.functional_call(oracle, dict(zip(names, o_fast, strict=True)), (_batch(1),))
                                .pow(2).mean(), o_params)
     _assert_figures(trace.passes["outer"], names, meta)
     for name, p in model.named_parameters():
-        assert torch.equal(p.grad, dict(zip(names, meta))[name])  # and the training itself is unchanged
+        assert torch.equal(p.grad, dict(zip(names, meta, strict=True))[name])  # and the training itself is unchanged
 
 
 def test_backward_with_create_graph_is_recorded(statistics):
@@ -129,7 +129,7 @@ def test_hessian_vector_product_passes(statistics):
         params = list(m.parameters())
         with trace.pass_("grad") if trace else torch.enable_grad():
             grads = torch.autograd.grad(m(_batch()).pow(2).mean(), params, create_graph=True)
-        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
         with trace.pass_("hvp") if trace else torch.enable_grad():
             return grads, torch.autograd.grad(dot, params)
 

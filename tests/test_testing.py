@@ -21,7 +21,7 @@ def oracle_unreached(model, x):
     names = [n for n, p in twin.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(mse(twin, x), [p for n, p in twin.named_parameters() if p.requires_grad],
                                 allow_unused=True)
-    return {n for n, g in zip(names, grads) if g is None}
+    return {n for n, g in zip(names, grads, strict=True) if g is None}
 
 
 def test_healthy_model_passes_and_returns_the_trace():

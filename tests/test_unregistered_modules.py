@@ -73,7 +73,7 @@ class PReLUFeedForward(nn.Module):
         self._activations = [nn.PReLU(), nn.PReLU()]
 
     def forward(self, x):
-        for layer, act in zip(self._linear_layers, self._activations):
+        for layer, act in zip(self._linear_layers, self._activations, strict=True):
             x = act(layer(x))
         return x
 

@@ -28,7 +28,7 @@ def oracle_zero(model, x):
     """Which trainable parameters torch gives an exactly zero gradient."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(model(x).pow(2).mean(), [p for _, p in named], allow_unused=True)
-    return {n for (n, _), g in zip(named, grads) if g is not None and not g.any()}
+    return {n for (n, _), g in zip(named, grads, strict=True) if g is not None and not g.any()}
 
 
 def test_lora_down_with_lora_up_at_zero_is_info_naming_lora_up():
@@ -91,7 +91,7 @@ def test_peft_embedding_lora_first_step_is_info():
     ids = torch.randint(0, 64, (2, 6))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, [p for _, p in named])
-    by_name = {n.split(".")[-2]: g for (n, _), g in zip(named, grads)}
+    by_name = {n.split(".")[-2]: g for (n, _), g in zip(named, grads, strict=True)}
     assert not by_name["lora_embedding_B"].any() and by_name["lora_embedding_A"].any()  # the oracle
     with gradtrace.watch(model) as trace:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -134,8 +134,9 @@ def test_candidates_are_probed_cheaply_and_dropped_once_they_move():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     with gradtrace.watch(model) as trace:
         zero_values = trace._recording.recorder.watched.zero_values
+        # only the zero ones, at entry
         assert [zero_values.params[i] is model[k].lora_up.weight
-                for i, k in zip(zero_values.candidates, (0, 2))] == [True, True]  # only the zero ones, at entry
+                for i, k in zip(zero_values.candidates, (0, 2), strict=True)] == [True, True]
         for _ in range(2):
             opt.zero_grad()
             model(torch.randn(4, 8)).pow(2).mean().backward()

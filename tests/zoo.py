@@ -293,7 +293,7 @@ def oracle_grad(model, batches, loss_fn, inputs=None) -> PassOracle:
             grads = torch.autograd.grad(
                 loss_fn(model, batch), [p for _, p in chosen], allow_unused=True
             )
-            for (n, _), g in zip(chosen, grads):
+            for (n, _), g in zip(chosen, grads, strict=True):
                 if g is None:
                     continue
                 hits[n] += 1

@@ -32,7 +32,7 @@ with gradtrace.watch(model, max_passes=50) as trace:  # keep the newest 50 steps
     for step in range(5):
         opt.zero_grad()
         with trace.pass_(f"step-{step}"):
-            for xb, yb in zip(x.split(16), y.split(16)):  # two microbatches, one pass
+            for xb, yb in zip(x.split(16), y.split(16), strict=False):  # two microbatches, one pass
                 (model(xb, step) - yb).pow(2).mean().backward()
         m = trace.metrics(passes="last")  # the same keys every step: log them anywhere
         print(f"step {step}: coverage {m['gradtrace/coverage']:.3f}  total norm {m['gradtrace/total_norm']:.3e}"

@@ -65,7 +65,7 @@ def _members(modules: Iterable[str]) -> Dict[str, List[Set[str]]]:
         slots = seen.get(pattern)
         if slots is None:
             slots = seen[pattern] = [set() for _ in indices]
-        for slot, index in zip(slots, indices):
+        for slot, index in zip(slots, indices, strict=False):
             slot.add(index)
     return seen
 
@@ -99,7 +99,7 @@ def _numeric(index: str) -> Tuple[int, str, str]:
 
 def _label(pattern: str, concerned: List[Set[str]], existing: Optional[List[Set[str]]]) -> str:
     parts = []
-    for here, every in zip(concerned, existing or [None] * len(concerned)):
+    for here, every in zip(concerned, existing or [None] * len(concerned), strict=False):
         ordered = sorted(here, key=_numeric)
         if len(ordered) == 1:
             parts.append(ordered[0])

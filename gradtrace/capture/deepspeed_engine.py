@@ -278,7 +278,7 @@ class EngineReading:
                 reason = self._between_boundaries()
         self.taken = [(known, pass_.figures(grads))] if known else []
         # A parameter wholly in other ranks' partitions: nothing here, which is not "exactly zero"
-        pass_.set_empty([i for i, g in zip(known, grads) if g.numel() == 0])
+        pass_.set_empty([i for i, g in zip(known, grads, strict=False) if g.numel() == 0])
         known_now = set(known)
         pass_.set_unknown([i for i in indices if i not in known_now], reason)
 

@@ -346,9 +346,9 @@ class Window:
         device = self.chunks[0][2].device
         lows, highs = torch.cat([v.to(device, torch.float64) for _, _, v in self.chunks], dim=1).tolist()
         sites = [(_as_site(site), dtype) for entry_sites, dtypes, _ in self.chunks
-                 for site, dtype in zip(entry_sites, dtypes)]
+                 for site, dtype in zip(entry_sites, dtypes, strict=False)]
         self.chunks = []
-        pairs = list(zip(lows, highs))
+        pairs = list(zip(lows, highs, strict=False))
         found = first_nonfinite(sites, pairs)
         if found is not None:
             found.module_type = found.module_type or self.types.get(found.module, "")
@@ -430,7 +430,7 @@ def _context(record: ForwardNonfinite, sites, pairs, values: List[int], first: i
 
 def _fully_masked(sites, pairs, scope: str) -> Optional[str]:
     """A mask argument with a fully masked row, of the module where the NaN was made or one around it."""
-    for (site, dtype), (flag, smallest) in zip(sites, pairs):
+    for (site, dtype), (flag, smallest) in zip(sites, pairs, strict=False):
         if site.kind != "mask":
             continue
         if dtype.is_floating_point:

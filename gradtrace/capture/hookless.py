@@ -170,7 +170,7 @@ class HooklessRuns:
     def _learned_positions(self) -> Callable[[list], tuple]:
         """Picks, from a list in model order over the learned set, its items in the learned engine order."""
         if self._positions is None:
-            where = dict(zip(self.learned_set, range(len(self.learned_set))))
+            where = dict(zip(self.learned_set, range(len(self.learned_set)), strict=False))
             positions = [where[i] for i in self.learned_order]
             self._positions = operator.itemgetter(*positions) if len(positions) > 1 else (lambda xs: (xs[positions[0]],))
         return self._positions
@@ -215,7 +215,7 @@ class HooklessRuns:
             pick = self._learned_positions()
             grads, versions = list(pick(grads)), list(pick(versions))
         elif reached is not predicted:
-            where = dict(zip(predicted, range(len(predicted))))
+            where = dict(zip(predicted, range(len(predicted)), strict=False))
             positions = [where[i] for i in reached]
             grads, versions = [grads[k] for k in positions], [versions[k] for k in positions]
         if all(map(operator.is_not, grads, itertools.repeat(None))):

@@ -52,10 +52,11 @@ class ParamIdentity:
         if self.holders is not None:
             now_held = list(map(dict.get, self.holders, self.keys))
             if not all(map(operator.is_, now_held, self.params)):
-                self._note(REPLACED, [i for i, (h, p) in enumerate(zip(now_held, self.params)) if h is not p])
+                replaced = [i for i, (h, p) in enumerate(zip(now_held, self.params, strict=False)) if h is not p]
+                self._note(REPLACED, replaced)
         now = tensor_impls(self.params)
         if now != self.impls:
-            self._note(SWAPPED, [i for i, (a, b) in enumerate(zip(now, self.impls)) if a != b])
+            self._note(SWAPPED, [i for i, (a, b) in enumerate(zip(now, self.impls, strict=False)) if a != b])
         return self.found
 
     def _note(self, how: str, indices: List[int]) -> None:

@@ -77,7 +77,7 @@ def inner_products(a: str, b: str, grads_a: Dict[str, torch.Tensor], grads_b: Di
         a=a, b=b, preconditioned=preconditioned, dot=dot, norm_a=norm_a, norm_b=norm_b,
         cosine=dot / (norm_a * norm_b) if norm_a and norm_b and not preconditioned else None,
         top=[Contribution(n, c, c / abs(dot) if dot else 0.0)
-             for n, c in sorted(zip(common, contrib), key=lambda x: -abs(x[1]))[:TOP]],
+             for n, c in sorted(zip(common, contrib, strict=False), key=lambda x: -abs(x[1]))[:TOP]],
         numel_b=sum(grads_b[n].numel() for n in common),
         norm_a_pre=sum(sq_a_pre) ** 0.5 if preconditioned else None,
         norm_b_pre=sum(sq_b_pre) ** 0.5 if preconditioned else None,
@@ -94,7 +94,7 @@ def _host(*groups: List[torch.Tensor]) -> List[List[float]]:
         by_device.setdefault(t.device, []).append(i)
     values = [0.0] * len(flat)
     for idx in by_device.values():
-        for i, v in zip(idx, torch.stack([flat[i] for i in idx]).tolist()):
+        for i, v in zip(idx, torch.stack([flat[i] for i in idx]).tolist(), strict=False):
             values[i] = v
     out, start = [], 0
     for g in groups:

@@ -192,7 +192,7 @@ class OptimizerObserver:
                 return
         with torch.no_grad():
             grads = before.grads if before.grads is not None else [self._sample_grads(g) for g in before.groups]
-            for group, weight, grad in zip(before.groups, before.weights, grads):
+            for group, weight, grad in zip(before.groups, before.weights, grads, strict=False):
                 after = self._sample_weights(group)
                 moved = grad != 0
                 unchanged = moved & (after == weight)
@@ -341,7 +341,7 @@ def _fold_updates(record: OptimizerRecord, step: PendingStep, names: List[str],
     rows = torch.cat([s.cpu() for s in step.stats]).tolist()
     total_update = total_weight = moved_total = unchanged_total = 0.0
     drift, broken = [], []
-    for index, (moved, unchanged, update_sq, weight_sq, made_nonfinite) in zip(step.stepped, rows):
+    for index, (moved, unchanged, update_sq, weight_sq, made_nonfinite) in zip(step.stepped, rows, strict=False):
         if made_nonfinite:
             broken.append((names[index], int(made_nonfinite)))
         total_update += update_sq

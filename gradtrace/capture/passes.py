@@ -345,7 +345,7 @@ class Pass:
         reading = self._read(now)
         via = reading.via if len(reading.via) == len(order) else {**self._via_before(order), **reading.via}
         if self.watched.keep_grads:
-            self.kept = self._kept(order, dict(zip(now, reading.totals)))
+            self.kept = self._kept(order, dict(zip(now, reading.totals, strict=False)))
         if reading.totals:
             pieces.append((now, self.figures(reading.totals, tuple(now))))
         stale_candidates = list(self._bases)
@@ -458,7 +458,7 @@ class Pass:
         # Judged where a step begins (an error) and in labelled passes (a warning: a forgotten zero_grad(),
         # unless the pass says it accumulates); an unlabelled run inside an accumulation loop keeps no bases.
         if device.bases is not None:
-            stale = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
+            stale = {i for i, row in zip(device.stale_candidates, device.bases.to_host(), strict=False)
                      if row[1] != 0.0 or row[2] != 0.0}
         max_abs, bad = grid[:, 1], grid[:, 2]
         # Three states kept apart: exactly zero (max |g| is 0, from a gradient really read), cleared
@@ -516,7 +516,7 @@ class Pass:
             found, why = set(backward), wrappers.INHERITED_HIDDEN
         elif self.prior_unsynced and scopes[-1] != wrappers.LOCAL and device.bases is not None:
             # .grad held this rank's unsynced gradient where it was not zero when the pass began
-            found = {i for i, row in zip(device.stale_candidates, device.bases.to_host())
+            found = {i for i, row in zip(device.stale_candidates, device.bases.to_host(), strict=False)
                      if row[1] != 0.0 or row[2] != 0.0}
             why = wrappers.INHERITED
         if found:
@@ -551,7 +551,7 @@ class _DeviceFigures:
             return self.pieces[0][1].to_host()
         rows: Dict[int, np.ndarray] = {}
         for indices, figures in self.pieces:
-            rows.update(zip(indices, figures.to_host()))
+            rows.update(zip(indices, figures.to_host(), strict=False))
         none = np.zeros(3)
         return np.array([rows.get(i, none) for i in order], dtype=np.float64).reshape(len(order), 3)
 
@@ -602,8 +602,9 @@ def _empty(indices: List[int], grads: List[torch.Tensor]) -> Set[int]:
     """Indices whose local gradient has no element: a plain tensor's numel, a DTensor's local shard's."""
     if grads and set(map(type, grads)) == {torch.Tensor}:  # the common case, in C-level loops
         sizes = list(map(torch.Tensor.numel, grads))
-        return set() if all(sizes) else {i for i, n in zip(indices, sizes) if not n}
-    return {i for i, g in zip(indices, grads) if not (g.numel() if type(g) is torch.Tensor else _local_numel(g))}
+        return set() if all(sizes) else {i for i, n in zip(indices, sizes, strict=False) if not n}
+    return {i for i, g in zip(indices, grads, strict=False)
+            if not (g.numel() if type(g) is torch.Tensor else _local_numel(g))}
 
 
 def _local_numel(g: torch.Tensor) -> int:

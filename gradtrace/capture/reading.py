@@ -103,7 +103,7 @@ class ReadAtPassEnd:
 
     def run_ended(self, pass_: PassView, indices: List[int], left: Optional[RunLeft] = None) -> None:
         if left is not None:
-            self.left.update(zip(left.indices, zip(left.grads, left.versions)))
+            self.left.update(zip(left.indices, zip(left.grads, left.versions, strict=False), strict=False))
             self.last = left if len(self.left) == len(left.indices) else None
             if len(left.indices) == len(indices):
                 return
@@ -113,9 +113,9 @@ class ReadAtPassEnd:
             self.last = None
         grads = list(map(_GRAD, map(pass_.params.__getitem__, indices)))  # C-level loops: this runs per parameter
         try:
-            self.left.update(zip(indices, zip(grads, map(_VERSION, grads))))
+            self.left.update(zip(indices, zip(grads, map(_VERSION, grads), strict=False), strict=False))
         except AttributeError:  # a .grad that is None: kept out
-            self.left.update((i, (g, g._version)) for i, g in zip(indices, grads) if g is not None)
+            self.left.update((i, (g, g._version)) for i, g in zip(indices, grads, strict=False) if g is not None)
         if indices:
             self.last = None
 
@@ -162,9 +162,9 @@ class ReadAtRunEnd:
 
     def run_ended(self, pass_: PassView, indices: List[int], left: Optional[RunLeft] = None) -> None:
         params = pass_.params
-        read = dict(zip(left.indices, left.grads)) if left is not None else {}
-        kept = [(i, g) for i, g in zip(indices, (read[i] if i in read else params[i].grad for i in indices))
-                if g is not None]
+        read = dict(zip(left.indices, left.grads, strict=False)) if left is not None else {}
+        grads = (read[i] if i in read else params[i].grad for i in indices)
+        kept = [(i, g) for i, g in zip(indices, grads, strict=False) if g is not None]
         if kept:
             self.taken.append(([i for i, _ in kept], pass_.figures([pass_.gain(i, g) for i, g in kept])))
 

@@ -220,7 +220,7 @@ class Recorder:
         pass_ = run.pass_
         grads = run.before[0]
         if pass_.takes_bases and not all(map(operator.is_, grads, itertools.repeat(None))):
-            for index, g in zip(run.predicted, grads):
+            for index, g in zip(run.predicted, grads, strict=False):
                 if g is not None:
                     pass_.note_grad_before(index, g)
 

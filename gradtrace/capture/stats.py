@@ -332,7 +332,7 @@ class HostReduction(Reduction):
         rows[:, 0] = norms
         rows[:, 1] = amax
         lo, hi = SAFE_RANGE.get(dtype, (0.0, math.inf))
-        for i, (t, top, norm) in enumerate(zip(tensors, amax.tolist(), norms)):
+        for i, (t, top, norm) in enumerate(zip(tensors, amax.tolist(), norms, strict=False)):
             if not math.isfinite(top):  # aminmax propagates NaN: the norm is NaN with a NaN, inf with only Infs
                 rows[i, 0], rows[i, 2] = top, float(_nonfinite_count(t))
             elif top == 0.0:
@@ -453,7 +453,7 @@ class DeviceReduction(Reduction):
         if dtype == torch.float64:
             factors = _power_of_two_scale(amax)
             norms = torch.stack([_combined([torch.linalg.vector_norm(c * f) for c in _chunks(t)])
-                                 for t, f in zip(tensors, factors)]) / factors
+                                 for t, f in zip(tensors, factors, strict=False)]) / factors
         else:
             norms = torch.stack([_combined(foreach_norm(_chunks(t), 2, dtype=torch.float64)) for t in tensors])
         bad = torch.stack([_nonfinite_count(t) for t in tensors]).to(torch.float64)

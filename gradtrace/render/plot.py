@@ -157,7 +157,7 @@ def _flow(Figure, trace, chosen):
         ax = marks = figure.add_subplot()
     width = 0.8 / len(chosen)
     any_positive, unreached = False, []
-    for i, (p, figures) in enumerate(zip(chosen, per_pass)):
+    for i, (p, figures) in enumerate(zip(chosen, per_pass, strict=False)):
         color = PASS_COLORS[i % len(PASS_COLORS)]
         ys = [norm if state == OK and norm > 0 else float("nan") for norm, state in figures]
         any_positive = any_positive or any(y == y for y in ys)
@@ -171,7 +171,7 @@ def _flow(Figure, trace, chosen):
             ax.plot(x, ys, color=color, marker="o", markersize=4, linestyle="none", label=p.name)
         if strip:
             _mark_states(marks, x, [state for _, state in figures], row=i if not bars else 0)
-        missing = [m for m, (_, state) in zip(names, figures) if state == MISSING]
+        missing = [m for m, (_, state) in zip(names, figures, strict=False) if state == MISSING]
         if missing:
             unreached.append(f"not reached in {p.name!r}: {_compress(missing)}")
     if any_positive:
@@ -200,7 +200,7 @@ MARKS = ((MISSING, "x", MISSING_COLOR, "not reached"), (ZERO, "v", ZERO_COLOR, "
 def _mark_states(ax, x: List[float], states: List[int], row: int) -> None:
     """On the state strip: a mark for every module that got nothing, exactly zero or NaN, never a blank."""
     for state, mark, color, _ in MARKS:
-        at = [xj for xj, s in zip(x, states) if s == state]
+        at = [xj for xj, s in zip(x, states, strict=False) if s == state]
         if at:
             ax.plot(at, [row] * len(at), linestyle="none", marker=mark, markersize=7, color=color,
                     markeredgewidth=2)
@@ -302,7 +302,7 @@ def _inner_axes(ax, s) -> None:
     ax.set_yticklabels([_shortened(n) for n in names], fontsize=8)
     ax.invert_yaxis()  # largest contribution on top
     ax.axvline(0.0, color="black", linewidth=0.8)
-    for yi, t in zip(y, top):
+    for yi, t in zip(y, top, strict=False):
         ax.annotate(f"{t.share:.1%}", (t.contribution, yi), xytext=(4 if t.contribution >= 0 else -4, 0),
                     textcoords="offset points", va="center", ha="left" if t.contribution >= 0 else "right",
                     fontsize=8)

@@ -376,6 +376,64 @@ def test_a_forward_in_a_second_thread_keeps_the_hooks_in_until_exit():
         assert pt.covered == names and all(r.hits == 1 for r in pt.records.values())
 
 
+def test_a_backward_in_a_second_thread_through_the_first_threads_forward_keeps_the_hooks_in():
+    """Both forwards in one thread, one of their backwards in another, while the first thread's run is
+    still open: the first run's end must not take the hooks out (it would free the pre-hooks the other
+    run is on its way to, and lose that run). Sequenced by an end-of-run callback of the user's, queued
+    before gradtrace's own: the second run reaches the model's output while the first is open."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    past_output, go = threading.Event(), threading.Event()
+    containers_while_open = []
+    with gradtrace.watch(model) as trace:
+        first_out = model(torch.randn(8, 64))
+        second_out = model(torch.randn(8, 64))
+        second_out.register_hook(lambda g: past_output.set())
+
+        def second_backward():
+            go.wait(timeout=30)
+            second_out.sum().backward()
+
+        other = threading.Thread(target=second_backward)
+        other.start()
+
+        def let_the_other_run_start():  # runs at the end of the first run, before gradtrace closes it
+            go.set()
+            past_output.wait(timeout=30)
+
+        first_out.register_hook(lambda g: torch.autograd.Variable._execution_engine.queue_callback(
+            let_the_other_run_start))
+        first_out.sum().backward()
+        containers_while_open = [p._backward_hooks for p in model.parameters()]
+        other.join(timeout=60)
+        assert not other.is_alive()
+        assert _state(trace).pinned and _state(trace).mode == LEARNING
+    assert all(c is not None for c in containers_while_open)  # not taken out under the other run
+    names = {n for n, _ in model.named_parameters()}
+    passes = list(trace.passes.values())  # unlabelled runs, both seen (the second is not lost)
+    assert sum(pt.runs for pt in passes) == 2
+    assert sum(r.hits for pt in passes for r in pt.records.values()) == 2 * len(names)
+    assert all(pt.covered == names for pt in passes)
+
+
+def test_a_submodule_run_with_grad_in_a_second_thread_keeps_the_hooks_in():
+    """A watched submodule called on its own in another thread (no model forward there to notice it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+    with gradtrace.watch(model) as trace:
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            model(_features(step)).sum().backward()
+        assert _state(trace).mode == HOOKLESS and _hooks_out(model)
+        other = threading.Thread(target=lambda: model[2](_features(7)))
+        other.start()
+        other.join(timeout=60)
+        assert _state(trace).pinned and not _hooks_out(model)
+        model.zero_grad(set_to_none=True)
+        model(_features(3)).sum().backward()
+        assert _state(trace).mode == LEARNING and not _hooks_out(model)
+
+
 def test_a_second_thread_running_only_under_no_grad_leaves_the_hooks_out():
     """Generation in a background thread (no grad) cannot start a backward: the watch stays hookless."""
     torch.manual_seed(0)

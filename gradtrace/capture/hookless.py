@@ -34,10 +34,16 @@ once the watch knows the run's shape:
    and, when a labelled pass ends, a ``.grad`` that is a new tensor although no
    run seen reached it (a backward that never went through the model's output:
    counted as reached by the pass).
-5. **Two threads.** Once the model's forward has run with grad in a second thread,
-   the hooks go in for good (``pin``): runs of two threads may overlap, where
-   ``.grad`` cannot tell them apart, and taking a hook out destroys the engine's
-   pre-hook that another thread's backward may be calling (``hook_state.ParamHooks``).
+5. **Two threads.** The hooks go in for good (``pin``) once the model (or a
+   submodule on its own, or the compiled model) runs with grad in a second
+   thread, and once a run begins while another top-level run is open or has
+   reached the model's output (two threads' backwards through one forward's
+   outputs): runs of two threads may overlap, where ``.grad`` cannot tell them
+   apart, and taking a hook out destroys the engine's pre-hook that another
+   thread's backward may be calling (``hook_state.ParamHooks``). The hooks come
+   out only at the end of a run while no other run is known to be in flight. A
+   backward that raised between the model's output and its first parameter leaves
+   its start noted: the next run then pins too (exact; only the speed-up is lost).
 
 Where hooks are always used: a watch of bare parameters (no forward to hook),
 ``cuts="off"`` (no module hooks to see a submodule called on its own), wrappers
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import threading
 from threading import get_ident
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -258,13 +265,15 @@ class ForwardOutputs:
                  handles: list, find_nodes: Callable[[], None], second_thread: Callable[[], None]):
         self.on_output_grad = on_output_grad
         self.find_nodes: Optional[Callable[[], None]] = find_nodes  # at the first forward with grad
-        self.ran_outside = ran_outside
+        self._relearn = ran_outside
         self.handles = handles  # every output hook's handle, removed at exit (outputs the user kept)
         self.depth = 0  # calls of the watched model's forward in progress
-        # The thread of the first forward with grad; a forward with grad in another calls
-        # ``second_thread`` (once), before that thread can run a backward through its output.
+        # The thread of the first forward with grad; a forward with grad in another (of the model, of
+        # a submodule on its own, of the compiled model) calls ``second_thread`` (once), before that
+        # thread can run a backward through its output.
         self.thread: Optional[int] = None
         self.second_thread: Optional[Callable[[], None]] = second_thread
+        self._thread_lock = threading.Lock()  # two threads' first forwards at once: one is the second
 
     def pre_hook(self) -> Callable:
         """A forward pre-hook that counts a call in (where the model is seen through forward hooks): a
@@ -273,17 +282,28 @@ class ForwardOutputs:
             self.depth += 1
         return enter
 
+    def ran_outside(self) -> None:
+        """A watched module ran with grad outside the model's forward (or the compiled model ran): hooks in."""
+        if get_ident() != self.thread:
+            self._seen_in_thread(get_ident())
+        self._relearn()
+
+    def _seen_in_thread(self, me: int) -> None:
+        with self._thread_lock:
+            if self.thread is None:
+                self.thread = me
+                return
+            second, self.second_thread = self.second_thread, None
+        if second is not None:
+            second()
+
     def mark(self, output) -> None:
         """A call of the model returned ``output``: a run-start hook on each of its tensors that requires grad."""
         if not torch.is_grad_enabled():
             return
         me = get_ident()
         if me != self.thread:
-            if self.thread is None:
-                self.thread = me
-            elif self.second_thread is not None:
-                self.second_thread()
-                self.second_thread = None
+            self._seen_in_thread(me)
         if self.find_nodes is not None:
             self.find_nodes()
             self.find_nodes = None

@@ -208,8 +208,11 @@ class Recorder:
             run.armed = hookless.captured()
             hookless.hooks.arm(run.armed)
             return
-        if run.nested or len(self.open_runs) > 1:  # reentrant checkpointing, or runs in two threads at once
+        if run.nested:  # reentrant checkpointing
             hookless.relearn()
+            return
+        if self._overlapping(run):  # (open_run pinned already, unless a registered tensor opened the run)
+            hookless.pin()
             return
         run.predicted = hookless.predicted(flags)
         run.before = snapshot(hookless.params_of(run.predicted))
@@ -231,12 +234,20 @@ class Recorder:
         ever sees (its parameters swapped out under the watch) is no run, and no pass."""
         start = (predicted, snapshot(self.hookless.params_of(predicted)))
         if run is None:
+            if (any(t != task for t in list(self.starts)) or self._overlapping(None)) \
+                    and not started_inside_another_run():
+                self.hookless.pin()  # another thread's run began and has not ended: hooks in for good
             if len(self.starts) > 8:  # notes of runs no hook saw
                 self.starts.clear()
             self.starts[task] = start
         else:  # opened by a registered tensor's hook: a .backward() run
             self.settle_kind(run, True)
             self._take_start(run, start)
+
+    def _overlapping(self, run: Optional[Run]) -> bool:
+        """Is another top-level run open? Only runs of two threads overlap (a nested run, reentrant
+        checkpointing, runs inside its outer one; a run that raised stays open until the watch exits)."""
+        return any(other is not run and not other.nested for other in list(self.open_runs.values()))
 
     def _take_start(self, run: Run, start) -> None:
         if run.nested or len(self.open_runs) > 1:
@@ -281,6 +292,11 @@ class Recorder:
             start = self.starts.pop(task, None) if self.starts else None
             if start is not None:  # the model's output was reached first: a run that may teach its order
                 self._take_start(run, start)
+            overlapping = not nested and self._overlapping(run)
+        if overlapping and self.hookless is not None:
+            # Two threads' runs at once: .grad cannot tell them apart, and taking a hook out could free
+            # the engine's pre-hook the other is about to call: the hooks stay in until the watch ends.
+            self.hookless.pin()
         at_run_end(lambda: self.close_run(run, in_engine=True))
         return run
 
@@ -367,7 +383,7 @@ class Recorder:
             # what the run left, in the order it reported (the reading strategy then compares lists)
             return hookless.left(order, run.predicted, after)
         elif hookless.mode == LEARNING and pass_.plain and all_changed and len(hooked) == len(reached) \
-                and reached and not self.open_runs and sorted(hooked) == reached:
+                and reached and not self.open_runs and not self.starts and sorted(hooked) == reached:
             hookless.learn(hooked)
         return hookless.left(reached, run.predicted, after)
 
@@ -389,6 +405,7 @@ class Recorder:
         for run in list(self.open_runs.values()):
             run.pass_.fail(error or "a backward was cut short by an exception (caught before watch exited)")
             self.close_run(run)
+        self.starts.clear()
 
     # ---- passes ----------------------------------------------------------
     def begin_pass(self, name: str, step_start: bool = False, read_at: str = "pass_end",

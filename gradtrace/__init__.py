@@ -28,9 +28,15 @@ __all__ = [
 ]
 
 
+_SUBMODULES = ("testing", "integrations")  # gradtrace.testing.assert_grads_flow after a plain `import gradtrace`
+
+
 def __getattr__(name: str):
     if name == "watch":  # imports torch and the capture code: only when someone watches
         from .live import watch
         globals()["watch"] = watch  # later lookups skip this function
         return watch
+    if name in _SUBMODULES:  # imported on first use (testing imports torch)
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")

@@ -45,3 +45,22 @@ def test_readme_worked_example_prints_exactly_the_output_shown(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == shown
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_submodules_named_in_the_readme_work_after_a_plain_import_gradtrace():
+    """The README's ``gradtrace.testing.assert_grads_flow`` and ``gradtrace.integrations.<framework>``
+    after ``import gradtrace`` alone (an AttributeError before); still no torch until one is named."""
+    child = ("import sys, gradtrace\n"
+             "assert 'torch' not in sys.modules\n"
+             "assert gradtrace.testing.assert_grads_flow.__name__ == 'assert_grads_flow'\n"
+             "assert gradtrace.integrations.steps.StepTracer.__name__ == 'StepTracer'\n"
+             "for bad in ('gradtrace.nothing', 'gradtrace.integrations.nothing'):\n"
+             "    try:\n"
+             "        eval(bad)\n"
+             "    except AttributeError:\n"
+             "        pass\n"
+             "    else:\n"
+             "        raise SystemExit(bad + ' resolved')\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

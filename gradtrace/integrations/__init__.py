@@ -9,3 +9,14 @@ optimizer step, the same options and printed lines.
 """
 
 __all__: list = []  # the callbacks live in the framework modules, imported only when asked for
+
+_MODULES = ("transformers", "lightning", "grpo", "steps", "patching")
+
+
+def __getattr__(name: str):
+    """``gradtrace.integrations.lightning.GradtraceCallback`` without importing the module first: a
+    framework module (and its framework) is imported when it is first named."""
+    if name in _MODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gradtrace.integrations' has no attribute {name!r}")

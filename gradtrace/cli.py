@@ -190,7 +190,7 @@ def _story_ending(trace, bugs) -> str:
     lead = next((v for v in trace.verdicts() if v.severity != "info"), None)
     found = f"gradtrace's diagnosis: {lead.code}" if lead else "gradtrace found nothing"
     others = ", ".join(name for name in bugs if name != STORY_BUG)
-    return (f"The hidden cause: {bugs[STORY_BUG]}. {found} names it (the second moments are extreme).\n"
+    return (f"The hidden cause: {bugs[STORY_BUG]}. {found} names it (a loss scale never unscaled).\n"
             "Next:\n"
             "  python -m gradtrace demo --healthy      the same probe without the bug: no problems found\n"
             "  python -m gradtrace demo --bug NAME     one of the other bugs: " + others + "\n"

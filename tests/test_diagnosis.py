@@ -476,7 +476,9 @@ def test_demo_without_flags_shows_the_symptom_and_the_cause(capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "deltaH1: -0.000000" in out  # the original symptom
-    assert "gradtrace diagnosis: ROUNDS_TO_ZERO" in out and "second moments are extreme" in out
+    first = next(line for line in out.splitlines() if line.startswith("gradtrace diagnosis:"))
+    assert "ROUNDS_TO_ZERO" in first and "second moments are extreme" in first
+    assert "a loss scale never unscaled" in first  # the hidden cause, on gradtrace's own first line
     assert demo.BUGS[demo.STORY_BUG] in out  # the hidden cause, said after gradtrace found it
     assert "deltaH1 = -lr * U_cross" in out and "U_cross = sum over parameters" in out
     assert "cosine: not given for a preconditioned product" in out

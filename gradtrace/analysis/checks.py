@@ -820,9 +820,11 @@ def _why_small(trace) -> str:
                     "the two passes reached no parameter in common")
         # Adam-normalised gradients g / (sqrt(v_hat) + eps) are O(1) per element when healthy.
         if rms is not None and rms < 1e-3:
-            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks pass {s.b!r}'s gradient to an RMS of "
-                    f"{rms:.3e} per element (norm {s.norm_b:.3e} -> {s.norm_b_pre:.3e}; healthy Adam-normalised "
-                    "gradients are ~1): the second moments are extreme")
+            # sqrt(v_hat) is ~1/rms times this gradient: Adam's state remembers gradients that much larger.
+            return (f"; preconditioning by Adam's sqrt(v_hat)+eps shrinks the gradient of pass {s.b!r} to an RMS "
+                    f"of {rms:.3e} per element (norm {s.norm_b:.3e} -> {s.norm_b_pre:.3e}; healthy Adam-normalised "
+                    f"gradients are ~1): the second moments are extreme, as if earlier steps saw gradients "
+                    f"{1 / rms:.1e} times larger (a loss scale never unscaled, such as fp16's 2**16, or a spike)")
         return (f"; the preconditioned inner product of {s.a!r} and {s.b!r} is {s.dot:.3e} and the "
                 f"preconditioned gradients are healthy (RMS {rms:.3e}): the factor that makes it print as zero "
                 "is the scale applied to it (learning rate?)")

@@ -131,8 +131,17 @@ def group_by_module(params: Iterable[str], universe: Optional[Sequence[str]] = N
     for pattern, names in by_pattern.items():
         concerned = _members(_param_pattern(p)[0] for p in names)[pattern]
         label = _label(pattern, concerned, existing.get(pattern)) if concerned else pattern
-        groups.setdefault(label or "(root)", []).extend(names)
+        groups.setdefault(label or ROOT, []).extend(names)
     return groups
+
+
+ROOT = "(root)"  # the group of parameters that belong to the model itself, not to a submodule
+
+
+def _root_part(names: List[str]) -> str:
+    """Parameters of the root module are named themselves: '(root)' says nothing about which."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+    return f"{shown} (the model's own parameter{'s' if len(names) != 1 else ''})"
 
 
 def describe_params(params: Iterable[str], limit: int = 4, universe: Optional[Sequence[str]] = None) -> str:
@@ -141,7 +150,9 @@ def describe_params(params: Iterable[str], limit: int = 4, universe: Optional[Se
 
 def describe_groups(groups: Dict[str, List[str]], limit: int = 4) -> str:
     """``describe_params`` of parameters already grouped (``group_by_module`` of them, sorted)."""
-    parts = [f"{display_name(module)} ({len(names)} param{'s' if len(names) != 1 else ''})" for module, names in groups.items()]
+    parts = [_root_part(names) if module == ROOT else
+             f"{display_name(module)} ({len(names)} param{'s' if len(names) != 1 else ''})"
+             for module, names in groups.items()]
     more = f", +{len(parts) - limit} more modules" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more
 

@@ -164,6 +164,10 @@ class PassTrace:
     # the reason (DDP / FSDP / DeepSpeed keep part of this pass's gradient where it cannot be read
     # apart from other microbatches'); None: cleared ones were cleared by the user's code.
     unknown_because: Optional[str] = None
+    # Watched parameters the engine reached with an undefined (None) gradient in this pass: the backward
+    # of an op between the loss and them returned None for them (a custom autograd.Function's backward,
+    # most often), so they got nothing. None: none seen (hooks see it; a hookless run puts them back).
+    undefined_grads: Optional[List[Name]] = None
     _columns: Optional[PassColumns] = field(default=None, repr=False, compare=False)
     _records: Optional[Dict[str, GradRecord]] = field(default=None, repr=False, compare=False)
     _covered: Optional[FrozenSet[str]] = field(default=None, repr=False, compare=False)

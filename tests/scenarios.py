@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 import sys
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
@@ -811,6 +812,45 @@ def loss_computed_in_numpy(fixed):
             return F.mse_loss(out, target)
         return torch.tensor(np.mean((out.detach().numpy() - target.numpy()) ** 2), requires_grad=True)
     return _loop(Tower(), loss_of)
+
+
+class _ScaledTanh(torch.autograd.Function):
+    """tanh(x * scale) written by hand (a fused kernel's Python twin); ``fixed`` says whether its backward
+    returns the scale's gradient or, as the forum posts' first drafts do, None for it."""
+
+    @staticmethod
+    def forward(ctx, x, scale, fixed):
+        y = torch.tanh(x * scale)
+        ctx.save_for_backward(x, scale, y)
+        ctx.fixed = fixed
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale, y = ctx.saved_tensors
+        local = g * (1 - y * y)
+        grad_scale = (local * x).sum(0) if ctx.fixed else None  # the bug: "scale is a parameter, not an input"
+        return local * scale, grad_scale, None
+
+
+class _LearnedScaleActivation(nn.Module):
+    def __init__(self, fixed: bool):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+        self.fixed = fixed
+
+    def forward(self, x):
+        return _ScaledTanh.apply(x, self.scale, self.fixed)
+
+
+@scenario("UNUSED_PARAMS", ("act (1 param)", "returned None", "autograd.Function"),
+          "PyTorch forum: 'custom autograd Function: the parameter's .grad is None' -- a learnable activation "
+          "whose hand-written backward returns None for its parameter")
+def custom_function_returns_none_for_its_parameter(fixed):
+    seeded()
+    model = nn.Sequential(OrderedDict(embed=nn.Linear(8, 16), act=_LearnedScaleActivation(fixed),
+                                      head=nn.Linear(16, 4)))
+    return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y))
 
 
 @torch.no_grad()

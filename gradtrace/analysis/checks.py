@@ -10,7 +10,7 @@ it explains).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from ..records import Cut, PassTrace, TensorRecord, Verdict
 from . import forward
@@ -494,7 +494,7 @@ def likely_cut(cuts: List[Cut], p: PassTrace, params) -> Optional[Cut]:
 
 
 @verdict("NO_COVERAGE", rank=80, severities=("error",),
-         meaning="no trainable parameter received a gradient in a pass; names the cut on the path of its forward, adapters that did not run, or the module whose output was cut")
+         meaning="no trainable parameter received a gradient in a pass; names the cut on the path of its forward, adapters that did not run, the module whose output was cut, or a backward that returned None for them")
 def check_no_coverage(trace, passes, tensors, cuts):
     out = []
     gone = set(replaced_params(trace))
@@ -506,7 +506,11 @@ def check_no_coverage(trace, passes, tensors, cuts):
         evidence = {"pass": p.name, "runs": p.runs}
         because = ""
         bypassed = memo.get(("bypassed", Ident(p)), bypassed_adapters, p, p.params)
-        if likely is not None:
+        undefined = _undefined([p], set(p.params))
+        if undefined:
+            because = "; " + _undefined_note(undefined, p.params, of=[n for n in p.params if n not in gone])
+            evidence["undefined_grads"] = undefined
+        elif likely is not None:
             because = f"; likely cut: {describe_cut(likely)}. {_cut_fix(likely)}"
             evidence.update({"kind": likely.kind, "module": likely.module, "location": likely.location,
                              "cut": likely.seq})
@@ -543,6 +547,26 @@ def _ops_rerun(trace) -> str:
     if trace.meta.cuts == "ops":
         return ""
     return "; gradtrace.watch(model, cuts=\"ops\") names the op and line"
+
+
+def _undefined(passes: Iterable[PassTrace], missing) -> List[str]:
+    """Parameters among ``missing`` that the engine reached with a None gradient in one of ``passes``."""
+    return sorted({n for p in passes for n in (p.undefined_grads or ()) if n in missing})
+
+
+def _undefined_note(undefined: List[str], universe, of: Optional[List[str]] = None) -> str:
+    """They were in the backward graph, so nothing cut them off: a backward on the way returned None.
+    Named unless they are every one of ``of`` (the parameters the sentence before named)."""
+    one = len(undefined) == 1
+    if of is not None and len(undefined) == len(of):
+        subject = "it was" if one else "they were"
+    else:
+        subject = f"{describe_params(undefined, universe=universe)} {'was' if one else 'were'}"
+    them = "it" if one else "them"
+    return (f"{subject} in the backward graph but the engine brought "
+            f"None as gradient: the backward of an op between the loss and {them} returned None for {them} (a custom "
+            "torch.autograd.Function whose backward returns None for that input? Return a gradient for every "
+            "input that needs one: ctx.needs_input_grad says which)")
 
 
 def _comparable_pairs(trace, passes: Dict[str, PassTrace]):
@@ -587,8 +611,10 @@ def _coverage_gap(a: PassTrace, b: PassTrace, gone: FrozenSet[str], universe) ->
         if only:
             parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: {describe_groups(groups)}")
     d = Diff(a=a.name, b=b.name, only_a=set(only_a), only_b=set(only_b), both=set(), ratios={})
+    undefined = _undefined([b], only_a) + _undefined([a], only_b)
+    hint = ". " + _undefined_note(undefined, universe) if undefined else _gap_hint(d)
     return Verdict("COVERAGE_GAP", "error",
-                   "coverage gap: " + "; ".join(parts) + _gap_hint(d),
+                   "coverage gap: " + "; ".join(parts) + hint,
                    {"a": a.name, "b": b.name, "only_a": sorted_a, "only_b": sorted_b,
                     "modules_only_a": list(groups_a), "modules_only_b": list(groups_b)})
 
@@ -650,8 +676,8 @@ def check_zero_grads(trace, passes, tensors, cuts):
             if not factors:
                 why = ("; no parameter passes a gradient, so the loss's derivative is zero where it leaves the "
                        "model: a step function on the way (torch.round / floor / sign / a threshold turned into "
-                       "float; a straight-through estimator x + (round(x) - x).detach() keeps the gradient), a loss "
-                       "multiplied by 0, a mask that selects nothing, or a loss with no target left (every label "
+                       "float; a straight-through estimator x + (round(x) - x).detach() keeps the gradient), a clamp / "
+                       "hardtanh / ReLU with every input outside its range (saturated), a loss multiplied by 0, a mask that selects nothing, or a loss with no target left (every label "
                        "-100 / ignore_index: cross_entropy then returns NaN with zero gradients)")
             evidence = {"pass": p.name, "parameters": zero, "all": True}
             if factors:
@@ -888,6 +914,8 @@ def check_detached_output(trace, passes, tensors, cuts):
             found.evidence["passes"].append(p.name)
             continue
         params = candidates[cut_at]
+        if set(params) <= set(p.undefined_grads or ()):
+            continue  # in the backward graph, reached with None: not cut (UNUSED_PARAMS / NO_COVERAGE say why)
         shown = repr(cut_at) if cut_at else "the model (its root module)"
         upstream = [m for m in candidates if m != cut_at and order.get(m, -1) < order.get(cut_at, -1)]
         victims = sorted(q for m in upstream for q in candidates[m])
@@ -978,7 +1006,7 @@ def _unreached(universe, reached: FrozenSet[str], gone: FrozenSet[str]) -> Tuple
 
 
 @verdict("UNUSED_PARAMS", rank=150, severities=("warning", "error"),
-         meaning="trainable parameters that received no gradient in any pass (an error where it explains an error: DDP's 'Expected to have finished reduction')")
+         meaning="trainable parameters that received no gradient in any pass (an error where it explains an error: DDP's 'Expected to have finished reduction'); says when they were in the backward graph and a backward returned None for them (a custom autograd.Function)")
 def check_unused(trace, passes, tensors, cuts):
     if not passes or not any(p.covered for p in passes.values()):
         return []
@@ -990,8 +1018,12 @@ def check_unused(trace, passes, tensors, cuts):
         return []
     evidence = {"parameters": unused, "modules": list(group_by_module(unused, trace.params))}
     ignored = _outputs_the_loss_ignored(trace, unused)
+    undefined = _undefined(passes.values(), set(unused))
     said = ""
-    if ignored:
+    if undefined:
+        evidence["undefined_grads"] = undefined
+        said = "; " + _undefined_note(undefined, trace.params, of=unused)
+    elif ignored:
         evidence["returned_unused"] = ignored
         said = (f"; the model returns the output of {', '.join(repr(m) for m in ignored)} and no loss used it "
                 "(an auxiliary head or an extra output): add it to the loss, or leave it out of the model "

@@ -4,7 +4,8 @@ A pass is every run inside ``trace.pass_(name)`` (any number of microbatches),
 or one unlabelled run. Its life, in ``Phase`` order:
 
 1. ``OPEN``: runs join it (``count_run``); the hooks tell it what they saw
-   (``hit``, ``note_grad_before``, ``note_written``, ``note_unseen_handback``) and
+   (``hit``, ``note_grad_before``, ``note_written``, ``note_unseen_handback``,
+   ``note_undefined``) and
    each run's end hands it the run (``end_run``).
 2. ``FINISHED`` (``finish``): every gradient is read and reduced on the device,
    its accumulators are released, and the watch's event sink hears of it.
@@ -129,6 +130,9 @@ class Pass:
         # autograd.grad runs whose handed-back gradient gradtrace could not see: vmapped ones
         # (is_grads_batched=True), or one a later-registered hook may have changed. Figures unknown.
         self._unseen: Set[int] = set()
+        # Parameters the engine reached with an undefined gradient (their hook got None): a backward on
+        # the way returned None for them. Names in the record, judged only where they stayed unreached.
+        self._undefined: Set[int] = set()
         self._tensor_rows: Dict[str, List[torch.Tensor]] = {}  # registered tensors: (3,) figures per delivery
         self._device: Optional[_DeviceFigures] = None
         self.kept: Optional[Dict[str, torch.Tensor]] = None  # keep_grads: the pass's gradients, by name
@@ -192,6 +196,10 @@ class Pass:
 
     def note_unseen_handback(self, index: int) -> None:
         self._unseen.add(index)
+
+    def note_undefined(self, index: int) -> None:
+        """The engine reached this parameter with no gradient (None): not a hit."""
+        self._undefined.add(index)
 
     def note_grad_before(self, index: int, grad: torch.Tensor) -> None:
         """Called before AccumulateGrad adds to a non-None ``.grad``.
@@ -486,6 +494,8 @@ class Pass:
             zero_valued = self.watched.zero_values.read(probe)
             if zero.any():
                 trace.zero_valued = [names[i] for i in zero_valued]
+        if self._undefined:
+            trace.undefined_grads = sorted(names[i] for i in self._undefined)
         if self.expected is not None:
             trace.expected = sorted(self.expected)
             trace.expected_partial = self.expected_partial

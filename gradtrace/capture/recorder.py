@@ -96,6 +96,7 @@ class Recorder:
 
         def on_grad(grad: Optional[torch.Tensor]) -> None:
             if grad is None:  # an undefined gradient (a backward returned None for it): not reached
+                self._undefined_grad(index)
                 return
             run = open_runs.get(current_task())
             if run is None:
@@ -114,6 +115,15 @@ class Recorder:
                 run.pass_.note_grad_before(index, param.grad)
 
         return on_grad
+
+    def _undefined_grad(self, index: int) -> None:
+        """The engine reached a parameter with None: the pass remembers it (a backward returned None)."""
+        run = self.open_runs.get(current_task())
+        if run is None:
+            run = self.open_run(current_task(), on_accelerator=self.params[index].device.type != "cpu")
+            if run is None:
+                return
+        run.pass_.note_undefined(index)
 
     def post_accumulate_hook(self) -> Callable[[torch.Tensor], None]:
         """The hook for every parameter: ``list.append``, a builtin, so no Python frame per call.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat, analysis, render
-from .capture import hook_state, inner, modules, stats, tied, values, wrappers
+from .capture import hook_state, inner, loose_tensors, modules, stats, tied, values, wrappers
 from .capture.cuts import CutLog, ModuleCutDetector
 from .capture.failures import FailureContext
 from .capture.forward_values import ForwardValues
@@ -97,6 +97,7 @@ class Recording:
     forward_values: Any = None
     windows: Dict[str, Any] = field(default_factory=dict)
     unregistered: Any = None  # unregistered.UnregisteredModules: modules run in the forward outside the tree
+    loose: Any = None  # loose_tensors.LooseTensors: tensors requiring grad held by modules, not registered
     tied: List[Tuple[torch.Tensor, List[str]]] = field(default_factory=list)  # tensors under several names
     failures: Any = None  # failures.FailureContext: names the culprit of a failed pass
     failure_causes: Dict[str, Any] = field(default_factory=dict)  # pass -> its FailureCause, until it is read
@@ -446,6 +447,8 @@ class LiveTrace(Trace):
             self.meta.tied_params = tied.records(recording.tied)
         if recording.unregistered is not None:
             self.meta.unregistered_modules = recording.unregistered.records() or None
+        if recording.loose is not None:
+            self.meta.loose_tensors = recording.loose.records() or None
 
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""
@@ -493,6 +496,7 @@ class LiveTrace(Trace):
         self._note_replaced()
         self._note_modules()
         recording.unregistered = None  # its weak references die with the model; the records stay
+        recording.loose = None
         recording.tied = []
         recording.identity = None  # what happens to the model after exit is not the watch's
         named = zip(recorder.names, recorder.params, strict=False)
@@ -786,6 +790,8 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         recording.failures = FailureContext(module_walk, recording.cut_log, recording.forward_values)
     if root is not None and wrapper.kind != "FSDP1":  # FSDP1 flattens the parameters it would name
         recording.tied = tied.tied_parameters(root, module_walk)
+    if root is not None and wrapper.kind in (None, "DDP"):  # FSDP / DeepSpeed keep tensor views of their own
+        recording.loose = loose_tensors.find(module_walk, params, _optimizers_seen(recording, optimizer))
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)

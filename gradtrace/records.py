@@ -555,6 +555,25 @@ class FailureCause(ReadsLikeADict):
 
 
 @dataclass
+class LooseTensor(ReadsLikeADict):
+    """A tensor that requires grad, held by a module of the watched model, that is not a registered parameter.
+
+    An attribute (``self.scale = torch.ones(4, requires_grad=True)``) or an item of a plain list, tuple or
+    dict (``self.weights = [nn.Parameter(...)]``): in no ``model.parameters()``, optimizer built from them,
+    or state dict.
+    """
+
+    name: str  # as the user would write it: "blocks.0.scale", "weights[1]"
+    owner: str = ""  # the module path holding it ("" the root)
+    attribute: str = ""
+    container: Optional[str] = None  # "list", "tuple", "dict" (None: the attribute itself)
+    shape: List[Count] = field(default_factory=list)
+    is_parameter: bool = False  # an nn.Parameter kept where Module does not register it
+    got_grad: bool = False  # it had a .grad when the watch last looked: backward reached it
+    in_optimizer: Optional[bool] = None  # in a param group of an optimizer the watch saw (None: none seen)
+
+
+@dataclass
 class UnregisteredModule(ReadsLikeADict):
     """A module that ran inside the watched model's forward but is not one of its submodules.
 
@@ -655,6 +674,8 @@ class TraceMeta(collections.abc.MutableMapping):
     error_cause: Optional[FailureCause] = None  # the culprit behind ``error``, where gradtrace could name it
     # Modules that ran inside the watched model's forward without being its submodules.
     unregistered_modules: Optional[List[UnregisteredModule]] = None
+    # Tensors that require grad, held by the model's modules without being registered parameters.
+    loose_tensors: Optional[List[LooseTensor]] = None
     tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
     ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))

@@ -853,6 +853,48 @@ def custom_function_returns_none_for_its_parameter(fixed):
     return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y))
 
 
+class _ListOfWeights(nn.Module):
+    """A mixture of per-head scales, as first drafts write it: a Python list of nn.Parameter."""
+
+    def __init__(self, fixed: bool):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        scales = [nn.Parameter(torch.ones(16)) for _ in range(3)]
+        self.scales = nn.ParameterList(scales) if fixed else scales
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(sum(h * s for s in self.scales))
+
+
+@scenario("UNREGISTERED_PARAM", ("self.scales", "nn.ParameterList"),
+          "PyTorch forum: 'parameters in a list are not updated' -- nn.Parameter objects kept in a plain Python "
+          "list are not registered, so model.parameters() and the optimizer never see them")
+def parameters_in_a_python_list(fixed):
+    seeded()
+    return _loop(_ListOfWeights(fixed), lambda m, x, y: F.cross_entropy(m(x), y))
+
+
+class _TemperatureAttribute(nn.Module):
+    def __init__(self, fixed: bool):
+        super().__init__()
+        self.encoder = nn.Linear(8, 4)
+        temperature = torch.ones(1, requires_grad=True)  # "learnable temperature"
+        self.temperature = nn.Parameter(temperature.detach()) if fixed else temperature
+
+    def forward(self, x):
+        return self.encoder(x) / self.temperature
+
+
+@scenario("UNREGISTERED_PARAM", ("self.temperature", "nn.Parameter("),
+          "PyTorch forum: 'learnable temperature does not change' -- torch.ones(1, requires_grad=True) assigned as a "
+          "module attribute instead of nn.Parameter")
+def learnable_tensor_not_a_parameter(fixed):
+    seeded()
+    return _loop(_TemperatureAttribute(fixed), lambda m, x, y: F.cross_entropy(m(x), y))
+
+
 @torch.no_grad()
 def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
     return model.embed(x)

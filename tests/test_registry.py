@@ -10,7 +10,7 @@ import pytest
 
 import gradtrace
 from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
-from gradtrace.records import (Cut, GradRecord, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
+from gradtrace.records import (Cut, GradRecord, LooseTensor, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
                                TensorRecord, TiedParams, UnregisteredModule, ValueStats)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,9 @@ SCENARIOS = {
     "UNREGISTERED_MODULE": lambda: trace(meta={"unregistered_modules": [UnregisteredModule(
         module="body.layers[0]", module_type="Linear", owner="body", attribute="layers", container="list",
         called_in="body", calls=1, params=2, trainable=2, with_grad=True, got_grad=True)]}),
+    "UNREGISTERED_PARAM": lambda: trace(meta={"loose_tensors": [LooseTensor(
+        name="scales[0]", owner="", attribute="scales", container="list", shape=[4], is_parameter=True,
+        got_grad=True, in_optimizer=False)]}),
     "TIED_FROZEN": lambda: trace(meta={"tied_params": [TiedParams(names=["embed.weight", "lm_head.weight"],
                                                                   requires_grad=False, shape=[8, 4])]}),
     "FIGURES_UNKNOWN": lambda: trace(passes(unknown_pass("X", "a sync averaged it with no_sync microbatches"))),

@@ -4,6 +4,7 @@
 * the culprit behind a failed pass (``FailureCause``, and DDP's unfinished reduction read off the
   coverage of the passes before it), as the lead of PASS_FAILED;
 * ``UNREGISTERED_MODULE``: modules that ran in the watched forward without being submodules;
+* ``UNREGISTERED_PARAM``: tensors requiring grad held by the model's modules, not registered parameters;
 * ``TIED_FROZEN``: one tensor under two names, frozen through the name that was not meant to freeze.
 
 Pure Python over the records, like every check.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-from ..records import Cut, FailureCause, ForwardNonfinite, PassTrace, UnregisteredModule, Verdict
+from ..records import Cut, FailureCause, ForwardNonfinite, LooseTensor, PassTrace, UnregisteredModule, Verdict
 from .cuts import describe_cut
 from .names import describe_params
 from .registry import verdict
@@ -204,6 +205,64 @@ def check_unregistered(trace, passes, tensors, cuts):
                             "owner": first.owner, "attribute": first.attribute,
                             "params": sum(m.params for m in group), "trainable": sum(m.trainable for m in group),
                             "got_grad": any(m.got_grad for m in group)}))
+    return out
+
+
+# ---- UNREGISTERED_PARAM ----------------------------------------------------------------------
+def _holder(t: LooseTensor) -> str:
+    owner = f"module {t.owner!r}" if t.owner else "the root module"
+    if t.container is None:
+        return f"`self.{t.attribute}` of {owner}"
+    return f"the plain {t.container} `self.{t.attribute}` of {owner}"
+
+
+def _loose_fix(group: List[LooseTensor]) -> str:
+    first = group[0]
+    if first.container is None:
+        return f"make it a parameter: self.{first.attribute} = nn.Parameter(...)"
+    kind = "nn.ParameterDict" if first.container == "dict" else "nn.ParameterList"
+    return f"hold them in {kind}"
+
+
+@verdict("UNREGISTERED_PARAM", rank=18, severities=("error", "warning", "info"),
+         meaning="tensors that require grad, held by the model's modules (an attribute, a plain list/dict) but not "
+                 "registered as parameters: in no `model.parameters()`, optimizer built from it, or state dict; an "
+                 "error when backward gave them gradients and no optimizer that stepped holds them")
+def check_loose_tensors(trace, passes, tensors, cuts):
+    groups: Dict[tuple, List[LooseTensor]] = {}
+    for t in trace.meta.loose_tensors or ():
+        groups.setdefault((t.owner, t.attribute), []).append(t)
+    out = []
+    for group in groups.values():
+        first, n = group[0], len(group)
+        what = (f"tensor {first.name!r} (shape {list(first.shape)})" if n == 1 else
+                f"{n} tensors {', '.join(repr(t.name) for t in group[:4])}{' ...' if n > 4 else ''}")
+        one = n == 1
+        they, them, are = ("it", "it", "is") if one else ("they", "them", "are")
+        if all(t.is_parameter for t in group):
+            kind = "an nn.Parameter" if one else "nn.Parameter objects"
+        else:
+            kind = "a plain tensor" if one else "plain tensors"
+        held = (f"{what} {'requires' if one else 'require'} grad and {are} held in {_holder(first)} as {kind}, "
+                "which nn.Module does not register")
+        got = any(t.got_grad for t in group)
+        in_optimizer = [t.in_optimizer for t in group]
+        if got and all(o is False for o in in_optimizer):
+            severity = "error"
+            message = (f"{held}: backward gave {them} {'a gradient' if one else 'gradients'}, but {they} {are} in "
+                       f"no model.parameters() and no optimizer that stepped holds {them}: {they} never "
+                       f"{'trains' if one else 'train'}; {_loose_fix(group)}")
+        elif all(o is True for o in in_optimizer):
+            severity = "info"
+            message = (f"{held}: {they} {'trains' if one else 'train'} (the optimizer was given {them}), but "
+                       f"state_dict(), .to(device) and model.parameters() do not reach {them}; {_loose_fix(group)}")
+        else:
+            severity = "warning"
+            message = (f"{held}: {they} {are} in no model.parameters(), so an optimizer built from it does not "
+                       f"train {them} and gradtrace does not watch {them}; {_loose_fix(group)}")
+        out.append(Verdict("UNREGISTERED_PARAM", severity, message,
+                           {"tensors": [t.name for t in group], "owner": first.owner, "attribute": first.attribute,
+                            "container": first.container, "got_grad": got}))
     return out
 
 

@@ -1,0 +1,129 @@
+"""Tensors that require grad, held by the model's modules, that nn.Module never registered.
+
+``self.bias2 = torch.zeros(4, requires_grad=True)`` and ``self.ws = [nn.Parameter(...)]`` take part in
+the forward and even get a ``.grad``, yet ``model.parameters()`` (and so the optimizer and gradtrace's
+own hooks) never see them. Before, gradtrace said "no problems found" on such a run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradtrace
+
+
+class TensorAttribute(nn.Module):
+    def __init__(self, fixed: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        bias = torch.zeros(4, requires_grad=True)
+        self.bias2 = nn.Parameter(bias.detach()) if fixed else bias
+
+    def forward(self, x):
+        return self.lin(x) + self.bias2
+
+
+class ParameterList(nn.Module):
+    def __init__(self, fixed: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        scales = [nn.Parameter(torch.ones(4)) for _ in range(2)]
+        self.ws = nn.ParameterList(scales) if fixed else scales
+
+    def forward(self, x):
+        h = self.lin(x)
+        for w in self.ws:
+            h = h * w
+        return h
+
+
+def _train(model, steps=2, opt=None):
+    torch.manual_seed(1)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 4, (4,))).backward()
+            opt.step()
+    return trace
+
+
+def _serious(trace):
+    return [v for v in trace.verdicts() if v.severity in ("error", "warning")]
+
+
+def test_a_plain_tensor_attribute_that_requires_grad_is_named_first():
+    model = TensorAttribute()
+    before = model.bias2.clone()
+    trace = _train(model)
+    assert model.bias2.grad is not None and torch.equal(model.bias2, before)  # reached, never stepped
+    first = trace.verdicts()[0]
+    assert first.code == "UNREGISTERED_PARAM" and first.severity == "error"
+    assert first.evidence["tensors"] == ["bias2"] and first.evidence["got_grad"]
+    assert "self.bias2" in first.message and "nn.Parameter(" in first.message
+    (loose,) = trace.meta.loose_tensors
+    assert (loose.shape, loose.is_parameter, loose.in_optimizer) == ([4], False, False)
+
+
+def test_parameters_in_a_plain_list_are_named_with_parameter_list_as_the_fix():
+    trace = _train(ParameterList())
+    first = trace.verdicts()[0]
+    assert first.code == "UNREGISTERED_PARAM" and first.severity == "error"
+    assert first.evidence["tensors"] == ["ws[0]", "ws[1]"] and first.evidence["container"] == "list"
+    assert "nn.ParameterList" in first.message
+
+
+def test_the_fixed_twins_are_clean():
+    for cls in (TensorAttribute, ParameterList):
+        trace = _train(cls(fixed=True))
+        assert trace.meta.loose_tensors is None
+        assert _serious(trace) == [], cls.__name__
+
+
+def test_given_to_the_optimizer_it_trains_and_is_only_an_info():
+    model = TensorAttribute()
+    opt = torch.optim.SGD(list(model.parameters()) + [model.bias2], lr=0.1)
+    trace = _train(model, opt=opt)
+    found = [v for v in trace.verdicts() if v.code == "UNREGISTERED_PARAM"]
+    assert [v.severity for v in found] == ["info"] and "state_dict()" in found[0].message
+    assert _serious(trace) == []
+
+
+def test_without_an_optimizer_it_is_a_warning():
+    model = TensorAttribute()
+    with gradtrace.watch(model) as trace:
+        F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 4, (4,))).backward()
+    (v,) = [v for v in trace.verdicts() if v.code == "UNREGISTERED_PARAM"]
+    assert v.severity == "warning" and "does not watch" in v.message
+
+
+class Innocent(nn.Module):
+    """What is not a loose parameter: a cached activation, a frozen or a shared registered parameter, data."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.frozen = nn.Parameter(torch.ones(4), requires_grad=False)
+        self.shared = [self.lin.weight]  # a registered parameter, also held in a list
+        self.table = torch.arange(4.0)  # data
+        self.last = None
+
+    def forward(self, x):
+        out = self.lin(x) * self.frozen + self.table
+        self.last = out  # a non-leaf kept for logging
+        return out
+
+
+def test_cached_activations_frozen_shared_and_data_tensors_are_not_flagged(tmp_path):
+    trace = _train(Innocent())
+    assert trace.meta.loose_tensors is None
+    assert not any(v.code == "UNREGISTERED_PARAM" for v in trace.verdicts())
+
+
+def test_the_record_survives_a_save_and_load(tmp_path):
+    trace = _train(ParameterList())
+    trace.save(tmp_path / "t.json")
+    loaded = gradtrace.load(tmp_path / "t.json")
+    assert [t.name for t in loaded.meta.loose_tensors] == ["ws[0]", "ws[1]"]
+    assert loaded.verdicts()[0].message == trace.verdicts()[0].message

@@ -448,6 +448,9 @@ class OptimizerRecord:
     # passes they followed (the newest 64).
     empty_steps: Count = 0
     empty_passes: List[Optional[str]] = field(default_factory=list)
+    # Of them, the steps where .grad was there but every sampled element was zero: zeroed in place between
+    # backward() and step() (zero_grad(set_to_none=False), clip_grad_norm_ with max_norm=0), not set to None.
+    zeroed_steps: Count = 0
     # Parameters whose sampled weights its latest step changed although no sampled gradient element was
     # nonzero (momentum or weight decay acting on a zero or stale .grad): a frozen layer that still moves.
     drift: List[str] = field(default_factory=list)

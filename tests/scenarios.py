@@ -895,6 +895,24 @@ def learnable_tensor_not_a_parameter(fixed):
     return _loop(_TemperatureAttribute(fixed), lambda m, x, y: F.cross_entropy(m(x), y))
 
 
+@scenario("WEIGHTS_UNCHANGED", ("zeroed in place", "clip_grad_norm_"),
+          "PyTorch forum: 'model does not learn after adding gradient clipping' -- clip_grad_norm_ called with a "
+          "max_norm of 0 (a config default meant as 'no clipping') multiplies every gradient by 0")
+def clip_grad_norm_to_zero(fixed):
+    seeded()
+    model = Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    max_grad_norm = 1.0 if fixed else 0.0
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            x, y = batch()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+    return trace
+
+
 @torch.no_grad()
 def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
     return model.embed(x)

@@ -280,8 +280,29 @@ def test_zero_grad_between_backward_and_step_leaves_the_weights_unchanged(set_to
             opt.step()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     v = trace.verdicts()[0]
-    assert v.code == "WEIGHTS_UNCHANGED" and v.evidence["cleared_before_step"]
-    assert "between backward() and step()" in v.message
+    assert v.code == "WEIGHTS_UNCHANGED" and "between backward() and step()" in v.message
+    # set to None: cleared; zeroed in place (set_to_none=False): there, but zero
+    assert v.evidence["cleared_before_step"] == set_to_none and v.evidence["zeroed_before_step"] != set_to_none
+    assert ("zeroed in place" in v.message) != set_to_none
+
+
+def test_a_clip_to_a_max_norm_of_zero_is_said_to_zero_the_gradients_in_place():
+    """clip_grad_norm_(params, 0.0) (a config's max_grad_norm of 0 meant 'off') multiplies every gradient by
+    0: the weights never move. Before, the finding said .grad was cleared by zero_grad()."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(5, 6)).sum().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.0)
+            opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # there, and zero
+    v = trace.verdicts()[0]
+    assert v.code == "WEIGHTS_UNCHANGED" and v.evidence["zeroed_before_step"]
+    assert "clip_grad_norm_(..., max_norm=0)" in v.message
 
 
 def test_a_layer_frozen_with_zeroed_grads_that_momentum_still_moves_is_said():

@@ -299,6 +299,7 @@ class OptimizerObserver:
             _note_step(record, step.lrs, ratio, moved, unchanged)
             if not step.any_grad or moved == 0:  # nothing to apply: the step cannot change a weight
                 record.empty_steps += 1
+                record.zeroed_steps += step.any_grad  # .grad there, and zero
                 record.empty_passes.append(step.pass_name)
                 del record.empty_passes[:-SCALED_STEPS_KEPT]
             if step.scale is not None:

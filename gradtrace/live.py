@@ -449,6 +449,7 @@ class LiveTrace(Trace):
             self.meta.unregistered_modules = recording.unregistered.records() or None
         if recording.loose is not None:
             self.meta.loose_tensors = recording.loose.records() or None
+            self.meta.ignored_freezes = recording.loose.ignored_freezes() or None
 
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""

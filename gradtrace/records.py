@@ -577,6 +577,16 @@ class LooseTensor(ReadsLikeADict):
 
 
 @dataclass
+class IgnoredFreeze(ReadsLikeADict):
+    """A module given a plain attribute ``requires_grad = False``, which freezes nothing."""
+
+    module: str  # its path ("" the root)
+    module_type: str = ""
+    trainable: Count = 0  # its parameters that still require grad
+    got_grad: bool = False  # one of them had a .grad when the watch last looked
+
+
+@dataclass
 class UnregisteredModule(ReadsLikeADict):
     """A module that ran inside the watched model's forward but is not one of its submodules.
 
@@ -679,6 +689,7 @@ class TraceMeta(collections.abc.MutableMapping):
     unregistered_modules: Optional[List[UnregisteredModule]] = None
     # Tensors that require grad, held by the model's modules without being registered parameters.
     loose_tensors: Optional[List[LooseTensor]] = None
+    ignored_freezes: Optional[List[IgnoredFreeze]] = None  # modules "frozen" by a plain attribute
     tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
     ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))

@@ -913,6 +913,20 @@ def clip_grad_norm_to_zero(fixed):
     return trace
 
 
+@scenario("FREEZE_IGNORED", ("module 'embed'", "requires_grad_(False)"),
+          "PyTorch forum: 'model.requires_grad = False does not freeze the layer' -- an attribute set on the module "
+          "object instead of calling requires_grad_(False): the 'frozen' encoder keeps training")
+def freeze_by_attribute(fixed):
+    seeded()
+    model = Tower()
+    if fixed:
+        model.embed.requires_grad_(False)
+    else:
+        model.embed.requires_grad = False
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y), opt=opt)
+
+
 @torch.no_grad()
 def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
     return model.embed(x)

@@ -10,7 +10,7 @@ import pytest
 
 import gradtrace
 from gradtrace.analysis.registry import REGISTRY, markdown_table, ordered, verdict
-from gradtrace.records import (Cut, GradRecord, LooseTensor, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
+from gradtrace.records import (Cut, GradRecord, IgnoredFreeze, LooseTensor, OptimizerRecord, PassTrace, ScalarRecord, TensorGradFacts,
                                TensorRecord, TiedParams, UnregisteredModule, ValueStats)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,8 @@ SCENARIOS = {
     "UNREGISTERED_PARAM": lambda: trace(meta={"loose_tensors": [LooseTensor(
         name="scales[0]", owner="", attribute="scales", container="list", shape=[4], is_parameter=True,
         got_grad=True, in_optimizer=False)]}),
+    "FREEZE_IGNORED": lambda: trace(meta={"ignored_freezes": [IgnoredFreeze(
+        module="body", module_type="Linear", trainable=2, got_grad=True)]}),
     "TIED_FROZEN": lambda: trace(meta={"tied_params": [TiedParams(names=["embed.weight", "lm_head.weight"],
                                                                   requires_grad=False, shape=[8, 4])]}),
     "FIGURES_UNKNOWN": lambda: trace(passes(unknown_pass("X", "a sync averaged it with no_sync microbatches"))),

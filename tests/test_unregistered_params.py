@@ -127,3 +127,28 @@ def test_the_record_survives_a_save_and_load(tmp_path):
     loaded = gradtrace.load(tmp_path / "t.json")
     assert [t.name for t in loaded.meta.loose_tensors] == ["ws[0]", "ws[1]"]
     assert loaded.verdicts()[0].message == trace.verdicts()[0].message
+
+
+def _freeze_first_layer(how: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    if how == "attribute":
+        model[0].requires_grad = False  # the bug: an attribute on the module object, not the method
+    else:
+        model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return model, _train(model, opt=opt)
+
+
+def test_a_module_frozen_by_a_plain_requires_grad_attribute_is_said_to_freeze_nothing():
+    model, trace = _freeze_first_layer("attribute")
+    assert all(p.requires_grad and p.grad is not None for p in model[0].parameters())  # not frozen at all
+    first = trace.verdicts()[0]
+    assert first.code == "FREEZE_IGNORED" and first.evidence == {"module": "0", "trainable": 2, "got_grad": True}
+    assert "requires_grad_(False)" in first.message
+
+
+def test_requires_grad_underscore_freezes_and_is_clean():
+    model, trace = _freeze_first_layer("method")
+    assert trace.meta.ignored_freezes is None
+    assert _serious(trace) == []

@@ -5,6 +5,7 @@
   coverage of the passes before it), as the lead of PASS_FAILED;
 * ``UNREGISTERED_MODULE``: modules that ran in the watched forward without being submodules;
 * ``UNREGISTERED_PARAM``: tensors requiring grad held by the model's modules, not registered parameters;
+* ``FREEZE_IGNORED``: a module "frozen" by a plain attribute ``requires_grad = False``;
 * ``TIED_FROZEN``: one tensor under two names, frozen through the name that was not meant to freeze.
 
 Pure Python over the records, like every check.
@@ -263,6 +264,26 @@ def check_loose_tensors(trace, passes, tensors, cuts):
         out.append(Verdict("UNREGISTERED_PARAM", severity, message,
                            {"tensors": [t.name for t in group], "owner": first.owner, "attribute": first.attribute,
                             "container": first.container, "got_grad": got}))
+    return out
+
+
+# ---- FREEZE_IGNORED --------------------------------------------------------------------------
+@verdict("FREEZE_IGNORED", rank=19, severities=("warning",),
+         meaning="a module given a plain attribute `requires_grad = False` (`model.encoder.requires_grad = False`): "
+                 "nn.Module has no such switch, so its parameters still require grad and train; "
+                 "`requires_grad_(False)` freezes")
+def check_ignored_freezes(trace, passes, tensors, cuts):
+    out = []
+    for f in trace.meta.ignored_freezes or ():
+        shown = f"module {f.module!r}" if f.module else "the model (its root module)"
+        got = " and got gradients" if f.got_grad else ""
+        last = f.module.rsplit(".", 1)[-1] if f.module else "model"
+        call = f"{last}.requires_grad_(False)" if last.isidentifier() else "the module's .requires_grad_(False)"
+        out.append(Verdict("FREEZE_IGNORED", "warning",
+                           f"{shown} ({f.module_type}) was set requires_grad = False as a plain attribute, which "
+                           f"freezes nothing: its {f.trainable} parameter(s) still require grad{got} and train; "
+                           f"freeze it with {call}",
+                           {"module": f.module, "trainable": f.trainable, "got_grad": f.got_grad}))
     return out
 
 

@@ -12,6 +12,11 @@ already made; a plain list, tuple or dict one level deep, its first ``MAX_ITEMS`
 tensors that require grad and are none of the model's parameters. Kept by weak reference; the
 records (did it get a gradient, is it in an optimizer the watch saw) are made when the trace is
 judged, saved or closed.
+
+The same look finds a module given a plain attribute ``requires_grad = False``
+(``model.encoder.requires_grad = False``): ``nn.Module`` has no such switch, so nothing is frozen
+(``requires_grad_(False)`` is the method). Named when the trace is judged, if its parameters still
+require grad.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..records import LooseTensor
+from ..records import IgnoredFreeze, LooseTensor
 
 MAX_ITEMS = 64  # items of one list/tuple/dict attribute looked at (a cache of thousands is not a parameter list)
 MAX_FOUND = 64  # tensors kept: a model that holds many is named by its first ones
@@ -39,9 +44,13 @@ def find(walk: List[Tuple[str, nn.Module]], params: List[torch.Tensor],
     for _, module in walk:  # frozen parameters too: a frozen one is registered, not loose
         registered.update(id(p) for p in module._parameters.values() if p is not None)
     found: List[_Found] = []
+    switches: List[Tuple[str, "weakref.ref[nn.Module]"]] = []
     for path, module in walk:
         for attribute, value in vars(module).items():
             if attribute in _MODULE_INTERNALS:
+                continue
+            if attribute == "requires_grad" and value is False:
+                switches.append((path, weakref.ref(module)))
                 continue
             for container, index, tensor in _tensors_in(value):
                 if id(tensor) in registered or len(found) >= MAX_FOUND:
@@ -49,7 +58,7 @@ def find(walk: List[Tuple[str, nn.Module]], params: List[torch.Tensor],
                 registered.add(id(tensor))  # held twice: named once
                 owner_prefix = f"{path}." if path else ""
                 found.append((path, attribute, container, f"{owner_prefix}{attribute}{index}", weakref.ref(tensor)))
-    return LooseTensors(found, optimizers)
+    return LooseTensors(found, optimizers, switches)
 
 
 def _tensors_in(value: Any) -> Iterator[Tuple[Optional[str], str, torch.Tensor]]:
@@ -75,9 +84,25 @@ def _trainable_leaf(t: torch.Tensor) -> bool:
 
 
 class LooseTensors:
-    def __init__(self, found: List[_Found], optimizers: Callable[[], List[Any]]):
+    def __init__(self, found: List[_Found], optimizers: Callable[[], List[Any]],
+                 switches: Optional[List[Tuple[str, "weakref.ref[nn.Module]"]]] = None):
         self.found = found
         self.optimizers = optimizers
+        self.switches = switches or []  # (path, module) given a plain attribute requires_grad = False
+
+    def ignored_freezes(self) -> List[IgnoredFreeze]:
+        """Modules set ``requires_grad = False`` as an attribute whose parameters still require grad."""
+        out = []
+        for path, ref in self.switches:
+            module = ref()
+            if module is None:
+                continue
+            params = list(module.parameters())
+            trainable = sum(p.requires_grad for p in params)
+            if trainable:
+                out.append(IgnoredFreeze(module=path, module_type=type(module).__name__, trainable=trainable,
+                                         got_grad=any(p.grad is not None for p in params if p.requires_grad)))
+        return out
 
     def records(self) -> List[LooseTensor]:
         """One record per loose tensor still alive."""

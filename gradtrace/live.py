@@ -450,6 +450,11 @@ class LiveTrace(Trace):
         if recording.loose is not None:
             self.meta.loose_tensors = recording.loose.records() or None
             self.meta.ignored_freezes = recording.loose.ignored_freezes() or None
+        param_hooks = recording.recorder.param_hooks
+        if param_hooks is not None and recording.loose is not None:  # (no wrapper adding hooks of its own)
+            names = recording.recorder.names
+            ours = {handle.id for handle in recording.tensor_handles}
+            self.meta.user_hooked = [names[i] for i in param_hooks.users(ours)] or None
 
     def _drop(self, name: str) -> None:
         """Forget a finished pass and everything it holds: records, kept gradients, tensor facts, cuts."""

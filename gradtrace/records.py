@@ -690,6 +690,9 @@ class TraceMeta(collections.abc.MutableMapping):
     # Tensors that require grad, held by the model's modules without being registered parameters.
     loose_tensors: Optional[List[LooseTensor]] = None
     ignored_freezes: Optional[List[IgnoredFreeze]] = None  # modules "frozen" by a plain attribute
+    # Watched parameters with a tensor hook of the user's (Tensor.register_hook) when the watch last looked:
+    # what such a hook returns is the gradient (a pruning mask, a g * 0), so it can explain a zero one.
+    user_hooked: Optional[List[Name]] = None
     tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
     ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))

@@ -927,6 +927,19 @@ def freeze_by_attribute(fixed):
     return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y), opt=opt)
 
 
+@scenario("ZERO_GRADS", ("2 (1 param)", "tensor hook of yours"),
+          "PyTorch forum: 'masking gradients with register_hook, the layer stops learning' -- a pruning mask built "
+          "with the wrong threshold is all zeros, and the hook multiplies the weight's gradient by it")
+def pruning_mask_hook_all_zeros(fixed):
+    seeded()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    weight = model[2].weight
+    threshold = 0.05 if fixed else 5.0  # |w| > 5 keeps nothing of a default-initialised layer
+    mask = (weight.detach().abs() > threshold).float()
+    weight.register_hook(lambda g: g * mask)
+    return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y))
+
+
 @torch.no_grad()
 def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
     return model.embed(x)

@@ -152,3 +152,39 @@ def test_requires_grad_underscore_freezes_and_is_clean():
     model, trace = _freeze_first_layer("method")
     assert trace.meta.ignored_freezes is None
     assert _serious(trace) == []
+
+
+def _train_with_hook(hook):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if hook is not None:
+        model[2].weight.register_hook(hook)  # before the watch, as a pruning helper would
+    return _train(model)
+
+
+def test_a_gradient_zeroed_by_a_tensor_hook_of_the_users_is_blamed_on_the_hook():
+    """Before, an exactly zero weight gradient beside a nonzero bias gradient was blamed on dead ReLUs."""
+    trace = _train_with_hook(lambda g: g * 0)
+    first = trace.verdicts()[0]
+    assert first.code == "ZERO_GRADS" and first.evidence["user_hooked"] == ["2.weight"]
+    assert "tensor hook of yours" in first.message
+    assert "dead activations" not in first.message
+    assert trace.meta.user_hooked == ["2.weight"]
+
+
+def test_a_masking_hook_that_keeps_some_gradient_and_no_hook_are_clean():
+    mask = (torch.arange(64).reshape(4, 16) % 2).float()
+    for hook in (lambda g: g * mask, None):
+        trace = _train_with_hook(hook)
+        assert _serious(trace) == []
+    assert _train_with_hook(None).meta.user_hooked is None
+
+
+def test_gradtraces_own_hook_on_a_parameter_registered_as_a_tensor_is_not_the_users():
+    model = nn.Sequential(nn.Linear(8, 4))
+    with gradtrace.watch(model) as trace:
+        w = trace.tensor("w", model[0].weight)
+        F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 4, (4,))).backward()
+        assert w is model[0].weight
+        trace.verdicts()  # judged while the tensor's hook is in
+        assert trace.meta.user_hooked is None

@@ -658,7 +658,7 @@ def check_zero_upstream(trace, passes, tensors, cuts):
 
 
 @verdict("ZERO_GRADS", rank=110, severities=("error", "warning", "info"),
-         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when an all-zero parameter of the same module explains it (a zero-initialised adapter factor: LoRA B, lora_up, lora_embedding_A, a zero gate)")
+         meaning="reached parameters whose gradient is exactly zero: an error when all are, else a warning; info when an all-zero parameter of the same module explains it (a zero-initialised adapter factor: LoRA B, lora_up, lora_embedding_A, a zero gate); a tensor hook of the user's on them (a gradient mask) is named first")
 def check_zero_grads(trace, passes, tensors, cuts):
     out = []
     for p in passes.values():
@@ -682,7 +682,10 @@ def check_zero_grads(trace, passes, tensors, cuts):
             evidence = {"pass": p.name, "parameters": zero, "all": True}
             if factors:
                 evidence["zero_valued"] = factors
-            out.append(Verdict("ZERO_GRADS", "error",
+            hooked = _user_hooked(trace, zero)
+            if hooked:
+                why, evidence["user_hooked"] = _hooked_note(hooked, zero, trace.params), hooked
+            out.append(Verdict("ZERO_GRADS", "warning" if len(hooked) == len(zero) else "error",
                                f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
                                f"zero gradient{why}", evidence))
             continue
@@ -698,12 +701,32 @@ def check_zero_grads(trace, passes, tensors, cuts):
                    "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps")
         else:
             why = _dead_input(p, zero)
+        hooked = _user_hooked(trace, zero)
+        if hooked and explained is None:
+            why = _hooked_note(hooked, zero, trace.params)
+        evidence = {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
+                    **({"zero_valued": explained} if explained else {})}
+        if hooked and explained is None:
+            evidence["user_hooked"] = hooked
         out.append(Verdict("ZERO_GRADS", severity,
                            f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
-                           f"zero gradient ({describe_params(zero, universe=trace.params)}){why}",
-                           {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
-                            **({"zero_valued": explained} if explained else {})}))
+                           f"zero gradient ({describe_params(zero, universe=trace.params)}){why}", evidence))
     return out
+
+
+def _user_hooked(trace, zero: List[str]) -> List[str]:
+    """Of the parameters with an exactly zero gradient, those carrying a tensor hook of the user's."""
+    hooked = trace.meta.user_hooked
+    return [n for n in zero if n in hooked] if hooked else []
+
+
+def _hooked_note(hooked: List[str], zero: List[str], universe) -> str:
+    """A hook of the user's returns the gradient: the likeliest reason for a zero one, named first."""
+    which = "every one of them carries" if len(hooked) == len(zero) else \
+        f"{describe_params(hooked, universe=universe)} of them {'carries' if len(hooked) == 1 else 'carry'}"
+    return (f"; {which} a tensor hook of yours (Tensor.register_hook): what the hook returns is the gradient, so "
+            "a hook that masks or scales it (a pruning mask, g * 0) made it zero -- intended for a mask, a bug "
+            "otherwise")
 
 
 def _dead_input(p: PassTrace, zero: List[str]) -> str:

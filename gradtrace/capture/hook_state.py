@@ -27,7 +27,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -284,6 +284,14 @@ class ParamHooks:
                 self.holds[i] = 0
                 if hook_id is not None:
                     self._take(i)
+
+    def users(self, also_ours: AbstractSet[int] = frozenset()) -> List[int]:
+        """Parameters holding a tensor hook that is not gradtrace's (``register_hook`` of the user's, before
+        or during the watch): what it returns is the gradient, so it can zero or mask it. ``also_ours``:
+        ids of gradtrace's other tensor hooks (a parameter registered with ``trace.tensor``)."""
+        with self.lock:
+            return [i for i, (p, ours) in enumerate(zip(self.params, self.ids, strict=False))
+                    if p._backward_hooks and any(key != ours and key not in also_ours for key in p._backward_hooks)]
 
     def _put(self, i: int) -> Optional[int]:
         """Put parameter ``i``'s hook in; its id (None: a subclass parameter frozen since watch began,

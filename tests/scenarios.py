@@ -940,6 +940,20 @@ def pruning_mask_hook_all_zeros(fixed):
     return _loop(model, lambda m, x, y: F.cross_entropy(m(x), y))
 
 
+@scenario("ZERO_GRADS", ("every one of the", "softmax over a dimension of size 1"),
+          "PyTorch forum: 'loss does not change, gradients are all zero' -- a binary classifier with one output "
+          "unit normalised by softmax(dim=1), which is 1.0 whatever the logit (sigmoid was meant)")
+def softmax_over_a_single_logit(fixed):
+    seeded()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def loss_of(m, x, y):
+        logit = m(x)
+        prob = torch.sigmoid(logit) if fixed else F.softmax(logit, dim=1)
+        return F.binary_cross_entropy(prob.squeeze(1), (y % 2).float())
+    return _loop(model, loss_of)
+
+
 @torch.no_grad()
 def _encode_for_logging(model, x):  # written for evaluation, decorated with no_grad, reused by training
     return model.embed(x)

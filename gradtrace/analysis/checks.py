@@ -677,7 +677,8 @@ def check_zero_grads(trace, passes, tensors, cuts):
                 why = ("; no parameter passes a gradient, so the loss's derivative is zero where it leaves the "
                        "model: a step function on the way (torch.round / floor / sign / a threshold turned into "
                        "float; a straight-through estimator x + (round(x) - x).detach() keeps the gradient), a clamp / "
-                       "hardtanh / ReLU with every input outside its range (saturated), a loss multiplied by 0, a mask that selects nothing, or a loss with no target left (every label "
+                       "hardtanh / ReLU with every input outside its range (saturated), a softmax over a dimension of size 1 "
+                       "(always 1.0: softmax(x, dim=1) of an [N, 1] output), a loss multiplied by 0, a mask that selects nothing, or a loss with no target left (every label "
                        "-100 / ignore_index: cross_entropy then returns NaN with zero gradients)")
             evidence = {"pass": p.name, "parameters": zero, "all": True}
             if factors:

@@ -182,6 +182,7 @@ class LiveTrace(Trace):
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
             self.meta.returned_by_model = set(recording.cut_log.returned) or None
+            self.meta.compiled = recording.cut_log.compiled or None
         if recording.optim is not None:
             recording.optim.take(self._optimizers)
             for record in self._optimizers.values():  # steps attributed to a pass dropped meanwhile
@@ -499,6 +500,7 @@ class LiveTrace(Trace):
         if recording.cuts_mode != "off":
             self.meta.ran_with_grad = recording.cut_log.ran_with_grad
             self.meta.returned_by_model = set(recording.cut_log.returned) or None
+            self.meta.compiled = recording.cut_log.compiled or None
         self._note_replaced()
         self._note_modules()
         recording.unregistered = None  # its weak references die with the model; the records stay
@@ -796,14 +798,23 @@ def _register(stack: contextlib.ExitStack, trace: LiveTrace, params: List[torch.
         recording.failures = FailureContext(module_walk, recording.cut_log, recording.forward_values)
     if root is not None and wrapper.kind != "FSDP1":  # FSDP1 flattens the parameters it would name
         recording.tied = tied.tied_parameters(root, module_walk)
+    if root is not None and module_walk is not None and any(_compiled(m) for _, m in module_walk):
+        recording.cut_log.compiled = True  # torch.compile(model) or model.compile(): one compiled backward
     if root is not None and wrapper.kind in (None, "DDP"):  # FSDP / DeepSpeed keep tensor views of their own
-        recording.loose = loose_tensors.find(module_walk, params, _optimizers_seen(recording, optimizer))
+        recording.loose = loose_tensors.find(module_walk, params, recording.recorder.names,
+                                             _optimizers_seen(recording, optimizer))
     if cuts == "ops":
         from .capture.opcuts import OpCutMode  # the TorchFunctionMode is built only when asked for
         op_mode = OpCutMode(root, recording.cut_log, recording.names_by_id)
         recording.origins = op_mode.origins
         op_mode.origins.forward_values = recording.forward_values
         stack.enter_context(op_mode.attach(handles.append))
+
+
+def _compiled(module: nn.Module) -> bool:
+    """A torch.compile wrapper (``OptimizedModule``). A model compiled in place (``model.compile()``) is seen when
+    dynamo traces its forward (``module_calls.compiled_call``)."""
+    return type(module).__name__ == "OptimizedModule"
 
 
 def _optimizers_seen(recording: Recording, given: Any) -> Callable[[], List[Any]]:

@@ -574,6 +574,7 @@ class LooseTensor(ReadsLikeADict):
     is_parameter: bool = False  # an nn.Parameter kept where Module does not register it
     got_grad: bool = False  # it had a .grad when the watch last looked: backward reached it
     in_optimizer: Optional[bool] = None  # in a param group of an optimizer the watch saw (None: none seen)
+    copy_of: Optional[str] = None  # the registered parameter whose values it equalled at entry (an anchor)
 
 
 @dataclass
@@ -693,6 +694,7 @@ class TraceMeta(collections.abc.MutableMapping):
     # Watched parameters with a tensor hook of the user's (Tensor.register_hook) when the watch last looked:
     # what such a hook returns is the gradient (a pruning mask, a g * 0), so it can explain a zero one.
     user_hooked: Optional[List[Name]] = None
+    compiled: Optional[bool] = None  # torch.compile traced the watched model (None: not seen)
     tied_params: Optional[List[TiedParams]] = None  # parameters reachable under several names
     world_size: Optional[Count] = None  # ranks merged by gather()
     ranks: Optional[List[Count]] = None  # their global rank numbers, in group order (gather(group=...))

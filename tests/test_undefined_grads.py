@@ -129,3 +129,27 @@ def test_a_pass_through_the_broken_function_against_one_without_it_names_the_gap
 ])
 def test_root_level_parameters_are_named_themselves(names, shown):
     assert describe_params(names) == shown
+
+
+@pytest.mark.slow  # torch.compile (aot_eager): seconds
+def test_under_torch_compile_a_none_gradient_points_at_a_cut_in_the_compiled_region_first():
+    """aot_autograd's compiled backward returns None for parameters a .detach() inside the region cut off:
+    the same None a custom Function gives. Under compile the cut is named first (review of 6765ec2)."""
+    torch.manual_seed(0)
+
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.embed(x)).detach())
+
+    model = torch.compile(Cut(), backend="aot_eager")
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+    assert trace.meta.compiled
+    first = trace.verdicts()[0]
+    assert first.code == "UNUSED_PARAMS" and "under torch.compile" in first.message
+    assert first.message.index("compiled region") < first.message.index("autograd.Function")

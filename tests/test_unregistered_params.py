@@ -6,6 +6,8 @@ own hooks) never see them. Before, gradtrace said "no problems found" on such a 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,9 +169,23 @@ def test_a_gradient_zeroed_by_a_tensor_hook_of_the_users_is_blamed_on_the_hook()
     trace = _train_with_hook(lambda g: g * 0)
     first = trace.verdicts()[0]
     assert first.code == "ZERO_GRADS" and first.evidence["user_hooked"] == ["2.weight"]
-    assert "tensor hook of yours" in first.message
-    assert "dead activations" not in first.message
+    # the hook first; the other explanation (dead activations) after it, not dropped
+    assert first.message.index("tensor hook of yours") < first.message.index("otherwise, ")
     assert trace.meta.user_hooked == ["2.weight"]
+
+
+def test_a_harmless_hook_does_not_hide_a_real_cause_nor_lower_the_severity():
+    """A per-parameter clamp hook on every parameter and a step function in the loss: still an error that
+    lists the step functions (review: the hook had replaced them and made it a warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    for p in model.parameters():
+        p.register_hook(lambda g: g.clamp(-1, 1))
+    with gradtrace.watch(model) as trace:
+        torch.round(model(torch.randn(4, 8))).pow(2).mean().backward()
+    first = trace.verdicts()[0]
+    assert first.code == "ZERO_GRADS" and first.severity == "error"
+    assert "tensor hook of yours" in first.message and "torch.round" in first.message
 
 
 def test_a_masking_hook_that_keeps_some_gradient_and_no_hook_are_clean():
@@ -188,3 +204,83 @@ def test_gradtraces_own_hook_on_a_parameter_registered_as_a_tensor_is_not_the_us
         assert w is model[0].weight
         trace.verdicts()  # judged while the tensor's hook is in
         assert trace.meta.user_hooked is None
+
+
+class OddContainers(nn.Module):
+    """Attributes a scan must survive: a dict whose items() raises, a key whose repr raises, a long key,
+    a nested tensor that requires grad."""
+
+    class Refusing(dict):
+        def items(self):
+            raise RuntimeError("no")
+
+    class BadKey:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.refusing = self.Refusing(a=torch.ones(2, requires_grad=True))
+        self.bad_keys = {self.BadKey(): torch.ones(2, requires_grad=True)}
+        self.long_keys = {"k" * 5000: torch.ones(2, requires_grad=True)}
+        self.nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], requires_grad=True)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_odd_attributes_never_raise_into_the_users_code_and_names_stay_loadable(tmp_path):
+    trace = _train(OddContainers())
+    names = [t.name for t in trace.meta.loose_tensors or ()]
+    assert len(names) == 1 and names[0].startswith("long_keys['kkk") and len(names[0]) <= 300
+    trace.save(tmp_path / "t.json")
+    assert [t.name for t in gradtrace.load(tmp_path / "t.json").meta.loose_tensors] == names
+
+
+class Anchored(nn.Module):
+    """L2-SP: the starting weights kept to pull the fine-tuned ones back, deep-copied (so still requiring
+    grad) instead of detached."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.anchor = [copy.deepcopy(p) for p in self.lin.parameters()]
+
+    def forward(self, x):
+        self.penalty = sum(((p - a) ** 2).sum() for p, a in zip(self.lin.parameters(), self.anchor, strict=True))
+        return self.lin(x)
+
+
+def test_a_frozen_copy_left_requiring_grad_is_a_warning_that_says_detach():
+    model = Anchored()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(2):
+            opt.zero_grad()
+            x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
+            (F.cross_entropy(model(x), y) + model.penalty).backward()
+            opt.step()
+    (v,) = [v for v in trace.verdicts() if v.code == "UNREGISTERED_PARAM"]
+    assert v.severity == "warning" and v.evidence["copies_of"] == ["lin.weight", "lin.bias"]
+    assert "detach" in v.message
+
+
+class OwnFlag(nn.Module):
+    """A module keeping its own requires_grad flag for torch.set_grad_enabled: nothing is meant to freeze it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.requires_grad = False
+
+    def forward(self, x):
+        with torch.set_grad_enabled(self.requires_grad):
+            return self.lin(x)
+
+
+def test_a_requires_grad_flag_the_module_honours_itself_is_not_named():
+    model = nn.Sequential(OwnFlag(), nn.Linear(4, 4))
+    trace = _train(model)
+    assert trace.meta.ignored_freezes is None
+    assert not any(v.code == "FREEZE_IGNORED" for v in trace.verdicts())

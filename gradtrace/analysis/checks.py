@@ -508,7 +508,9 @@ def check_no_coverage(trace, passes, tensors, cuts):
         bypassed = memo.get(("bypassed", Ident(p)), bypassed_adapters, p, p.params)
         undefined = _undefined([p], set(p.params))
         if undefined:
-            because = "; " + _undefined_note(undefined, p.params, of=[n for n in p.params if n not in gone])
+            every = len(undefined) == len([n for n in p.params if n not in gone])
+            because = "; " + _undefined_note(undefined, p.params, compiled=bool(trace.meta.compiled),
+                                             subject="every watched parameter was" if every else None)
             evidence["undefined_grads"] = undefined
         elif likely is not None:
             because = f"; likely cut: {describe_cut(likely)}. {_cut_fix(likely)}"
@@ -554,15 +556,21 @@ def _undefined(passes: Iterable[PassTrace], missing) -> List[str]:
     return sorted({n for p in passes for n in (p.undefined_grads or ()) if n in missing})
 
 
-def _undefined_note(undefined: List[str], universe, of: Optional[List[str]] = None) -> str:
+def _undefined_note(undefined: List[str], universe, of: Optional[List[str]] = None, compiled: bool = False,
+                    subject: Optional[str] = None) -> str:
     """They were in the backward graph, so nothing cut them off: a backward on the way returned None.
     Named unless they are every one of ``of`` (the parameters the sentence before named)."""
     one = len(undefined) == 1
-    if of is not None and len(undefined) == len(of):
+    if subject is None and of is not None and len(undefined) == len(of):
         subject = "it was" if one else "they were"
-    else:
+    elif subject is None:
         subject = f"{describe_params(undefined, universe=universe)} {'was' if one else 'were'}"
     them = "it" if one else "them"
+    if compiled:  # aot_autograd's compiled backward returns None for what a cut inside the region cut off
+        return (f"{subject} in the backward graph but the engine brought None as gradient: under torch.compile "
+                "that is what a cut inside the compiled region looks like (a .detach(), a threshold or an integer "
+                "cast: rerun without torch.compile and gradtrace names it), or a custom torch.autograd.Function "
+                f"whose backward returns None for {them}")
     return (f"{subject} in the backward graph but the engine brought "
             f"None as gradient: the backward of an op between the loss and {them} returned None for {them} (a custom "
             "torch.autograd.Function whose backward returns None for that input? Return a gradient for every "
@@ -591,14 +599,16 @@ def check_coverage_gaps(trace, passes, tensors, cuts):
     universe = trace.params
     for a, b in _comparable_pairs(trace, passes):
         # Neighbours judged at an earlier step are judged the same now: kept per pair of pass objects.
-        found = memo.get(("gap", Ident(a), a.covered, Ident(b), b.covered, gone, Ident(universe)),
-                         _coverage_gap, a, b, gone, universe)
+        compiled = bool(trace.meta.compiled)
+        found = memo.get(("gap", Ident(a), a.covered, Ident(b), b.covered, gone, Ident(universe), compiled),
+                         _coverage_gap, a, b, gone, universe, compiled)
         if found is not None:
             out.append(copied(found))
     return out
 
 
-def _coverage_gap(a: PassTrace, b: PassTrace, gone: FrozenSet[str], universe) -> Optional[Verdict]:
+def _coverage_gap(a: PassTrace, b: PassTrace, gone: FrozenSet[str], universe, compiled: bool = False
+                  ) -> Optional[Verdict]:
     only_a, only_b = a.covered - b.covered, b.covered - a.covered
     if gone:  # a parameter replaced between the two passes is not a gap
         only_a, only_b = only_a - gone, only_b - gone
@@ -612,7 +622,7 @@ def _coverage_gap(a: PassTrace, b: PassTrace, gone: FrozenSet[str], universe) ->
             parts.append(f"{len(only)} reached in {here.name!r} but not {there.name!r}: {describe_groups(groups)}")
     d = Diff(a=a.name, b=b.name, only_a=set(only_a), only_b=set(only_b), both=set(), ratios={})
     undefined = _undefined([b], only_a) + _undefined([a], only_b)
-    hint = ". " + _undefined_note(undefined, universe) if undefined else _gap_hint(d)
+    hint = ". " + _undefined_note(undefined, universe, compiled=compiled) if undefined else _gap_hint(d)
     return Verdict("COVERAGE_GAP", "error",
                    "coverage gap: " + "; ".join(parts) + hint,
                    {"a": a.name, "b": b.name, "only_a": sorted_a, "only_b": sorted_b,
@@ -685,8 +695,8 @@ def check_zero_grads(trace, passes, tensors, cuts):
                 evidence["zero_valued"] = factors
             hooked = _user_hooked(trace, zero)
             if hooked:
-                why, evidence["user_hooked"] = _hooked_note(hooked, zero, trace.params), hooked
-            out.append(Verdict("ZERO_GRADS", "warning" if len(hooked) == len(zero) else "error",
+                why, evidence["user_hooked"] = _hooked_note(hooked, zero, trace.params) + _otherwise(why), hooked
+            out.append(Verdict("ZERO_GRADS", "error",
                                f"pass {p.name!r}: every one of the {len(zero)} parameters reached got an exactly "
                                f"zero gradient{why}", evidence))
             continue
@@ -704,7 +714,7 @@ def check_zero_grads(trace, passes, tensors, cuts):
             why = _dead_input(p, zero)
         hooked = _user_hooked(trace, zero)
         if hooked and explained is None:
-            why = _hooked_note(hooked, zero, trace.params)
+            why = _hooked_note(hooked, zero, trace.params) + _otherwise(why)
         evidence = {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
                     **({"zero_valued": explained} if explained else {})}
         if hooked and explained is None:
@@ -718,16 +728,23 @@ def check_zero_grads(trace, passes, tensors, cuts):
 def _user_hooked(trace, zero: List[str]) -> List[str]:
     """Of the parameters with an exactly zero gradient, those carrying a tensor hook of the user's."""
     hooked = trace.meta.user_hooked
-    return [n for n in zero if n in hooked] if hooked else []
+    if not hooked:
+        return []
+    hooked = set(hooked)
+    return [n for n in zero if n in hooked]
 
 
 def _hooked_note(hooked: List[str], zero: List[str], universe) -> str:
     """A hook of the user's returns the gradient: the likeliest reason for a zero one, named first."""
     which = "every one of them carries" if len(hooked) == len(zero) else \
         f"{describe_params(hooked, universe=universe)} of them {'carries' if len(hooked) == 1 else 'carry'}"
-    return (f"; {which} a tensor hook of yours (Tensor.register_hook): what the hook returns is the gradient, so "
-            "a hook that masks or scales it (a pruning mask, g * 0) made it zero -- intended for a mask, a bug "
-            "otherwise")
+    return (f"; {which} a tensor hook of yours (Tensor.register_hook), and what a hook returns is the gradient: "
+            "check it first (a mask that is all zeros, g * 0)")
+
+
+def _otherwise(why: str) -> str:
+    """The other explanations, after the hook's: '; otherwise, ...'."""
+    return f"; otherwise,{why[1:]}" if why.startswith(";") else why
 
 
 def _dead_input(p: PassTrace, zero: List[str]) -> str:
@@ -938,7 +955,7 @@ def check_detached_output(trace, passes, tensors, cuts):
             found.evidence["passes"].append(p.name)
             continue
         params = candidates[cut_at]
-        if set(params) <= set(p.undefined_grads or ()):
+        if not trace.meta.compiled and set(params) <= set(p.undefined_grads or ()):
             continue  # in the backward graph, reached with None: not cut (UNUSED_PARAMS / NO_COVERAGE say why)
         shown = repr(cut_at) if cut_at else "the model (its root module)"
         upstream = [m for m in candidates if m != cut_at and order.get(m, -1) < order.get(cut_at, -1)]
@@ -1046,7 +1063,7 @@ def check_unused(trace, passes, tensors, cuts):
     said = ""
     if undefined:
         evidence["undefined_grads"] = undefined
-        said = "; " + _undefined_note(undefined, trace.params, of=unused)
+        said = "; " + _undefined_note(undefined, trace.params, of=unused, compiled=bool(trace.meta.compiled))
     elif ignored:
         evidence["returned_unused"] = ignored
         said = (f"; the model returns the output of {', '.join(repr(m) for m in ignored)} and no loss used it "

@@ -221,7 +221,7 @@ def _loose_fix(group: List[LooseTensor]) -> str:
     first = group[0]
     if first.container is None:
         return f"make it a parameter: self.{first.attribute} = nn.Parameter(...)"
-    kind = "nn.ParameterDict" if first.container == "dict" else "nn.ParameterList"
+    kind = "nn.ParameterDict (string keys) or nn.ParameterList" if first.container == "dict" else "nn.ParameterList"
     return f"hold them in {kind}"
 
 
@@ -248,7 +248,16 @@ def check_loose_tensors(trace, passes, tensors, cuts):
                 "which nn.Module does not register")
         got = any(t.got_grad for t in group)
         in_optimizer = [t.in_optimizer for t in group]
-        if got and all(o is False for o in in_optimizer):
+        copies = [t.copy_of for t in group if t.copy_of]
+        if len(copies) == n and not any(o is True for o in in_optimizer):
+            severity = "warning"  # a frozen copy (an anchor, a reference) that was left requiring grad
+            shown = ", ".join(repr(c) for c in copies[:3]) + (" ..." if n > 3 else "")
+            message = (f"{held}: {they} {are} {'a copy' if one else 'copies'} of {shown} (an anchor or reference "
+                       f"kept for a penalty?) yet {'requires' if one else 'require'} grad, so backward computes "
+                       f"{'a gradient' if one else 'gradients'} nothing applies; detach {them} "
+                       f"(.detach() or requires_grad_(False)) if {they} {are} constant, or {_loose_fix(group)} if "
+                       f"{they} should train")
+        elif got and all(o is False for o in in_optimizer):
             severity = "error"
             message = (f"{held}: backward gave {them} {'a gradient' if one else 'gradients'}, but {they} {are} in "
                        f"no model.parameters() and no optimizer that stepped holds {them}: {they} never "
@@ -263,7 +272,7 @@ def check_loose_tensors(trace, passes, tensors, cuts):
                        f"train {them} and gradtrace does not watch {them}; {_loose_fix(group)}")
         out.append(Verdict("UNREGISTERED_PARAM", severity, message,
                            {"tensors": [t.name for t in group], "owner": first.owner, "attribute": first.attribute,
-                            "container": first.container, "got_grad": got}))
+                            "container": first.container, "got_grad": got, "copies_of": copies}))
     return out
 
 
@@ -281,7 +290,7 @@ def check_ignored_freezes(trace, passes, tensors, cuts):
         call = f"{last}.requires_grad_(False)" if last.isidentifier() else "the module's .requires_grad_(False)"
         out.append(Verdict("FREEZE_IGNORED", "warning",
                            f"{shown} ({f.module_type}) was set requires_grad = False as a plain attribute, which "
-                           f"freezes nothing: its {f.trainable} parameter(s) still require grad{got} and train; "
+                           f"freezes nothing: its {f.trainable} parameter(s) still require grad{got}; "
                            f"freeze it with {call}",
                            {"module": f.module, "trainable": f.trainable, "got_grad": f.got_grad}))
     return out

@@ -209,14 +209,13 @@ def empty_steps(trace, passes) -> List[Verdict]:
         zeroed = o.zeroed_steps >= o.empty_steps  # .grad still there at every step, but zero
         how = ("was still there but zero when step() ran: it was zeroed in place between backward() and step() "
                "(optimizer.zero_grad(set_to_none=False) there, clip_grad_norm_(..., max_norm=0), or the gradients "
-               "multiplied by 0)" if zeroed else
+               "multiplied by 0); nothing may zero .grad between backward() and step()" if zeroed else
                "was cleared before step() used it (optimizer.zero_grad() between backward() and step(), or step() "
-               "called before backward())")
+               "called before backward()); the order is zero_grad(), backward(), step()")
         out.append(Verdict("WEIGHTS_UNCHANGED", "error",
                            f"optimizer {o.name} stepped {o.steps} time(s) with no gradient to apply, although pass "
                            f"{name!r} had just given {len(params)} of its parameters nonzero gradients "
-                           f"({describe_params(params, universe=trace.params)}): their .grad {how}; the order is "
-                           "zero_grad(), backward(), step()",
+                           f"({describe_params(params, universe=trace.params)}): their .grad {how}",
                            {"optimizer": o.name, "parameters": params, "pass": name, "steps": o.steps,
                             "cleared_before_step": not zeroed, "zeroed_before_step": zeroed}))
     return out

@@ -95,6 +95,7 @@ class CutLog:
         self.key_of: Dict[int, Tuple] = {}
         self.by_pass: Dict[Optional[str], List[int]] = {}  # seqs recorded inside each pass
         self.root_calls = 0  # forward calls of the watched model itself
+        self.compiled = False  # torch.compile traced the watched model (its backward is one compiled node)
         # module path -> tick of its latest forward with grad enabled (negated when its output
         # did not require grad). Only modules that own trainable parameters are stamped.
         self.grad_forwards: Dict[str, int] = {}

@@ -250,6 +250,7 @@ def compiled_call(site) -> None:
 
 
 def _compiled_model_called(site) -> None:
+    site.log.compiled = True
     outputs = site.outputs
     if outputs is not None:
         outputs.ran_outside()  # hooks back in (hookless.HooklessRuns.relearn)

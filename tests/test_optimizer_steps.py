@@ -411,3 +411,30 @@ def test_float32_weights_that_do_not_move_because_their_gradients_vanish_say_so(
     first = trace.report().splitlines()[0]
     assert first.startswith("gradtrace diagnosis: WEIGHTS_UNCHANGED: optimizer SGD#0") and "float32" in first
     assert "their gradients vanish: the largest |g| among them is" in first and "saturating activations" in first
+
+
+@pytest.mark.parametrize("dense_too", [False, True])
+def test_sparse_gradients_are_left_unsampled_and_never_break_the_step(dense_too):
+    """nn.Embedding(sparse=True): the step hook sampled .grad with a reshape, which sparse tensors refuse, so
+    opt.step() raised inside the user's loop. The embedding is left unjudged; a dense layer beside it is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    if not dense_too:
+        model[1].requires_grad_(False)
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (model, twin)]
+    batches = [torch.randint(0, 10, (3,)) for _ in range(2)]
+    with gradtrace.watch(model) as trace:
+        for x in batches:
+            opts[0].zero_grad()
+            model(x).pow(2).mean().backward()
+            opts[0].step()
+    for x in batches:
+        opts[1].zero_grad()
+        twin(x).pow(2).mean().backward()
+        opts[1].step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    (record,) = trace.optimizers.values()
+    assert record.steps == 2 and "0.weight" not in record.updates
+    assert ("1.weight" in record.updates) == dense_too
+    assert [v for v in trace.verdicts() if v.severity in ("error", "warning")] == []

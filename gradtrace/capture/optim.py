@@ -166,6 +166,8 @@ class OptimizerObserver:
         with_grad = list(seen.plain) if closure is not None else [i for i in seen.plain if params[i].grad is not None]
         step = PendingStep(seen.name, [self.names[i] for i in seen.indices], self._lrs(optimizer),
                            self.pass_of_step(), any_grad=bool(with_grad))
+        # Sparse gradients (nn.Embedding(sparse=True)) are not sampled: their parameters are left unjudged.
+        with_grad = [i for i in with_grad if params[i].grad is None or params[i].grad.layout == torch.strided]
         scaler = _scaler_on_stack()
         if scaler is not None and closure is None and with_grad and getattr(scaler, "_scale", None) is not None:
             step.scale = scaler._scale.detach().clone()
@@ -239,8 +241,8 @@ class OptimizerObserver:
     def _sample_grads(self, group: _Group) -> torch.Tensor:
         """The group's sampled gradients; a parameter without one reads as zeros (never judged)."""
         params = self.params
-        grads = [params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])
-                 for i in group.order]
+        grads = [params[i].grad if params[i].grad is not None and params[i].grad.layout == torch.strided
+                 else torch.zeros_like(params[i]) for i in group.order]
         small = len(group.small)
         parts = [flatten_dense_tensors(grads[:small])] if small else []
         parts += [_sample(g) for g in grads[small:]]

@@ -771,9 +771,9 @@ def zero_grad_inside_accumulation(fixed):
 # ---- more public bug reports: the loss, the forward, the optimizer -------------------------------------------
 
 
-def _loop(model, loss_of, steps=2, opt=None, raise_ok=False):
-    """zero_grad, loss_of(model, x, y).backward(), step; a RuntimeError from backward ends the watch (as it would
-    end the user's script) and is swallowed outside it."""
+def _loop(model, loss_of, steps=2, opt=None, raise_ok=False, before_step=None):
+    """zero_grad, loss_of(model, x, y).backward(), [before_step(model)], step; a RuntimeError from backward ends
+    the watch (as it would end the user's script) and is swallowed outside it."""
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
     trace = None
     with contextlib.suppress(RuntimeError) if raise_ok else contextlib.nullcontext():
@@ -782,6 +782,8 @@ def _loop(model, loss_of, steps=2, opt=None, raise_ok=False):
                 x, y = batch()
                 opt.zero_grad()
                 loss_of(model, x, y).backward()
+                if before_step is not None:
+                    before_step(model)
                 opt.step()
     return trace
 
@@ -900,17 +902,9 @@ def learnable_tensor_not_a_parameter(fixed):
           "max_norm of 0 (a config default meant as 'no clipping') multiplies every gradient by 0")
 def clip_grad_norm_to_zero(fixed):
     seeded()
-    model = Tower()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     max_grad_norm = 1.0 if fixed else 0.0
-    with gradtrace.watch(model) as trace:
-        for _ in range(2):
-            x, y = batch()
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-    return trace
+    return _loop(Tower(), lambda m, x, y: F.cross_entropy(m(x), y),
+                 before_step=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm))
 
 
 @scenario("FREEZE_IGNORED", ("module 'embed'", "requires_grad_(False)"),

@@ -597,9 +597,9 @@ def check_coverage_gaps(trace, passes, tensors, cuts):
     memo = memo_of(trace)
     gone = memo.canonical(frozenset(replaced_params(trace)))
     universe = trace.params
+    compiled = bool(trace.meta.compiled)
     for a, b in _comparable_pairs(trace, passes):
         # Neighbours judged at an earlier step are judged the same now: kept per pair of pass objects.
-        compiled = bool(trace.meta.compiled)
         found = memo.get(("gap", Ident(a), a.covered, Ident(b), b.covered, gone, Ident(universe), compiled),
                          _coverage_gap, a, b, gone, universe, compiled)
         if found is not None:
@@ -712,13 +712,11 @@ def check_zero_grads(trace, passes, tensors, cuts):
                    "initialisation), so A's gradient B^T(...) is exactly zero. Expected on the first steps")
         else:
             why = _dead_input(p, zero)
-        hooked = _user_hooked(trace, zero)
-        if hooked and explained is None:
-            why = _hooked_note(hooked, zero, trace.params) + _otherwise(why)
         evidence = {"pass": p.name, "parameters": zero, "all": False, "zero_partner": explained is not None,
                     **({"zero_valued": explained} if explained else {})}
-        if hooked and explained is None:
-            evidence["user_hooked"] = hooked
+        hooked = _user_hooked(trace, zero) if explained is None else []
+        if hooked:
+            why, evidence["user_hooked"] = _hooked_note(hooked, zero, trace.params) + _otherwise(why), hooked
         out.append(Verdict("ZERO_GRADS", severity,
                            f"pass {p.name!r}: {len(zero)} of {len(p.covered)} parameters reached got an exactly "
                            f"zero gradient ({describe_params(zero, universe=trace.params)}){why}", evidence))

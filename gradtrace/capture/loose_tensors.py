@@ -28,14 +28,12 @@ import torch
 from torch import nn
 
 from ..records import IgnoredFreeze, LooseTensor
+from .modules import MODULE_INTERNALS, optimizer_param_ids
 
 MAX_ITEMS = 64  # items of one list/tuple/dict attribute looked at (a cache of thousands is not a parameter list)
 MAX_FOUND = 64  # tensors kept: a model that holds many is named by its first ones
 MAX_NAME = 300  # characters of a name (a 3,000-deep model's paths, a dict key's repr): clipped in the middle
 MAX_COMPARED = 256  # value comparisons with same-shaped parameters, to tell a copy (an anchor) apart
-
-# The attributes every nn.Module has (its parameter, buffer, submodule and hook dicts): never a user's tensor.
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 _Found = Tuple[str, str, Optional[str], str, "weakref.ref[torch.Tensor]", Optional[str]]
 # (owner, attribute, container, name, tensor, the registered parameter it is a copy of)
@@ -53,7 +51,7 @@ def find(walk: List[Tuple[str, nn.Module]], params: List[torch.Tensor], names: L
     copies = _Copies(params, names)
     for path, module in walk:
         for attribute, value in list(vars(module).items()):
-            if attribute in _MODULE_INTERNALS:
+            if attribute in MODULE_INTERNALS:
                 continue
             if attribute == "requires_grad" and value is False:
                 switches.append((path, weakref.ref(module)))
@@ -156,9 +154,7 @@ class LooseTensors:
         """One record per loose tensor still alive."""
         if not self.found:
             return []
-        in_groups = {id(p) for optimizer in self.optimizers()
-                     for group in getattr(optimizer, "param_groups", ()) if isinstance(group, dict)
-                     for p in group.get("params", ())}
+        in_groups = optimizer_param_ids(self.optimizers())
         out = []
         for owner, attribute, container, name, ref, copy_of in self.found:
             t = ref()

@@ -8,10 +8,22 @@ de-duplication of shared modules and parameters.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+
+
+# The attributes every nn.Module has (its parameter, buffer, submodule and hook dicts): never a user's own
+# list, dict or tensor (capture/unregistered.py and capture/loose_tensors.py search the others).
+MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def optimizer_param_ids(optimizers: Iterable[Any]) -> Set[int]:
+    """``id`` of every tensor in a param group of ``optimizers`` (any object with ``param_groups``)."""
+    return {id(p) for optimizer in optimizers
+            for group in getattr(optimizer, "param_groups", ()) if isinstance(group, dict)
+            for p in group.get("params", ())}
 
 
 def named_modules(root: nn.Module) -> List[Tuple[str, nn.Module]]:

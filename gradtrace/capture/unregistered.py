@@ -34,10 +34,9 @@ from torch.nn.modules.module import register_module_forward_hook
 from ..records import UnregisteredModule
 from .frames import innermost_module
 from .hook_state import ModuleHook
+from .modules import MODULE_INTERNALS, optimizer_param_ids
 
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
-# The attributes every nn.Module has (its parameter, buffer, submodule and hook dicts): never a user's list.
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 is_grad_enabled = torch.is_grad_enabled
 
@@ -169,7 +168,7 @@ class UnregisteredModules:
         """The watched module attribute (a list, tuple or dict, or one inside one) that holds ``module``."""
         for owner, m in self.walk:
             for attribute, value in vars(m).items():
-                if attribute in _MODULE_INTERNALS:  # nn.Module's own bookkeeping; a user's `_layers` is searched
+                if attribute in MODULE_INTERNALS:  # nn.Module's own bookkeeping; a user's `_layers` is searched
                     continue
                 found = _find_in(value, module)
                 if found is not None:
@@ -186,9 +185,7 @@ class UnregisteredModules:
         everything = [(key, s) for key, s in self.seen.items()] + [(None, s) for s in self.gone]
         out = []
         anonymous: Dict[Tuple[str, Optional[str]], int] = {}
-        optimizer_params = {id(p) for optimizer in (self.optimizers() if self.optimizers is not None else ())
-                            for group in getattr(optimizer, "param_groups", ()) if isinstance(group, dict)
-                            for p in group.get("params", ())}
+        optimizer_params = optimizer_param_ids(self.optimizers() if self.optimizers is not None else ())
         for key, s in everything:
             if key is not None and key in inner:
                 continue

@@ -16,6 +16,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace.analysis.names import describe_params
+from zoo import classify_steps
 
 
 class ScaleBy(torch.autograd.Function):
@@ -45,15 +46,8 @@ class Gated(nn.Module):
         return self.head(ScaleBy.apply(self.inp(x), self.gate, self.fixed))
 
 
-def _train(model, steps=3):
-    torch.manual_seed(1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with gradtrace.watch(model) as trace:
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
-            opt.step()
-    return trace
+def _train(model):
+    return classify_steps(model, steps=3, opt=torch.optim.AdamW(model.parameters(), lr=1e-3), classes=3)
 
 
 def test_a_parameter_a_custom_backward_returns_none_for_is_named_with_why():

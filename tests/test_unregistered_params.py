@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradtrace
+from zoo import classify_steps
 
 
 class TensorAttribute(nn.Module):
@@ -40,17 +41,6 @@ class ParameterList(nn.Module):
         return h
 
 
-def _train(model, steps=2, opt=None):
-    torch.manual_seed(1)
-    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradtrace.watch(model) as trace:
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 4, (4,))).backward()
-            opt.step()
-    return trace
-
-
 def _serious(trace):
     return [v for v in trace.verdicts() if v.severity in ("error", "warning")]
 
@@ -58,7 +48,7 @@ def _serious(trace):
 def test_a_plain_tensor_attribute_that_requires_grad_is_named_first():
     model = TensorAttribute()
     before = model.bias2.clone()
-    trace = _train(model)
+    trace = classify_steps(model)
     assert model.bias2.grad is not None and torch.equal(model.bias2, before)  # reached, never stepped
     first = trace.verdicts()[0]
     assert first.code == "UNREGISTERED_PARAM" and first.severity == "error"
@@ -69,7 +59,7 @@ def test_a_plain_tensor_attribute_that_requires_grad_is_named_first():
 
 
 def test_parameters_in_a_plain_list_are_named_with_parameter_list_as_the_fix():
-    trace = _train(ParameterList())
+    trace = classify_steps(ParameterList())
     first = trace.verdicts()[0]
     assert first.code == "UNREGISTERED_PARAM" and first.severity == "error"
     assert first.evidence["tensors"] == ["ws[0]", "ws[1]"] and first.evidence["container"] == "list"
@@ -78,7 +68,7 @@ def test_parameters_in_a_plain_list_are_named_with_parameter_list_as_the_fix():
 
 def test_the_fixed_twins_are_clean():
     for cls in (TensorAttribute, ParameterList):
-        trace = _train(cls(fixed=True))
+        trace = classify_steps(cls(fixed=True))
         assert trace.meta.loose_tensors is None
         assert _serious(trace) == [], cls.__name__
 
@@ -86,7 +76,7 @@ def test_the_fixed_twins_are_clean():
 def test_given_to_the_optimizer_it_trains_and_is_only_an_info():
     model = TensorAttribute()
     opt = torch.optim.SGD(list(model.parameters()) + [model.bias2], lr=0.1)
-    trace = _train(model, opt=opt)
+    trace = classify_steps(model, opt=opt)
     found = [v for v in trace.verdicts() if v.code == "UNREGISTERED_PARAM"]
     assert [v.severity for v in found] == ["info"] and "state_dict()" in found[0].message
     assert _serious(trace) == []
@@ -118,13 +108,13 @@ class Innocent(nn.Module):
 
 
 def test_cached_activations_frozen_shared_and_data_tensors_are_not_flagged(tmp_path):
-    trace = _train(Innocent())
+    trace = classify_steps(Innocent())
     assert trace.meta.loose_tensors is None
     assert not any(v.code == "UNREGISTERED_PARAM" for v in trace.verdicts())
 
 
 def test_the_record_survives_a_save_and_load(tmp_path):
-    trace = _train(ParameterList())
+    trace = classify_steps(ParameterList())
     trace.save(tmp_path / "t.json")
     loaded = gradtrace.load(tmp_path / "t.json")
     assert [t.name for t in loaded.meta.loose_tensors] == ["ws[0]", "ws[1]"]
@@ -139,7 +129,7 @@ def _freeze_first_layer(how: str):
     else:
         model[0].requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    return model, _train(model, opt=opt)
+    return model, classify_steps(model, opt=opt)
 
 
 def test_a_module_frozen_by_a_plain_requires_grad_attribute_is_said_to_freeze_nothing():
@@ -161,7 +151,7 @@ def _train_with_hook(hook):
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     if hook is not None:
         model[2].weight.register_hook(hook)  # before the watch, as a pruning helper would
-    return _train(model)
+    return classify_steps(model)
 
 
 def test_a_gradient_zeroed_by_a_tensor_hook_of_the_users_is_blamed_on_the_hook():
@@ -231,7 +221,7 @@ class OddContainers(nn.Module):
 
 
 def test_odd_attributes_never_raise_into_the_users_code_and_names_stay_loadable(tmp_path):
-    trace = _train(OddContainers())
+    trace = classify_steps(OddContainers())
     names = [t.name for t in trace.meta.loose_tensors or ()]
     assert len(names) == 1 and names[0].startswith("long_keys['kkk") and len(names[0]) <= 300
     trace.save(tmp_path / "t.json")
@@ -281,6 +271,6 @@ class OwnFlag(nn.Module):
 
 def test_a_requires_grad_flag_the_module_honours_itself_is_not_named():
     model = nn.Sequential(OwnFlag(), nn.Linear(4, 4))
-    trace = _train(model)
+    trace = classify_steps(model)
     assert trace.meta.ignored_freezes is None
     assert not any(v.code == "FREEZE_IGNORED" for v in trace.verdicts())

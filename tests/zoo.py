@@ -377,3 +377,18 @@ def assert_pass_matches(pt, oracle: PassOracle, *, via=None):
         assert math.isclose(pt.total_norm, total, rel_tol=1e-5)
         peak = max((oracle.max_abs(n) for n in oracle.covered), default=0.0)
         assert math.isclose(pt.max_abs, peak, rel_tol=1e-5)
+
+
+def classify_steps(model: nn.Module, steps: int = 2, opt=None, classes: int = 4):
+    """``steps`` optimizer steps of cross-entropy on random (4, 8) batches (seed 1) under one watch: its trace.
+    ``opt`` defaults to SGD(lr=0.1) over every parameter."""
+    import gradtrace
+
+    torch.manual_seed(1)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.watch(model) as trace:
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, classes, (4,))).backward()
+            opt.step()
+    return trace
